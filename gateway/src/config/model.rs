@@ -1,0 +1,189 @@
+//! Validated configuration: the types the gateway runs on. Built only by `config::load`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::Method;
+use ipnet::IpNet;
+use rust_decimal::Decimal;
+
+use super::values::Rate;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The root file this configuration was loaded from (reloads read it again).
+    pub source: PathBuf,
+    pub listeners: Vec<Listener>,
+    pub admin: Option<Admin>,
+    pub redis: Option<Redis>,
+    pub cache: CacheSettings,
+    pub server: ServerSettings,
+    pub routes: Vec<Route>,
+    /// Blocks that parse and validate but whose feature is not built yet, as `FILE:LINE:COL: message`.
+    /// `weir run` logs each at start-up as an error, so nothing is silently ignored.
+    pub not_yet_supported: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<Vec<CertPair>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    /// Name of the environment variable holding the bearer token.
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Redis {
+    pub urls: Vec<url::Url>,
+    pub cluster: bool,
+    pub password_env: Option<String>,
+    pub op_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub l1_max_bytes: u64,
+    pub max_object_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Total request header bytes Weir accepts; beyond it Weir answers 431 JSON.
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// Peers whose `X-Forwarded-*` / `Forwarded` headers are believed and extended.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub host: Option<HostMatch>,
+    /// Segment-aware path prefix, always starting with `/`.
+    pub path: String,
+    pub methods: Option<Vec<Method>>,
+    pub upstreams: Vec<UpstreamUrl>,
+    pub timeouts: Timeouts,
+    pub max_request_body: Option<u64>,
+    pub plugin: Option<PluginRef>,
+    pub cache: Option<RouteCache>,
+    pub invalidate: Option<Invalidate>,
+    pub rate_limit: Option<RateLimit>,
+    pub budget: Option<Budget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Lower-case host without port or trailing dot.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches any subdomain, not the apex.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Time from sending the request to the upstream's response head.
+    pub response: Duration,
+    /// Longest silence between two body chunks, either direction.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            response: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginRef {
+    pub path: PathBuf,
+    pub config: serde_json::Value,
+    pub timeout: Duration,
+    pub max_memory: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginHeaders {
+    Respect,
+    Override,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteCache {
+    pub ttl: Option<Duration>,
+    pub origin_headers: OriginHeaders,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    pub share_private: bool,
+    /// Methods whose responses may be stored (GET and HEAD; POST only when listed).
+    pub methods: Vec<Method>,
+    pub max_key_body_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Invalidate {
+    pub methods: Vec<Method>,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerKey {
+    Header(HeaderName),
+    ClientIp,
+    /// Decided by the route plugin's `identify` hook.
+    Plugin,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub key: ConsumerKey,
+    pub rate: Rate,
+    pub burst: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub key: ConsumerKey,
+    pub cost: Decimal,
+    pub limit: Decimal,
+    pub per: Duration,
+    pub fail: FailMode,
+}

@@ -1,0 +1,179 @@
+//! The configuration file as written: serde structs with `deny_unknown_fields`, scalars kept as text.
+//! Nothing here is trusted; `validate` turns it into the domain types of `config::model`.
+
+use serde::Deserialize;
+
+use super::values::Text;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub listen: Vec<RawListen>,
+    pub admin: Option<RawAdmin>,
+    pub redis: Option<RawRedis>,
+    pub cache: Option<RawCacheGlobal>,
+    pub server: Option<RawServer>,
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+/// A file named by `include:` holds routes (and may include more).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteFile {
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub addr: String,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub certs: Vec<RawCert>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCert {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub addr: String,
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Option<String>,
+    pub cluster: Option<Vec<String>>,
+    pub password_env: Option<String>,
+    pub op_timeout: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheGlobal {
+    pub l1_max_bytes: Option<Text>,
+    pub max_object_bytes: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub max_header_bytes: Option<Text>,
+    pub header_read_timeout: Option<Text>,
+    pub shutdown_timeout: Option<Text>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub match_: RawMatch,
+    pub upstream: OneOrMany,
+    pub timeouts: Option<RawTimeouts>,
+    pub max_request_body: Option<Text>,
+    pub plugin: Option<RawPlugin>,
+    pub cache: Option<RawRouteCache>,
+    pub invalidate: Option<RawInvalidate>,
+    pub rate_limit: Option<RawRateLimit>,
+    pub budget: Option<RawBudget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub methods: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<Text>,
+    pub response: Option<Text>,
+    pub idle: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    pub path: String,
+    pub config: Option<serde_norway::Value>,
+    pub timeout: Option<Text>,
+    pub max_memory: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    pub ttl: Option<Text>,
+    pub origin_headers: Option<String>,
+    pub stale_while_revalidate: Option<Text>,
+    pub stale_if_error: Option<Text>,
+    pub share_private: Option<bool>,
+    pub methods: Option<Vec<String>>,
+    pub max_key_body_bytes: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInvalidate {
+    pub methods: Option<Vec<String>>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub key: Option<String>,
+    pub rate: Text,
+    pub burst: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub key: Option<String>,
+    pub cost: Option<Text>,
+    pub limit: Text,
+    pub per: Text,
+    pub fail: Option<String>,
+}

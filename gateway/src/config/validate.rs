@@ -1,0 +1,955 @@
+//! Raw → validated conversion. Collects every problem instead of stopping at the first,
+//! each positioned through the span index of the file it came from.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::Method;
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+
+use super::model::*;
+use super::raw::*;
+use super::spans::{Pos, SpanIndex};
+use super::values::{parse_duration, parse_method, parse_money, parse_rate, parse_size, Text};
+use super::{ConfigError, Problem, MAX_FILE_BYTES};
+
+const MAX_INCLUDE_DEPTH: usize = 8;
+
+/// One parsed source file: its path, folder (for relative paths) and span index.
+struct Source {
+    path: PathBuf,
+    dir: PathBuf,
+    spans: SpanIndex,
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn at(&mut self, src: &Source, path: &str, message: impl Into<String>) {
+        self.0.push(Problem {
+            file: src.path.clone(),
+            pos: src.spans.value(path),
+            message: message.into(),
+        });
+    }
+    fn at_key(&mut self, src: &Source, path: &str, message: impl Into<String>) {
+        self.0.push(Problem {
+            file: src.path.clone(),
+            pos: src.spans.key(path),
+            message: message.into(),
+        });
+    }
+    fn at_pos(&mut self, file: &Path, pos: Pos, message: impl Into<String>) {
+        self.0.push(Problem {
+            file: file.to_path_buf(),
+            pos,
+            message: message.into(),
+        });
+    }
+}
+
+/// Reads and parses one file. Problems (I/O, syntax, schema) are recorded; `None` means unusable.
+fn parse_file<T: DeserializeOwned>(file: &Path, problems: &mut Problems) -> Option<(Source, T)> {
+    let origin = Pos { line: 1, col: 1 };
+    let meta = match std::fs::metadata(file) {
+        Ok(m) => m,
+        Err(e) => {
+            problems.at_pos(file, origin, format!("cannot read configuration: {e}"));
+            return None;
+        }
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        problems.at_pos(
+            file,
+            origin,
+            format!(
+                "document too large: {} bytes, at most {MAX_FILE_BYTES}",
+                meta.len()
+            ),
+        );
+        return None;
+    }
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.at_pos(file, origin, format!("cannot read configuration: {e}"));
+            return None;
+        }
+    };
+    let spans = match SpanIndex::build(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            problems.at_pos(file, e.pos, format!("YAML syntax error: {}", e.message));
+            return None;
+        }
+    };
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let src = Source {
+        path: file.to_path_buf(),
+        dir,
+        spans,
+    };
+    // An empty document is an empty mapping, so `routes: []` errors read the same as an empty file.
+    let parsed = if text.trim().is_empty() {
+        serde_norway::from_str("{}")
+    } else {
+        serde_norway::from_str(&text)
+    };
+    match parsed {
+        Ok(v) => Some((src, v)),
+        Err(e) => {
+            let pos = e
+                .location()
+                .map(|l| Pos {
+                    line: l.line(),
+                    col: l.column(),
+                })
+                .unwrap_or(origin);
+            problems.at_pos(file, pos, explain_serde(&e.to_string()));
+            None
+        }
+    }
+}
+
+/// Rewrites serde's messages for people: strips the trailing position, suggests the closest known key.
+fn explain_serde(msg: &str) -> String {
+    let msg = match msg.rfind(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    if msg.contains("repetition limit exceeded") || msg.contains("recursion limit exceeded") {
+        return format!(
+            "document refused: {msg} (too many aliases or too deep; alias bombs are not accepted)"
+        );
+    }
+    let Some(rest) = msg.split_once("unknown field `").map(|(_, r)| r) else {
+        return msg.to_string();
+    };
+    let Some((field, expected)) = rest.split_once('`') else {
+        return msg.to_string();
+    };
+    let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let best = known
+        .iter()
+        .map(|k| (strsim::levenshtein(field, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min();
+    let path = msg
+        .split_once(": unknown field")
+        .map(|(p, _)| format!(" in `{p}`"))
+        .unwrap_or_default();
+    match best {
+        Some((_, k)) => format!("unknown key `{field}`{path} (did you mean `{k}`?)"),
+        None => format!(
+            "unknown key `{field}`{path}; expected one of: {}",
+            known.join(", ")
+        ),
+    }
+}
+
+pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
+    let mut problems = Problems::default();
+    let Some((src, raw)) = parse_file::<RawConfig>(root, &mut problems) else {
+        return Err(ConfigError {
+            problems: problems.0,
+        });
+    };
+    let mut v = Validator {
+        problems,
+        not_yet: Vec::new(),
+    };
+    let cfg = v.config(&src, raw);
+    if v.problems.0.is_empty() {
+        let mut cfg = cfg;
+        cfg.not_yet_supported = v.not_yet.iter().map(ToString::to_string).collect();
+        Ok(cfg)
+    } else {
+        Err(ConfigError {
+            problems: v.problems.0,
+        })
+    }
+}
+
+struct Validator {
+    problems: Problems,
+    not_yet: Vec<Problem>,
+}
+
+/// Where a route was declared, for cross-route messages.
+struct Declared {
+    file: PathBuf,
+    pos: Pos,
+}
+
+impl Validator {
+    fn not_yet(&mut self, src: &Source, path: &str, what: &str) {
+        self.not_yet.push(Problem {
+            file: src.path.clone(),
+            pos: src.spans.key(path),
+            message: format!("{what} is not yet supported in this build; the block is validated but has no effect"),
+        });
+    }
+
+    fn duration(
+        &mut self,
+        src: &Source,
+        path: &str,
+        t: Option<&Text>,
+        default: Duration,
+    ) -> Duration {
+        match t {
+            None => default,
+            Some(t) => parse_duration(&t.text).unwrap_or_else(|e| {
+                self.problems.at(src, path, e);
+                default
+            }),
+        }
+    }
+
+    fn opt_duration(&mut self, src: &Source, path: &str, t: Option<&Text>) -> Option<Duration> {
+        t.map(|t| self.duration(src, path, Some(t), Duration::ZERO))
+    }
+
+    fn size(&mut self, src: &Source, path: &str, t: Option<&Text>, default: u64) -> u64 {
+        match t {
+            None => default,
+            Some(t) => parse_size(&t.text).unwrap_or_else(|e| {
+                self.problems.at(src, path, e);
+                default
+            }),
+        }
+    }
+
+    fn addr(&mut self, src: &Source, path: &str, s: &str) -> Option<SocketAddr> {
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problems.at(
+                    src,
+                    path,
+                    format!("invalid address `{s}`: expected IP:PORT, e.g. `127.0.0.1:8080`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn methods(&mut self, src: &Source, path: &str, list: &[String]) -> Vec<Method> {
+        let mut out = Vec::new();
+        for (i, m) in list.iter().enumerate() {
+            match parse_method(m) {
+                Ok(m) => out.push(m),
+                Err(e) => self.problems.at(src, &format!("{path}[{i}]"), e),
+            }
+        }
+        out
+    }
+
+    fn file_exists(&mut self, src: &Source, path: &str, rel: &str, what: &str) -> PathBuf {
+        let full = src.dir.join(rel);
+        if !full.is_file() {
+            self.problems.at(
+                src,
+                path,
+                format!("{what} `{rel}` not found (looked at {})", full.display()),
+            );
+        }
+        full
+    }
+
+    fn config(&mut self, src: &Source, raw: RawConfig) -> Config {
+        let mut listeners = Vec::new();
+        if raw.listen.is_empty() {
+            self.problems.at_key(
+                src,
+                "listen",
+                "no listeners: add `listen: [{addr: 127.0.0.1:8080}]`",
+            );
+        }
+        for (i, l) in raw.listen.iter().enumerate() {
+            let p = format!("listen[{i}]");
+            let addr = self.addr(src, &format!("{p}.addr"), &l.addr);
+            let tls = l.tls.as_ref().map(|t| {
+                if t.certs.is_empty() {
+                    self.problems.at(
+                        src,
+                        &format!("{p}.tls.certs"),
+                        "tls needs at least one certificate",
+                    );
+                }
+                self.not_yet(src, &format!("{p}.tls"), "TLS termination");
+                t.certs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| CertPair {
+                        cert: self.file_exists(
+                            src,
+                            &format!("{p}.tls.certs[{j}].cert"),
+                            &c.cert,
+                            "certificate file",
+                        ),
+                        key: self.file_exists(
+                            src,
+                            &format!("{p}.tls.certs[{j}].key"),
+                            &c.key,
+                            "key file",
+                        ),
+                    })
+                    .collect()
+            });
+            if let Some(addr) = addr {
+                listeners.push(Listener { addr, tls });
+            }
+        }
+
+        let admin = raw.admin.as_ref().and_then(|a| {
+            let addr = self.addr(src, "admin.addr", &a.addr)?;
+            if a.token_env.is_none() && !addr.ip().is_loopback() {
+                self.problems.at(
+                    src,
+                    "admin.addr",
+                    format!("admin listener `{addr}` is not on loopback: set `admin.token_env` so every admin call needs a token"),
+                );
+            }
+            if let Some(env) = &a.token_env {
+                if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    self.problems.at(src, "admin.token_env", format!("invalid environment variable name `{env}`"));
+                }
+            }
+            Some(Admin { addr, token_env: a.token_env.clone() })
+        });
+
+        let redis = raw.redis.as_ref().map(|r| self.redis(src, r));
+
+        let cache = CacheSettings {
+            l1_max_bytes: self.size(
+                src,
+                "cache.l1_max_bytes",
+                raw.cache.as_ref().and_then(|c| c.l1_max_bytes.as_ref()),
+                256 << 20,
+            ),
+            max_object_bytes: self.size(
+                src,
+                "cache.max_object_bytes",
+                raw.cache.as_ref().and_then(|c| c.max_object_bytes.as_ref()),
+                8 << 20,
+            ),
+        };
+
+        let server = self.server(src, raw.server.as_ref());
+
+        let mut routes = Vec::new();
+        let mut declared = Vec::new();
+        self.routes(src, raw.routes, &mut routes, &mut declared);
+        let mut stack = vec![src.path.clone()];
+        self.includes(src, &raw.include, &mut routes, &mut declared, &mut stack);
+        if routes.is_empty() && self.problems.0.is_empty() {
+            self.problems.at_key(
+                src,
+                "routes",
+                "no routes: add at least one route under `routes:` (or `include:` a route file)",
+            );
+        }
+        self.cross_route_checks(&routes, &declared);
+
+        Config {
+            source: src.path.clone(),
+            listeners,
+            admin,
+            redis,
+            cache,
+            server,
+            routes,
+            not_yet_supported: Vec::new(),
+        }
+    }
+
+    fn redis(&mut self, src: &Source, r: &RawRedis) -> Redis {
+        let mut urls = Vec::new();
+        let (list, cluster, base) = match (&r.url, &r.cluster) {
+            (Some(u), None) => (vec![u.clone()], false, "redis.url".to_string()),
+            (None, Some(c)) if !c.is_empty() => (c.clone(), true, "redis.cluster".to_string()),
+            _ => {
+                self.problems.at(
+                    src,
+                    "redis",
+                    "redis needs exactly one of `url` or a non-empty `cluster` list",
+                );
+                (Vec::new(), false, "redis".to_string())
+            }
+        };
+        for (i, u) in list.iter().enumerate() {
+            let p = if cluster {
+                format!("{base}[{i}]")
+            } else {
+                base.clone()
+            };
+            match url::Url::parse(u) {
+                Ok(url)
+                    if matches!(url.scheme(), "redis" | "rediss") && url.host_str().is_some() =>
+                {
+                    urls.push(url)
+                }
+                _ => self.problems.at(
+                    src,
+                    &p,
+                    format!(
+                        "invalid Redis URL `{u}`: expected redis://HOST:PORT/DB or rediss://..."
+                    ),
+                ),
+            }
+        }
+        self.not_yet(src, "redis", "the Redis tier");
+        Redis {
+            urls,
+            cluster,
+            password_env: r.password_env.clone(),
+            op_timeout: self.duration(
+                src,
+                "redis.op_timeout",
+                r.op_timeout.as_ref(),
+                Duration::from_millis(50),
+            ),
+        }
+    }
+
+    fn server(&mut self, src: &Source, s: Option<&RawServer>) -> ServerSettings {
+        let max_header_bytes = self.size(
+            src,
+            "server.max_header_bytes",
+            s.and_then(|s| s.max_header_bytes.as_ref()),
+            32 << 10,
+        );
+        // hyper's own buffer is 64 KiB (it answers a bare 431 beyond); Weir's JSON 431 must trigger first.
+        if max_header_bytes > 60 << 10 || max_header_bytes < 1024 {
+            self.problems.at(
+                src,
+                "server.max_header_bytes",
+                "max_header_bytes must be between 1KiB and 60KiB",
+            );
+        }
+        let mut trusted = Vec::new();
+        for (i, t) in s
+            .map(|s| s.trusted_proxies.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let parsed = t
+                .parse::<IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => trusted.push(n),
+                Err(_) => self.problems.at(
+                    src,
+                    &format!("server.trusted_proxies[{i}]"),
+                    format!(
+                        "invalid address or CIDR `{t}`: expected e.g. `10.0.0.0/8` or `192.0.2.7`"
+                    ),
+                ),
+            }
+        }
+        ServerSettings {
+            max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(32 << 10),
+            header_read_timeout: self.duration(
+                src,
+                "server.header_read_timeout",
+                s.and_then(|s| s.header_read_timeout.as_ref()),
+                Duration::from_secs(10),
+            ),
+            shutdown_timeout: self.duration(
+                src,
+                "server.shutdown_timeout",
+                s.and_then(|s| s.shutdown_timeout.as_ref()),
+                Duration::from_secs(30),
+            ),
+            trusted_proxies: trusted,
+        }
+    }
+
+    fn includes(
+        &mut self,
+        src: &Source,
+        list: &[String],
+        routes: &mut Vec<Route>,
+        declared: &mut Vec<Declared>,
+        stack: &mut Vec<PathBuf>,
+    ) {
+        for (i, inc) in list.iter().enumerate() {
+            let p = format!("include[{i}]");
+            let full = src.dir.join(inc);
+            if !full.is_file() {
+                self.problems.at(
+                    src,
+                    &p,
+                    format!(
+                        "included file `{inc}` not found (looked at {})",
+                        full.display()
+                    ),
+                );
+                continue;
+            }
+            let canon = full.canonicalize().unwrap_or_else(|_| full.clone());
+            if stack
+                .iter()
+                .any(|s| s.canonicalize().unwrap_or_else(|_| s.clone()) == canon)
+            {
+                self.problems
+                    .at(src, &p, format!("include cycle: `{inc}` includes itself"));
+                continue;
+            }
+            if stack.len() >= MAX_INCLUDE_DEPTH {
+                self.problems.at(
+                    src,
+                    &p,
+                    format!("includes nested deeper than {MAX_INCLUDE_DEPTH}"),
+                );
+                continue;
+            }
+            let Some((isrc, file)) = parse_file::<RawRouteFile>(&full, &mut self.problems) else {
+                continue;
+            };
+            self.routes(&isrc, file.routes, routes, declared);
+            stack.push(full);
+            self.includes(&isrc, &file.include, routes, declared, stack);
+            stack.pop();
+        }
+    }
+
+    fn routes(
+        &mut self,
+        src: &Source,
+        raws: Vec<RawRoute>,
+        routes: &mut Vec<Route>,
+        declared: &mut Vec<Declared>,
+    ) {
+        for (i, r) in raws.into_iter().enumerate() {
+            let p = format!("routes[{i}]");
+            if let Some(route) = self.route(src, &p, r) {
+                declared.push(Declared {
+                    file: src.path.clone(),
+                    pos: src.spans.value(&format!("{p}.name")),
+                });
+                routes.push(route);
+            }
+        }
+    }
+
+    fn route(&mut self, src: &Source, p: &str, r: RawRoute) -> Option<Route> {
+        let before = self.problems.0.len();
+        if r.name.is_empty()
+            || !r
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            self.problems.at(
+                src,
+                &format!("{p}.name"),
+                format!(
+                    "invalid route name `{}`: use letters, digits, `-`, `_`, `.`",
+                    r.name
+                ),
+            );
+        }
+        let host = r
+            .match_
+            .host
+            .as_deref()
+            .map(|h| self.host(src, &format!("{p}.match.host"), h));
+        let path = r.match_.path.clone().unwrap_or_else(|| "/".into());
+        if !path.starts_with('/') || path.contains(['?', '#']) {
+            self.problems.at(
+                src,
+                &format!("{p}.match.path"),
+                format!("invalid path prefix `{path}`: must start with `/` and hold no query"),
+            );
+        }
+        let methods = r
+            .match_
+            .methods
+            .as_ref()
+            .map(|m| self.methods(src, &format!("{p}.match.methods"), m));
+
+        let mut upstreams = Vec::new();
+        let ups = r.upstream.as_slice();
+        if ups.is_empty() {
+            self.problems.at(
+                src,
+                &format!("{p}.upstream"),
+                "route needs at least one upstream URL",
+            );
+        }
+        for (j, u) in ups.iter().enumerate() {
+            let up = if matches!(r.upstream, OneOrMany::One(_)) {
+                format!("{p}.upstream")
+            } else {
+                format!("{p}.upstream[{j}]")
+            };
+            if let Some(u) = self.upstream(src, &up, u) {
+                upstreams.push(u);
+            }
+        }
+
+        let t = r.timeouts.as_ref();
+        let d = Timeouts::default();
+        let timeouts = Timeouts {
+            connect: self.duration(
+                src,
+                &format!("{p}.timeouts.connect"),
+                t.and_then(|t| t.connect.as_ref()),
+                d.connect,
+            ),
+            response: self.duration(
+                src,
+                &format!("{p}.timeouts.response"),
+                t.and_then(|t| t.response.as_ref()),
+                d.response,
+            ),
+            idle: self.duration(
+                src,
+                &format!("{p}.timeouts.idle"),
+                t.and_then(|t| t.idle.as_ref()),
+                d.idle,
+            ),
+        };
+        let max_request_body = r
+            .max_request_body
+            .as_ref()
+            .map(|b| self.size(src, &format!("{p}.max_request_body"), Some(b), 0));
+
+        let plugin = r.plugin.as_ref().map(|pl| {
+            let pp = format!("{p}.plugin");
+            self.not_yet(src, &pp, "plugins");
+            PluginRef {
+                path: self.file_exists(src, &format!("{pp}.path"), &pl.path, "plugin file"),
+                config: pl
+                    .config
+                    .as_ref()
+                    .and_then(|c| serde_json::to_value(c).ok())
+                    .unwrap_or(serde_json::Value::Null),
+                timeout: self.duration(
+                    src,
+                    &format!("{pp}.timeout"),
+                    pl.timeout.as_ref(),
+                    Duration::from_millis(5),
+                ),
+                max_memory: self.size(
+                    src,
+                    &format!("{pp}.max_memory"),
+                    pl.max_memory.as_ref(),
+                    16 << 20,
+                ),
+            }
+        });
+
+        let cache = r
+            .cache
+            .as_ref()
+            .map(|c| self.route_cache(src, &format!("{p}.cache"), c));
+
+        let invalidate = r.invalidate.as_ref().map(|inv| {
+            let ip = format!("{p}.invalidate");
+            self.not_yet(src, &ip, "write invalidation");
+            let list = inv.methods.clone().unwrap_or_else(|| ["POST", "PUT", "PATCH", "DELETE"].map(String::from).to_vec());
+            let im = self.methods(src, &format!("{ip}.methods"), &list);
+            if let (Some(allowed), Some(_)) = (&methods, &inv.methods) {
+                for (k, m) in im.iter().enumerate() {
+                    if !allowed.contains(m) {
+                        self.problems.at(
+                            src,
+                            &format!("{ip}.methods[{k}]"),
+                            format!("invalidate method `{m}` is not in this route's `match.methods`, so it can never reach the route"),
+                        );
+                    }
+                }
+            }
+            Invalidate { methods: im, tags: inv.tags.clone() }
+        });
+
+        let rate_limit = r.rate_limit.as_ref().map(|rl| {
+            let rp = format!("{p}.rate_limit");
+            self.not_yet(src, &rp, "rate limiting");
+            let rate = parse_rate(&rl.rate.text).unwrap_or_else(|e| {
+                self.problems.at(src, &format!("{rp}.rate"), e);
+                super::values::Rate {
+                    count: 1,
+                    per: Duration::from_secs(1),
+                }
+            });
+            let burst = match &rl.burst {
+                None => rate.count,
+                Some(b) => b.text.parse::<u64>().unwrap_or_else(|_| {
+                    self.problems.at(
+                        src,
+                        &format!("{rp}.burst"),
+                        format!("invalid burst `{}`: expected a whole number", b.text),
+                    );
+                    rate.count
+                }),
+            };
+            RateLimit {
+                key: self.consumer_key(src, &format!("{rp}.key"), rl.key.as_deref()),
+                rate,
+                burst,
+            }
+        });
+
+        let budget = r.budget.as_ref().map(|b| {
+            let bp = format!("{p}.budget");
+            self.not_yet(src, &bp, "budgets");
+            let mut money = |field: &str, t: Option<&Text>| match t {
+                None => rust_decimal::Decimal::ZERO,
+                Some(t) => parse_money(t).unwrap_or_else(|e| {
+                    self.problems.at(src, &format!("{bp}.{field}"), e);
+                    rust_decimal::Decimal::ZERO
+                }),
+            };
+            let cost = money("cost", b.cost.as_ref());
+            let limit = money("limit", Some(&b.limit));
+            let fail = match b.fail.as_deref() {
+                None | Some("closed") => FailMode::Closed,
+                Some("open") => FailMode::Open,
+                Some(other) => {
+                    self.problems.at(
+                        src,
+                        &format!("{bp}.fail"),
+                        format!("invalid fail mode `{other}`: expected `closed` or `open`"),
+                    );
+                    FailMode::Closed
+                }
+            };
+            Budget {
+                key: self.consumer_key(src, &format!("{bp}.key"), b.key.as_deref()),
+                cost,
+                limit,
+                per: self.duration(
+                    src,
+                    &format!("{bp}.per"),
+                    Some(&b.per),
+                    Duration::from_secs(86_400),
+                ),
+                fail,
+            }
+        });
+
+        (self.problems.0.len() == before).then(|| Route {
+            name: r.name,
+            host: host.flatten(),
+            path,
+            methods,
+            upstreams,
+            timeouts,
+            max_request_body,
+            plugin,
+            cache,
+            invalidate,
+            rate_limit,
+            budget,
+        })
+    }
+
+    fn route_cache(&mut self, src: &Source, cp: &str, c: &RawRouteCache) -> RouteCache {
+        let origin_headers = match c.origin_headers.as_deref() {
+            None | Some("respect") => OriginHeaders::Respect,
+            Some("override") => OriginHeaders::Override,
+            Some(o) => {
+                self.problems.at(
+                    src,
+                    &format!("{cp}.origin_headers"),
+                    format!("invalid origin_headers `{o}`: expected `respect` or `override`"),
+                );
+                OriginHeaders::Respect
+            }
+        };
+        let ttl = self.opt_duration(src, &format!("{cp}.ttl"), c.ttl.as_ref());
+        if origin_headers == OriginHeaders::Override && ttl.is_none() {
+            self.problems.at(
+                src,
+                &format!("{cp}.origin_headers"),
+                "origin_headers: override needs a `ttl`",
+            );
+        }
+        let mut methods = vec![Method::GET, Method::HEAD];
+        if let Some(list) = &c.methods {
+            for m in self.methods(src, &format!("{cp}.methods"), list) {
+                if m == Method::POST {
+                    methods.push(m);
+                } else if m != Method::GET && m != Method::HEAD {
+                    self.problems.at(
+                        src,
+                        &format!("{cp}.methods"),
+                        format!("method `{m}` cannot be cached: only GET, HEAD and POST"),
+                    );
+                }
+            }
+        }
+        RouteCache {
+            ttl,
+            origin_headers,
+            stale_while_revalidate: self.opt_duration(
+                src,
+                &format!("{cp}.stale_while_revalidate"),
+                c.stale_while_revalidate.as_ref(),
+            ),
+            stale_if_error: self.opt_duration(
+                src,
+                &format!("{cp}.stale_if_error"),
+                c.stale_if_error.as_ref(),
+            ),
+            share_private: c.share_private.unwrap_or(false),
+            methods,
+            max_key_body_bytes: self.size(
+                src,
+                &format!("{cp}.max_key_body_bytes"),
+                c.max_key_body_bytes.as_ref(),
+                64 << 10,
+            ),
+        }
+    }
+
+    fn consumer_key(&mut self, src: &Source, path: &str, key: Option<&str>) -> ConsumerKey {
+        match key {
+            None | Some("client_ip") => ConsumerKey::ClientIp,
+            Some("plugin") => ConsumerKey::Plugin,
+            Some(k) => match k
+                .strip_prefix("header:")
+                .map(|h| HeaderName::from_bytes(h.trim().as_bytes()))
+            {
+                Some(Ok(h)) => ConsumerKey::Header(h),
+                _ => {
+                    self.problems.at(src, path, format!("invalid consumer key `{k}`: expected `header:NAME`, `client_ip` or `plugin`"));
+                    ConsumerKey::ClientIp
+                }
+            },
+        }
+    }
+
+    fn host(&mut self, src: &Source, path: &str, h: &str) -> Option<HostMatch> {
+        let lower = h.trim_end_matches('.').to_ascii_lowercase();
+        let (wild, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_string()),
+            None => (false, lower.clone()),
+        };
+        let valid = !name.is_empty()
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if !valid {
+            self.problems.at(src, path, format!("invalid host `{h}`: expected a DNS name such as `api.example.com` or `*.example.com` (no port)"));
+            return None;
+        }
+        Some(if wild {
+            HostMatch::Suffix(format!(".{name}"))
+        } else {
+            HostMatch::Exact(name)
+        })
+    }
+
+    fn upstream(&mut self, src: &Source, path: &str, u: &str) -> Option<UpstreamUrl> {
+        let bad = |why: &str| format!("invalid upstream URL `{u}`: {why}");
+        let url = match url::Url::parse(u) {
+            Ok(url) => url,
+            Err(e) => {
+                self.problems.at(src, path, bad(&e.to_string()));
+                return None;
+            }
+        };
+        let scheme = match url.scheme() {
+            "http" => Scheme::HTTP,
+            "https" => Scheme::HTTPS,
+            s => {
+                self.problems.at(
+                    src,
+                    path,
+                    bad(&format!("scheme `{s}` is not http or https")),
+                );
+                return None;
+            }
+        };
+        let Some(host) = url.host_str() else {
+            self.problems.at(src, path, bad("no host"));
+            return None;
+        };
+        if !(url.path().is_empty() || url.path() == "/")
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || !url.username().is_empty()
+        {
+            self.problems.at(
+                src,
+                path,
+                bad("only scheme, host and port are allowed (the request path is forwarded as is)"),
+            );
+            return None;
+        }
+        let port = url.port_or_known_default().unwrap_or(80);
+        match Authority::try_from(format!("{host}:{port}").as_str()) {
+            Ok(authority) => Some(UpstreamUrl { scheme, authority }),
+            Err(e) => {
+                self.problems.at(src, path, bad(&e.to_string()));
+                None
+            }
+        }
+    }
+
+    fn cross_route_checks(&mut self, routes: &[Route], declared: &[Declared]) {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(&first) = names.get(r.name.as_str()) {
+                let d = &declared[first];
+                self.problems.at_pos(
+                    &declared[i].file,
+                    declared[i].pos,
+                    format!(
+                        "duplicate route name `{}` (first defined at {}:{}:{})",
+                        r.name,
+                        d.file.display(),
+                        d.pos.line,
+                        d.pos.col
+                    ),
+                );
+            } else {
+                names.insert(&r.name, i);
+            }
+            // A later route whose match is covered by an earlier identical one can never be selected.
+            if let Some(j) = routes[..i].iter().position(|e| {
+                e.host == r.host
+                    && e.path == r.path
+                    && match (&e.methods, &r.methods) {
+                        (None, _) => true,
+                        (Some(_), None) => false,
+                        (Some(a), Some(b)) => b.iter().all(|m| a.contains(m)),
+                    }
+            }) {
+                self.problems.at_pos(
+                    &declared[i].file,
+                    declared[i].pos,
+                    format!("route `{}` is unreachable: route `{}` has the same match and is tried first", r.name, routes[j].name),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_serde;
+
+    #[test]
+    fn did_you_mean() {
+        let m = explain_serde("routes[0].cache: unknown field `ttll`, expected one of `ttl`, `origin_headers` at line 3 column 5");
+        assert_eq!(
+            m,
+            "unknown key `ttll` in `routes[0].cache` (did you mean `ttl`?)"
+        );
+    }
+}

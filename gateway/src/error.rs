@@ -1,0 +1,117 @@
+//! The one place where gateway errors become HTTP responses (`{"error","message"}` JSON).
+//! Handlers return `GatewayError`; only `into_response` knows status codes and wire format.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::Body;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches {method} {host}{path}")]
+    NoRoute {
+        method: Method,
+        host: String,
+        path: String,
+    },
+    #[error("method {method} is not allowed on this route")]
+    MethodNotAllowed { method: Method, allow: Vec<Method> },
+    #[error("request headers are {size} bytes, more than the {limit}-byte limit")]
+    HeadersTooLarge { size: usize, limit: usize },
+    #[error("request body is larger than the {limit}-byte limit of this route")]
+    PayloadTooLarge { limit: u64 },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("upstream {upstream} is unavailable: {reason}")]
+    UpstreamUnavailable { upstream: String, reason: String },
+    #[error("upstream {upstream} sent no response head within {after:?}")]
+    UpstreamTimeout { upstream: String, after: Duration },
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    InvalidConfig { message: String },
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NoRoute { .. } | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BadRequest(_) | GatewayError::InvalidConfig { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// Stable machine-readable code (contract: clients match on it).
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::NoRoute { .. } => "no_route",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
+            GatewayError::HeadersTooLarge { .. } => "headers_too_large",
+            GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+            GatewayError::Unauthorized => "unauthorized",
+            GatewayError::NotFound(_) => "not_found",
+            GatewayError::InvalidConfig { .. } => "invalid_config",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = json_response(
+            self.status(),
+            &serde_json::json!({"error": self.code(), "message": self.to_string()}),
+        );
+        match &self {
+            GatewayError::MethodNotAllowed { allow, .. } => {
+                let list = allow
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if let Ok(v) = HeaderValue::from_str(&list) {
+                    resp.headers_mut().insert(header::ALLOW, v);
+                }
+            }
+            GatewayError::Unauthorized => {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            GatewayError::HeadersTooLarge { .. }
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::BadRequest(_) => {
+                // The rest of the request was not read: the connection cannot be reused safely.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+/// A JSON response with `Cache-Control: no-store` (gateway answers are never cacheable downstream).
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let body = Bytes::from(value.to_string());
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

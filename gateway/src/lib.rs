@@ -1,0 +1,30 @@
+//! Weir: a programmable caching gateway.
+//!
+//! A request passes through named phases, each in one module:
+//!
+//! 1. **accept** (`server::listener`) — TCP, HTTP/1.1 and HTTP/2, header size and read time limits
+//! 2. **route** (`router`) — host, longest path prefix, methods; 404 `no_route` otherwise
+//! 3. **consumer** — rate limits and budgets (to come: `ratelimit/`, `budget/`)
+//! 4. **cache** — key, L1/L2 lookup, serving hits (to come: `cache/`)
+//! 5. **forward** (`proxy`) — hop-by-hop rules, forwarding headers, upstream pool, retries, timeouts
+//! 6. **respond** (`proxy`) — streaming body back, `Via`, upgrades
+//!
+//! Configuration (`config`) is parsed and validated whole into a `runtime::Runtime`, swapped
+//! atomically on reload; errors become JSON responses only in `error`. The admin API lives in
+//! `admin` on its own listener.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod proxy;
+pub mod router;
+pub mod runtime;
+pub mod server;
+
+/// Boxed error used by bodies crossing the proxy.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response Weir produces: streamed upstream bodies and small buffered ones.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;

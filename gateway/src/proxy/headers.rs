@@ -1,0 +1,225 @@
+//! Header rules at the proxy boundary: hop-by-hop removal (RFC 9110 §7.6.1), `Via`, and the
+//! forwarding headers, which a client outside the trusted-proxy list can never inject.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `TE`,
+/// `Trailer`, `Transfer-Encoding`, `Upgrade` and all `Proxy-*`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for n in proxy {
+        headers.remove(n);
+    }
+}
+
+/// The protocol name for `Via` as RFC 9110 §7.6.3 wants it (`1.1`, `2`).
+fn via_version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+/// Appends `Via: <version> weir` to whatever `Via` chain is already there.
+pub fn add_via(headers: &mut HeaderMap, received: Version) {
+    let ours = match received {
+        Version::HTTP_10 => "1.0 weir",
+        Version::HTTP_2 => "2 weir",
+        Version::HTTP_3 => "3 weir",
+        _ => "1.1 weir",
+    };
+    debug_assert!(ours.starts_with(via_version(received)));
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ours}"),
+        _ => ours.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(header::VIA, v);
+    }
+}
+
+/// True when the request asks to switch protocols (WebSocket), judged before hop-by-hop removal.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Sets `X-Forwarded-For/Host/Proto` and `Forwarded` from what Weir saw. From a trusted peer the
+/// incoming chain is kept and extended; from anyone else it is replaced.
+pub fn set_forwarding(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    host: Option<&str>,
+    proto: &str,
+    trusted: bool,
+) {
+    let ip = peer.ip();
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut elem = format!("for={node}");
+    if let Some(h) = host {
+        elem.push_str(&format!(";host=\"{}\"", h.replace(['"', '\\'], "")));
+    }
+    elem.push_str(&format!(";proto={proto}"));
+
+    if trusted {
+        let chain = |name: &HeaderName, add: &str, headers: &mut HeaderMap| {
+            let joined: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let value = if joined.is_empty() {
+                add.to_string()
+            } else {
+                format!("{}, {add}", joined.join(", "))
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name.clone(), v);
+            }
+        };
+        chain(&X_FORWARDED_FOR, &ip.to_string(), headers);
+        chain(&header::FORWARDED, &elem, headers);
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+                headers.insert(X_FORWARDED_HOST.clone(), v);
+            }
+        }
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
+            );
+        }
+        return;
+    }
+    for n in [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_HOST,
+        &X_FORWARDED_PROTO,
+        &header::FORWARDED,
+    ] {
+        headers.remove(n);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert(X_FORWARDED_HOST.clone(), v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&elem) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// Bytes the request head occupies, as a client would have sent it.
+pub fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_connection_named_and_proxy_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn untrusted_forwarding_is_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        set_forwarding(
+            &mut h,
+            "10.0.0.9:5555".parse().unwrap(),
+            Some("api.test"),
+            "http",
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["forwarded"], "for=10.0.0.9;host=\"api.test\";proto=http");
+    }
+
+    #[test]
+    fn trusted_forwarding_is_extended() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        set_forwarding(
+            &mut h,
+            "10.0.0.9:5555".parse().unwrap(),
+            Some("api.test"),
+            "http",
+            true,
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+}

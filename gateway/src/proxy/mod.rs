@@ -1,0 +1,359 @@
+//! The request path: phases run top to bottom for every client request.
+//!
+//! 1. limits    — request head size (431 JSON beyond `server.max_header_bytes`)
+//! 2. route     — host / path / method → a route, or 404 `no_route` / 405
+//! 3. consumer  — (rate limits, budgets: later) who pays and whether they may
+//! 4. cache     — (cache issue) key, L1/L2 lookup, serve hits
+//! 5. forward   — hop-by-hop removal, forwarding headers, upstream choice, one retry
+//!    for idempotent requests that failed to connect, timeouts, streaming both ways
+//! 6. respond   — hop-by-hop removal, `Via`, WebSocket tunnel on 101
+//!
+//! Every error is a `GatewayError`, rendered in exactly one place (`handle`).
+
+mod body;
+pub mod headers;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use self::body::{IdleTimeout, IdleTimeoutError};
+use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop, upgrade_protocol};
+use crate::error::GatewayError;
+use crate::router::RouteMatch;
+use crate::runtime::{Gateway, RouteRuntime, Runtime};
+use crate::Body;
+
+/// What the listener knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub scheme: &'static str,
+}
+
+/// Entry point from the listeners. Never fails: errors become JSON responses here and only here.
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    let rt = gw.runtime();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    match proxy(&rt, req, conn).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(%method, %path, peer = %conn.peer, error = %e, "request failed");
+            e.into_response()
+        }
+    }
+}
+
+/// The host the client addressed: the URI authority (HTTP/2, absolute-form) or `Host`.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+async fn proxy(
+    rt: &Runtime,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<Response<Body>, GatewayError> {
+    // Phase 1: limits.
+    let limit = rt.config.server.max_header_bytes;
+    let size = header_bytes(req.headers());
+    if size > limit {
+        return Err(GatewayError::HeadersTooLarge { size, limit });
+    }
+
+    // Phase 2: route.
+    let host = request_host(&req);
+    let idx = match rt.router.route(host, req.uri().path(), req.method()) {
+        RouteMatch::Found(i) => i,
+        RouteMatch::MethodNotAllowed(allow) => {
+            return Err(GatewayError::MethodNotAllowed {
+                method: req.method().clone(),
+                allow,
+            })
+        }
+        RouteMatch::NotFound => {
+            return Err(GatewayError::NoRoute {
+                method: req.method().clone(),
+                host: host.unwrap_or_default().to_string(),
+                path: req.uri().path().to_string(),
+            })
+        }
+    };
+    let route = &rt.routes[idx];
+
+    // Phases 3–4 (consumer, cache) arrive with their issues; phase 5–6:
+    let trusted = rt
+        .config
+        .server
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(&conn.peer.ip().to_canonical()));
+    forward(route, req, conn, trusted).await
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Upstream request head for target `i`; the request path is forwarded as the client sent it.
+fn upstream_uri(route: &RouteRuntime, i: usize, parts: &Parts) -> Result<Uri, GatewayError> {
+    let target = route.upstreams.url(i);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| GatewayError::BadRequest(format!("cannot build upstream URI: {e}")))
+}
+
+enum SendError {
+    Connect(String),
+    Other(GatewayError),
+}
+
+async fn send(
+    route: &RouteRuntime,
+    i: usize,
+    mut parts: Parts,
+    body: Body,
+) -> Result<Response<Incoming>, SendError> {
+    parts.uri = upstream_uri(route, i, &parts).map_err(SendError::Other)?;
+    let upstream = route.upstreams.url(i).to_string();
+    let req = Request::from_parts(parts, body);
+    let after = route.route.timeouts.response;
+    match tokio::time::timeout(after, route.upstreams.client.request(req)).await {
+        Err(_) => Err(SendError::Other(GatewayError::UpstreamTimeout {
+            upstream,
+            after,
+        })),
+        Ok(Ok(resp)) => {
+            route.upstreams.mark_up(i);
+            Ok(resp)
+        }
+        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(error_chain(&e))),
+        Ok(Err(e)) => Err(SendError::Other(classify_send_error(&e, route, upstream))),
+    }
+}
+
+/// A failure while sending: the client's body broke a limit or stalled, or the upstream failed.
+fn classify_send_error(
+    e: &(dyn std::error::Error + 'static),
+    route: &RouteRuntime,
+    upstream: String,
+) -> GatewayError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return GatewayError::PayloadTooLarge {
+                limit: route.route.max_request_body.unwrap_or(0),
+            };
+        }
+        if let Some(idle) = err.downcast_ref::<IdleTimeoutError>() {
+            return GatewayError::BadRequest(format!("request body stalled: {idle}"));
+        }
+        cur = err.source();
+    }
+    GatewayError::UpstreamUnavailable {
+        upstream,
+        reason: error_chain(e),
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}
+
+fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn forward(
+    route: &RouteRuntime,
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+    trusted: bool,
+) -> Result<Response<Body>, GatewayError> {
+    // WebSocket and other upgrades are tunnelled on uncached HTTP/1.1 routes only.
+    let upgrade = (req.version() == Version::HTTP_11 && route.route.cache.is_none())
+        .then(|| upgrade_protocol(req.headers()))
+        .flatten();
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    if let (Some(limit), Some(len)) = (route.route.max_request_body, content_length(&parts.headers))
+    {
+        if len > limit {
+            return Err(GatewayError::PayloadTooLarge { limit });
+        }
+    }
+    // HTTP/2 clients send no Host; the upstream must still see the host the client addressed.
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(h) = &host {
+        parts.headers.insert(header::HOST, h.clone());
+    }
+    set_forwarding(
+        &mut parts.headers,
+        conn.peer,
+        host.as_ref().and_then(|h| h.to_str().ok()),
+        conn.scheme,
+        trusted,
+    );
+    add_via(&mut parts.headers, parts.version);
+    if let Some(proto) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto.clone());
+    }
+    parts.version = Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+
+    let idle = route.route.timeouts.idle;
+    let no_body = body.is_end_stream();
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    let body: Body = if no_body {
+        empty()
+    } else {
+        match route.route.max_request_body {
+            Some(limit) => IdleTimeout::new(
+                Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)),
+                idle,
+            )
+            .boxed(),
+            None => IdleTimeout::new(body, idle).boxed(),
+        }
+    };
+
+    // A request whose body was never sent can be replayed on another upstream.
+    let retry_head =
+        (no_body && idempotent && route.upstreams.len() > 1).then(|| clone_head(&parts));
+    let first = route.upstreams.pick(None);
+    let mut resp = match send(route, first, parts, body).await {
+        Ok(r) => r,
+        Err(SendError::Connect(reason)) => {
+            route.upstreams.mark_down(first);
+            match retry_head {
+                Some(head) => {
+                    let second = route.upstreams.pick(Some(first));
+                    tracing::info!(from = %route.upstreams.url(first), to = %route.upstreams.url(second), "retrying on another upstream");
+                    match send(route, second, head, empty()).await {
+                        Ok(r) => r,
+                        Err(SendError::Connect(reason)) => {
+                            route.upstreams.mark_down(second);
+                            return Err(GatewayError::UpstreamUnavailable {
+                                upstream: route.upstreams.url(second).to_string(),
+                                reason,
+                            });
+                        }
+                        Err(SendError::Other(e)) => return Err(e),
+                    }
+                }
+                None => {
+                    return Err(GatewayError::UpstreamUnavailable {
+                        upstream: route.upstreams.url(first).to_string(),
+                        reason,
+                    })
+                }
+            }
+        }
+        Err(SendError::Other(e)) => return Err(e),
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_on) = client_upgrade {
+            return Ok(tunnel(client_on, &mut resp));
+        }
+    }
+    let (mut rparts, rbody) = resp.into_parts();
+    let version = rparts.version;
+    strip_hop_by_hop(&mut rparts.headers);
+    add_via(&mut rparts.headers, version);
+    rparts.extensions = http::Extensions::new();
+    Ok(Response::from_parts(
+        rparts,
+        IdleTimeout::new(rbody, idle).boxed(),
+    ))
+}
+
+fn clone_head(parts: &Parts) -> Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+/// Answers 101 to the client and splices the two upgraded connections together.
+fn tunnel(
+    client_on: hyper::upgrade::OnUpgrade,
+    upstream_resp: &mut Response<Incoming>,
+) -> Response<Body> {
+    let upstream_on = hyper::upgrade::on(&mut *upstream_resp);
+    let mut out = Response::new(empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut headers = upstream_resp.headers().clone();
+    let proto = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut headers);
+    if let Some(p) = proto {
+        headers.insert(header::UPGRADE, p);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    *out.headers_mut() = headers;
+    tokio::spawn(async move {
+        match tokio::try_join!(client_on, upstream_on) {
+            Ok((c, u)) => {
+                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(error = %e, "upgraded connection closed with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    out
+}

@@ -1,0 +1,84 @@
+//! The running state built from one validated configuration, swapped atomically on reload.
+//! In-flight requests keep the `Runtime` they started with; new ones see the new one.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Config, ConfigError, Route};
+use crate::proxy::upstream::UpstreamPool;
+use crate::router::Router;
+
+#[derive(Debug)]
+pub struct RouteRuntime {
+    pub route: Route,
+    pub upstreams: UpstreamPool,
+}
+
+#[derive(Debug)]
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub routes: Vec<RouteRuntime>,
+}
+
+impl Runtime {
+    pub fn build(config: Config) -> Runtime {
+        let router = Router::new(&config.routes);
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteRuntime {
+                route: r.clone(),
+                upstreams: UpstreamPool::new(r),
+            })
+            .collect();
+        Runtime {
+            config: Arc::new(config),
+            router,
+            routes,
+        }
+    }
+}
+
+/// Process-wide gateway state shared by listeners, the admin API and signal handlers.
+#[derive(Debug)]
+pub struct Gateway {
+    runtime: ArcSwap<Runtime>,
+    pub started: Instant,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            runtime: ArcSwap::from_pointee(Runtime::build(config)),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Reads the configuration file again, validates it whole and swaps it in. On error the old
+    /// configuration keeps serving. Listener and admin addresses need a restart to change.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let current = self.runtime();
+        let next = config::load(&current.config.source)?;
+        let old_addrs: Vec<_> = current.config.listeners.iter().map(|l| l.addr).collect();
+        let new_addrs: Vec<_> = next.listeners.iter().map(|l| l.addr).collect();
+        if old_addrs != new_addrs
+            || current.config.admin.as_ref().map(|a| a.addr) != next.admin.as_ref().map(|a| a.addr)
+        {
+            tracing::warn!("listener or admin addresses changed: they take effect after a restart");
+        }
+        for msg in &next.not_yet_supported {
+            tracing::error!("{msg}");
+        }
+        let routes = next.routes.len();
+        self.runtime.store(Arc::new(Runtime::build(next)));
+        tracing::info!(routes, "configuration reloaded");
+        Ok(())
+    }
+}

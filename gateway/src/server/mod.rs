@@ -1,0 +1,158 @@
+//! Start-up wiring: bind every listener and the admin API, write the ready file, then run until
+//! SIGINT/SIGTERM (graceful drain) while SIGHUP reloads the configuration.
+
+pub mod listener;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::runtime::Gateway;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin.token_env names `{var}`, but that environment variable is not set (or empty): refusing to start an admin API without its token")]
+    TokenUnset { var: String },
+    #[error("listener {addr} asks for TLS, which this build does not terminate yet: refusing to serve it in plain text")]
+    TlsUnsupported { addr: SocketAddr },
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+    #[error("cannot write ready file {path}: {source}")]
+    ReadyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Written once every listener is bound: `{"listen": ["ip:port", ...], "admin": "ip:port"}`.
+    pub ready_file: Option<PathBuf>,
+}
+
+pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
+    for l in &config.listeners {
+        if l.tls.is_some() {
+            return Err(StartError::TlsUnsupported { addr: l.addr });
+        }
+    }
+    let token = match config.admin.as_ref().and_then(|a| a.token_env.clone()) {
+        Some(var) => match std::env::var(&var) {
+            Ok(t) if !t.is_empty() => Some(t),
+            _ => return Err(StartError::TokenUnset { var }),
+        },
+        None => None,
+    };
+    for msg in &config.not_yet_supported {
+        tracing::error!("{msg}");
+    }
+
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let tcp = TcpListener::bind(l.addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: l.addr,
+                source,
+            })?;
+        bound.push(tcp);
+    }
+    let admin_listener = match &config.admin {
+        Some(a) => Some(
+            TcpListener::bind(a.addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: a.addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let addrs: Vec<String> = bound
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let admin_addr = admin_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
+    for a in &addrs {
+        tracing::info!(addr = %a, "listening");
+    }
+    if let Some(a) = &admin_addr {
+        tracing::info!(addr = %a, "admin API listening");
+    }
+
+    let settings = config.server.clone();
+    let gateway = Gateway::new(config);
+    let builder = Arc::new(listener::http_builder(&settings));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for tcp in bound {
+        let gw = gateway.clone();
+        let handler = move |req, conn| crate::proxy::handle(gw.clone(), req, conn);
+        tasks.push(tokio::spawn(listener::serve(
+            tcp,
+            builder.clone(),
+            stop_rx.clone(),
+            settings.shutdown_timeout,
+            handler,
+        )));
+    }
+    if let Some(tcp) = admin_listener {
+        let admin = Arc::new(Admin {
+            gateway: gateway.clone(),
+            token,
+        });
+        let handler = move |req, _conn| admin.clone().handle(req);
+        tasks.push(tokio::spawn(listener::serve(
+            tcp,
+            builder.clone(),
+            stop_rx.clone(),
+            settings.shutdown_timeout,
+            handler,
+        )));
+    }
+
+    if let Some(path) = &opts.ready_file {
+        let doc = serde_json::json!({"listen": addrs, "admin": admin_addr});
+        std::fs::write(path, doc.to_string()).map_err(|source| StartError::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Err(e) = gateway.reload() {
+                    tracing::error!("reload rejected, the previous configuration keeps serving:\n{e}");
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
