@@ -12,11 +12,7 @@ use crate::Body;
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("no route matches {method} {host}{path}")]
-    NoRoute {
-        method: Method,
-        host: String,
-        path: String,
-    },
+    NoRoute { method: Method, host: String, path: String },
     #[error("method {method} is not allowed on this route")]
     MethodNotAllowed { method: Method, allow: Vec<Method> },
     #[error("request headers are {size} bytes, more than the {limit}-byte limit")]
@@ -44,9 +40,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::BadRequest(_) | GatewayError::InvalidConfig { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            GatewayError::BadRequest(_) | GatewayError::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -70,31 +64,23 @@ impl GatewayError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let mut resp = json_response(
-            self.status(),
-            &serde_json::json!({"error": self.code(), "message": self.to_string()}),
-        );
+        let mut resp =
+            json_response(self.status(), &serde_json::json!({"error": self.code(), "message": self.to_string()}));
         match &self {
             GatewayError::MethodNotAllowed { allow, .. } => {
-                let list = allow
-                    .iter()
-                    .map(Method::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let list = allow.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
                 if let Ok(v) = HeaderValue::from_str(&list) {
                     resp.headers_mut().insert(header::ALLOW, v);
                 }
             }
             GatewayError::Unauthorized => {
-                resp.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             GatewayError::HeadersTooLarge { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::BadRequest(_) => {
                 // The rest of the request was not read: the connection cannot be reused safely.
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -108,10 +94,7 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }

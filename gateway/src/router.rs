@@ -22,12 +22,7 @@ pub enum RouteMatch {
 
 impl Router {
     pub fn new(routes: &[Route]) -> Router {
-        Router::from_table(
-            routes
-                .iter()
-                .map(|r| (r.host.clone(), r.path.clone(), r.methods.clone()))
-                .collect(),
-        )
+        Router::from_table(routes.iter().map(|r| (r.host.clone(), r.path.clone(), r.methods.clone())).collect())
     }
 
     fn from_table(table: Vec<(Option<HostMatch>, String, Option<Vec<Method>>)>) -> Router {
@@ -41,14 +36,9 @@ impl Router {
         order.sort_by(|&a, &b| {
             let (ha, pa) = (&table[a].0, &table[a].1);
             let (hb, pb) = (&table[b].0, &table[b].1);
-            host_rank(hb)
-                .cmp(&host_rank(ha))
-                .then(pb.len().cmp(&pa.len()))
+            host_rank(hb).cmp(&host_rank(ha)).then(pb.len().cmp(&pa.len()))
         });
-        Router {
-            order,
-            routes: table,
-        }
+        Router { order, routes: table }
     }
 
     /// `host` is the request's host without port (any case, trailing dot allowed).
@@ -86,10 +76,7 @@ pub fn normalize_host(h: &str) -> String {
     let no_port = if h.starts_with('[') {
         h.split_once(']').map(|(a, _)| &h[..=a.len()]).unwrap_or(h)
     } else {
-        h.rsplit_once(':')
-            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-            .map(|(a, _)| a)
-            .unwrap_or(h)
+        h.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map(|(a, _)| a).unwrap_or(h)
     };
     no_port.trim_end_matches('.').to_ascii_lowercase()
 }
@@ -108,8 +95,7 @@ fn path_matches(prefix: &str, path: &str) -> bool {
     if prefix == "/" || prefix.ends_with('/') {
         return path.starts_with(prefix);
     }
-    path.strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 #[cfg(test)]
@@ -137,31 +123,13 @@ mod tests {
             r(Some(HostMatch::Suffix(".example.com".into())), "/", None),
             r(None, "/admin", Some(vec![Method::GET])),
         ]);
-        assert_eq!(
-            rt.route(None, "/products/1", &Method::GET),
-            RouteMatch::Found(1)
-        );
-        assert_eq!(
-            rt.route(None, "/productsx", &Method::GET),
-            RouteMatch::Found(0)
-        );
-        assert_eq!(
-            rt.route(Some("API.example.com.:443"), "/products", &Method::GET),
-            RouteMatch::Found(2)
-        );
-        assert_eq!(
-            rt.route(Some("a.example.com"), "/x", &Method::GET),
-            RouteMatch::Found(3)
-        );
-        assert_eq!(
-            rt.route(Some("example.com"), "/x", &Method::GET),
-            RouteMatch::Found(0)
-        );
+        assert_eq!(rt.route(None, "/products/1", &Method::GET), RouteMatch::Found(1));
+        assert_eq!(rt.route(None, "/productsx", &Method::GET), RouteMatch::Found(0));
+        assert_eq!(rt.route(Some("API.example.com.:443"), "/products", &Method::GET), RouteMatch::Found(2));
+        assert_eq!(rt.route(Some("a.example.com"), "/x", &Method::GET), RouteMatch::Found(3));
+        assert_eq!(rt.route(Some("example.com"), "/x", &Method::GET), RouteMatch::Found(0));
         // /admin only allows GET, but "/" catches everything: the fallback route wins.
-        assert_eq!(
-            rt.route(None, "/admin", &Method::POST),
-            RouteMatch::Found(0)
-        );
+        assert_eq!(rt.route(None, "/admin", &Method::POST), RouteMatch::Found(0));
     }
 
     #[test]

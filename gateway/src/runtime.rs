@@ -26,19 +26,9 @@ pub struct Runtime {
 impl Runtime {
     pub fn build(config: Config) -> Runtime {
         let router = Router::new(&config.routes);
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| RouteRuntime {
-                route: r.clone(),
-                upstreams: UpstreamPool::new(r),
-            })
-            .collect();
-        Runtime {
-            config: Arc::new(config),
-            router,
-            routes,
-        }
+        let routes =
+            config.routes.iter().map(|r| RouteRuntime { route: r.clone(), upstreams: UpstreamPool::new(r) }).collect();
+        Runtime { config: Arc::new(config), router, routes }
     }
 }
 
@@ -51,10 +41,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: Config) -> Arc<Gateway> {
-        Arc::new(Gateway {
-            runtime: ArcSwap::from_pointee(Runtime::build(config)),
-            started: Instant::now(),
-        })
+        Arc::new(Gateway { runtime: ArcSwap::from_pointee(Runtime::build(config)), started: Instant::now() })
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {

@@ -1,1 +1,408 @@
+//! End-to-end harness: a scripted origin (records every request), the real `weir` binary and,
+//! when asked, a real `redis-server` — all on ephemeral ports, all torn down on drop.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+type HandlerFn = dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync;
+
+/// A request as the origin saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+/// An in-process HTTP/1.1 + h2c origin driven by a closure.
+#[derive(Debug)]
+pub struct Origin {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn text(status: u16, body: &str) -> Response<Body> {
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r
+}
+
+impl Origin {
+    /// Starts an origin answering every request with `f(request)`.
+    pub async fn start<F, Fut>(f: F) -> Origin
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let handler: Arc<HandlerFn> = Arc::new(move |req| Box::pin(f(req)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let handler = handler.clone();
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        seen.lock().expect("seen lock").push(Seen {
+                            method: req.method().clone(),
+                            uri: req.uri().clone(),
+                            version: req.version(),
+                            headers: req.headers().clone(),
+                        });
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Origin { addr, seen, task }
+    }
+
+    /// An origin answering 200 `hello from origin` to everything.
+    pub async fn hello() -> Origin {
+        Origin::start(|_req| async { text(200, "hello from origin") }).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen lock").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().expect("seen lock").len()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Where the `weir` binary is: `$WEIR_BIN`, or beside this test executable's `deps/` folder.
+pub fn weir_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("WEIR_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("weir");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (`cargo build -p weir`, which `make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository root (for policies/ and fixtures).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running `weir run` process.
+#[derive(Debug)]
+pub struct Gateway {
+    child: Option<Child>,
+    pub listen: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+#[derive(Debug, Default)]
+pub struct GatewayBuilder {
+    env: Vec<(String, String)>,
+}
+
+impl GatewayBuilder {
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Spawns `weir run` on `yaml`; waits until it is listening, or returns its stderr on exit.
+    pub fn try_start(self, yaml: &str) -> Result<Gateway, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let config_path = dir.path().join("weir.yaml");
+        std::fs::write(&config_path, yaml).map_err(|e| e.to_string())?;
+        let ready = dir.path().join("ready.json");
+        let log = std::fs::File::create(dir.path().join("weir.log")).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(weir_bin());
+        cmd.arg("run").arg("--config").arg(&config_path).arg("--ready-file").arg(&ready);
+        cmd.env("WEIR_LOG", std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(log).spawn().map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    let listen = v["listen"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|s| s.as_str()?.parse().ok()).collect())
+                        .unwrap_or_default();
+                    let admin = v["admin"].as_str().and_then(|s| s.parse().ok());
+                    return Ok(Gateway { child: Some(child), listen, admin, dir, config_path });
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(dir.path().join("weir.log")).unwrap_or_default();
+                return Err(format!("weir exited with {status}:\n{log}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("weir did not become ready within 30s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn start(self, yaml: &str) -> Gateway {
+        match self.try_start(yaml) {
+            Ok(g) => g,
+            Err(e) => panic!("gateway failed to start: {e}"),
+        }
+    }
+}
+
+impl Gateway {
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+
+    pub fn start(yaml: &str) -> Gateway {
+        GatewayBuilder::default().start(yaml)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.listen[0]
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr(), path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin.expect("admin listener"), path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("weir.log")).unwrap_or_default()
+    }
+
+    /// Peak resident memory of the gateway process, in bytes (`VmHWM`).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A real `redis-server` on an ephemeral port, stopped by PID on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server is not installed (make test installs it)");
+            let mut server = RedisServer { child, port, _dir: dir };
+            if server.wait_ready() {
+                return server;
+            }
+            let _ = server.child.kill();
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if self.command("PING").as_deref() == Some("+PONG") {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Sends one inline command and returns the first reply line.
+    pub fn command(&self, cmd: &str) -> Option<String> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_string())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port the OS just handed out (released for the child to take).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A plain HTTP/1.1 client with pooling.
+pub fn client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2_client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new())
+}
+
+/// A collected response.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub async fn send(client: &Client<HttpConnector, Body>, req: Request<Body>) -> Got {
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got { status: parts.status, version: parts.version, headers: parts.headers, body }
+}
+
+pub async fn get(url: &str) -> Got {
+    send(&client(), Request::get(url).body(full("")).expect("request")).await
+}
+
+/// Writes raw bytes on a fresh connection and reads until the server closes it (or `wait`).
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

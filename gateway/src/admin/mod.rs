@@ -49,17 +49,10 @@ impl Admin {
         }
         match (req.method(), path.as_str()) {
             (&Method::POST, "/reload") => match self.gateway.reload() {
-                Ok(()) => Ok(json_response(
-                    StatusCode::OK,
-                    &serde_json::json!({"status": "reloaded"}),
-                )),
+                Ok(()) => Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "reloaded"}))),
                 Err(e) => {
-                    tracing::error!(
-                        "reload rejected, the previous configuration keeps serving:\n{e}"
-                    );
-                    Err(GatewayError::InvalidConfig {
-                        message: e.to_string(),
-                    })
+                    tracing::error!("reload rejected, the previous configuration keeps serving:\n{e}");
+                    Err(GatewayError::InvalidConfig { message: e.to_string() })
                 }
             },
             (m, p) => Err(GatewayError::NotFound(format!("no admin endpoint {m} {p}"))),

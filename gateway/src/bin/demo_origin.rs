@@ -38,18 +38,12 @@ type Resp = Response<Full<Bytes>>;
 fn json(status: StatusCode, body: serde_json::Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
 fn query_param<'a>(q: Option<&'a str>, name: &str) -> Option<&'a str> {
-    q?.split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+    q?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
@@ -59,76 +53,46 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segs.as_slice()) {
-        (Method::GET, ["__stats"]) => json(
-            StatusCode::OK,
-            serde_json::json!({"requests": state.requests.load(Ordering::Relaxed)}),
-        ),
+        (Method::GET, ["__stats"]) => {
+            json(StatusCode::OK, serde_json::json!({"requests": state.requests.load(Ordering::Relaxed)}))
+        }
         (Method::GET, ["slow"]) => {
-            let ms = query_param(query.as_deref(), "ms")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1000);
+            let ms = query_param(query.as_deref(), "ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             json(StatusCode::OK, serde_json::json!({"slept_ms": ms}))
         }
         (Method::GET, ["bytes"]) => {
-            let n: usize = query_param(query.as_deref(), "n")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1024)
-                .min(64 << 20);
+            let n: usize =
+                query_param(query.as_deref(), "n").and_then(|v| v.parse().ok()).unwrap_or(1024).min(64 << 20);
             let mut r = Response::new(Full::new(Bytes::from(vec![b'x'; n])));
-            r.headers_mut().insert(
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("public, max-age=60"),
-            );
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
             r
         }
         (Method::GET, ["products"]) => {
-            let term = query_param(query.as_deref(), "search")
-                .unwrap_or("")
-                .to_ascii_lowercase();
+            let term = query_param(query.as_deref(), "search").unwrap_or("").to_ascii_lowercase();
             let items: Vec<_> = (1..=20u64)
                 .map(|id| product(&state, id))
-                .filter(|p| {
-                    p["name"]
-                        .as_str()
-                        .is_some_and(|n| n.to_ascii_lowercase().contains(&term))
-                })
+                .filter(|p| p["name"].as_str().is_some_and(|n| n.to_ascii_lowercase().contains(&term)))
                 .collect();
             let mut r = json(StatusCode::OK, serde_json::json!({"items": items}));
-            r.headers_mut().insert(
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("public, max-age=30"),
-            );
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=30"));
             r
         }
         (Method::GET | Method::HEAD, ["products", id]) => {
             let Ok(id) = id.parse::<u64>() else {
-                return json(
-                    StatusCode::NOT_FOUND,
-                    serde_json::json!({"error": "not_found"}),
-                );
+                return json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"}));
             };
             let p = product(&state, id);
             let etag = format!("\"p{id}-v{}\"", p["version"]);
-            if req
-                .headers()
-                .get(header::IF_NONE_MATCH)
-                .and_then(|v| v.to_str().ok())
-                == Some(etag.as_str())
-            {
+            if req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::NOT_MODIFIED;
-                r.headers_mut().insert(
-                    header::ETAG,
-                    HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"x\"")),
-                );
+                r.headers_mut()
+                    .insert(header::ETAG, HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"x\"")));
                 return r;
             }
             let mut r = json(StatusCode::OK, p);
-            r.headers_mut().insert(
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("public, max-age=60"),
-            );
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
             if let Ok(v) = HeaderValue::from_str(&etag) {
                 r.headers_mut().insert(header::ETAG, v);
             }
@@ -136,17 +100,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         }
         (Method::PUT | Method::POST, ["products", id]) => {
             let Ok(id) = id.parse::<u64>() else {
-                return json(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": "bad_id"}),
-                );
+                return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": "bad_id"}));
             };
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let name = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v["name"].as_str().map(str::to_string))
@@ -160,29 +116,19 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         }
         (Method::DELETE, ["products", id]) => {
             if let Ok(id) = id.parse::<u64>() {
-                state
-                    .products
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                state.products.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             }
             let mut r = Response::new(Full::new(Bytes::new()));
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
-        _ => json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "not_found", "path": path}),
-        ),
+        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "path": path})),
     }
 }
 
 fn product(state: &State, id: u64) -> serde_json::Value {
     let map = state.products.lock().unwrap_or_else(|p| p.into_inner());
-    let (name, version) = map
-        .get(&id)
-        .cloned()
-        .unwrap_or_else(|| (format!("Product {id}"), 0));
+    let (name, version) = map.get(&id).cloned().unwrap_or_else(|| (format!("Product {id}"), 0));
     serde_json::json!({"id": id, "name": name, "price": format!("{}.99", id % 50 + 1), "version": version})
 }
 
@@ -201,9 +147,7 @@ async fn main() -> std::io::Result<()> {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

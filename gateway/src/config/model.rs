@@ -118,11 +118,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts {
-            connect: Duration::from_secs(5),
-            response: Duration::from_secs(30),
-            idle: Duration::from_secs(60),
-        }
+        Timeouts { connect: Duration::from_secs(5), response: Duration::from_secs(30), idle: Duration::from_secs(60) }
     }
 }
 

@@ -31,9 +31,12 @@ pub struct SpanIndex {
 const MAX_NODES: usize = 200_000;
 
 enum Frame {
+    /// `first` until the mapping's first key is seen: block mappings' start markers sit after
+    /// that key, so the first key's position stands for the mapping.
     Map {
         path: String,
         pending_key: Option<String>,
+        first: bool,
     },
     Seq {
         path: String,
@@ -50,10 +53,7 @@ struct Builder {
 
 fn pos(m: Marker) -> Pos {
     // yaml-rust2 lines are 1-based, columns 0-based.
-    Pos {
-        line: m.line().max(1),
-        col: m.col() + 1,
-    }
+    Pos { line: m.line().max(1), col: m.col() + 1 }
 }
 
 fn child(parent: &str, key: &str) -> String {
@@ -74,15 +74,16 @@ impl Builder {
                 *next += 1;
                 Some(p)
             }
-            Some(Frame::Map { path, pending_key }) => match pending_key.take() {
+            Some(Frame::Map { path, pending_key, first }) => match pending_key.take() {
                 Some(k) => Some(child(path, &k)),
                 None => {
                     let key = scalar_key.unwrap_or("?").to_string();
                     let full = child(path, &key);
-                    self.index.keys.insert(full, pos(mark));
-                    if let Some(Frame::Map { pending_key, .. }) = self.stack.last_mut() {
-                        *pending_key = Some(key);
+                    if std::mem::take(first) && !self.index.keys.contains_key(path.as_str()) {
+                        self.index.values.insert(path.clone(), pos(mark));
                     }
+                    self.index.keys.insert(full, pos(mark));
+                    *pending_key = Some(key);
                     None
                 }
             },
@@ -107,15 +108,14 @@ impl MarkedEventReceiver for Builder {
             }
             Event::MappingStart(..) => {
                 let p = self.place(None, mark).unwrap_or_default();
-                self.index.values.insert(p.clone(), pos(mark));
-                self.stack.push(Frame::Map {
-                    path: p,
-                    pending_key: None,
-                });
+                let at = self.index.keys.get(&p).copied().unwrap_or(pos(mark));
+                self.index.values.insert(p.clone(), at);
+                self.stack.push(Frame::Map { path: p, pending_key: None, first: true });
             }
             Event::SequenceStart(..) => {
                 let p = self.place(None, mark).unwrap_or_default();
-                self.index.values.insert(p.clone(), pos(mark));
+                let at = self.index.keys.get(&p).copied().unwrap_or(pos(mark));
+                self.index.values.insert(p.clone(), at);
                 self.stack.push(Frame::Seq { path: p, next: 0 });
             }
             Event::MappingEnd | Event::SequenceEnd => {
@@ -129,17 +129,9 @@ impl MarkedEventReceiver for Builder {
 impl SpanIndex {
     /// Parses `text` (syntax only) and records every node's position.
     pub fn build(text: &str) -> Result<Self, SyntaxError> {
-        let mut b = Builder {
-            index: SpanIndex::default(),
-            stack: Vec::new(),
-            nodes: 0,
-            aliases: 0,
-        };
+        let mut b = Builder { index: SpanIndex::default(), stack: Vec::new(), nodes: 0, aliases: 0 };
         let mut parser = Parser::new_from_str(text);
-        parser.load(&mut b, false).map_err(|e| SyntaxError {
-            pos: pos(*e.marker()),
-            message: e.info().to_string(),
-        })?;
+        parser.load(&mut b, false).map_err(|e| SyntaxError { pos: pos(*e.marker()), message: e.info().to_string() })?;
         if b.nodes > MAX_NODES {
             return Err(SyntaxError {
                 pos: Pos { line: 1, col: 1 },
@@ -158,23 +150,14 @@ impl SpanIndex {
             }
             match p.rfind(['.', '[']) {
                 Some(i) => p = &p[..i],
-                None => {
-                    return self
-                        .values
-                        .get("")
-                        .copied()
-                        .unwrap_or(Pos { line: 1, col: 1 })
-                }
+                None => return self.values.get("").copied().unwrap_or(Pos { line: 1, col: 1 }),
             }
         }
     }
 
     /// Position of the key that introduces `path` (falls back to the value).
     pub fn key(&self, path: &str) -> Pos {
-        self.keys
-            .get(path)
-            .copied()
-            .unwrap_or_else(|| self.value(path))
+        self.keys.get(path).copied().unwrap_or_else(|| self.value(path))
     }
 }
 
@@ -184,14 +167,15 @@ mod tests {
 
     #[test]
     fn positions_by_path() {
-        let idx =
-            SpanIndex::build("a: 1\nroutes:\n  - name: x\n    cache:\n      ttl: 5s\n").unwrap();
+        let idx = SpanIndex::build("a: 1\nroutes:\n  - name: x\n    cache:\n      ttl: 5s\n").unwrap();
         assert_eq!(idx.value("a"), Pos { line: 1, col: 4 });
         assert_eq!(idx.value("routes[0].name"), Pos { line: 3, col: 11 });
         assert_eq!(idx.value("routes[0].cache.ttl"), Pos { line: 5, col: 12 });
         assert_eq!(idx.key("routes[0].cache.ttl"), Pos { line: 5, col: 7 });
-        // unknown child falls back to the parent
-        assert_eq!(idx.value("routes[0].cache.nope"), Pos { line: 5, col: 7 });
+        // a missing child falls back to its parent, a mapping positioned at its key
+        assert_eq!(idx.value("routes[0].cache.nope"), Pos { line: 4, col: 5 });
+        // a sequence item mapping is positioned at its first key
+        assert_eq!(idx.value("routes[0]"), Pos { line: 3, col: 5 });
     }
 
     #[test]

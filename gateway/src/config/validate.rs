@@ -32,25 +32,13 @@ struct Problems(Vec<Problem>);
 
 impl Problems {
     fn at(&mut self, src: &Source, path: &str, message: impl Into<String>) {
-        self.0.push(Problem {
-            file: src.path.clone(),
-            pos: src.spans.value(path),
-            message: message.into(),
-        });
+        self.0.push(Problem { file: src.path.clone(), pos: src.spans.value(path), message: message.into() });
     }
     fn at_key(&mut self, src: &Source, path: &str, message: impl Into<String>) {
-        self.0.push(Problem {
-            file: src.path.clone(),
-            pos: src.spans.key(path),
-            message: message.into(),
-        });
+        self.0.push(Problem { file: src.path.clone(), pos: src.spans.key(path), message: message.into() });
     }
     fn at_pos(&mut self, file: &Path, pos: Pos, message: impl Into<String>) {
-        self.0.push(Problem {
-            file: file.to_path_buf(),
-            pos,
-            message: message.into(),
-        });
+        self.0.push(Problem { file: file.to_path_buf(), pos, message: message.into() });
     }
 }
 
@@ -65,14 +53,7 @@ fn parse_file<T: DeserializeOwned>(file: &Path, problems: &mut Problems) -> Opti
         }
     };
     if meta.len() > MAX_FILE_BYTES {
-        problems.at_pos(
-            file,
-            origin,
-            format!(
-                "document too large: {} bytes, at most {MAX_FILE_BYTES}",
-                meta.len()
-            ),
-        );
+        problems.at_pos(file, origin, format!("document too large: {} bytes, at most {MAX_FILE_BYTES}", meta.len()));
         return None;
     }
     let text = match std::fs::read_to_string(file) {
@@ -90,27 +71,13 @@ fn parse_file<T: DeserializeOwned>(file: &Path, problems: &mut Problems) -> Opti
         }
     };
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let src = Source {
-        path: file.to_path_buf(),
-        dir,
-        spans,
-    };
+    let src = Source { path: file.to_path_buf(), dir, spans };
     // An empty document is an empty mapping, so `routes: []` errors read the same as an empty file.
-    let parsed = if text.trim().is_empty() {
-        serde_norway::from_str("{}")
-    } else {
-        serde_norway::from_str(&text)
-    };
+    let parsed = if text.trim().is_empty() { serde_norway::from_str("{}") } else { serde_norway::from_str(&text) };
     match parsed {
         Ok(v) => Some((src, v)),
         Err(e) => {
-            let pos = e
-                .location()
-                .map(|l| Pos {
-                    line: l.line(),
-                    col: l.column(),
-                })
-                .unwrap_or(origin);
+            let pos = e.location().map(|l| Pos { line: l.line(), col: l.column() }).unwrap_or(origin);
             problems.at_pos(file, pos, explain_serde(&e.to_string()));
             None
         }
@@ -124,9 +91,7 @@ fn explain_serde(msg: &str) -> String {
         None => msg,
     };
     if msg.contains("repetition limit exceeded") || msg.contains("recursion limit exceeded") {
-        return format!(
-            "document refused: {msg} (too many aliases or too deep; alias bombs are not accepted)"
-        );
+        return format!("document refused: {msg} (too many aliases or too deep; alias bombs are not accepted)");
     }
     let Some(rest) = msg.split_once("unknown field `").map(|(_, r)| r) else {
         return msg.to_string();
@@ -135,44 +100,28 @@ fn explain_serde(msg: &str) -> String {
         return msg.to_string();
     };
     let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-    let best = known
-        .iter()
-        .map(|k| (strsim::levenshtein(field, k), *k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
-        .min();
-    let path = msg
-        .split_once(": unknown field")
-        .map(|(p, _)| format!(" in `{p}`"))
-        .unwrap_or_default();
+    let best =
+        known.iter().map(|k| (strsim::levenshtein(field, k), *k)).filter(|(d, k)| *d <= 2.max(k.len() / 3)).min();
+    let path = msg.split_once(": unknown field").map(|(p, _)| format!(" in `{p}`")).unwrap_or_default();
     match best {
         Some((_, k)) => format!("unknown key `{field}`{path} (did you mean `{k}`?)"),
-        None => format!(
-            "unknown key `{field}`{path}; expected one of: {}",
-            known.join(", ")
-        ),
+        None => format!("unknown key `{field}`{path}; expected one of: {}", known.join(", ")),
     }
 }
 
 pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
     let mut problems = Problems::default();
     let Some((src, raw)) = parse_file::<RawConfig>(root, &mut problems) else {
-        return Err(ConfigError {
-            problems: problems.0,
-        });
+        return Err(ConfigError { problems: problems.0 });
     };
-    let mut v = Validator {
-        problems,
-        not_yet: Vec::new(),
-    };
+    let mut v = Validator { problems, not_yet: Vec::new() };
     let cfg = v.config(&src, raw);
     if v.problems.0.is_empty() {
         let mut cfg = cfg;
         cfg.not_yet_supported = v.not_yet.iter().map(ToString::to_string).collect();
         Ok(cfg)
     } else {
-        Err(ConfigError {
-            problems: v.problems.0,
-        })
+        Err(ConfigError { problems: v.problems.0 })
     }
 }
 
@@ -196,13 +145,7 @@ impl Validator {
         });
     }
 
-    fn duration(
-        &mut self,
-        src: &Source,
-        path: &str,
-        t: Option<&Text>,
-        default: Duration,
-    ) -> Duration {
+    fn duration(&mut self, src: &Source, path: &str, t: Option<&Text>, default: Duration) -> Duration {
         match t {
             None => default,
             Some(t) => parse_duration(&t.text).unwrap_or_else(|e| {
@@ -230,11 +173,7 @@ impl Validator {
         match s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.problems.at(
-                    src,
-                    path,
-                    format!("invalid address `{s}`: expected IP:PORT, e.g. `127.0.0.1:8080`"),
-                );
+                self.problems.at(src, path, format!("invalid address `{s}`: expected IP:PORT, e.g. `127.0.0.1:8080`"));
                 None
             }
         }
@@ -254,11 +193,7 @@ impl Validator {
     fn file_exists(&mut self, src: &Source, path: &str, rel: &str, what: &str) -> PathBuf {
         let full = src.dir.join(rel);
         if !full.is_file() {
-            self.problems.at(
-                src,
-                path,
-                format!("{what} `{rel}` not found (looked at {})", full.display()),
-            );
+            self.problems.at(src, path, format!("{what} `{rel}` not found (looked at {})", full.display()));
         }
         full
     }
@@ -266,40 +201,22 @@ impl Validator {
     fn config(&mut self, src: &Source, raw: RawConfig) -> Config {
         let mut listeners = Vec::new();
         if raw.listen.is_empty() {
-            self.problems.at_key(
-                src,
-                "listen",
-                "no listeners: add `listen: [{addr: 127.0.0.1:8080}]`",
-            );
+            self.problems.at_key(src, "listen", "no listeners: add `listen: [{addr: 127.0.0.1:8080}]`");
         }
         for (i, l) in raw.listen.iter().enumerate() {
             let p = format!("listen[{i}]");
             let addr = self.addr(src, &format!("{p}.addr"), &l.addr);
             let tls = l.tls.as_ref().map(|t| {
                 if t.certs.is_empty() {
-                    self.problems.at(
-                        src,
-                        &format!("{p}.tls.certs"),
-                        "tls needs at least one certificate",
-                    );
+                    self.problems.at(src, &format!("{p}.tls.certs"), "tls needs at least one certificate");
                 }
                 self.not_yet(src, &format!("{p}.tls"), "TLS termination");
                 t.certs
                     .iter()
                     .enumerate()
                     .map(|(j, c)| CertPair {
-                        cert: self.file_exists(
-                            src,
-                            &format!("{p}.tls.certs[{j}].cert"),
-                            &c.cert,
-                            "certificate file",
-                        ),
-                        key: self.file_exists(
-                            src,
-                            &format!("{p}.tls.certs[{j}].key"),
-                            &c.key,
-                            "key file",
-                        ),
+                        cert: self.file_exists(src, &format!("{p}.tls.certs[{j}].cert"), &c.cert, "certificate file"),
+                        key: self.file_exists(src, &format!("{p}.tls.certs[{j}].key"), &c.key, "key file"),
                     })
                     .collect()
             });
@@ -376,32 +293,18 @@ impl Validator {
             (Some(u), None) => (vec![u.clone()], false, "redis.url".to_string()),
             (None, Some(c)) if !c.is_empty() => (c.clone(), true, "redis.cluster".to_string()),
             _ => {
-                self.problems.at(
-                    src,
-                    "redis",
-                    "redis needs exactly one of `url` or a non-empty `cluster` list",
-                );
+                self.problems.at(src, "redis", "redis needs exactly one of `url` or a non-empty `cluster` list");
                 (Vec::new(), false, "redis".to_string())
             }
         };
         for (i, u) in list.iter().enumerate() {
-            let p = if cluster {
-                format!("{base}[{i}]")
-            } else {
-                base.clone()
-            };
+            let p = if cluster { format!("{base}[{i}]") } else { base.clone() };
             match url::Url::parse(u) {
-                Ok(url)
-                    if matches!(url.scheme(), "redis" | "rediss") && url.host_str().is_some() =>
-                {
-                    urls.push(url)
-                }
+                Ok(url) if matches!(url.scheme(), "redis" | "rediss") && url.host_str().is_some() => urls.push(url),
                 _ => self.problems.at(
                     src,
                     &p,
-                    format!(
-                        "invalid Redis URL `{u}`: expected redis://HOST:PORT/DB or rediss://..."
-                    ),
+                    format!("invalid Redis URL `{u}`: expected redis://HOST:PORT/DB or rediss://..."),
                 ),
             }
         }
@@ -410,48 +313,26 @@ impl Validator {
             urls,
             cluster,
             password_env: r.password_env.clone(),
-            op_timeout: self.duration(
-                src,
-                "redis.op_timeout",
-                r.op_timeout.as_ref(),
-                Duration::from_millis(50),
-            ),
+            op_timeout: self.duration(src, "redis.op_timeout", r.op_timeout.as_ref(), Duration::from_millis(50)),
         }
     }
 
     fn server(&mut self, src: &Source, s: Option<&RawServer>) -> ServerSettings {
-        let max_header_bytes = self.size(
-            src,
-            "server.max_header_bytes",
-            s.and_then(|s| s.max_header_bytes.as_ref()),
-            32 << 10,
-        );
+        let max_header_bytes =
+            self.size(src, "server.max_header_bytes", s.and_then(|s| s.max_header_bytes.as_ref()), 32 << 10);
         // hyper's own buffer is 64 KiB (it answers a bare 431 beyond); Weir's JSON 431 must trigger first.
         if max_header_bytes > 60 << 10 || max_header_bytes < 1024 {
-            self.problems.at(
-                src,
-                "server.max_header_bytes",
-                "max_header_bytes must be between 1KiB and 60KiB",
-            );
+            self.problems.at(src, "server.max_header_bytes", "max_header_bytes must be between 1KiB and 60KiB");
         }
         let mut trusted = Vec::new();
-        for (i, t) in s
-            .map(|s| s.trusted_proxies.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
-            let parsed = t
-                .parse::<IpNet>()
-                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from));
+        for (i, t) in s.map(|s| s.trusted_proxies.as_slice()).unwrap_or_default().iter().enumerate() {
+            let parsed = t.parse::<IpNet>().or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from));
             match parsed {
                 Ok(n) => trusted.push(n),
                 Err(_) => self.problems.at(
                     src,
                     &format!("server.trusted_proxies[{i}]"),
-                    format!(
-                        "invalid address or CIDR `{t}`: expected e.g. `10.0.0.0/8` or `192.0.2.7`"
-                    ),
+                    format!("invalid address or CIDR `{t}`: expected e.g. `10.0.0.0/8` or `192.0.2.7`"),
                 ),
             }
         }
@@ -485,31 +366,16 @@ impl Validator {
             let p = format!("include[{i}]");
             let full = src.dir.join(inc);
             if !full.is_file() {
-                self.problems.at(
-                    src,
-                    &p,
-                    format!(
-                        "included file `{inc}` not found (looked at {})",
-                        full.display()
-                    ),
-                );
+                self.problems.at(src, &p, format!("included file `{inc}` not found (looked at {})", full.display()));
                 continue;
             }
             let canon = full.canonicalize().unwrap_or_else(|_| full.clone());
-            if stack
-                .iter()
-                .any(|s| s.canonicalize().unwrap_or_else(|_| s.clone()) == canon)
-            {
-                self.problems
-                    .at(src, &p, format!("include cycle: `{inc}` includes itself"));
+            if stack.iter().any(|s| s.canonicalize().unwrap_or_else(|_| s.clone()) == canon) {
+                self.problems.at(src, &p, format!("include cycle: `{inc}` includes itself"));
                 continue;
             }
             if stack.len() >= MAX_INCLUDE_DEPTH {
-                self.problems.at(
-                    src,
-                    &p,
-                    format!("includes nested deeper than {MAX_INCLUDE_DEPTH}"),
-                );
+                self.problems.at(src, &p, format!("includes nested deeper than {MAX_INCLUDE_DEPTH}"));
                 continue;
             }
             let Some((isrc, file)) = parse_file::<RawRouteFile>(&full, &mut self.problems) else {
@@ -522,20 +388,11 @@ impl Validator {
         }
     }
 
-    fn routes(
-        &mut self,
-        src: &Source,
-        raws: Vec<RawRoute>,
-        routes: &mut Vec<Route>,
-        declared: &mut Vec<Declared>,
-    ) {
+    fn routes(&mut self, src: &Source, raws: Vec<RawRoute>, routes: &mut Vec<Route>, declared: &mut Vec<Declared>) {
         for (i, r) in raws.into_iter().enumerate() {
             let p = format!("routes[{i}]");
             if let Some(route) = self.route(src, &p, r) {
-                declared.push(Declared {
-                    file: src.path.clone(),
-                    pos: src.spans.value(&format!("{p}.name")),
-                });
+                declared.push(Declared { file: src.path.clone(), pos: src.spans.value(&format!("{p}.name")) });
                 routes.push(route);
             }
         }
@@ -543,26 +400,14 @@ impl Validator {
 
     fn route(&mut self, src: &Source, p: &str, r: RawRoute) -> Option<Route> {
         let before = self.problems.0.len();
-        if r.name.is_empty()
-            || !r
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             self.problems.at(
                 src,
                 &format!("{p}.name"),
-                format!(
-                    "invalid route name `{}`: use letters, digits, `-`, `_`, `.`",
-                    r.name
-                ),
+                format!("invalid route name `{}`: use letters, digits, `-`, `_`, `.`", r.name),
             );
         }
-        let host = r
-            .match_
-            .host
-            .as_deref()
-            .map(|h| self.host(src, &format!("{p}.match.host"), h));
+        let host = r.match_.host.as_deref().map(|h| self.host(src, &format!("{p}.match.host"), h));
         let path = r.match_.path.clone().unwrap_or_else(|| "/".into());
         if !path.starts_with('/') || path.contains(['?', '#']) {
             self.problems.at(
@@ -571,20 +416,12 @@ impl Validator {
                 format!("invalid path prefix `{path}`: must start with `/` and hold no query"),
             );
         }
-        let methods = r
-            .match_
-            .methods
-            .as_ref()
-            .map(|m| self.methods(src, &format!("{p}.match.methods"), m));
+        let methods = r.match_.methods.as_ref().map(|m| self.methods(src, &format!("{p}.match.methods"), m));
 
         let mut upstreams = Vec::new();
         let ups = r.upstream.as_slice();
         if ups.is_empty() {
-            self.problems.at(
-                src,
-                &format!("{p}.upstream"),
-                "route needs at least one upstream URL",
-            );
+            self.problems.at(src, &format!("{p}.upstream"), "route needs at least one upstream URL");
         }
         for (j, u) in ups.iter().enumerate() {
             let up = if matches!(r.upstream, OneOrMany::One(_)) {
@@ -612,17 +449,10 @@ impl Validator {
                 t.and_then(|t| t.response.as_ref()),
                 d.response,
             ),
-            idle: self.duration(
-                src,
-                &format!("{p}.timeouts.idle"),
-                t.and_then(|t| t.idle.as_ref()),
-                d.idle,
-            ),
+            idle: self.duration(src, &format!("{p}.timeouts.idle"), t.and_then(|t| t.idle.as_ref()), d.idle),
         };
-        let max_request_body = r
-            .max_request_body
-            .as_ref()
-            .map(|b| self.size(src, &format!("{p}.max_request_body"), Some(b), 0));
+        let max_request_body =
+            r.max_request_body.as_ref().map(|b| self.size(src, &format!("{p}.max_request_body"), Some(b), 0));
 
         let plugin = r.plugin.as_ref().map(|pl| {
             let pp = format!("{p}.plugin");
@@ -634,25 +464,12 @@ impl Validator {
                     .as_ref()
                     .and_then(|c| serde_json::to_value(c).ok())
                     .unwrap_or(serde_json::Value::Null),
-                timeout: self.duration(
-                    src,
-                    &format!("{pp}.timeout"),
-                    pl.timeout.as_ref(),
-                    Duration::from_millis(5),
-                ),
-                max_memory: self.size(
-                    src,
-                    &format!("{pp}.max_memory"),
-                    pl.max_memory.as_ref(),
-                    16 << 20,
-                ),
+                timeout: self.duration(src, &format!("{pp}.timeout"), pl.timeout.as_ref(), Duration::from_millis(5)),
+                max_memory: self.size(src, &format!("{pp}.max_memory"), pl.max_memory.as_ref(), 16 << 20),
             }
         });
 
-        let cache = r
-            .cache
-            .as_ref()
-            .map(|c| self.route_cache(src, &format!("{p}.cache"), c));
+        let cache = r.cache.as_ref().map(|c| self.route_cache(src, &format!("{p}.cache"), c));
 
         let invalidate = r.invalidate.as_ref().map(|inv| {
             let ip = format!("{p}.invalidate");
@@ -678,10 +495,7 @@ impl Validator {
             self.not_yet(src, &rp, "rate limiting");
             let rate = parse_rate(&rl.rate.text).unwrap_or_else(|e| {
                 self.problems.at(src, &format!("{rp}.rate"), e);
-                super::values::Rate {
-                    count: 1,
-                    per: Duration::from_secs(1),
-                }
+                super::values::Rate { count: 1, per: Duration::from_secs(1) }
             });
             let burst = match &rl.burst {
                 None => rate.count,
@@ -694,11 +508,7 @@ impl Validator {
                     rate.count
                 }),
             };
-            RateLimit {
-                key: self.consumer_key(src, &format!("{rp}.key"), rl.key.as_deref()),
-                rate,
-                burst,
-            }
+            RateLimit { key: self.consumer_key(src, &format!("{rp}.key"), rl.key.as_deref()), rate, burst }
         });
 
         let budget = r.budget.as_ref().map(|b| {
@@ -729,12 +539,7 @@ impl Validator {
                 key: self.consumer_key(src, &format!("{bp}.key"), b.key.as_deref()),
                 cost,
                 limit,
-                per: self.duration(
-                    src,
-                    &format!("{bp}.per"),
-                    Some(&b.per),
-                    Duration::from_secs(86_400),
-                ),
+                per: self.duration(src, &format!("{bp}.per"), Some(&b.per), Duration::from_secs(86_400)),
                 fail,
             }
         });
@@ -770,11 +575,7 @@ impl Validator {
         };
         let ttl = self.opt_duration(src, &format!("{cp}.ttl"), c.ttl.as_ref());
         if origin_headers == OriginHeaders::Override && ttl.is_none() {
-            self.problems.at(
-                src,
-                &format!("{cp}.origin_headers"),
-                "origin_headers: override needs a `ttl`",
-            );
+            self.problems.at(src, &format!("{cp}.origin_headers"), "origin_headers: override needs a `ttl`");
         }
         let mut methods = vec![Method::GET, Method::HEAD];
         if let Some(list) = &c.methods {
@@ -798,11 +599,7 @@ impl Validator {
                 &format!("{cp}.stale_while_revalidate"),
                 c.stale_while_revalidate.as_ref(),
             ),
-            stale_if_error: self.opt_duration(
-                src,
-                &format!("{cp}.stale_if_error"),
-                c.stale_if_error.as_ref(),
-            ),
+            stale_if_error: self.opt_duration(src, &format!("{cp}.stale_if_error"), c.stale_if_error.as_ref()),
             share_private: c.share_private.unwrap_or(false),
             methods,
             max_key_body_bytes: self.size(
@@ -818,13 +615,14 @@ impl Validator {
         match key {
             None | Some("client_ip") => ConsumerKey::ClientIp,
             Some("plugin") => ConsumerKey::Plugin,
-            Some(k) => match k
-                .strip_prefix("header:")
-                .map(|h| HeaderName::from_bytes(h.trim().as_bytes()))
-            {
+            Some(k) => match k.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
                 Some(Ok(h)) => ConsumerKey::Header(h),
                 _ => {
-                    self.problems.at(src, path, format!("invalid consumer key `{k}`: expected `header:NAME`, `client_ip` or `plugin`"));
+                    self.problems.at(
+                        src,
+                        path,
+                        format!("invalid consumer key `{k}`: expected `header:NAME`, `client_ip` or `plugin`"),
+                    );
                     ConsumerKey::ClientIp
                 }
             },
@@ -838,20 +636,20 @@ impl Validator {
             None => (false, lower.clone()),
         };
         let valid = !name.is_empty()
-            && name.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            });
+            && name
+                .split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
         if !valid {
-            self.problems.at(src, path, format!("invalid host `{h}`: expected a DNS name such as `api.example.com` or `*.example.com` (no port)"));
+            self.problems.at(
+                src,
+                path,
+                format!(
+                    "invalid host `{h}`: expected a DNS name such as `api.example.com` or `*.example.com` (no port)"
+                ),
+            );
             return None;
         }
-        Some(if wild {
-            HostMatch::Suffix(format!(".{name}"))
-        } else {
-            HostMatch::Exact(name)
-        })
+        Some(if wild { HostMatch::Suffix(format!(".{name}")) } else { HostMatch::Exact(name) })
     }
 
     fn upstream(&mut self, src: &Source, path: &str, u: &str) -> Option<UpstreamUrl> {
@@ -867,11 +665,7 @@ impl Validator {
             "http" => Scheme::HTTP,
             "https" => Scheme::HTTPS,
             s => {
-                self.problems.at(
-                    src,
-                    path,
-                    bad(&format!("scheme `{s}` is not http or https")),
-                );
+                self.problems.at(src, path, bad(&format!("scheme `{s}` is not http or https")));
                 return None;
             }
         };
@@ -933,7 +727,10 @@ impl Validator {
                 self.problems.at_pos(
                     &declared[i].file,
                     declared[i].pos,
-                    format!("route `{}` is unreachable: route `{}` has the same match and is tried first", r.name, routes[j].name),
+                    format!(
+                        "route `{}` is unreachable: route `{}` has the same match and is tried first",
+                        r.name, routes[j].name
+                    ),
                 );
             }
         }
@@ -946,10 +743,9 @@ mod tests {
 
     #[test]
     fn did_you_mean() {
-        let m = explain_serde("routes[0].cache: unknown field `ttll`, expected one of `ttl`, `origin_headers` at line 3 column 5");
-        assert_eq!(
-            m,
-            "unknown key `ttll` in `routes[0].cache` (did you mean `ttl`?)"
+        let m = explain_serde(
+            "routes[0].cache: unknown field `ttll`, expected one of `ttl`, `origin_headers` at line 3 column 5",
         );
+        assert_eq!(m, "unknown key `ttll` in `routes[0].cache` (did you mean `ttl`?)");
     }
 }

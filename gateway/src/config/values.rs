@@ -26,34 +26,19 @@ impl<'de> Deserialize<'de> for Text {
                 f.write_str("a string or number")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
-                Ok(Text {
-                    text: v.to_string(),
-                    was_float: false,
-                })
+                Ok(Text { text: v.to_string(), was_float: false })
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Text, E> {
-                Ok(Text {
-                    text: v.to_string(),
-                    was_float: false,
-                })
+                Ok(Text { text: v.to_string(), was_float: false })
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Text, E> {
-                Ok(Text {
-                    text: v.to_string(),
-                    was_float: false,
-                })
+                Ok(Text { text: v.to_string(), was_float: false })
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Text, E> {
-                Ok(Text {
-                    text: v.to_string(),
-                    was_float: true,
-                })
+                Ok(Text { text: v.to_string(), was_float: true })
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Text, E> {
-                Ok(Text {
-                    text: v.to_string(),
-                    was_float: false,
-                })
+                Ok(Text { text: v.to_string(), was_float: false })
             }
         }
         d.deserialize_any(V)
@@ -65,9 +50,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let bad = || {
-        format!("invalid duration `{s}`: expected a whole number and a unit, e.g. `250ms`, `30s`, `5m`, `1h`, `1d`")
-    };
+    let bad =
+        || format!("invalid duration `{s}`: expected a whole number and a unit, e.g. `250ms`, `30s`, `5m`, `1h`, `1d`");
     let n: u64 = num.parse().map_err(|_| bad())?;
     let ms_per = match unit {
         "ms" => 1,
@@ -77,9 +61,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => 86_400_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(ms_per)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("duration `{s}` is too large"))
+    n.checked_mul(ms_per).map(Duration::from_millis).ok_or_else(|| format!("duration `{s}` is too large"))
 }
 
 /// `512KiB`, `64MiB`, `1GiB`, `100KB`, or a plain number of bytes.
@@ -87,9 +69,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let bad = || {
-        format!("invalid size `{s}`: expected e.g. `512KiB`, `64MiB`, `1GiB` or a number of bytes")
-    };
+    let bad = || format!("invalid size `{s}`: expected e.g. `512KiB`, `64MiB`, `1GiB` or a number of bytes");
     let n: u64 = num.parse().map_err(|_| bad())?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -101,8 +81,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "GB" => 1_000_000_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size `{s}` is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("size `{s}` is too large"))
 }
 
 /// A rate: `100/s`, `6000/m`, `10/30s`.
@@ -113,8 +92,7 @@ pub struct Rate {
 }
 
 pub fn parse_rate(s: &str) -> Result<Rate, String> {
-    let bad =
-        || format!("invalid rate `{s}`: expected `COUNT/UNIT`, e.g. `100/s`, `6000/m`, `10/30s`");
+    let bad = || format!("invalid rate `{s}`: expected `COUNT/UNIT`, e.g. `100/s`, `6000/m`, `10/30s`");
     let (count, per) = s.trim().split_once('/').ok_or_else(bad)?;
     let count: u64 = count.trim().parse().map_err(|_| bad())?;
     let per = per.trim();
@@ -123,9 +101,7 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
         other => parse_duration(other).map_err(|_| bad())?,
     };
     if count == 0 || per.is_zero() {
-        return Err(format!(
-            "invalid rate `{s}`: count and period must be greater than zero"
-        ));
+        return Err(format!("invalid rate `{s}`: count and period must be greater than zero"));
     }
     Ok(Rate { count, per })
 }
@@ -138,40 +114,26 @@ pub fn parse_money(t: &Text) -> Result<Decimal, String> {
             t.text, t.text
         ));
     }
-    let d = Decimal::from_str(t.text.trim()).map_err(|_| {
-        format!(
-            "invalid money amount `{}`: expected a decimal string such as \"0.002\"",
-            t.text
-        )
-    })?;
+    let d = Decimal::from_str(t.text.trim())
+        .map_err(|_| format!("invalid money amount `{}`: expected a decimal string such as \"0.002\"", t.text))?;
     if d.is_sign_negative() {
-        return Err(format!(
-            "invalid money amount `{}`: must not be negative",
-            t.text
-        ));
+        return Err(format!("invalid money amount `{}`: must not be negative", t.text));
     }
     if d.normalize().scale() > 6 {
-        return Err(format!(
-            "invalid money amount `{}`: at most 6 decimal places (micro-units)",
-            t.text
-        ));
+        return Err(format!("invalid money amount `{}`: at most 6 decimal places (micro-units)", t.text));
     }
     Ok(d)
 }
 
 /// The methods Weir routes; extension methods are refused to catch typos (`GTE`).
 pub fn parse_method(s: &str) -> Result<http::Method, String> {
-    const KNOWN: [&str; 9] = [
-        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
-    ];
+    const KNOWN: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"];
     if KNOWN.contains(&s) {
         http::Method::from_str(s).map_err(|e| e.to_string())
     } else {
         let hint = KNOWN
             .iter()
-            .find(|k| {
-                k.eq_ignore_ascii_case(s) || strsim::levenshtein(k, &s.to_ascii_uppercase()) <= 1
-            })
+            .find(|k| k.eq_ignore_ascii_case(s) || strsim::osa_distance(k, &s.to_ascii_uppercase()) <= 1)
             .map(|k| format!(" (did you mean `{k}`?)"))
             .unwrap_or_default();
         Err(format!("unknown HTTP method `{s}`{hint}"))
@@ -202,13 +164,7 @@ mod tests {
 
     #[test]
     fn rates() {
-        assert_eq!(
-            parse_rate("100/s").unwrap(),
-            Rate {
-                count: 100,
-                per: Duration::from_secs(1)
-            }
-        );
+        assert_eq!(parse_rate("100/s").unwrap(), Rate { count: 100, per: Duration::from_secs(1) });
         assert_eq!(parse_rate("10/30s").unwrap().per, Duration::from_secs(30));
         assert!(parse_rate("100").is_err());
         assert!(parse_rate("0/s").is_err());
@@ -216,25 +172,16 @@ mod tests {
 
     #[test]
     fn money() {
-        let t = |s: &str| Text {
-            text: s.into(),
-            was_float: false,
-        };
+        let t = |s: &str| Text { text: s.into(), was_float: false };
         assert_eq!(parse_money(&t("0.002")).unwrap().to_string(), "0.002");
         assert!(parse_money(&t("-1")).is_err());
         assert!(parse_money(&t("0.0000001")).is_err());
-        assert!(parse_money(&Text {
-            text: "0.002".into(),
-            was_float: true
-        })
-        .is_err());
+        assert!(parse_money(&Text { text: "0.002".into(), was_float: true }).is_err());
     }
 
     #[test]
     fn methods() {
         assert!(parse_method("GET").is_ok());
-        assert!(parse_method("GTE")
-            .unwrap_err()
-            .contains("did you mean `GET`"));
+        assert!(parse_method("GTE").unwrap_err().contains("did you mean `GET`"));
     }
 }

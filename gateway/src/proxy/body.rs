@@ -31,11 +31,7 @@ pin_project! {
 
 impl<B> IdleTimeout<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
-        IdleTimeout {
-            inner,
-            sleep: tokio::time::sleep(idle),
-            idle,
-        }
+        IdleTimeout { inner, sleep: tokio::time::sleep(idle), idle }
     }
 }
 
@@ -47,10 +43,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {

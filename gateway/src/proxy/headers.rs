@@ -24,21 +24,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
+    for n in
+        [&header::CONNECTION, &KEEP_ALIVE, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE]
+    {
         headers.remove(n);
     }
-    let proxy: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
+    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
     for n in proxy {
         headers.remove(n);
     }
@@ -90,13 +81,7 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 
 /// Sets `X-Forwarded-For/Host/Proto` and `Forwarded` from what Weir saw. From a trusted peer the
 /// incoming chain is kept and extended; from anyone else it is replaced.
-pub fn set_forwarding(
-    headers: &mut HeaderMap,
-    peer: SocketAddr,
-    host: Option<&str>,
-    proto: &str,
-    trusted: bool,
-) {
+pub fn set_forwarding(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>, proto: &str, trusted: bool) {
     let ip = peer.ip();
     let node = match ip {
         IpAddr::V4(v4) => v4.to_string(),
@@ -110,16 +95,8 @@ pub fn set_forwarding(
 
     if trusted {
         let chain = |name: &HeaderName, add: &str, headers: &mut HeaderMap| {
-            let joined: Vec<&str> = headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            let value = if joined.is_empty() {
-                add.to_string()
-            } else {
-                format!("{}, {add}", joined.join(", "))
-            };
+            let joined: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+            let value = if joined.is_empty() { add.to_string() } else { format!("{}, {add}", joined.join(", ")) };
             if let Ok(v) = HeaderValue::from_str(&value) {
                 headers.insert(name.clone(), v);
             }
@@ -139,12 +116,7 @@ pub fn set_forwarding(
         }
         return;
     }
-    for n in [
-        &X_FORWARDED_FOR,
-        &X_FORWARDED_HOST,
-        &X_FORWARDED_PROTO,
-        &header::FORWARDED,
-    ] {
+    for n in [&X_FORWARDED_FOR, &X_FORWARDED_HOST, &X_FORWARDED_PROTO, &header::FORWARDED] {
         headers.remove(n);
     }
     if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
@@ -153,10 +125,8 @@ pub fn set_forwarding(
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         headers.insert(X_FORWARDED_HOST.clone(), v);
     }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
-    );
+    headers
+        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
     if let Ok(v) = HeaderValue::from_str(&elem) {
         headers.insert(header::FORWARDED, v);
     }
@@ -164,10 +134,7 @@ pub fn set_forwarding(
 
 /// Bytes the request head occupies, as a client would have sent it.
 pub fn header_bytes(headers: &HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum()
+    headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
 }
 
 #[cfg(test)]
@@ -177,10 +144,7 @@ mod tests {
     #[test]
     fn strips_connection_named_and_proxy_headers() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
@@ -196,13 +160,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
-        set_forwarding(
-            &mut h,
-            "10.0.0.9:5555".parse().unwrap(),
-            Some("api.test"),
-            "http",
-            false,
-        );
+        set_forwarding(&mut h, "10.0.0.9:5555".parse().unwrap(), Some("api.test"), "http", false);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["forwarded"], "for=10.0.0.9;host=\"api.test\";proto=http");
     }
@@ -212,13 +170,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        set_forwarding(
-            &mut h,
-            "10.0.0.9:5555".parse().unwrap(),
-            Some("api.test"),
-            "http",
-            true,
-        );
+        set_forwarding(&mut h, "10.0.0.9:5555".parse().unwrap(), Some("api.test"), "http", true);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
     }

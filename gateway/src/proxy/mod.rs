@@ -57,18 +57,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
 
 /// The host the client addressed: the URI authority (HTTP/2, absolute-form) or `Host`.
 fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
+    req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
-async fn proxy(
-    rt: &Runtime,
-    req: Request<Incoming>,
-    conn: ConnInfo,
-) -> Result<Response<Body>, GatewayError> {
+async fn proxy(rt: &Runtime, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<Body>, GatewayError> {
     // Phase 1: limits.
     let limit = rt.config.server.max_header_bytes;
     let size = header_bytes(req.headers());
@@ -81,10 +73,7 @@ async fn proxy(
     let idx = match rt.router.route(host, req.uri().path(), req.method()) {
         RouteMatch::Found(i) => i,
         RouteMatch::MethodNotAllowed(allow) => {
-            return Err(GatewayError::MethodNotAllowed {
-                method: req.method().clone(),
-                allow,
-            })
+            return Err(GatewayError::MethodNotAllowed { method: req.method().clone(), allow })
         }
         RouteMatch::NotFound => {
             return Err(GatewayError::NoRoute {
@@ -97,33 +86,18 @@ async fn proxy(
     let route = &rt.routes[idx];
 
     // Phases 3–4 (consumer, cache) arrive with their issues; phase 5–6:
-    let trusted = rt
-        .config
-        .server
-        .trusted_proxies
-        .iter()
-        .any(|n| n.contains(&conn.peer.ip().to_canonical()));
+    let trusted = rt.config.server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
     forward(route, req, conn, trusted).await
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// Upstream request head for target `i`; the request path is forwarded as the client sent it.
 fn upstream_uri(route: &RouteRuntime, i: usize, parts: &Parts) -> Result<Uri, GatewayError> {
     let target = route.upstreams.url(i);
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     Uri::builder()
         .scheme(target.scheme.clone())
         .authority(target.authority.clone())
@@ -137,21 +111,13 @@ enum SendError {
     Other(GatewayError),
 }
 
-async fn send(
-    route: &RouteRuntime,
-    i: usize,
-    mut parts: Parts,
-    body: Body,
-) -> Result<Response<Incoming>, SendError> {
+async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> Result<Response<Incoming>, SendError> {
     parts.uri = upstream_uri(route, i, &parts).map_err(SendError::Other)?;
     let upstream = route.upstreams.url(i).to_string();
     let req = Request::from_parts(parts, body);
     let after = route.route.timeouts.response;
     match tokio::time::timeout(after, route.upstreams.client.request(req)).await {
-        Err(_) => Err(SendError::Other(GatewayError::UpstreamTimeout {
-            upstream,
-            after,
-        })),
+        Err(_) => Err(SendError::Other(GatewayError::UpstreamTimeout { upstream, after })),
         Ok(Ok(resp)) => {
             route.upstreams.mark_up(i);
             Ok(resp)
@@ -162,27 +128,18 @@ async fn send(
 }
 
 /// A failure while sending: the client's body broke a limit or stalled, or the upstream failed.
-fn classify_send_error(
-    e: &(dyn std::error::Error + 'static),
-    route: &RouteRuntime,
-    upstream: String,
-) -> GatewayError {
+fn classify_send_error(e: &(dyn std::error::Error + 'static), route: &RouteRuntime, upstream: String) -> GatewayError {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if err.is::<http_body_util::LengthLimitError>() {
-            return GatewayError::PayloadTooLarge {
-                limit: route.route.max_request_body.unwrap_or(0),
-            };
+            return GatewayError::PayloadTooLarge { limit: route.route.max_request_body.unwrap_or(0) };
         }
         if let Some(idle) = err.downcast_ref::<IdleTimeoutError>() {
             return GatewayError::BadRequest(format!("request body stalled: {idle}"));
         }
         cur = err.source();
     }
-    GatewayError::UpstreamUnavailable {
-        upstream,
-        reason: error_chain(e),
-    }
+    GatewayError::UpstreamUnavailable { upstream, reason: error_chain(e) }
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -197,9 +154,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn empty() -> Body {
-    Empty::<Bytes>::new()
-        .map_err(|never| match never {})
-        .boxed()
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
 async fn forward(
@@ -215,35 +170,25 @@ async fn forward(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    if let (Some(limit), Some(len)) = (route.route.max_request_body, content_length(&parts.headers))
-    {
+    if let (Some(limit), Some(len)) = (route.route.max_request_body, content_length(&parts.headers)) {
         if len > limit {
             return Err(GatewayError::PayloadTooLarge { limit });
         }
     }
     // HTTP/2 clients send no Host; the upstream must still see the host the client addressed.
-    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     strip_hop_by_hop(&mut parts.headers);
     if let Some(h) = &host {
         parts.headers.insert(header::HOST, h.clone());
     }
-    set_forwarding(
-        &mut parts.headers,
-        conn.peer,
-        host.as_ref().and_then(|h| h.to_str().ok()),
-        conn.scheme,
-        trusted,
-    );
+    set_forwarding(&mut parts.headers, conn.peer, host.as_ref().and_then(|h| h.to_str().ok()), conn.scheme, trusted);
     add_via(&mut parts.headers, parts.version);
     if let Some(proto) = &upgrade {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
     parts.version = Version::HTTP_11;
@@ -259,18 +204,15 @@ async fn forward(
         empty()
     } else {
         match route.route.max_request_body {
-            Some(limit) => IdleTimeout::new(
-                Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)),
-                idle,
-            )
-            .boxed(),
+            Some(limit) => {
+                IdleTimeout::new(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)), idle).boxed()
+            }
             None => IdleTimeout::new(body, idle).boxed(),
         }
     };
 
     // A request whose body was never sent can be replayed on another upstream.
-    let retry_head =
-        (no_body && idempotent && route.upstreams.len() > 1).then(|| clone_head(&parts));
+    let retry_head = (no_body && idempotent && route.upstreams.len() > 1).then(|| clone_head(&parts));
     let first = route.upstreams.pick(None);
     let mut resp = match send(route, first, parts, body).await {
         Ok(r) => r,
@@ -313,10 +255,7 @@ async fn forward(
     strip_hop_by_hop(&mut rparts.headers);
     add_via(&mut rparts.headers, version);
     rparts.extensions = http::Extensions::new();
-    Ok(Response::from_parts(
-        rparts,
-        IdleTimeout::new(rbody, idle).boxed(),
-    ))
+    Ok(Response::from_parts(rparts, IdleTimeout::new(rbody, idle).boxed()))
 }
 
 fn clone_head(parts: &Parts) -> Parts {
@@ -329,10 +268,7 @@ fn clone_head(parts: &Parts) -> Parts {
 }
 
 /// Answers 101 to the client and splices the two upgraded connections together.
-fn tunnel(
-    client_on: hyper::upgrade::OnUpgrade,
-    upstream_resp: &mut Response<Incoming>,
-) -> Response<Body> {
+fn tunnel(client_on: hyper::upgrade::OnUpgrade, upstream_resp: &mut Response<Incoming>) -> Response<Body> {
     let upstream_on = hyper::upgrade::on(&mut *upstream_resp);
     let mut out = Response::new(empty());
     *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

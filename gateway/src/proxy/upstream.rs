@@ -53,10 +53,7 @@ impl UpstreamPool {
             targets: route
                 .upstreams
                 .iter()
-                .map(|u| Target {
-                    url: u.clone(),
-                    down_until_ms: AtomicU64::new(0),
-                })
+                .map(|u| Target { url: u.clone(), down_until_ms: AtomicU64::new(0) })
                 .collect(),
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
@@ -101,9 +98,7 @@ impl UpstreamPool {
 
     pub fn mark_down(&self, i: usize) {
         let until = self.now_ms() + u64::try_from(COOL_DOWN.as_millis()).unwrap_or(10_000);
-        self.targets[i]
-            .down_until_ms
-            .store(until, Ordering::Relaxed);
+        self.targets[i].down_until_ms.store(until, Ordering::Relaxed);
         tracing::warn!(upstream = %self.targets[i].url, "upstream failed to connect; skipping it for {COOL_DOWN:?}");
     }
 

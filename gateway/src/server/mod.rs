@@ -18,21 +18,17 @@ use crate::runtime::Gateway;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("admin.token_env names `{var}`, but that environment variable is not set (or empty): refusing to start an admin API without its token")]
     TokenUnset { var: String },
-    #[error("listener {addr} asks for TLS, which this build does not terminate yet: refusing to serve it in plain text")]
+    #[error(
+        "listener {addr} asks for TLS, which this build does not terminate yet: refusing to serve it in plain text"
+    )]
     TlsUnsupported { addr: SocketAddr },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
     #[error("cannot write ready file {path}: {source}")]
-    ReadyFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadyFile { path: PathBuf, source: std::io::Error },
 }
 
 #[derive(Debug, Default)]
@@ -60,34 +56,15 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let tcp = TcpListener::bind(l.addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: l.addr,
-                source,
-            })?;
+        let tcp = TcpListener::bind(l.addr).await.map_err(|source| StartError::Bind { addr: l.addr, source })?;
         bound.push(tcp);
     }
     let admin_listener = match &config.admin {
-        Some(a) => Some(
-            TcpListener::bind(a.addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: a.addr,
-                    source,
-                })?,
-        ),
+        Some(a) => Some(TcpListener::bind(a.addr).await.map_err(|source| StartError::Bind { addr: a.addr, source })?),
         None => None,
     };
-    let addrs: Vec<String> = bound
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .collect();
-    let admin_addr = admin_listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.to_string());
+    let addrs: Vec<String> = bound.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string());
     for a in &addrs {
         tracing::info!(addr = %a, "listening");
     }
@@ -112,10 +89,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         )));
     }
     if let Some(tcp) = admin_listener {
-        let admin = Arc::new(Admin {
-            gateway: gateway.clone(),
-            token,
-        });
+        let admin = Arc::new(Admin { gateway: gateway.clone(), token });
         let handler = move |req, _conn| admin.clone().handle(req);
         tasks.push(tokio::spawn(listener::serve(
             tcp,
@@ -128,10 +102,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 
     if let Some(path) = &opts.ready_file {
         let doc = serde_json::json!({"listen": addrs, "admin": admin_addr});
-        std::fs::write(path, doc.to_string()).map_err(|source| StartError::ReadyFile {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::write(path, doc.to_string()).map_err(|source| StartError::ReadyFile { path: path.clone(), source })?;
     }
 
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;

@@ -1,0 +1,409 @@
+//! End-to-end proxy behaviour: the real `weir` binary between a real client and a scripted origin.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use weir_e2e::*;
+
+fn config(routes: &str) -> String {
+    format!("listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nroutes:\n{routes}")
+}
+
+fn route(origin: &Origin) -> String {
+    format!("  - name: all\n    match: {{ path: / }}\n    upstream: {}\n", origin.url())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_with_via_and_client_host() {
+    let origin = Origin::hello().await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let req = Request::get(gw.url("/a/b?x=1")).header("host", "api.example.com").body(full("")).unwrap();
+    let got = send(&client(), req).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "hello from origin");
+    assert_eq!(got.header("via"), Some("1.1 weir"));
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri.path_and_query().unwrap().as_str(), "/a/b?x=1");
+    assert_eq!(seen[0].headers["host"], "api.example.com");
+    assert_eq!(seen[0].headers["via"], "1.1 weir");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_prior_knowledge_client() {
+    let origin = Origin::hello().await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let got = send(&h2_client(), Request::get(gw.url("/h2")).body(full("")).unwrap()).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.version, Version::HTTP_2);
+    assert_eq!(got.text(), "hello from origin");
+    // HTTP/2 has no Host header; the upstream still sees the authority the client addressed.
+    let seen = origin.seen();
+    assert_eq!(seen[0].headers["host"], gw.addr().to_string());
+    assert_eq!(seen[0].headers["via"], "2 weir");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let origin = Origin::start(|_req| async {
+        let mut r = text(200, "ok");
+        let h = r.headers_mut();
+        h.insert("connection", "x-origin-private".parse().unwrap());
+        h.insert("x-origin-private", "secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("proxy-authenticate", "Basic".parse().unwrap());
+        h.insert("x-end-to-end", "kept".parse().unwrap());
+        r
+    })
+    .await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let req = Request::get(gw.url("/"))
+        .header("connection", "x-client-private")
+        .header("x-client-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-end-to-end", "kept")
+        .body(full(""))
+        .unwrap();
+    let got = send(&client(), req).await;
+    assert_eq!(got.status, 200);
+    assert!(got.header("x-origin-private").is_none());
+    assert!(got.header("keep-alive").is_none());
+    assert!(got.header("proxy-authenticate").is_none());
+    assert_eq!(got.header("x-end-to-end"), Some("kept"));
+    let seen = &origin.seen()[0];
+    for h in ["x-client-private", "keep-alive", "te", "proxy-authorization"] {
+        assert!(!seen.headers.contains_key(h), "{h} reached the origin");
+    }
+    assert_eq!(seen.headers["x-end-to-end"], "kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_headers_cannot_be_injected_by_untrusted_clients() {
+    let origin = Origin::hello().await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let req = Request::get(gw.url("/"))
+        .header("host", "shop.test")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.test")
+        .header("x-forwarded-proto", "https")
+        .header("forwarded", "for=6.6.6.6;proto=https")
+        .body(full(""))
+        .unwrap();
+    send(&client(), req).await;
+    let seen = &origin.seen()[0];
+    assert_eq!(seen.headers.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-host"], "shop.test");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["forwarded"], "for=127.0.0.1;host=\"shop.test\";proto=http");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_headers_from_trusted_proxies_are_extended() {
+    let origin = Origin::hello().await;
+    let yaml = format!("server:\n  trusted_proxies: [127.0.0.0/8]\n{}", config(&route(&origin)));
+    let gw = Gateway::start(&yaml);
+    let req = Request::get(gw.url("/"))
+        .header("host", "shop.test")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .header("forwarded", "for=203.0.113.9;proto=https")
+        .body(full(""))
+        .unwrap();
+    send(&client(), req).await;
+    let seen = &origin.seen()[0];
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["forwarded"], "for=203.0.113.9;proto=https, for=127.0.0.1;host=\"shop.test\";proto=http");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_response_bytes_arrive_before_the_origin_finishes() {
+    let released = Arc::new(tokio::sync::Notify::new());
+    let finished = Arc::new(AtomicBool::new(false));
+    let (r2, f2) = (released.clone(), finished.clone());
+    let origin = Origin::start(move |_req| {
+        let (released, finished) = (r2.clone(), f2.clone());
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first-chunk;")))).await;
+                released.notified().await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"last-chunk")))).await;
+                finished.store(true, Ordering::SeqCst);
+            });
+            let stream = tokio_stream_from(rx);
+            Response::new(StreamBody::new(stream).boxed())
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let resp = client().request(Request::get(gw.url("/stream")).body(full("")).unwrap()).await.unwrap();
+    let mut body = resp.into_body();
+    let first =
+        tokio::time::timeout(Duration::from_secs(10), body.frame()).await.expect("first chunk").unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"first-chunk;"));
+    assert!(!finished.load(Ordering::SeqCst), "origin had already finished");
+    released.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, Bytes::from_static(b"last-chunk"));
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + Sync + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A body of `total` bytes produced in 64 KiB chunks, never held whole in memory.
+fn generated(total: u64) -> Body {
+    let chunk = Bytes::from(vec![b'w'; 64 << 10]);
+    let mut left = total;
+    let stream = futures_util::stream::poll_fn(move |_cx| {
+        if left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = left.min(chunk.len() as u64) as usize;
+        left -= n as u64;
+        std::task::Poll::Ready(Some(Ok::<_, BoxError>(Frame::data(chunk.slice(..n)))))
+    });
+    StreamBody::new(stream).boxed()
+}
+
+async fn drain(mut body: impl hyper::body::Body<Data = Bytes, Error = impl std::fmt::Debug> + Unpin) -> u64 {
+    let mut n = 0u64;
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.expect("body frame").into_data() {
+            n += d.len() as u64;
+        }
+    }
+    n
+}
+
+const GIB: u64 = 1 << 30;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_gib_download_and_upload_stream_with_bounded_memory() {
+    let origin = Origin::start(|req| async move {
+        if req.method() == http::Method::POST {
+            let n = drain(req.into_body()).await;
+            text(200, &n.to_string())
+        } else {
+            Response::new(generated(GIB))
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let c = client();
+    let resp = c.request(Request::get(gw.url("/big")).body(full("")).unwrap()).await.unwrap();
+    assert_eq!(drain(resp.into_body()).await, GIB);
+    let resp = c.request(Request::post(gw.url("/upload")).body(generated(GIB)).unwrap()).await.unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, GIB.to_string());
+    let rss = gw.peak_rss();
+    assert!(rss > 0 && rss < 256 << 20, "gateway peak RSS {} MiB while streaming 2 GiB", rss >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_is_tunnelled_both_ways() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let origin = Origin::start(|mut req| async move {
+        let key = req.headers().get("sec-websocket-key").cloned().unwrap();
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(on.await.unwrap());
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                io,
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_text() {
+                    let reply = format!("echo:{}", msg.into_text().unwrap());
+                    ws.send(Message::text(reply)).await.unwrap();
+                }
+            }
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(full(""))
+            .unwrap()
+    })
+    .await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let (mut ws, resp) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr())).await.expect("ws handshake");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..3 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(reply.into_text().unwrap(), format!("echo:ping {i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fails_over_to_a_second_upstream_and_skips_the_dead_one() {
+    let origin = Origin::hello().await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let routes = format!("  - name: all\n    match: {{ path: / }}\n    upstream: [{dead}, {}]\n", origin.url());
+    let gw = Gateway::start(&config(&routes));
+    let c = client();
+    for _ in 0..6 {
+        let got = send(&c, Request::get(gw.url("/x")).body(full("")).unwrap()).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    assert_eq!(origin.count(), 6);
+    // Non-idempotent requests with a body are not replayed, but passive health now skips the dead one.
+    let got = send(&c, Request::post(gw.url("/x")).body(full("payload")).unwrap()).await;
+    assert_eq!(got.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_errors_are_json() {
+    let slow = Origin::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        text(200, "late")
+    })
+    .await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let routes = format!(
+        "  - name: slow\n    match: {{ path: /slow }}\n    upstream: {}\n    timeouts: {{ response: 200ms }}\n\
+         \x20 - name: dead\n    match: {{ path: /dead }}\n    upstream: {dead}\n\
+         \x20 - name: limited\n    match: {{ path: /upload, methods: [POST] }}\n    upstream: {}\n    max_request_body: 1KiB\n",
+        slow.url(),
+        slow.url()
+    );
+    let gw = Gateway::start(&config(&routes));
+    let c = client();
+
+    let got = send(&c, Request::get(gw.url("/nowhere")).body(full("")).unwrap()).await;
+    assert_eq!(got.status, 404);
+    assert_eq!(got.json()["error"], "no_route");
+    assert_eq!(got.header("content-type"), Some("application/json"));
+
+    let got = send(&c, Request::get(gw.url("/dead")).body(full("")).unwrap()).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["error"], "upstream_unavailable");
+
+    let started = Instant::now();
+    let got = send(&c, Request::get(gw.url("/slow")).body(full("")).unwrap()).await;
+    assert_eq!(got.status, 504);
+    assert_eq!(got.json()["error"], "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3), "504 came only after the origin answered");
+
+    let got = send(&c, Request::get(gw.url("/upload")).body(full("")).unwrap()).await;
+    assert_eq!(got.status, 405);
+    assert_eq!(got.json()["error"], "method_not_allowed");
+    assert_eq!(got.header("allow"), Some("POST"));
+
+    let got = send(&client(), Request::post(gw.url("/upload")).body(full(vec![b'x'; 4096])).unwrap()).await;
+    assert_eq!(got.status, 413);
+    assert_eq!(got.json()["error"], "payload_too_large");
+    // A chunked body (no Content-Length) over the limit is cut off too.
+    let got = send(&client(), Request::post(gw.url("/upload")).body(generated(64 << 10)).unwrap()).await;
+    assert_eq!(got.status, 413);
+    assert_eq!(slow.count(), 1, "only the /slow request may reach the origin");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_headers_are_refused() {
+    let origin = Origin::hello().await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let got =
+        send(&client(), Request::get(gw.url("/")).header("x-big", "a".repeat(40 << 10)).body(full("")).unwrap()).await;
+    assert_eq!(got.status, 431);
+    assert_eq!(got.json()["error"], "headers_too_large");
+    // Beyond hyper's own buffer the answer is hyper's bare 431; the origin never sees either.
+    let raw_req = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Huge: {}\r\n\r\n", "a".repeat(100 << 10));
+    let out = raw(gw.addr(), raw_req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert_eq!(origin.count(), 0);
+}
+
+/// RFC 9112 §6.1/§6.3: ambiguous framing is rejected, or chunked wins and the connection closes;
+/// never does a second, smuggled request reach the origin.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_smuggling_attempts_never_reach_the_origin() {
+    let origin = Origin::start(|req| async move {
+        let n = drain(req.into_body()).await;
+        text(200, &format!("read {n}"))
+    })
+    .await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let attempts = [
+        format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello{smuggled}"),
+        format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: xchunked\r\n\r\n5c\r\n{smuggled}"),
+        format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\tchunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n{smuggled}"),
+    ];
+    for a in &attempts {
+        let out = raw(gw.addr(), a.as_bytes(), Duration::from_secs(3)).await;
+        assert!(!out.is_empty(), "no answer to {a:?}");
+    }
+    let seen = origin.seen();
+    assert!(seen.iter().all(|s| s.uri.path() != "/smuggled"), "smuggled request reached the origin: {seen:?}");
+    assert!(seen.len() <= attempts.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let origin = Origin::start(|_req| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        text(200, "finished")
+    })
+    .await;
+    let mut gw = Gateway::start(&config(&route(&origin)));
+    let url = gw.url("/slow");
+    let inflight = tokio::spawn(async move { get(&url).await });
+    while origin.count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.signal("TERM");
+    let got = inflight.await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "finished");
+    let status = gw.wait_exit(Duration::from_secs(10)).expect("weir did not exit");
+    assert!(status.success(), "exit status {status}");
+    assert!(tokio::net::TcpStream::connect(gw.addr()).await.is_err(), "still accepting after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_idle_timeout_cuts_a_stalled_upstream() {
+    let origin = Origin::start(|_req| async {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"partial")))).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(tx);
+        });
+        Response::new(StreamBody::new(tokio_stream_from(rx)).boxed())
+    })
+    .await;
+    let routes = format!(
+        "  - name: all\n    match: {{ path: / }}\n    upstream: {}\n    timeouts: {{ idle: 300ms }}\n",
+        origin.url()
+    );
+    let gw = Gateway::start(&config(&routes));
+    let resp = client().request(Request::get(gw.url("/")).body(full("")).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let started = Instant::now();
+    let result =
+        tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await.expect("body never ended");
+    assert!(result.is_err(), "a stalled body must end in an error, not look complete");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
