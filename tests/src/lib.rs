@@ -1,6 +1,9 @@
 //! End-to-end harness: a scripted origin (records every request), the real `weir` binary and,
 //! when asked, a real `redis-server` — all on ephemeral ports, all torn down on drop.
 
+// Test code: a panic is how a failed expectation is reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener};

@@ -1,5 +1,8 @@
 //! Admin API, start-up refusals and configuration reload against the real binary.
 
+// Test code: a panic is how a failed expectation is reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+
 use std::time::Duration;
 
 use http::Request;
@@ -44,7 +47,7 @@ fn refuses_to_start_when_the_token_variable_is_unset() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let origin = rt.block_on(Origin::hello());
     let yaml = config("  addr: 127.0.0.1:0\n  token_env: WEIR_TEST_TOKEN_UNSET\n", &origin, "/");
-    let err = Gateway::builder().try_start(&yaml).err().expect("must refuse to start");
+    let err = Gateway::builder().try_start(&yaml).expect_err("must refuse to start");
     assert!(err.contains("WEIR_TEST_TOKEN_UNSET"), "{err}");
 }
 
@@ -53,7 +56,7 @@ fn refuses_a_non_loopback_admin_without_token() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let origin = rt.block_on(Origin::hello());
     let yaml = config("  addr: 0.0.0.0:0\n", &origin, "/");
-    let err = Gateway::builder().try_start(&yaml).err().expect("must refuse to start");
+    let err = Gateway::builder().try_start(&yaml).expect_err("must refuse to start");
     assert!(err.contains("not on loopback"), "{err}");
 }
 

@@ -1,5 +1,8 @@
 //! End-to-end proxy behaviour: the real `weir` binary between a real client and a scripted origin.
 
+// Test code: a panic is how a failed expectation is reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -87,7 +87,8 @@ pub struct RawServer {
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: String,
-    #[serde(rename = "match")]
+    /// Absent: the route matches every host, path and method.
+    #[serde(rename = "match", default)]
     pub match_: RawMatch,
     pub upstream: OneOrMany,
     pub timeouts: Option<RawTimeouts>,
@@ -115,7 +116,7 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
     pub host: Option<String>,

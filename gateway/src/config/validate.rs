@@ -321,7 +321,7 @@ impl Validator {
         let max_header_bytes =
             self.size(src, "server.max_header_bytes", s.and_then(|s| s.max_header_bytes.as_ref()), 32 << 10);
         // hyper's own buffer is 64 KiB (it answers a bare 431 beyond); Weir's JSON 431 must trigger first.
-        if max_header_bytes > 60 << 10 || max_header_bytes < 1024 {
+        if !(1024..=60 << 10).contains(&max_header_bytes) {
             self.problems.at(src, "server.max_header_bytes", "max_header_bytes must be between 1KiB and 60KiB");
         }
         let mut trusted = Vec::new();
