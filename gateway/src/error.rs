@@ -31,6 +31,8 @@ pub enum GatewayError {
     NotFound(String),
     #[error("{message}")]
     InvalidConfig { message: String },
+    #[error("only-if-cached: no stored response can satisfy this request")]
+    NotCached,
 }
 
 impl GatewayError {
@@ -42,7 +44,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BadRequest(_) | GatewayError::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
-            GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
@@ -60,6 +62,7 @@ impl GatewayError {
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::InvalidConfig { .. } => "invalid_config",
+            GatewayError::NotCached => "not_cached",
         }
     }
 

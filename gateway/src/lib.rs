@@ -5,7 +5,8 @@
 //! 1. **accept** (`server::listener`) — TCP, HTTP/1.1 and HTTP/2, header size and read time limits
 //! 2. **route** (`router`) — host, longest path prefix, methods; 404 `no_route` otherwise
 //! 3. **consumer** — rate limits and budgets (to come: `ratelimit/`, `budget/`)
-//! 4. **cache** — key, L1/L2 lookup, serving hits (to come: `cache/`)
+//! 4. **cache** (`cache`, `proxy::cached`) — key, lookup, hit / stale / revalidate / coalesced
+//!    miss, store; writes invalidate
 //! 5. **forward** (`proxy`) — hop-by-hop rules, forwarding headers, upstream pool, retries, timeouts
 //! 6. **respond** (`proxy`) — streaming body back, `Via`, upgrades
 //!
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod proxy;

@@ -7,6 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// glibc malloc/free was ~11 % of proxy CPU in the load benchmark; mimalloc cuts that (bench/README.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Weir: a programmable caching gateway")]
 struct Cli {

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
+use crate::cache::Cache;
 use crate::config::{self, Config, ConfigError, Route};
 use crate::proxy::upstream::UpstreamPool;
 use crate::router::Router;
@@ -21,14 +22,16 @@ pub struct Runtime {
     pub config: Arc<Config>,
     pub router: Router,
     pub routes: Vec<RouteRuntime>,
+    /// Shared by every configuration generation: a reload keeps what is cached.
+    pub cache: Arc<Cache>,
 }
 
 impl Runtime {
-    pub fn build(config: Config) -> Runtime {
+    pub fn build(config: Config, cache: Arc<Cache>) -> Runtime {
         let router = Router::new(&config.routes);
         let routes =
             config.routes.iter().map(|r| RouteRuntime { route: r.clone(), upstreams: UpstreamPool::new(r) }).collect();
-        Runtime { config: Arc::new(config), router, routes }
+        Runtime { config: Arc::new(config), router, routes, cache }
     }
 }
 
@@ -40,8 +43,10 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The cache is sized from this first configuration; `cache.*` sizes need a restart to change.
     pub fn new(config: Config) -> Arc<Gateway> {
-        Arc::new(Gateway { runtime: ArcSwap::from_pointee(Runtime::build(config)), started: Instant::now() })
+        let cache = Cache::new(config.cache.l1_max_bytes, config.cache.max_object_bytes);
+        Arc::new(Gateway { runtime: ArcSwap::from_pointee(Runtime::build(config, cache)), started: Instant::now() })
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -64,7 +69,7 @@ impl Gateway {
             tracing::error!("{msg}");
         }
         let routes = next.routes.len();
-        self.runtime.store(Arc::new(Runtime::build(next)));
+        self.runtime.store(Arc::new(Runtime::build(next, current.cache.clone())));
         tracing::info!(routes, "configuration reloaded");
         Ok(())
     }

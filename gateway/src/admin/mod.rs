@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
+use crate::cache::Purge;
 use crate::error::{json_response, GatewayError};
 use crate::runtime::Gateway;
 use crate::Body;
@@ -42,7 +44,7 @@ impl Admin {
     async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
         let path = req.uri().path().to_string();
         if path == "/health" && req.method() == Method::GET {
-            return Ok(self.health());
+            return Ok(self.health().await);
         }
         if !self.authorized(&req) {
             return Err(GatewayError::Unauthorized);
@@ -55,18 +57,44 @@ impl Admin {
                     Err(GatewayError::InvalidConfig { message: e.to_string() })
                 }
             },
+            (&Method::POST, "/cache/purge") => self.purge(req).await,
             (m, p) => Err(GatewayError::NotFound(format!("no admin endpoint {m} {p}"))),
         }
     }
 
-    fn health(&self) -> Response<Body> {
+    /// `POST /cache/purge` `{"keys": [...], "tags": [...], "prefixes": [...]}` → `{"purged": n}`.
+    async fn purge(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let body = Limited::new(req.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| GatewayError::BadRequest(format!("cannot read purge request: {e}")))?
+            .to_bytes();
+        let purge: Purge = serde_json::from_slice(&body).map_err(|e| {
+            GatewayError::BadRequest(format!(
+                "purge body must be {{\"keys\": [...], \"tags\": [...], \"prefixes\": [...]}}: {e}"
+            ))
+        })?;
+        if purge.is_empty() {
+            return Err(GatewayError::BadRequest("nothing to purge: give keys, tags or prefixes".into()));
+        }
         let rt = self.gateway.runtime();
+        let purged = rt.cache.purge(&purge).await.map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+        tracing::info!(?purge, purged, "admin purge");
+        Ok(json_response(StatusCode::OK, &serde_json::json!({"purged": purged})))
+    }
+
+    async fn health(&self) -> Response<Body> {
+        let rt = self.gateway.runtime();
+        // moka counts lazily: apply pending work so the numbers are current.
+        rt.cache.l1.settle().await;
+        let stats = rt.cache.stats();
         json_response(
             StatusCode::OK,
             &serde_json::json!({
                 "status": "ok",
                 "uptime_seconds": self.gateway.started.elapsed().as_secs(),
                 "routes": rt.routes.len(),
+                "l1": {"entries": stats.entries, "bytes": stats.bytes},
                 "redis": {"configured": rt.config.redis.is_some(), "connected": false},
             }),
         )

@@ -473,7 +473,6 @@ impl Validator {
 
         let invalidate = r.invalidate.as_ref().map(|inv| {
             let ip = format!("{p}.invalidate");
-            self.not_yet(src, &ip, "write invalidation");
             let list = inv.methods.clone().unwrap_or_else(|| ["POST", "PUT", "PATCH", "DELETE"].map(String::from).to_vec());
             let im = self.methods(src, &format!("{ip}.methods"), &list);
             if let (Some(allowed), Some(_)) = (&methods, &inv.methods) {

@@ -3,14 +3,15 @@
 //! 1. limits    — request head size (431 JSON beyond `server.max_header_bytes`)
 //! 2. route     — host / path / method → a route, or 404 `no_route` / 405
 //! 3. consumer  — (rate limits, budgets: later) who pays and whether they may
-//! 4. cache     — (cache issue) key, L1/L2 lookup, serve hits
+//! 4. cache     — (`cached`) key, lookup, hit / stale / revalidate / coalesced miss, store
 //! 5. forward   — hop-by-hop removal, forwarding headers, upstream choice, one retry
 //!    for idempotent requests that failed to connect, timeouts, streaming both ways
 //! 6. respond   — hop-by-hop removal, `Via`, WebSocket tunnel on 101
 //!
 //! Every error is a `GatewayError`, rendered in exactly one place (`handle`).
 
-mod body;
+pub(crate) mod body;
+mod cached;
 pub mod headers;
 pub mod upstream;
 
@@ -31,6 +32,7 @@ use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop, upg
 use crate::error::GatewayError;
 use crate::router::RouteMatch;
 use crate::runtime::{Gateway, RouteRuntime, Runtime};
+
 use crate::Body;
 
 /// What the listener knows about the connection a request came on.
@@ -60,7 +62,7 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
-async fn proxy(rt: &Runtime, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<Body>, GatewayError> {
+async fn proxy(rt: &Arc<Runtime>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<Body>, GatewayError> {
     // Phase 1: limits.
     let limit = rt.config.server.max_header_bytes;
     let size = header_bytes(req.headers());
@@ -85,8 +87,15 @@ async fn proxy(rt: &Runtime, req: Request<Incoming>, conn: ConnInfo) -> Result<R
     };
     let route = &rt.routes[idx];
 
-    // Phases 3–4 (consumer, cache) arrive with their issues; phase 5–6:
     let trusted = rt.config.server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
+    // Phase 3 (consumer: rate limits, budgets) arrives with its issue. Phase 4: cache.
+    if let Some(cfg) = &route.route.cache {
+        return cached::serve(rt, idx, cfg, req, conn, trusted).await;
+    }
+    // Phases 5–6: forward and respond (a write on a route with `invalidate:` then purges).
+    if route.route.invalidate.is_some() {
+        return cached::forward_and_invalidate(rt, idx, req, conn, trusted).await;
+    }
     forward(route, req, conn, trusted).await
 }
 
@@ -153,7 +162,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
@@ -175,6 +184,33 @@ async fn forward(
             return Err(GatewayError::PayloadTooLarge { limit });
         }
     }
+    prepare_head(&mut parts, conn, trusted, upgrade.as_ref());
+    let (body, no_body) = request_body(route, body);
+    let mut resp = send_upstream(route, parts, body, no_body).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_on) = client_upgrade {
+            return Ok(tunnel(client_on, &mut resp));
+        }
+    }
+    Ok(finish_response(route, resp))
+}
+
+/// The client's body for the upstream: idle-timed, limited by the route; `true` when empty.
+fn request_body(route: &RouteRuntime, body: Incoming) -> (Body, bool) {
+    if body.is_end_stream() {
+        return (empty(), true);
+    }
+    let idle = route.route.timeouts.idle;
+    let b = match route.route.max_request_body {
+        Some(limit) => IdleTimeout::new(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)), idle).boxed(),
+        None => IdleTimeout::new(body, idle).boxed(),
+    };
+    (b, false)
+}
+
+/// Turns the client's request head into the upstream's: hop-by-hop removal, `Host` as the
+/// client addressed it, forwarding headers, `Via`, and the upgrade headers when tunnelling.
+pub(crate) fn prepare_head(parts: &mut Parts, conn: ConnInfo, trusted: bool, upgrade: Option<&HeaderValue>) {
     // HTTP/2 clients send no Host; the upstream must still see the host the client addressed.
     let host = parts
         .headers
@@ -187,78 +223,64 @@ async fn forward(
     }
     set_forwarding(&mut parts.headers, conn.peer, host.as_ref().and_then(|h| h.to_str().ok()), conn.scheme, trusted);
     add_via(&mut parts.headers, parts.version);
-    if let Some(proto) = &upgrade {
+    if let Some(proto) = upgrade {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
+}
 
-    let idle = route.route.timeouts.idle;
-    let no_body = body.is_end_stream();
+/// Sends to an upstream of the route; a request whose body was never sent (`no_body`) and that
+/// is idempotent is replayed once on another upstream when the first refused the connection.
+pub(crate) async fn send_upstream(
+    route: &RouteRuntime,
+    parts: Parts,
+    body: Body,
+    no_body: bool,
+) -> Result<Response<Incoming>, GatewayError> {
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     );
-    let body: Body = if no_body {
-        empty()
-    } else {
-        match route.route.max_request_body {
-            Some(limit) => {
-                IdleTimeout::new(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)), idle).boxed()
-            }
-            None => IdleTimeout::new(body, idle).boxed(),
-        }
-    };
-
-    // A request whose body was never sent can be replayed on another upstream.
     let retry_head = (no_body && idempotent && route.upstreams.len() > 1).then(|| clone_head(&parts));
     let first = route.upstreams.pick(None);
-    let mut resp = match send(route, first, parts, body).await {
-        Ok(r) => r,
+    match send(route, first, parts, body).await {
+        Ok(r) => Ok(r),
         Err(SendError::Connect(reason)) => {
             route.upstreams.mark_down(first);
-            match retry_head {
-                Some(head) => {
-                    let second = route.upstreams.pick(Some(first));
-                    tracing::info!(from = %route.upstreams.url(first), to = %route.upstreams.url(second), "retrying on another upstream");
-                    match send(route, second, head, empty()).await {
-                        Ok(r) => r,
-                        Err(SendError::Connect(reason)) => {
-                            route.upstreams.mark_down(second);
-                            return Err(GatewayError::UpstreamUnavailable {
-                                upstream: route.upstreams.url(second).to_string(),
-                                reason,
-                            });
-                        }
-                        Err(SendError::Other(e)) => return Err(e),
-                    }
+            let Some(head) = retry_head else {
+                return Err(GatewayError::UpstreamUnavailable {
+                    upstream: route.upstreams.url(first).to_string(),
+                    reason,
+                });
+            };
+            let second = route.upstreams.pick(Some(first));
+            tracing::info!(from = %route.upstreams.url(first), to = %route.upstreams.url(second), "retrying on another upstream");
+            match send(route, second, head, empty()).await {
+                Ok(r) => Ok(r),
+                Err(SendError::Connect(reason)) => {
+                    route.upstreams.mark_down(second);
+                    Err(GatewayError::UpstreamUnavailable { upstream: route.upstreams.url(second).to_string(), reason })
                 }
-                None => {
-                    return Err(GatewayError::UpstreamUnavailable {
-                        upstream: route.upstreams.url(first).to_string(),
-                        reason,
-                    })
-                }
+                Err(SendError::Other(e)) => Err(e),
             }
         }
-        Err(SendError::Other(e)) => return Err(e),
-    };
-
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_on) = client_upgrade {
-            return Ok(tunnel(client_on, &mut resp));
-        }
+        Err(SendError::Other(e)) => Err(e),
     }
+}
+
+/// The upstream's response as the client gets it: hop-by-hop removed, `Via`, idle-timed body.
+pub(crate) fn finish_response(route: &RouteRuntime, resp: Response<Incoming>) -> Response<Body> {
     let (mut rparts, rbody) = resp.into_parts();
     let version = rparts.version;
     strip_hop_by_hop(&mut rparts.headers);
     add_via(&mut rparts.headers, version);
     rparts.extensions = http::Extensions::new();
-    Ok(Response::from_parts(rparts, IdleTimeout::new(rbody, idle).boxed()))
+    Response::from_parts(rparts, IdleTimeout::new(rbody, route.route.timeouts.idle).boxed())
 }
 
-fn clone_head(parts: &Parts) -> Parts {
+pub(crate) fn clone_head(parts: &Parts) -> Parts {
     let mut req = Request::new(());
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();

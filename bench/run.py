@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Weir load benchmark.
+
+Runs wrk against the demo origin directly, Weir and nginx (same reverse-proxy job, upstream
+keep-alive), one after the other in a single run. wrk is pinned to one core, the origin and the
+proxy under test share the other, so proxy CPU is what limits throughput; each proxy's own CPU
+time per request is read from /proc/PID/stat over the measured window.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / TICK
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def parse_latency(text):
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    value, unit = float(m.group(1)), m.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url, seconds, conns, core, headers=()):
+    cmd = ["taskset", "-c", str(core), "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    p50 = parse_latency(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = parse_latency(re.search(r"99%\s+(\S+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "requests": total, "p50_ms": p50, "p99_ms": p99,
+            "non2xx": int(errors.group(1)) if errors else 0, "socket_errors": sock.group(1) if sock else ""}
+
+
+def measure(name, url, pids, args, headers=()):
+    wrk(url, 2, args.connections, args.client_core, headers)  # warm-up: pools, caches
+    before = cpu_seconds(pids) if pids else 0
+    r = wrk(url, args.seconds, args.connections, args.client_core, headers)
+    after = cpu_seconds(pids) if pids else 0
+    r["name"] = name
+    r["cpu_us_per_req"] = (after - before) / max(r["requests"], 1) * 1e6 if pids else None
+    print(f"  {name:<28} {r['rps']:>10.0f} rps  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+          + (f"  cpu {r['cpu_us_per_req']:.1f} us/req" if pids else ""), flush=True)
+    return r
+
+
+def weir_config(tmp, port, origin_port, admin_port):
+    cfg = tmp / "weir.yaml"
+    cfg.write_text(f"""listen:
+  - addr: 127.0.0.1:{port}
+admin:
+  addr: 127.0.0.1:{admin_port}
+routes:
+  - name: bench
+    upstream: http://127.0.0.1:{origin_port}
+""")
+    return cfg
+
+
+def nginx_config(tmp, port, origin_port):
+    cfg = tmp / "nginx.conf"
+    for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"]:
+        (tmp / d).mkdir(exist_ok=True)
+    cfg.write_text(f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_buffering on;
+    }}
+  }}
+}}
+""")
+    return cfg
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target-dir", default="target/release")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--server-core", type=int, default=0)
+    ap.add_argument("--client-core", type=int, default=1)
+    ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+
+    for tool in ["wrk", "nginx", "taskset"]:
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found: run `make bench` (it installs it)")
+
+    target = Path(args.target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    procs = []
+
+    def spawn(cmd, **kw):
+        p = subprocess.Popen(["taskset", "-c", str(args.server_core)] + cmd,
+                             stdout=subprocess.DEVNULL, stderr=open(tmp / f"{Path(cmd[0]).name}.log", "w"), **kw)
+        procs.append(p)
+        return p
+
+    results = []
+    try:
+        origin_port, weir_port, admin_port, nginx_port = (free_port() for _ in range(4))
+        origin = spawn([str(target / "weir-demo-origin"), "--addr", f"127.0.0.1:{origin_port}"])
+        wait_port(origin_port)
+        weir = spawn([str(target / "weir"), "run", "--config", str(weir_config(tmp, weir_port, origin_port, admin_port))],
+                     env={**os.environ, "WEIR_LOG": "warn"})
+        wait_port(weir_port)
+        nginx = spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port)), "-p", str(tmp)])
+        wait_port(nginx_port)
+        nginx_workers = children(nginx.pid)
+
+        print(f"wrk -c{args.connections} -d{args.seconds}s {args.path}; client on core {args.client_core}, "
+              f"origin + proxy on core {args.server_core}", flush=True)
+        results.append(measure("origin direct", f"http://127.0.0.1:{origin_port}{args.path}", [], args))
+        results.append(measure("weir (proxy)", f"http://127.0.0.1:{weir_port}{args.path}", [weir.pid], args))
+        results.append(measure("nginx (proxy, keepalive)", f"http://127.0.0.1:{nginx_port}{args.path}",
+                               nginx_workers, args))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    w, n = results[1], results[2]
+    print()
+    print("| target | rps | p50 ms | p99 ms | proxy CPU µs/req |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        cpu = f"{r['cpu_us_per_req']:.1f}" if r["cpu_us_per_req"] is not None else "–"
+        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {cpu} |")
+    print()
+    print(f"weir/nginx: rps {w['rps'] / n['rps']:.2f}x, p99 {w['p99_ms'] / n['p99_ms']:.2f}x, "
+          f"CPU per request {w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x")
+    bad = [r["name"] for r in results if r["non2xx"] or r["socket_errors"]]
+    if bad:
+        print(f"warning: errors during {bad}: " + "; ".join(f"{r['non2xx']} non-2xx {r['socket_errors']}" for r in results))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (Path(args.out) / f"proxy-{stamp}.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+//! `Cache-Control` parsing (RFC 9111 §5.2) for requests and responses. Unknown directives are
+//! ignored, malformed delta-seconds make the directive absent, duplicates keep the first.
+
+use std::time::Duration;
+
+use http::header::{HeaderMap, CACHE_CONTROL, PRAGMA};
+
+/// Response directives that matter to a shared cache.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ResponseDirectives {
+    pub max_age: Option<Duration>,
+    pub s_maxage: Option<Duration>,
+    pub no_store: bool,
+    /// `no-cache` (unqualified: stored, but revalidated before every use).
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+}
+
+/// Request directives (RFC 9111 §5.2.1).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RequestDirectives {
+    pub max_age: Option<Duration>,
+    /// `Some(None)`: any staleness accepted; `Some(Some(d))`: up to `d`.
+    pub max_stale: Option<Option<Duration>>,
+    pub min_fresh: Option<Duration>,
+    pub no_cache: bool,
+    pub no_store: bool,
+    pub only_if_cached: bool,
+}
+
+/// Delta-seconds (§1.2.2): digits only; values too large saturate (2^31 per the RFC's advice).
+fn delta(v: Option<&str>) -> Option<Duration> {
+    let v = v?.trim_matches('"');
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs = v.parse::<u64>().unwrap_or(u64::MAX).min(1 << 31);
+    Some(Duration::from_secs(secs))
+}
+
+/// Splits every `Cache-Control` field line into (lower-case name, optional value), honouring quotes.
+fn directives(headers: &HeaderMap) -> impl Iterator<Item = (String, Option<String>)> + '_ {
+    headers.get_all(CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).flat_map(split_list)
+}
+
+fn split_list(s: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let push = |item: &str, out: &mut Vec<(String, Option<String>)>| {
+        let item = item.trim();
+        if item.is_empty() {
+            return;
+        }
+        match item.split_once('=') {
+            Some((k, v)) => out.push((k.trim().to_ascii_lowercase(), Some(v.trim().to_string()))),
+            None => out.push((item.to_ascii_lowercase(), None)),
+        }
+    };
+    for c in s.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            ',' if !quoted => {
+                push(&cur, &mut out);
+                cur.clear();
+            }
+            _ => cur.push(c),
+        }
+    }
+    push(&cur, &mut out);
+    out
+}
+
+impl ResponseDirectives {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut d = ResponseDirectives::default();
+        let mut seen: Vec<String> = Vec::new();
+        for (name, value) in directives(headers) {
+            if seen.contains(&name) {
+                continue;
+            }
+            seen.push(name.clone());
+            match name.as_str() {
+                "max-age" => d.max_age = delta(value.as_deref()),
+                "s-maxage" => d.s_maxage = delta(value.as_deref()),
+                "no-store" => d.no_store = true,
+                // Qualified forms (`no-cache="set-cookie"`) are treated as unqualified: safer.
+                "no-cache" => d.no_cache = true,
+                "private" => d.private = true,
+                "public" => d.public = true,
+                "must-revalidate" => d.must_revalidate = true,
+                "proxy-revalidate" => d.proxy_revalidate = true,
+                "stale-while-revalidate" => d.stale_while_revalidate = delta(value.as_deref()),
+                "stale-if-error" => d.stale_if_error = delta(value.as_deref()),
+                _ => {}
+            }
+        }
+        d
+    }
+
+    /// The response forbids serving it stale (§4.2.4, §5.2.2.2/8/10, and `no-cache`).
+    pub fn forbids_stale(&self) -> bool {
+        self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some() || self.no_cache
+    }
+}
+
+impl RequestDirectives {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut d = RequestDirectives::default();
+        let mut any = false;
+        for (name, value) in directives(headers) {
+            any = true;
+            match name.as_str() {
+                "max-age" => d.max_age = d.max_age.or(delta(value.as_deref())),
+                "max-stale" => d.max_stale = Some(value.as_deref().and_then(|v| delta(Some(v)))),
+                "min-fresh" => d.min_fresh = d.min_fresh.or(delta(value.as_deref())),
+                "no-cache" => d.no_cache = true,
+                "no-store" => d.no_store = true,
+                "only-if-cached" => d.only_if_cached = true,
+                _ => {}
+            }
+        }
+        // `Pragma: no-cache` counts only without any Cache-Control (RFC 9111 §5.4).
+        if !any
+            && headers
+                .get_all(PRAGMA)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|s| s.to_ascii_lowercase().contains("no-cache")))
+        {
+            d.no_cache = true;
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+        m
+    }
+
+    #[test]
+    fn response_directives() {
+        let d = ResponseDirectives::parse(&h(
+            "public, max-age=60, s-maxage=\"30\", stale-while-revalidate=5, X-Ext=\"a,b\"",
+        ));
+        assert!(d.public);
+        assert_eq!(d.max_age, Some(Duration::from_secs(60)));
+        assert_eq!(d.s_maxage, Some(Duration::from_secs(30)));
+        assert_eq!(d.stale_while_revalidate, Some(Duration::from_secs(5)));
+        assert!(d.forbids_stale());
+        let d = ResponseDirectives::parse(&h("max-age=abc, no-store, private=\"x\""));
+        assert_eq!(d.max_age, None);
+        assert!(d.no_store && d.private);
+        // The first of duplicated directives wins.
+        assert_eq!(ResponseDirectives::parse(&h("max-age=5, max-age=500")).max_age, Some(Duration::from_secs(5)));
+        assert_eq!(
+            ResponseDirectives::parse(&h("max-age=99999999999999999999")).max_age,
+            Some(Duration::from_secs(1 << 31))
+        );
+    }
+
+    #[test]
+    fn request_directives() {
+        let d = RequestDirectives::parse(&h("max-stale, min-fresh=10, only-if-cached"));
+        assert_eq!(d.max_stale, Some(None));
+        assert_eq!(d.min_fresh, Some(Duration::from_secs(10)));
+        assert!(d.only_if_cached);
+        assert_eq!(RequestDirectives::parse(&h("max-stale=5")).max_stale, Some(Some(Duration::from_secs(5))));
+        let mut p = HeaderMap::new();
+        p.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+        assert!(RequestDirectives::parse(&p).no_cache);
+    }
+}

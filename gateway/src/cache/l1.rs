@@ -1,0 +1,179 @@
+//! L1: the in-process tier. A moka cache bounded in bytes (the weigher counts key, headers,
+//! body and tags), per-entry expiry from each object's lifetime, and an index by tag and by
+//! URL path so purge by tag and by prefix never scans the cache.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moka::future::Cache as Moka;
+use moka::notification::RemovalCause;
+use moka::Expiry;
+
+use super::entry::Object;
+use super::{BoxFuture, CacheError, Purge, Storage, StorageStats};
+
+#[derive(Debug, Default)]
+struct Index {
+    tags: HashMap<String, HashSet<Arc<str>>>,
+    paths: BTreeMap<String, HashSet<Arc<str>>>,
+}
+
+impl Index {
+    fn add(&mut self, key: &Arc<str>, obj: &Object) {
+        for t in obj.tags() {
+            self.tags.entry(t.clone()).or_default().insert(key.clone());
+        }
+        self.paths.entry(obj.path().to_string()).or_default().insert(key.clone());
+    }
+
+    fn remove(&mut self, key: &str, obj: &Object) {
+        for t in obj.tags() {
+            if let Some(set) = self.tags.get_mut(t) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.tags.remove(t);
+                }
+            }
+        }
+        if let Some(set) = self.paths.get_mut(obj.path()) {
+            set.remove(key);
+            if set.is_empty() {
+                self.paths.remove(obj.path());
+            }
+        }
+    }
+
+    /// Keys matched by a purge (URL-path keys, tags, prefixes); raw keys are returned as given.
+    fn matching(&self, p: &Purge) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = Vec::new();
+        for k in &p.keys {
+            if k.starts_with('/') {
+                if let Some(set) = self.paths.get(k.as_str()) {
+                    out.extend(set.iter().cloned());
+                }
+            } else {
+                out.push(Arc::from(k.as_str()));
+            }
+        }
+        for t in &p.tags {
+            if let Some(set) = self.tags.get(t.as_str()) {
+                out.extend(set.iter().cloned());
+            }
+        }
+        for prefix in &p.prefixes {
+            for (_, set) in self.paths.range(prefix.clone()..).take_while(|(path, _)| path.starts_with(prefix.as_str()))
+            {
+                out.extend(set.iter().cloned());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+struct Lifetime;
+
+impl Expiry<Arc<str>, Object> for Lifetime {
+    fn expire_after_create(&self, _k: &Arc<str>, v: &Object, _at: Instant) -> Option<Duration> {
+        Some(v.retain_for())
+    }
+    fn expire_after_update(
+        &self,
+        _k: &Arc<str>,
+        v: &Object,
+        _at: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.retain_for())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct L1 {
+    cache: Moka<Arc<str>, Object>,
+    index: Arc<Mutex<Index>>,
+}
+
+impl L1 {
+    pub fn new(max_bytes: u64) -> L1 {
+        let index: Arc<Mutex<Index>> = Arc::default();
+        let idx = index.clone();
+        let cache = Moka::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &Arc<str>, v: &Object| {
+                u32::try_from(k.len() * (2 + v.tags().len()) + v.weight()).unwrap_or(u32::MAX)
+            })
+            .expire_after(Lifetime)
+            .eviction_listener(move |k: Arc<Arc<str>>, v: Object, cause| {
+                // A replaced entry's new value has re-indexed itself; stale index rows would only
+                // over-purge, never under-purge.
+                if cause != RemovalCause::Replaced {
+                    if let Ok(mut i) = idx.lock() {
+                        i.remove(&k, &v);
+                    }
+                }
+            })
+            .build();
+        L1 { cache, index }
+    }
+
+    /// Makes moka apply pending evictions now (it evicts lazily); tests and `/health` use it.
+    pub async fn settle(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+}
+
+impl Storage for L1 {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Object>, CacheError>> {
+        Box::pin(async move { Ok(self.cache.get(key).await) })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, obj: Object) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(async move {
+            let key: Arc<str> = Arc::from(key);
+            if let Ok(mut i) = self.index.lock() {
+                i.add(&key, &obj);
+            }
+            self.cache.insert(key, obj).await;
+            Ok(())
+        })
+    }
+
+    fn purge<'a>(&'a self, p: &'a Purge) -> BoxFuture<'a, Result<u64, CacheError>> {
+        Box::pin(async move {
+            let keys = match self.index.lock() {
+                Ok(i) => i.matching(p),
+                Err(_) => return Err(CacheError::Poisoned),
+            };
+            let mut n = 0;
+            for k in keys {
+                if let Some(obj) = self.cache.remove(&k).await {
+                    n += 1;
+                    // A Vary marker's variants live under `key|vary:...`, at the same path.
+                    if matches!(obj, Object::Vary { .. }) {
+                        let variants: Vec<Arc<str>> = match self.index.lock() {
+                            Ok(i) => i
+                                .paths
+                                .get(obj.path())
+                                .map(|s| s.iter().filter(|v| v.starts_with(&*k)).cloned().collect())
+                                .unwrap_or_default(),
+                            Err(_) => Vec::new(),
+                        };
+                        for v in variants {
+                            if self.cache.remove(&v).await.is_some() {
+                                n += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    fn stats(&self) -> StorageStats {
+        StorageStats { entries: self.cache.entry_count(), bytes: self.cache.weighted_size() }
+    }
+}

@@ -1,0 +1,330 @@
+//! Phase 7 for cached routes: may this response be stored, and for how long (RFC 9111 §3, §4.2)?
+//! One function, `decide`, with the route's policy and the origin's headers as inputs.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{HeaderMap, AGE, DATE, EXPIRES, LAST_MODIFIED, SET_COOKIE, VARY};
+use http::{Method, StatusCode};
+
+use super::control::{RequestDirectives, ResponseDirectives};
+use crate::config::{OriginHeaders, RouteCache};
+
+/// Why a response was not stored (rendered as `Cache-Status: ...; detail=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    Method,
+    Status,
+    NoStore,
+    Private,
+    Authorization,
+    Cookie,
+    SetCookie,
+    VaryStar,
+    NoFreshness,
+    TooLarge,
+    Purged,
+    Partial,
+}
+
+impl NotStored {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotStored::Method => "method",
+            NotStored::Status => "status",
+            NotStored::NoStore => "no-store",
+            NotStored::Private => "private",
+            NotStored::Authorization => "authorization",
+            NotStored::Cookie => "cookie",
+            NotStored::SetCookie => "set-cookie",
+            NotStored::VaryStar => "vary-star",
+            NotStored::NoFreshness => "no-freshness",
+            NotStored::TooLarge => "too-large",
+            NotStored::Purged => "purged",
+            NotStored::Partial => "partial",
+        }
+    }
+}
+
+/// The facts about the request that storage rules depend on.
+#[derive(Debug, Clone)]
+pub struct RequestFacts {
+    pub method: Method,
+    pub authorization: bool,
+    pub cookie: bool,
+    pub directives: RequestDirectives,
+}
+
+impl RequestFacts {
+    pub fn of(method: &Method, headers: &HeaderMap) -> Self {
+        RequestFacts {
+            method: method.clone(),
+            authorization: headers.contains_key(http::header::AUTHORIZATION),
+            cookie: headers.contains_key(http::header::COOKIE),
+            directives: RequestDirectives::parse(headers),
+        }
+    }
+}
+
+/// Lifetimes for a storable response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifetime {
+    pub fresh_for: Duration,
+    pub initial_age: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub revalidate_always: bool,
+    pub stale_forbidden: bool,
+}
+
+/// Status codes cacheable by default (RFC 9110 §15.1): the policy TTL and heuristics apply to these.
+pub fn heuristically_cacheable(s: StatusCode) -> bool {
+    matches!(s.as_u16(), 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
+}
+
+/// Heuristic freshness: 10 % of the time since Last-Modified, at most a day (RFC 9111 §4.2.2).
+const HEURISTIC_CAP: Duration = Duration::from_secs(86_400);
+
+fn http_date(headers: &HeaderMap, name: http::header::HeaderName) -> Option<SystemTime> {
+    httpdate::parse_http_date(headers.get(name)?.to_str().ok()?).ok()
+}
+
+/// Decides whether (and for how long) a response to `req` may be stored by this shared cache.
+pub fn decide(
+    cfg: &RouteCache,
+    req: &RequestFacts,
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Result<Lifetime, NotStored> {
+    let cc = ResponseDirectives::parse(headers);
+    if !cfg.methods.contains(&req.method) || req.method == Method::HEAD {
+        return Err(NotStored::Method);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        return Err(NotStored::Partial);
+    }
+    let share = cfg.share_private;
+    if (cc.no_store || req.directives.no_store) && !share {
+        return Err(NotStored::NoStore);
+    }
+    if cc.private && !share {
+        return Err(NotStored::Private);
+    }
+    // §3.5: a response to an authenticated request is shared only when it says it may be.
+    if req.authorization && !share && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+        return Err(NotStored::Authorization);
+    }
+    if req.cookie && !share {
+        return Err(NotStored::Cookie);
+    }
+    if headers.contains_key(SET_COOKIE) && !share {
+        return Err(NotStored::SetCookie);
+    }
+    if headers.get_all(VARY).iter().any(|v| v.to_str().map_or(true, |s| s.split(',').any(|t| t.trim() == "*"))) {
+        return Err(NotStored::VaryStar);
+    }
+
+    let date = http_date(headers, DATE).unwrap_or(now);
+    let age_header = headers
+        .get(AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let apparent = now.duration_since(date).unwrap_or_default();
+    let initial_age = age_header.unwrap_or_default().max(apparent);
+    let respect = cfg.origin_headers == OriginHeaders::Respect;
+
+    let explicit = if respect {
+        cc.s_maxage
+            .or(cc.max_age)
+            .or_else(|| http_date(headers, EXPIRES).map(|e| e.duration_since(date).unwrap_or_default()))
+            .or_else(|| {
+                // An unparseable Expires (e.g. "0") means "already expired" (§5.3).
+                headers.contains_key(EXPIRES).then_some(Duration::ZERO)
+            })
+    } else {
+        None
+    };
+    let fresh_for = match explicit {
+        Some(d) => {
+            if !(heuristically_cacheable(status) || matches!(status.as_u16(), 302 | 307)) {
+                return Err(NotStored::Status);
+            }
+            d
+        }
+        None => {
+            if !heuristically_cacheable(status) {
+                return Err(NotStored::Status);
+            }
+            match cfg.ttl {
+                Some(ttl) => ttl,
+                None => match http_date(headers, LAST_MODIFIED) {
+                    Some(lm) if respect => (date.duration_since(lm).unwrap_or_default() / 10).min(HEURISTIC_CAP),
+                    _ => return Err(NotStored::NoFreshness),
+                },
+            }
+        }
+    };
+
+    let stale_ok = !respect || !cc.forbids_stale();
+    let window = |directive: Option<Duration>, policy: Option<Duration>| {
+        if !stale_ok {
+            return Duration::ZERO;
+        }
+        let d = if respect { directive.or(policy) } else { policy };
+        d.unwrap_or_default()
+    };
+    let lifetime = Lifetime {
+        fresh_for,
+        initial_age,
+        stale_while_revalidate: window(cc.stale_while_revalidate, cfg.stale_while_revalidate),
+        stale_if_error: window(cc.stale_if_error, cfg.stale_if_error),
+        revalidate_always: respect && cc.no_cache,
+        stale_forbidden: !stale_ok,
+    };
+    let has_validators = headers.contains_key(http::header::ETAG) || headers.contains_key(LAST_MODIFIED);
+    if lifetime.fresh_for.saturating_sub(initial_age).is_zero()
+        && lifetime.stale_while_revalidate.is_zero()
+        && lifetime.stale_if_error.is_zero()
+        && !has_validators
+    {
+        return Err(NotStored::NoFreshness);
+    }
+    Ok(lifetime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn cfg(ttl: Option<u64>, mode: OriginHeaders) -> RouteCache {
+        RouteCache {
+            ttl: ttl.map(Duration::from_secs),
+            origin_headers: mode,
+            stale_while_revalidate: Some(Duration::from_secs(30)),
+            stale_if_error: Some(Duration::from_secs(600)),
+            share_private: false,
+            methods: vec![Method::GET, Method::HEAD],
+            max_key_body_bytes: 1024,
+        }
+    }
+
+    fn get() -> RequestFacts {
+        RequestFacts::of(&Method::GET, &HeaderMap::new())
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn s_maxage_beats_max_age_and_forbids_stale() {
+        let l = decide(
+            &cfg(None, OriginHeaders::Respect),
+            &get(),
+            StatusCode::OK,
+            &headers(&[("cache-control", "max-age=10, s-maxage=99")]),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(l.fresh_for, Duration::from_secs(99));
+        assert_eq!(l.stale_while_revalidate, Duration::ZERO);
+        assert_eq!(l.stale_if_error, Duration::ZERO);
+    }
+
+    #[test]
+    fn policy_ttl_only_when_origin_is_silent() {
+        let c = cfg(Some(60), OriginHeaders::Respect);
+        assert_eq!(
+            decide(&c, &get(), StatusCode::OK, &HeaderMap::new(), SystemTime::now()).unwrap().fresh_for,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            decide(&c, &get(), StatusCode::OK, &headers(&[("cache-control", "max-age=5")]), SystemTime::now())
+                .unwrap()
+                .fresh_for,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            decide(&c, &get(), StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new(), SystemTime::now()),
+            Err(NotStored::Status)
+        );
+        let none = cfg(None, OriginHeaders::Respect);
+        assert_eq!(
+            decide(&none, &get(), StatusCode::OK, &HeaderMap::new(), SystemTime::now()),
+            Err(NotStored::NoFreshness)
+        );
+    }
+
+    #[test]
+    fn override_ignores_max_age_but_not_private() {
+        let c = cfg(Some(60), OriginHeaders::Override);
+        let l = decide(
+            &c,
+            &get(),
+            StatusCode::OK,
+            &headers(&[("cache-control", "max-age=0, no-cache, must-revalidate")]),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(l.fresh_for, Duration::from_secs(60));
+        assert!(!l.revalidate_always);
+        assert_eq!(l.stale_while_revalidate, Duration::from_secs(30));
+        assert_eq!(
+            decide(&c, &get(), StatusCode::OK, &headers(&[("cache-control", "private")]), SystemTime::now()),
+            Err(NotStored::Private)
+        );
+        assert_eq!(
+            decide(&c, &get(), StatusCode::OK, &headers(&[("set-cookie", "a=b")]), SystemTime::now()),
+            Err(NotStored::SetCookie)
+        );
+    }
+
+    #[test]
+    fn credentials_and_vary_star() {
+        let c = cfg(Some(60), OriginHeaders::Respect);
+        let auth = RequestFacts::of(&Method::GET, &headers(&[("authorization", "Bearer x")]));
+        assert_eq!(
+            decide(&c, &auth, StatusCode::OK, &HeaderMap::new(), SystemTime::now()),
+            Err(NotStored::Authorization)
+        );
+        assert!(decide(
+            &c,
+            &auth,
+            StatusCode::OK,
+            &headers(&[("cache-control", "public, max-age=5")]),
+            SystemTime::now()
+        )
+        .is_ok());
+        let cookie = RequestFacts::of(&Method::GET, &headers(&[("cookie", "s=1")]));
+        assert_eq!(decide(&c, &cookie, StatusCode::OK, &HeaderMap::new(), SystemTime::now()), Err(NotStored::Cookie));
+        assert_eq!(
+            decide(&c, &get(), StatusCode::OK, &headers(&[("vary", "accept, *")]), SystemTime::now()),
+            Err(NotStored::VaryStar)
+        );
+        let mut shared = c.clone();
+        shared.share_private = true;
+        assert!(decide(&shared, &cookie, StatusCode::OK, &HeaderMap::new(), SystemTime::now()).is_ok());
+    }
+
+    #[test]
+    fn expires_and_heuristic() {
+        let c = cfg(None, OriginHeaders::Respect);
+        let now = SystemTime::now();
+        let date = httpdate::fmt_http_date(now);
+        let exp = httpdate::fmt_http_date(now + Duration::from_secs(120));
+        let l = decide(&c, &get(), StatusCode::OK, &headers(&[("date", &date), ("expires", &exp)]), now).unwrap();
+        assert!(l.fresh_for >= Duration::from_secs(119));
+        let lm = httpdate::fmt_http_date(now - Duration::from_secs(1000));
+        let l = decide(&c, &get(), StatusCode::OK, &headers(&[("date", &date), ("last-modified", &lm)]), now).unwrap();
+        assert!(l.fresh_for >= Duration::from_secs(99) && l.fresh_for <= Duration::from_secs(101));
+        // Invalid Expires = already expired; with no validators nothing worth storing... except stale windows.
+        let l = decide(&c, &get(), StatusCode::OK, &headers(&[("expires", "0")]), now).unwrap();
+        assert_eq!(l.fresh_for, Duration::ZERO);
+    }
+}
