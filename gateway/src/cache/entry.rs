@@ -43,8 +43,9 @@ impl Entry {
 
     /// Seconds of freshness left; negative once stale (`Cache-Status: ttl=`).
     pub fn ttl_secs(&self, now: SystemTime) -> i64 {
-        let age = self.age(now).as_secs_f64();
-        (self.fresh_for.as_secs_f64() - age).floor() as i64
+        let left_ms = i128::try_from(self.fresh_for.as_millis()).unwrap_or(i128::MAX)
+            - i128::try_from(self.age(now).as_millis()).unwrap_or(i128::MAX);
+        i64::try_from(left_ms.div_euclid(1000)).unwrap_or(i64::MIN)
     }
 
     pub fn is_fresh(&self, now: SystemTime) -> bool {
@@ -68,15 +69,13 @@ impl Entry {
         self.etag().is_some() || self.last_modified().is_some()
     }
 
-    /// How long a store keeps the entry: freshness, the stale windows, and time to revalidate.
+    /// How long a store keeps the entry: freshness, then the longest of the stale windows and a
+    /// "keep" time (its freshness, 10 s to 1 h) in which it can still be revalidated or served
+    /// to a client that asks for `max-stale`.
     pub fn retain_for(&self) -> Duration {
         let stale = self.stale_while_revalidate.max(self.stale_if_error);
-        let revalidate = if self.has_validators() {
-            self.fresh_for.clamp(Duration::from_secs(10), Duration::from_secs(3600))
-        } else {
-            Duration::ZERO
-        };
-        (self.fresh_for + stale.max(revalidate)).saturating_sub(self.initial_age.min(self.fresh_for))
+        let keep = self.fresh_for.clamp(Duration::from_secs(10), Duration::from_secs(3600));
+        (self.fresh_for + stale.max(keep)).saturating_sub(self.initial_age.min(self.fresh_for))
     }
 
     /// Approximate bytes held: what the L1 byte bound weighs.

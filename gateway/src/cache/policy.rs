@@ -160,6 +160,8 @@ pub fn decide(
                 Some(ttl) => ttl,
                 None => match http_date(headers, LAST_MODIFIED) {
                     Some(lm) if respect => (date.duration_since(lm).unwrap_or_default() / 10).min(HEURISTIC_CAP),
+                    // No freshness at all: worth storing only to revalidate it (ETag).
+                    _ if respect && headers.contains_key(http::header::ETAG) => Duration::ZERO,
                     _ => return Err(NotStored::NoFreshness),
                 },
             }

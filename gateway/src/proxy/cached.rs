@@ -286,10 +286,10 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
         return Ok(with_status(GatewayError::NotCached.into_response(), &Outcome::NotCached));
     }
     if head_or_range {
-        // HEAD and Range misses pass through: a partial or bodiless answer is never stored.
+        // HEAD and Range misses are not coalesced; a 206 or a HEAD answer is never stored, but
+        // an origin that ignores Range answers 200 with the whole body, which may be.
         let f = fetch(ctx, None, None, true).await?;
-        let stored = if ctx.client.method == Method::HEAD { Err(NotStored::Method) } else { Err(NotStored::Partial) };
-        return Ok(with_status(f.resp, &Outcome::Miss { vary: vary_miss, stored }));
+        return Ok(with_status(f.resp, &Outcome::Miss { vary: vary_miss, stored: f.stored }));
     }
     let f = fetch_coalesced(ctx, &full_key, None).await?;
     let outcome =
