@@ -49,36 +49,42 @@ def cpu_seconds(pids):
     return total / TICK
 
 
-def children(pid):
+def nginx_workers(pid):
+    """nginx worker PIDs (not the cache loader/manager, which come and go)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    pids = [int(p) for p in out.split()]
+    return [p for p in pids if b"worker process" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def parse_latency(text):
-    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text.strip())
+    if not m:
+        raise SystemExit(f"cannot parse wrk latency {text!r}")
     value, unit = float(m.group(1)), m.group(2)
-    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(url, seconds, conns, core, headers=()):
+def wrk(url, seconds, conns, core, headers=(), script=None):
     cmd = ["taskset", "-c", str(core), "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    if script:
+        cmd += ["-s", str(script)]
     for h in headers:
         cmd += ["-H", h]
     out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    p50 = parse_latency(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = parse_latency(re.search(r"99%\s+(\S+)", out).group(1))
+    p50 = parse_latency(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = parse_latency(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     return {"rps": rps, "requests": total, "p50_ms": p50, "p99_ms": p99,
             "non2xx": int(errors.group(1)) if errors else 0, "socket_errors": sock.group(1) if sock else ""}
 
 
-def measure(name, url, pids, args, headers=()):
-    wrk(url, 2, args.connections, args.client_core, headers)  # warm-up: pools, caches
+def measure(name, url, pids, args, headers=(), script=None):
+    wrk(url, 2, args.connections, args.client_core, headers, script)  # warm-up: pools, caches
     before = cpu_seconds(pids) if pids else 0
-    r = wrk(url, args.seconds, args.connections, args.client_core, headers)
+    r = wrk(url, args.seconds, args.connections, args.client_core, headers, script)
     after = cpu_seconds(pids) if pids else 0
     r["name"] = name
     r["cpu_us_per_req"] = (after - before) / max(r["requests"], 1) * 1e6 if pids else None
@@ -87,8 +93,31 @@ def measure(name, url, pids, args, headers=()):
     return r
 
 
-def weir_config(tmp, port, origin_port, admin_port):
+def rounds(targets, args):
+    """Measures every target `args.repeat` times, interleaved (a burst of machine noise hits all
+    targets alike), and returns per-target medians."""
+    import statistics
+    runs = {name: [] for name, *_ in targets}
+    for i in range(args.repeat):
+        print(f"round {i + 1}/{args.repeat}", flush=True)
+        for name, url, pids, script in targets:
+            runs[name].append(measure(name, url, pids, args, script=script))
+    out = []
+    for name, *_ in targets:
+        rs = runs[name]
+        med = {"name": name, "rounds": rs}
+        for k in ["rps", "p50_ms", "p99_ms", "requests", "non2xx"]:
+            med[k] = statistics.median(r[k] for r in rs)
+        cpus = [r["cpu_us_per_req"] for r in rs if r["cpu_us_per_req"] is not None]
+        med["cpu_us_per_req"] = statistics.median(cpus) if cpus else None
+        med["socket_errors"] = "; ".join(r["socket_errors"] for r in rs if r["socket_errors"])
+        out.append(med)
+    return out
+
+
+def weir_config(tmp, port, origin_port, admin_port, cache=False):
     cfg = tmp / "weir.yaml"
+    cache_block = "    cache: {}\n" if cache else ""
     cfg.write_text(f"""listen:
   - addr: 127.0.0.1:{port}
 admin:
@@ -96,12 +125,31 @@ admin:
 routes:
   - name: bench
     upstream: http://127.0.0.1:{origin_port}
-""")
+{cache_block}""")
     return cfg
 
 
-def nginx_config(tmp, port, origin_port):
+HOT_SET = """counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/hot/" .. (counter % 100))
+end
+"""
+
+
+def warm(port):
+    import urllib.request
+    for i in range(100):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/hot/{i}").read()
+
+
+def nginx_config(tmp, port, origin_port, cache=False):
     cfg = tmp / "nginx.conf"
+    cache_dir = Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}"
+    zone = (f"proxy_cache_path {cache_dir} levels=1:2 keys_zone=hot:10m max_size=256m inactive=10m use_temp_path=off;"
+            if cache else "")
+    location_cache = ("proxy_cache hot; proxy_cache_lock on; proxy_cache_valid 200 10m; "
+                      "add_header X-Cache-Status $upstream_cache_status;" if cache else "")
     for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"]:
         (tmp / d).mkdir(exist_ok=True)
     cfg.write_text(f"""daemon off;
@@ -117,6 +165,7 @@ http {{
   fastcgi_temp_path {tmp}/fastcgi;
   uwsgi_temp_path {tmp}/uwsgi;
   scgi_temp_path {tmp}/scgi;
+  {zone}
   upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 128; }}
   server {{
     listen 127.0.0.1:{port};
@@ -126,6 +175,7 @@ http {{
       proxy_set_header Connection "";
       proxy_set_header Host $http_host;
       proxy_buffering on;
+      {location_cache}
     }}
   }}
 }}
@@ -142,7 +192,13 @@ def main():
     ap.add_argument("--client-core", type=int, default=1)
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--scenario", choices=["proxy", "cache"], default="proxy",
+                    help="proxy: plain reverse proxying; cache: 100 hot cached URLs")
+    ap.add_argument("--bytes", type=int, default=1024, help="cache scenario: body size")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per target; medians are reported")
     args = ap.parse_args()
+    if args.scenario == "cache":
+        return cache_scenario(args)
 
     for tool in ["wrk", "nginx", "taskset"]:
         if not shutil.which(tool):
@@ -168,14 +224,15 @@ def main():
         wait_port(weir_port)
         nginx = spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port)), "-p", str(tmp)])
         wait_port(nginx_port)
-        nginx_workers = children(nginx.pid)
+        workers = nginx_workers(nginx.pid)
 
         print(f"wrk -c{args.connections} -d{args.seconds}s {args.path}; client on core {args.client_core}, "
               f"origin + proxy on core {args.server_core}", flush=True)
-        results.append(measure("origin direct", f"http://127.0.0.1:{origin_port}{args.path}", [], args))
-        results.append(measure("weir (proxy)", f"http://127.0.0.1:{weir_port}{args.path}", [weir.pid], args))
-        results.append(measure("nginx (proxy, keepalive)", f"http://127.0.0.1:{nginx_port}{args.path}",
-                               nginx_workers, args))
+        results = rounds([
+            ("origin direct", f"http://127.0.0.1:{origin_port}{args.path}", [], None),
+            ("weir (proxy)", f"http://127.0.0.1:{weir_port}{args.path}", [weir.pid], None),
+            ("nginx (proxy, keepalive)", f"http://127.0.0.1:{nginx_port}{args.path}", workers, None),
+        ], args)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -187,6 +244,7 @@ def main():
 
     w, n = results[1], results[2]
     print()
+    print(f"medians of {args.repeat} interleaved rounds")
     print("| target | rps | p50 ms | p99 ms | proxy CPU µs/req |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in results:
@@ -201,6 +259,68 @@ def main():
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (Path(args.out) / f"proxy-{stamp}.json").write_text(json.dumps(results, indent=2))
+
+
+def cache_scenario(args):
+    """Hot set of 100 cached URLs: Weir (L1 hits), nginx proxy_cache (tmpfs, cache lock) and a
+    bare hyper server answering the same bytes from memory, in one run."""
+    target = Path(args.target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    script = tmp / "hot.lua"
+    script.write_text(HOT_SET)
+    procs = []
+
+    def spawn(cmd, **kw):
+        p = subprocess.Popen(["taskset", "-c", str(args.server_core)] + cmd,
+                             stdout=subprocess.DEVNULL, stderr=open(tmp / f"{Path(cmd[0]).name}.log", "w"), **kw)
+        procs.append(p)
+        return p
+
+    results = []
+    try:
+        origin_port, weir_port, admin_port, nginx_port, bare_port = (free_port() for _ in range(5))
+        spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
+        wait_port(origin_port)
+        bare = spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{bare_port}", "--bytes", str(args.bytes)])
+        wait_port(bare_port)
+        weir = spawn([str(target / "weir"), "run", "--config",
+                      str(weir_config(tmp, weir_port, origin_port, admin_port, cache=True))],
+                     env={**os.environ, "WEIR_LOG": "warn"})
+        wait_port(weir_port)
+        nginx = spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port, cache=True)), "-p", str(tmp)])
+        wait_port(nginx_port)
+        workers = nginx_workers(nginx.pid)
+        warm(weir_port)
+        warm(nginx_port)
+        print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
+              f"{args.client_core}, server on core {args.server_core}", flush=True)
+        results = rounds([
+            ("bare hyper (memory)", f"http://127.0.0.1:{bare_port}", [bare.pid], script),
+            ("weir (L1 hit)", f"http://127.0.0.1:{weir_port}", [weir.pid], script),
+            ("nginx proxy_cache (tmpfs)", f"http://127.0.0.1:{nginx_port}", workers, script),
+        ], args)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}", ignore_errors=True)
+
+    bare_r, w, n = results
+    print()
+    print(f"medians of {args.repeat} interleaved rounds")
+    print("| target | rps | p50 ms | p99 ms | server CPU µs/req |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['cpu_us_per_req']:.1f} |")
+    print()
+    print(f"weir/nginx: rps {w['rps'] / n['rps']:.2f}x, p99 {w['p99_ms'] / n['p99_ms']:.2f}x, "
+          f"CPU/req {w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x; weir/bare hyper: rps {w['rps'] / bare_r['rps']:.2f}x")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"cache-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,16 @@ fn remove_dot_segments(path: &str) -> String {
     format!("/{}", out.join("/"))
 }
 
+/// True when `raw` needs no normalisation: no escapes and no dot segments.
+fn path_is_normal(raw: &str) -> bool {
+    !raw.contains('%') && !raw.split('/').any(|s| s == "." || s == "..")
+}
+
 /// The normalised path (what Weir keys on and forwards).
 pub fn normalize_path(raw: &str) -> Result<String, KeyError> {
+    if path_is_normal(raw) {
+        return Ok(raw.to_string());
+    }
     let escaped = normalize_escapes(raw)?;
     if !escaped.starts_with('/') {
         return Ok(escaped);
@@ -91,23 +99,56 @@ pub fn normalize_path(raw: &str) -> Result<String, KeyError> {
 
 /// Query parameters normalised and sorted (order-insensitive), empty pairs dropped.
 pub fn normalize_query(raw: &str) -> Result<String, KeyError> {
+    let mut out = String::with_capacity(raw.len());
+    push_query(&mut out, raw)?;
+    Ok(out)
+}
+
+/// Appends the normalised query to `out`; the common case (already sorted, no escapes, no
+/// empty pairs) copies it as is.
+fn push_query(out: &mut String, raw: &str) -> Result<(), KeyError> {
+    let simple = !raw.contains('%') && !raw.contains("&&") && !raw.starts_with('&') && !raw.ends_with('&');
+    if simple && raw.split('&').is_sorted() {
+        out.push_str(raw);
+        return Ok(());
+    }
     let mut pairs = raw.split('&').filter(|p| !p.is_empty()).map(normalize_escapes).collect::<Result<Vec<_>, _>>()?;
     pairs.sort();
-    Ok(pairs.join("&"))
+    for (i, p) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(p);
+    }
+    Ok(())
 }
 
 /// `host[:port]` lower-cased, trailing dot removed, default port for the scheme removed.
 pub fn normalize_authority(authority: &str, scheme: &str) -> String {
+    let mut out = String::with_capacity(authority.len());
+    push_authority(&mut out, authority, scheme);
+    out
+}
+
+fn push_authority(out: &mut String, authority: &str, scheme: &str) {
+    // Common case: already lower-case, no trailing dot, no port.
+    if !authority.bytes().any(|b| b.is_ascii_uppercase() || b == b':') && !authority.ends_with('.') {
+        out.push_str(authority);
+        return;
+    }
     let lower = authority.to_ascii_lowercase();
     let (host, port) = match lower.rsplit_once(':') {
         Some((h, _)) if !h.ends_with(']') && h.contains(':') => (lower.as_str(), None), // bare IPv6
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
         _ => (lower.as_str(), None),
     };
-    let host = host.trim_end_matches('.');
+    out.push_str(host.trim_end_matches('.'));
     match port {
-        Some(p) if !(scheme == "http" && p == "80" || scheme == "https" && p == "443") => format!("{host}:{p}"),
-        _ => host.to_string(),
+        Some(p) if !(scheme == "http" && p == "80" || scheme == "https" && p == "443") => {
+            out.push(':');
+            out.push_str(p);
+        }
+        _ => {}
     }
 }
 
@@ -130,20 +171,25 @@ pub fn primary(
     query: Option<&str>,
     body_hash: Option<&str>,
 ) -> Result<KeyParts, KeyError> {
-    let path = normalize_path(path)?;
-    let path_query = match query {
-        Some(q) => {
-            let q = normalize_query(q)?;
-            if q.is_empty() {
-                path
-            } else {
-                format!("{path}?{q}")
-            }
+    let mut path_query = normalize_path(path)?;
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        let at = path_query.len();
+        path_query.push('?');
+        push_query(&mut path_query, q)?;
+        if path_query.len() == at + 1 {
+            path_query.truncate(at);
         }
-        None => path,
-    };
-    let host = normalize_authority(authority, scheme);
-    let mut primary = format!("{route}|{class}|{scheme}://{host}{path_query}");
+    }
+    let mut primary =
+        String::with_capacity(route.len() + class.len() + scheme.len() + authority.len() + path_query.len() + 8);
+    primary.push_str(route);
+    primary.push('|');
+    primary.push_str(class);
+    primary.push('|');
+    primary.push_str(scheme);
+    primary.push_str("://");
+    push_authority(&mut primary, authority, scheme);
+    primary.push_str(&path_query);
     if let Some(h) = body_hash {
         primary.push_str("|body=");
         primary.push_str(h);

@@ -90,9 +90,13 @@ impl Expiry<Arc<str>, Object> for Lifetime {
     }
 }
 
+/// Keys are request-derived: a seeded, quality hash (foldhash) instead of moka's default SipHash,
+/// which was a measurable share of a hit.
+type Hasher = foldhash::quality::RandomState;
+
 #[derive(Debug, Clone)]
 pub struct L1 {
-    cache: Moka<Arc<str>, Object>,
+    cache: Moka<Arc<str>, Object, Hasher>,
     index: Arc<Mutex<Index>>,
 }
 
@@ -115,8 +119,13 @@ impl L1 {
                     }
                 }
             })
-            .build();
+            .build_with_hasher(Hasher::default());
         L1 { cache, index }
+    }
+
+    /// Direct lookup (what `Storage::get` boxes).
+    pub async fn lookup(&self, key: &str) -> Option<Object> {
+        self.cache.get(key).await
     }
 
     /// Makes moka apply pending evictions now (it evicts lazily); tests and `/health` use it.
@@ -127,7 +136,7 @@ impl L1 {
 
 impl Storage for L1 {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Object>, CacheError>> {
-        Box::pin(async move { Ok(self.cache.get(key).await) })
+        Box::pin(async move { Ok(self.lookup(key).await) })
     }
 
     fn put<'a>(&'a self, key: &'a str, obj: Object) -> BoxFuture<'a, Result<(), CacheError>> {
@@ -175,5 +184,64 @@ impl Storage for L1 {
 
     fn stats(&self) -> StorageStats {
         StorageStats { entries: self.cache.entry_count(), bytes: self.cache.weighted_size() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    use super::*;
+    use crate::cache::entry::Entry;
+
+    pub(crate) fn entry(key: &str, path: &str, tags: &[&str], body: usize) -> Object {
+        Object::Response(Arc::new(Entry {
+            key: key.to_string(),
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![b'x'; body]),
+            stored_at: SystemTime::now(),
+            initial_age: Duration::ZERO,
+            fresh_for: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            revalidate_always: false,
+            stale_forbidden: false,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            path: path.to_string(),
+            vary: Arc::from(Vec::new()),
+        }))
+    }
+
+    #[tokio::test]
+    async fn never_exceeds_its_byte_bound() {
+        let l1 = L1::new(1 << 20);
+        // Ten times the capacity in 10 KiB objects.
+        for i in 0..1000 {
+            let k = format!("r|GET|http://h/o/{i}");
+            l1.put(&k, entry(&k, &format!("/o/{i}"), &["t"], 10 << 10)).await.unwrap();
+        }
+        l1.settle().await;
+        let s = l1.stats();
+        assert!(s.bytes <= 1 << 20, "weighted size {} over the bound", s.bytes);
+        assert!(s.entries > 10 && s.entries < 110, "{} entries", s.entries);
+    }
+
+    #[tokio::test]
+    async fn purge_by_tag_prefix_and_path_cleans_the_index() {
+        let l1 = L1::new(1 << 20);
+        for (k, p, t) in [("k1", "/a/1", "x"), ("k2", "/a/2", "y"), ("k3", "/b/1", "x")] {
+            l1.put(k, entry(k, p, &[t], 10)).await.unwrap();
+        }
+        assert_eq!(l1.purge(&Purge { tags: vec!["x".into()], ..Purge::default() }).await.unwrap(), 2);
+        assert!(l1.get("k1").await.unwrap().is_none());
+        assert!(l1.get("k2").await.unwrap().is_some());
+        assert_eq!(l1.purge(&Purge { prefixes: vec!["/a/".into()], ..Purge::default() }).await.unwrap(), 1);
+        l1.settle().await;
+        let idx = l1.index.lock().unwrap();
+        assert!(idx.tags.is_empty() && idx.paths.is_empty(), "index keeps purged keys: {idx:?}");
     }
 }

@@ -81,7 +81,8 @@ pub struct Route {
     pub timeouts: Timeouts,
     pub max_request_body: Option<u64>,
     pub plugin: Option<PluginRef>,
-    pub cache: Option<RouteCache>,
+    /// Shared (`Arc`) because every cached request holds it for its whole life.
+    pub cache: Option<std::sync::Arc<RouteCache>>,
     pub invalidate: Option<Invalidate>,
     pub rate_limit: Option<RateLimit>,
     pub budget: Option<Budget>,

@@ -469,7 +469,7 @@ impl Validator {
             }
         });
 
-        let cache = r.cache.as_ref().map(|c| self.route_cache(src, &format!("{p}.cache"), c));
+        let cache = r.cache.as_ref().map(|c| std::sync::Arc::new(self.route_cache(src, &format!("{p}.cache"), c)));
 
         let invalidate = r.invalidate.as_ref().map(|inv| {
             let ip = format!("{p}.invalidate");

@@ -43,12 +43,12 @@ const MAX_TAG_LEN: usize = 256;
 struct Ctx {
     rt: Arc<Runtime>,
     idx: usize,
-    cfg: RouteCache,
+    cfg: Arc<RouteCache>,
     cache: Arc<Cache>,
     /// The client's head (original headers: conditionals, Range, Vary values).
     client: Parts,
-    /// The upstream's head: normalised path, prepared headers, no client conditionals.
-    upstream: Parts,
+    conn: ConnInfo,
+    trusted: bool,
     facts: RequestFacts,
     primary: String,
     path_query: String,
@@ -61,6 +61,25 @@ impl Ctx {
         &self.rt.routes[self.idx]
     }
 
+    /// The upstream's head, built only when the cache has to go forward: the normalised path
+    /// (what the key names), prepared headers, and no client conditionals or ranges.
+    fn upstream_head(&self) -> Parts {
+        let mut up = clone_head(&self.client);
+        let path = key::normalize_path(self.client.uri.path()).unwrap_or_else(|_| self.client.uri.path().to_string());
+        let pq = match self.client.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        if let Ok(uri) = http::Uri::builder().path_and_query(pq).build() {
+            up.uri = uri;
+        }
+        prepare_head(&mut up, self.conn, self.trusted, None);
+        for h in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_RANGE, header::RANGE] {
+            up.headers.remove(h);
+        }
+        up
+    }
+
     fn duplicate(&self) -> Ctx {
         Ctx {
             rt: self.rt.clone(),
@@ -68,7 +87,8 @@ impl Ctx {
             cfg: self.cfg.clone(),
             cache: self.cache.clone(),
             client: clone_head(&self.client),
-            upstream: clone_head(&self.upstream),
+            conn: self.conn,
+            trusted: self.trusted,
             facts: self.facts.clone(),
             primary: self.primary.clone(),
             path_query: self.path_query.clone(),
@@ -107,7 +127,7 @@ fn is_unsafe(m: &Method) -> bool {
 pub(super) async fn serve(
     rt: &Arc<Runtime>,
     idx: usize,
-    cfg: &RouteCache,
+    cfg: &Arc<RouteCache>,
     req: Request<Incoming>,
     conn: ConnInfo,
     trusted: bool,
@@ -129,7 +149,7 @@ pub(super) async fn serve(
 async fn serve_inner(
     rt: &Arc<Runtime>,
     idx: usize,
-    cfg: &RouteCache,
+    cfg: &Arc<RouteCache>,
     req: Request<Incoming>,
     conn: ConnInfo,
     trusted: bool,
@@ -140,7 +160,7 @@ async fn serve_inner(
         || method == Method::HEAD
         || (method == Method::POST && cfg.methods.contains(&Method::POST));
     if !cacheable {
-        let resp = forward_and_invalidate(rt, idx, req, conn, trusted).await?;
+        let resp = Box::pin(forward_and_invalidate(rt, idx, req, conn, trusted)).await?;
         return Ok(with_status(resp, &Outcome::Bypass { reason: BypassReason::Method, stored: false }));
     }
 
@@ -152,7 +172,7 @@ async fn serve_inner(
     let mut post_body = None;
     let mut passthrough = None;
     if method == Method::POST {
-        match read_bounded(body, cfg.max_key_body_bytes, idle).await? {
+        match Box::pin(read_bounded(body, cfg.max_key_body_bytes, idle)).await? {
             Ok(b) => post_body = Some(b),
             Err(replay) => passthrough = Some(replay),
         }
@@ -182,25 +202,10 @@ async fn serve_inner(
                 Some(b) => (b, false),
                 None => (empty(), true),
             };
-            let resp = send_upstream(route, up, b, none).await?;
+            let resp = Box::pin(send_upstream(route, up, b, none)).await?;
             return Ok(with_status(finish_response(route, resp), &Outcome::Bypass { reason, stored: false }));
         }
     };
-
-    // The origin is asked for exactly the path the key names (dot segments resolved).
-    let mut upstream = clone_head(&client);
-    let path = key::normalize_path(client.uri.path()).unwrap_or_else(|_| client.uri.path().to_string());
-    let pq = match client.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
-    if let Ok(uri) = http::Uri::builder().path_and_query(pq).build() {
-        upstream.uri = uri;
-    }
-    prepare_head(&mut upstream, conn, trusted, None);
-    for h in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_RANGE, header::RANGE] {
-        upstream.headers.remove(h);
-    }
 
     let bypass = if facts.cookie && !cfg.share_private {
         Some(BypassReason::Cookie)
@@ -215,7 +220,8 @@ async fn serve_inner(
         cfg: cfg.clone(),
         cache: rt.cache.clone(),
         client,
-        upstream,
+        conn,
+        trusted,
         facts,
         primary: kp.primary,
         path_query: kp.path_query,
@@ -223,7 +229,7 @@ async fn serve_inner(
     };
     if let Some(reason) = bypass {
         // Credentials: never served from the cache; stored only where RFC 9111 §3.5 allows.
-        let f = fetch(&ctx, None, None, false).await?;
+        let f = Box::pin(fetch(&ctx, None, None, false)).await?;
         return Ok(with_status(f.resp, &Outcome::Bypass { reason, stored: f.stored.is_ok() }));
     }
     lookup_and_serve(&ctx).await
@@ -272,7 +278,8 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
         if d.only_if_cached {
             return Ok(with_status(GatewayError::NotCached.into_response(), &Outcome::NotCached));
         }
-        let f = fetch_coalesced(ctx, &full_key, Some(&e)).await?;
+        // The miss paths are boxed: a hit's future stays small (it is moved and polled often).
+        let f = Box::pin(fetch_coalesced(ctx, &full_key, Some(&e))).await?;
         let outcome = match (f.stale_if_error, fresh) {
             (Some(ttl), _) => Outcome::StaleIfError { fwd_status: f.fwd_status, ttl },
             (None, true) => Outcome::Request { stored: f.stored },
@@ -288,10 +295,10 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     if head_or_range {
         // HEAD and Range misses are not coalesced; a 206 or a HEAD answer is never stored, but
         // an origin that ignores Range answers 200 with the whole body, which may be.
-        let f = fetch(ctx, None, None, true).await?;
+        let f = Box::pin(fetch(ctx, None, None, true)).await?;
         return Ok(with_status(f.resp, &Outcome::Miss { vary: vary_miss, stored: f.stored }));
     }
-    let f = fetch_coalesced(ctx, &full_key, None).await?;
+    let f = Box::pin(fetch_coalesced(ctx, &full_key, None)).await?;
     let outcome =
         if f.fwd_status == 0 { Outcome::Collapsed } else { Outcome::Miss { vary: vary_miss, stored: f.stored } };
     Ok(with_status(f.resp, &outcome))
@@ -347,7 +354,7 @@ async fn fetch(
     pass_range: bool,
 ) -> Result<Fetched, GatewayError> {
     let generation = ctx.cache.generation();
-    let mut head = clone_head(&ctx.upstream);
+    let mut head = ctx.upstream_head();
     if pass_range {
         for h in [header::RANGE, header::IF_RANGE] {
             if let Some(v) = ctx.client.headers.get(&h) {
@@ -517,6 +524,14 @@ fn build_entry(
         headers.remove(h);
     }
     headers.remove(&CACHE_STATUS);
+    // Stored as served: our `Via` hop and the exact length (hits then only add `Age`).
+    if !headers.get_all(header::VIA).iter().any(|v| v.to_str().is_ok_and(|s| s.ends_with("weir"))) {
+        add_via(&mut headers, Version::HTTP_11);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // Placeholders a hit overwrites in place: the cloned map never has to grow.
+    headers.insert(header::AGE, HeaderValue::from_static("0"));
+    headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static("weir"));
     let mut tags: Vec<String> = ctx.route().route.invalidate.as_ref().map(|i| i.tags.clone()).unwrap_or_default();
     let from_headers = headers
         .get_all(&SURROGATE_KEY)
@@ -634,10 +649,7 @@ async fn read_bounded(body: Incoming, limit: u64, idle: Duration) -> Result<Resu
 fn serve_entry(ctx: &Ctx, e: &Entry, now: SystemTime) -> Response<Body> {
     let ch = &ctx.client.headers;
     let mut headers = e.headers.clone();
-    if let Ok(v) = HeaderValue::from_str(&e.age(now).as_secs().to_string()) {
-        headers.insert(header::AGE, v);
-    }
-    add_via(&mut headers, Version::HTTP_11);
+    headers.insert(header::AGE, HeaderValue::from(e.age(now).as_secs()));
     let mut resp = Response::new(empty());
     if not_modified(&ctx.client.method, ch, e) {
         headers.remove(header::CONTENT_LENGTH);
@@ -654,6 +666,7 @@ fn serve_entry(ctx: &Ctx, e: &Entry, now: SystemTime) -> Response<Body> {
                 match parse_range(range, len) {
                     Some(Ok((start, end))) => {
                         status = StatusCode::PARTIAL_CONTENT;
+                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end + 1 - start));
                         body = e.body.slice(usize::try_from(start).unwrap_or(0)..usize::try_from(end + 1).unwrap_or(0));
                         if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
                             headers.insert(header::CONTENT_RANGE, v);
@@ -661,6 +674,7 @@ fn serve_entry(ctx: &Ctx, e: &Entry, now: SystemTime) -> Response<Body> {
                     }
                     Some(Err(())) => {
                         status = StatusCode::RANGE_NOT_SATISFIABLE;
+                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
                         body = Bytes::new();
                         if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                             headers.insert(header::CONTENT_RANGE, v);
@@ -671,7 +685,6 @@ fn serve_entry(ctx: &Ctx, e: &Entry, now: SystemTime) -> Response<Body> {
             }
         }
     }
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     if ctx.client.method != Method::HEAD {

@@ -46,12 +46,13 @@ pub struct ConnInfo {
 /// Entry point from the listeners. Never fails: errors become JSON responses here and only here.
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let rt = gw.runtime();
+    // Cheap clones (no allocation), kept for the error log.
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let uri = req.uri().clone();
     match proxy(&rt, req, conn).await {
         Ok(resp) => resp,
         Err(e) => {
-            tracing::debug!(%method, %path, peer = %conn.peer, error = %e, "request failed");
+            tracing::debug!(%method, path = uri.path(), peer = %conn.peer, error = %e, "request failed");
             e.into_response()
         }
     }
