@@ -1,5 +1,8 @@
 //! Micro-benchmarks of the cache hit path's pieces: key building, L1 lookup, Cache-Control parsing.
 
+// Benchmark setup: a panic is the right answer to a broken fixture.
+#![allow(clippy::expect_used)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
