@@ -316,7 +316,8 @@ impl RedisServer {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
-            if self.command("PING").as_deref() == Some("+PONG") {
+            // A password-protected server answers NOAUTH: it is up all the same.
+            if self.command("PING").is_some_and(|r| r == "+PONG" || r.starts_with("-NOAUTH")) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));

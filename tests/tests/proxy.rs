@@ -410,3 +410,38 @@ async fn body_idle_timeout_cuts_a_stalled_upstream() {
     assert!(result.is_err(), "a stalled body must end in an error, not look complete");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_listen_entry_serves_http1_and_h2c() {
+    let origin = Origin::hello().await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\n  - addr: 127.0.0.1:0\nroutes:\n  - name: all\n    upstream: {}\n",
+        origin.url()
+    );
+    let gw = Gateway::start(&yaml);
+    assert_eq!(gw.listen.len(), 2);
+    assert_ne!(gw.listen[0], gw.listen[1]);
+    for addr in &gw.listen {
+        let h1 = send(&client(), Request::get(format!("http://{addr}/")).body(full("")).unwrap()).await;
+        assert_eq!(h1.status, 200);
+        let h2 = send(&h2_client(), Request::get(format!("http://{addr}/")).body(full("")).unwrap()).await;
+        assert_eq!(h2.version, Version::HTTP_2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let origin = Origin::hello().await;
+    let yaml = format!(
+        "server:\n  header_read_timeout: 500ms\nlisten:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: all\n    upstream: {}\n",
+        origin.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let started = Instant::now();
+    // Half a request head, then silence: the gateway must close the connection by itself.
+    let out = raw(gw.addr(), b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", Duration::from_secs(10)).await;
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "connection held for {waited:?}");
+    assert!(!out.contains("200 OK"), "{out}");
+    assert_eq!(origin.count(), 0);
+}
