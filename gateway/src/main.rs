@@ -60,7 +60,15 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            // On one CPU (e.g. pinned with taskset or a 1-CPU container) a current-thread runtime
+            // does the same work without the work-stealing scheduler's synchronisation.
+            let cpus = std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(1);
+            let mut builder = if cpus == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+            };
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");

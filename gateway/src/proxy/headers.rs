@@ -1,7 +1,7 @@
 //! Header rules at the proxy boundary: hop-by-hop removal (RFC 9110 §7.6.1), `Via`, and the
 //! forwarding headers, which a client outside the trusted-proxy list can never inject.
 
-use std::net::{IpAddr, SocketAddr};
+use super::ConnInfo;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
@@ -55,12 +55,15 @@ pub fn add_via(headers: &mut HeaderMap, received: Version) {
         _ => "1.1 weir",
     };
     debug_assert!(ours.starts_with(via_version(received)));
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ours}"),
-        _ => ours.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(header::VIA, v);
+    match headers.get(header::VIA).and_then(|v| v.to_str().ok()).filter(|p| !p.is_empty()) {
+        None => {
+            headers.insert(header::VIA, HeaderValue::from_static(ours));
+        }
+        Some(prev) => {
+            if let Ok(v) = HeaderValue::from_str(&format!("{prev}, {ours}")) {
+                headers.insert(header::VIA, v);
+            }
+        }
     }
 }
 
@@ -80,18 +83,27 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Sets `X-Forwarded-For/Host/Proto` and `Forwarded` from what Weir saw. From a trusted peer the
-/// incoming chain is kept and extended; from anyone else it is replaced.
-pub fn set_forwarding(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>, proto: &str, trusted: bool) {
-    let ip = peer.ip();
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut elem = format!("for={node}");
-    if let Some(h) = host {
-        elem.push_str(&format!(";host=\"{}\"", h.replace(['"', '\\'], "")));
+/// incoming chain is kept and extended; from anyone else it is replaced. Built with `push_str`
+/// from the connection's preformatted address: this runs on every proxied request.
+pub fn set_forwarding(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&str>, trusted: bool) {
+    let ip = conn.peer_ip.as_str();
+    let proto = if conn.scheme == "https" { "https" } else { "http" };
+    let mut elem = String::with_capacity(16 + ip.len() + host.map_or(0, str::len));
+    elem.push_str("for=");
+    if conn.peer.is_ipv6() && !conn.peer.ip().to_canonical().is_ipv4() {
+        elem.push_str("\"[");
+        elem.push_str(ip);
+        elem.push_str("]\"");
+    } else {
+        elem.push_str(ip);
     }
-    elem.push_str(&format!(";proto={proto}"));
+    if let Some(h) = host {
+        elem.push_str(";host=\"");
+        elem.extend(h.chars().filter(|c| *c != '"' && *c != '\\'));
+        elem.push('"');
+    }
+    elem.push_str(";proto=");
+    elem.push_str(proto);
 
     if trusted {
         let chain = |name: &HeaderName, add: &str, headers: &mut HeaderMap| {
@@ -101,7 +113,7 @@ pub fn set_forwarding(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&s
                 headers.insert(name.clone(), v);
             }
         };
-        chain(&X_FORWARDED_FOR, &ip.to_string(), headers);
+        chain(&X_FORWARDED_FOR, ip, headers);
         chain(&header::FORWARDED, &elem, headers);
         if !headers.contains_key(&X_FORWARDED_HOST) {
             if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
@@ -109,25 +121,21 @@ pub fn set_forwarding(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&s
             }
         }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(
-                X_FORWARDED_PROTO.clone(),
-                HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
-            );
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         }
         return;
     }
     for n in [&X_FORWARDED_FOR, &X_FORWARDED_HOST, &X_FORWARDED_PROTO, &header::FORWARDED] {
         headers.remove(n);
     }
-    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(ip) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         headers.insert(X_FORWARDED_HOST.clone(), v);
     }
-    headers
-        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
-    if let Ok(v) = HeaderValue::from_str(&elem) {
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(elem)) {
         headers.insert(header::FORWARDED, v);
     }
 }
@@ -155,12 +163,24 @@ mod tests {
         assert!(h.contains_key("x-keep"));
     }
 
+    fn conn(peer: &str) -> ConnInfo {
+        ConnInfo::new(peer.parse().unwrap(), "127.0.0.1:80".parse().unwrap(), "http")
+    }
+
+    #[test]
+    fn ipv6_peers_are_quoted_in_forwarded() {
+        let mut h = HeaderMap::new();
+        set_forwarding(&mut h, &conn("[2001:db8::1]:443"), None, false);
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+    }
+
     #[test]
     fn untrusted_forwarding_is_replaced() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
-        set_forwarding(&mut h, "10.0.0.9:5555".parse().unwrap(), Some("api.test"), "http", false);
+        set_forwarding(&mut h, &conn("10.0.0.9:5555"), Some("api.test"), false);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["forwarded"], "for=10.0.0.9;host=\"api.test\";proto=http");
     }
@@ -170,7 +190,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        set_forwarding(&mut h, "10.0.0.9:5555".parse().unwrap(), Some("api.test"), "http", true);
+        set_forwarding(&mut h, &conn("10.0.0.9:5555"), Some("api.test"), true);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
     }

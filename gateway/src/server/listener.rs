@@ -68,7 +68,7 @@ pub async fn serve<H, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let info = ConnInfo { peer, local, scheme: "http" };
+                let info = ConnInfo::new(peer, local, "http");
                 let h = handler.clone();
                 let svc = service_fn(move |req| {
                     let fut = h(req, info);
