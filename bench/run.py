@@ -93,6 +93,29 @@ def measure(name, url, pids, args, headers=(), script=None):
     return r
 
 
+class Servers:
+    """Servers pinned to the server core, logging into the run's temp folder, stopped together."""
+
+    def __init__(self, args, tmp):
+        self.args, self.tmp, self.procs = args, tmp, []
+
+    def spawn(self, cmd, **kw):
+        log = open(self.tmp / f"{Path(cmd[0]).name}.log", "w")
+        p = subprocess.Popen(["taskset", "-c", str(self.args.server_core)] + cmd,
+                             stdout=subprocess.DEVNULL, stderr=log, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def rounds(targets, args):
     """Measures every target `args.repeat` times, interleaved (a burst of machine noise hits all
     targets alike), and returns per-target medians."""
@@ -206,13 +229,8 @@ def main():
 
     target = Path(args.target_dir)
     tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
-    procs = []
-
-    def spawn(cmd, **kw):
-        p = subprocess.Popen(["taskset", "-c", str(args.server_core)] + cmd,
-                             stdout=subprocess.DEVNULL, stderr=open(tmp / f"{Path(cmd[0]).name}.log", "w"), **kw)
-        procs.append(p)
-        return p
+    servers = Servers(args, tmp)
+    spawn = servers.spawn
 
     results = []
     try:
@@ -234,13 +252,7 @@ def main():
             ("nginx (proxy, keepalive)", f"http://127.0.0.1:{nginx_port}{args.path}", workers, None),
         ], args)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        servers.stop()
 
     w, n = results[1], results[2]
     print()
@@ -268,13 +280,8 @@ def cache_scenario(args):
     tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
     script = tmp / "hot.lua"
     script.write_text(HOT_SET)
-    procs = []
-
-    def spawn(cmd, **kw):
-        p = subprocess.Popen(["taskset", "-c", str(args.server_core)] + cmd,
-                             stdout=subprocess.DEVNULL, stderr=open(tmp / f"{Path(cmd[0]).name}.log", "w"), **kw)
-        procs.append(p)
-        return p
+    servers = Servers(args, tmp)
+    spawn = servers.spawn
 
     results = []
     try:
@@ -300,13 +307,7 @@ def cache_scenario(args):
             ("nginx proxy_cache (tmpfs)", f"http://127.0.0.1:{nginx_port}", workers, script),
         ], args)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        servers.stop()
         shutil.rmtree(Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}", ignore_errors=True)
 
     bare_r, w, n = results

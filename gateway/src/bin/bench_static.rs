@@ -25,9 +25,18 @@ struct Args {
     bytes: usize,
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
-    let args = Args::parse();
+/// The same runtime choice as `weir run` (current-thread on one CPU), so the baseline is fair.
+fn main() -> std::io::Result<()> {
+    let cpus = std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(1);
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()?.block_on(serve(Args::parse()))
+}
+
+async fn serve(args: Args) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     let body = Bytes::from(vec![b'x'; args.bytes]);
     loop {

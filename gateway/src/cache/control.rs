@@ -43,64 +43,74 @@ fn delta(v: Option<&str>) -> Option<Duration> {
     Some(Duration::from_secs(secs))
 }
 
-/// Splits every `Cache-Control` field line into (lower-case name, optional value), honouring quotes.
-fn directives(headers: &HeaderMap) -> impl Iterator<Item = (String, Option<String>)> + '_ {
+/// Every directive of every `Cache-Control` line as (name, optional value), borrowed from the
+/// header (no allocation: this runs on every stored response), honouring quoted commas.
+fn directives(headers: &HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> + '_ {
     headers.get_all(CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).flat_map(split_list)
 }
 
-fn split_list(s: &str) -> Vec<(String, Option<String>)> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let push = |item: &str, out: &mut Vec<(String, Option<String>)>| {
-        let item = item.trim();
+fn split_list(s: &str) -> impl Iterator<Item = (&str, Option<&str>)> + '_ {
+    let mut rest = s;
+    std::iter::from_fn(move || loop {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut quoted = false;
+        let end = rest
+            .char_indices()
+            .find(|&(_, c)| {
+                if c == '"' {
+                    quoted = !quoted;
+                }
+                c == ',' && !quoted
+            })
+            .map_or(rest.len(), |(i, _)| i);
+        let item = rest[..end].trim();
+        rest = if end < rest.len() { &rest[end + 1..] } else { "" };
         if item.is_empty() {
-            return;
+            continue;
         }
-        match item.split_once('=') {
-            Some((k, v)) => out.push((k.trim().to_ascii_lowercase(), Some(v.trim().to_string()))),
-            None => out.push((item.to_ascii_lowercase(), None)),
-        }
-    };
-    for c in s.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                cur.push(c);
-            }
-            ',' if !quoted => {
-                push(&cur, &mut out);
-                cur.clear();
-            }
-            _ => cur.push(c),
-        }
-    }
-    push(&cur, &mut out);
-    out
+        return Some(match item.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim())),
+            None => (item, None),
+        });
+    })
+}
+
+/// True the first time `bit` is seen: of duplicated directives the first one counts (§4.2.1).
+fn first(seen: &mut u8, bit: u8) -> bool {
+    let new = *seen & bit == 0;
+    *seen |= bit;
+    new
 }
 
 impl ResponseDirectives {
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut d = ResponseDirectives::default();
-        let mut seen: Vec<String> = Vec::new();
+        let mut seen = 0u8;
         for (name, value) in directives(headers) {
-            if seen.contains(&name) {
-                continue;
-            }
-            seen.push(name.clone());
-            match name.as_str() {
-                "max-age" => d.max_age = delta(value.as_deref()),
-                "s-maxage" => d.s_maxage = delta(value.as_deref()),
-                "no-store" => d.no_store = true,
+            let is = |n: &str| name.eq_ignore_ascii_case(n);
+            if is("max-age") && first(&mut seen, 1) {
+                d.max_age = delta(value);
+            } else if is("s-maxage") && first(&mut seen, 2) {
+                d.s_maxage = delta(value);
+            } else if is("stale-while-revalidate") && first(&mut seen, 4) {
+                d.stale_while_revalidate = delta(value);
+            } else if is("stale-if-error") && first(&mut seen, 8) {
+                d.stale_if_error = delta(value);
+            } else if is("no-store") {
+                d.no_store = true;
+            } else if is("no-cache") {
                 // Qualified forms (`no-cache="set-cookie"`) are treated as unqualified: safer.
-                "no-cache" => d.no_cache = true,
-                "private" => d.private = true,
-                "public" => d.public = true,
-                "must-revalidate" => d.must_revalidate = true,
-                "proxy-revalidate" => d.proxy_revalidate = true,
-                "stale-while-revalidate" => d.stale_while_revalidate = delta(value.as_deref()),
-                "stale-if-error" => d.stale_if_error = delta(value.as_deref()),
-                _ => {}
+                d.no_cache = true;
+            } else if is("private") {
+                d.private = true;
+            } else if is("public") {
+                d.public = true;
+            } else if is("must-revalidate") {
+                d.must_revalidate = true;
+            } else if is("proxy-revalidate") {
+                d.proxy_revalidate = true;
             }
         }
         d
@@ -118,14 +128,19 @@ impl RequestDirectives {
         let mut any = false;
         for (name, value) in directives(headers) {
             any = true;
-            match name.as_str() {
-                "max-age" => d.max_age = d.max_age.or(delta(value.as_deref())),
-                "max-stale" => d.max_stale = Some(value.as_deref().and_then(|v| delta(Some(v)))),
-                "min-fresh" => d.min_fresh = d.min_fresh.or(delta(value.as_deref())),
-                "no-cache" => d.no_cache = true,
-                "no-store" => d.no_store = true,
-                "only-if-cached" => d.only_if_cached = true,
-                _ => {}
+            let is = |n: &str| name.eq_ignore_ascii_case(n);
+            if is("max-age") {
+                d.max_age = d.max_age.or(delta(value));
+            } else if is("max-stale") {
+                d.max_stale = Some(value.and_then(|v| delta(Some(v))));
+            } else if is("min-fresh") {
+                d.min_fresh = d.min_fresh.or(delta(value));
+            } else if is("no-cache") {
+                d.no_cache = true;
+            } else if is("no-store") {
+                d.no_store = true;
+            } else if is("only-if-cached") {
+                d.only_if_cached = true;
             }
         }
         // `Pragma: no-cache` counts only without any Cache-Control (RFC 9111 §5.4).
