@@ -20,6 +20,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod runtime;

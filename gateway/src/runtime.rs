@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::cache::Cache;
 use crate::config::{self, Config, ConfigError, Route};
+use crate::metrics::{Metrics, RouteCacheMetrics};
 use crate::proxy::upstream::UpstreamPool;
 use crate::router::Router;
 
@@ -15,6 +16,10 @@ use crate::router::Router;
 pub struct RouteRuntime {
     pub route: Route,
     pub upstreams: UpstreamPool,
+    /// The route's name as a metrics label (shared, not copied, per request).
+    pub label: Arc<String>,
+    pub cache_metrics: Option<RouteCacheMetrics>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug)]
@@ -24,14 +29,30 @@ pub struct Runtime {
     pub routes: Vec<RouteRuntime>,
     /// Shared by every configuration generation: a reload keeps what is cached.
     pub cache: Arc<Cache>,
+    /// Shared by every configuration generation, like the cache.
+    pub metrics: Arc<Metrics>,
+    /// Label for requests that matched no route, and for admin actions.
+    pub no_route: Arc<String>,
 }
 
 impl Runtime {
-    pub fn build(config: Config, cache: Arc<Cache>) -> Runtime {
+    pub fn build(config: Config, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Runtime {
         let router = Router::new(&config.routes);
-        let routes =
-            config.routes.iter().map(|r| RouteRuntime { route: r.clone(), upstreams: UpstreamPool::new(r) }).collect();
-        Runtime { config: Arc::new(config), router, routes, cache }
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let label = Arc::new(r.name.clone());
+                RouteRuntime {
+                    route: r.clone(),
+                    upstreams: UpstreamPool::new(r),
+                    cache_metrics: r.cache.as_ref().map(|_| metrics.route_cache(&label)),
+                    label,
+                    metrics: metrics.clone(),
+                }
+            })
+            .collect();
+        Runtime { config: Arc::new(config), router, routes, cache, metrics, no_route: Arc::new(String::new()) }
     }
 }
 
@@ -46,7 +67,8 @@ impl Gateway {
     /// The cache is sized from this first configuration; `cache.*` sizes need a restart to change.
     pub fn new(config: Config) -> Arc<Gateway> {
         let cache = Cache::new(config.cache.l1_max_bytes, config.cache.max_object_bytes);
-        Arc::new(Gateway { runtime: ArcSwap::from_pointee(Runtime::build(config, cache)), started: Instant::now() })
+        let runtime = Runtime::build(config, cache, Metrics::new());
+        Arc::new(Gateway { runtime: ArcSwap::from_pointee(runtime), started: Instant::now() })
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -69,7 +91,7 @@ impl Gateway {
             tracing::error!("{msg}");
         }
         let routes = next.routes.len();
-        self.runtime.store(Arc::new(Runtime::build(next, current.cache.clone())));
+        self.runtime.store(Arc::new(Runtime::build(next, current.cache.clone(), current.metrics.clone())));
         tracing::info!(routes, "configuration reloaded");
         Ok(())
     }

@@ -649,3 +649,26 @@ async fn l1_never_exceeds_its_byte_bound() {
     assert!(bytes <= 1 << 20, "L1 holds {bytes} bytes, bound is 1 MiB");
     assert!((1..=10).contains(&entries), "{entries} entries of 100 KiB in 1 MiB");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_requests_and_cache_outcomes() {
+    let (origin, _) = scripted_origin().await;
+    let gw = Gateway::start(&config(&origin, "{}", ""));
+    call(&gw, Method::GET, "/m", &[(CC, "max-age=60")]).await;
+    call(&gw, Method::GET, "/m", &[]).await;
+    call(&gw, Method::GET, "/m", &[]).await;
+    call(&gw, Method::PUT, "/m", &[]).await;
+    let text = get(&gw.admin_url("/metrics")).await.text();
+    for line in [
+        "weir_requests_total{route=\"api\",status=\"200\"} 4",
+        "weir_cache_hits_total{route=\"api\",level=\"l1\"} 2",
+        "weir_cache_misses_total{route=\"api\"} 1",
+        "weir_cache_invalidations_total{route=\"api\",kind=\"key\"} 1",
+        "weir_upstream_duration_seconds_count 2",
+        "weir_l1_entries 0",
+        "weir_redis_up 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("weir_l1_bytes ")), "{text}");
+}

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
@@ -58,6 +59,7 @@ impl Admin {
                 }
             },
             (&Method::POST, "/cache/purge") => self.purge(req).await,
+            (&Method::GET, "/metrics") => Ok(self.metrics().await),
             (m, p) => Err(GatewayError::NotFound(format!("no admin endpoint {m} {p}"))),
         }
     }
@@ -78,9 +80,25 @@ impl Admin {
             return Err(GatewayError::BadRequest("nothing to purge: give keys, tags or prefixes".into()));
         }
         let rt = self.gateway.runtime();
+        for (kind, n) in [("key", purge.keys.len()), ("tag", purge.tags.len()), ("prefix", purge.prefixes.len())] {
+            rt.metrics.invalidations(&rt.no_route, kind, n);
+        }
         let purged = rt.cache.purge(&purge).await.map_err(|e| GatewayError::BadRequest(e.to_string()))?;
         tracing::info!(?purge, purged, "admin purge");
         Ok(json_response(StatusCode::OK, &serde_json::json!({"purged": purged})))
+    }
+
+    /// `GET /metrics`: Prometheus text exposition (OpenMetrics).
+    async fn metrics(&self) -> Response<Body> {
+        let rt = self.gateway.runtime();
+        rt.cache.l1.settle().await;
+        let text = rt.metrics.render(rt.cache.stats(), false);
+        let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        resp
     }
 
     async fn health(&self) -> Response<Body> {

@@ -106,7 +106,11 @@ struct Fetched {
     stale_if_error: Option<i64>,
 }
 
-fn with_status(mut resp: Response<Body>, outcome: &Outcome) -> Response<Body> {
+/// Sets `Cache-Status` and counts the outcome: the one place both happen.
+fn with_status(route: &RouteRuntime, mut resp: Response<Body>, outcome: &Outcome) -> Response<Body> {
+    if let Some(m) = &route.cache_metrics {
+        m.record(outcome);
+    }
     resp.headers_mut().insert(CACHE_STATUS.clone(), outcome.header_value());
     resp
 }
@@ -161,7 +165,7 @@ async fn serve_inner(
         || (method == Method::POST && cfg.methods.contains(&Method::POST));
     if !cacheable {
         let resp = Box::pin(forward_and_invalidate(rt, idx, req, conn, trusted)).await?;
-        return Ok(with_status(resp, &Outcome::Bypass { reason: BypassReason::Method, stored: false }));
+        return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::Method, stored: false }));
     }
 
     let (client, body) = req.into_parts();
@@ -203,7 +207,7 @@ async fn serve_inner(
                 None => (empty(), true),
             };
             let resp = Box::pin(send_upstream(route, up, b, none)).await?;
-            return Ok(with_status(finish_response(route, resp), &Outcome::Bypass { reason, stored: false }));
+            return Ok(with_status(route, finish_response(route, resp), &Outcome::Bypass { reason, stored: false }));
         }
     };
 
@@ -230,7 +234,7 @@ async fn serve_inner(
     if let Some(reason) = bypass {
         // Credentials: never served from the cache; stored only where RFC 9111 §3.5 allows.
         let f = Box::pin(fetch(&ctx, None, None, false)).await?;
-        return Ok(with_status(f.resp, &Outcome::Bypass { reason, stored: f.stored.is_ok() }));
+        return Ok(with_status(ctx.route(), f.resp, &Outcome::Bypass { reason, stored: f.stored.is_ok() }));
     }
     lookup_and_serve(&ctx).await
 }
@@ -262,21 +266,29 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
             d.max_age.is_none_or(|m| age <= m) && d.min_fresh.is_none_or(|mf| e.fresh_for.saturating_sub(age) >= mf);
         let fresh = e.is_fresh(now);
         if fresh && meets_request && !d.no_cache {
-            return Ok(with_status(serve_entry(ctx, &e, now), &Outcome::Hit { level: Level::L1 }));
+            return Ok(with_status(ctx.route(), serve_entry(ctx, &e, now), &Outcome::Hit { level: Level::L1 }));
         }
         let staleness = e.staleness(now);
         let may_be_stale = !fresh && !d.no_cache && !e.stale_forbidden && !e.revalidate_always;
         // The client accepts staleness explicitly (max-stale).
         if may_be_stale && d.max_stale.is_some_and(|ms| ms.is_none_or(|m| staleness <= m)) {
-            return Ok(with_status(serve_entry(ctx, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
+            return Ok(with_status(
+                ctx.route(),
+                serve_entry(ctx, &e, now),
+                &Outcome::StaleHit { ttl: e.ttl_secs(now) },
+            ));
         }
         // stale-while-revalidate: answer now, refresh once in the background.
         if may_be_stale && staleness < e.stale_while_revalidate && d.max_age.is_none() && d.min_fresh.is_none() {
             spawn_refresh(ctx, &full_key, &e);
-            return Ok(with_status(serve_entry(ctx, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
+            return Ok(with_status(
+                ctx.route(),
+                serve_entry(ctx, &e, now),
+                &Outcome::StaleHit { ttl: e.ttl_secs(now) },
+            ));
         }
         if d.only_if_cached {
-            return Ok(with_status(GatewayError::NotCached.into_response(), &Outcome::NotCached));
+            return Ok(with_status(ctx.route(), GatewayError::NotCached.into_response(), &Outcome::NotCached));
         }
         // The miss paths are boxed: a hit's future stays small (it is moved and polled often).
         let f = Box::pin(fetch_coalesced(ctx, &full_key, Some(&e))).await?;
@@ -286,22 +298,22 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
             (None, false) => Outcome::Revalidated { fwd_status: f.fwd_status, stored: f.stored },
         };
         let outcome = if f.fwd_status == 0 { Outcome::Collapsed } else { outcome };
-        return Ok(with_status(f.resp, &outcome));
+        return Ok(with_status(ctx.route(), f.resp, &outcome));
     }
 
     if d.only_if_cached {
-        return Ok(with_status(GatewayError::NotCached.into_response(), &Outcome::NotCached));
+        return Ok(with_status(ctx.route(), GatewayError::NotCached.into_response(), &Outcome::NotCached));
     }
     if head_or_range {
         // HEAD and Range misses are not coalesced; a 206 or a HEAD answer is never stored, but
         // an origin that ignores Range answers 200 with the whole body, which may be.
         let f = Box::pin(fetch(ctx, None, None, true)).await?;
-        return Ok(with_status(f.resp, &Outcome::Miss { vary: vary_miss, stored: f.stored }));
+        return Ok(with_status(ctx.route(), f.resp, &Outcome::Miss { vary: vary_miss, stored: f.stored }));
     }
     let f = Box::pin(fetch_coalesced(ctx, &full_key, None)).await?;
     let outcome =
         if f.fwd_status == 0 { Outcome::Collapsed } else { Outcome::Miss { vary: vary_miss, stored: f.stored } };
-    Ok(with_status(f.resp, &outcome))
+    Ok(with_status(ctx.route(), f.resp, &outcome))
 }
 
 /// One upstream fetch per key: lead it, or wait for the leader and use its response when it
@@ -795,6 +807,8 @@ pub(super) async fn forward_and_invalidate(
         }
     }
     if !purge.is_empty() {
+        rt.metrics.invalidations(&route.label, "key", purge.keys.len());
+        rt.metrics.invalidations(&route.label, "tag", purge.tags.len());
         match rt.cache.purge(&purge).await {
             Ok(n) => {
                 tracing::debug!(route = %route.route.name, %method, purged = n, "write invalidated cached entries")

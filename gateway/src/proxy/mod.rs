@@ -85,13 +85,17 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     // Cheap clones (no allocation), kept for the error log.
     let method = req.method().clone();
     let uri = req.uri().clone();
-    match proxy(&rt, req, conn).await {
+    let (route, result) = proxy(&rt, req, conn).await;
+    let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(%method, path = uri.path(), peer = %conn.peer, error = %e, "request failed");
             e.into_response()
         }
-    }
+    };
+    let label = route.map_or(&rt.no_route, |i| &rt.routes[i].label);
+    rt.metrics.request(label, resp.status().as_u16());
+    resp
 }
 
 /// The host the client addressed: the URI authority (HTTP/2, absolute-form) or `Host`.
@@ -99,7 +103,25 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
-async fn proxy(rt: &Arc<Runtime>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<Body>, GatewayError> {
+/// Runs the phases; also says which route answered (for metrics).
+async fn proxy(
+    rt: &Arc<Runtime>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> (Option<usize>, Result<Response<Body>, GatewayError>) {
+    match route_and_serve(rt, req, conn).await {
+        Ok((idx, resp)) => (Some(idx), resp),
+        Err(e) => (None, Err(e)),
+    }
+}
+
+/// Phases 1–2 fail before a route is known (`Err`); after that the route index comes back with
+/// whatever the later phases answered.
+async fn route_and_serve(
+    rt: &Arc<Runtime>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<(usize, Result<Response<Body>, GatewayError>), GatewayError> {
     // Phase 1: limits.
     let limit = rt.config.server.max_header_bytes;
     let size = header_bytes(req.headers());
@@ -127,13 +149,13 @@ async fn proxy(rt: &Arc<Runtime>, req: Request<Incoming>, conn: ConnInfo) -> Res
     let trusted = rt.config.server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
     // Phase 3 (consumer: rate limits, budgets) arrives with its issue. Phase 4: cache.
     if let Some(cfg) = &route.route.cache {
-        return cached::serve(rt, idx, cfg, req, conn, trusted).await;
+        return Ok((idx, cached::serve(rt, idx, cfg, req, conn, trusted).await));
     }
     // Phases 5–6: forward and respond (a write on a route with `invalidate:` then purges).
     if route.route.invalidate.is_some() {
-        return cached::forward_and_invalidate(rt, idx, req, conn, trusted).await;
+        return Ok((idx, cached::forward_and_invalidate(rt, idx, req, conn, trusted).await));
     }
-    forward(route, req, conn, trusted).await
+    Ok((idx, forward(route, req, conn, trusted).await))
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
@@ -163,9 +185,11 @@ async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> R
     let after = route.route.timeouts.response;
     // The upstream's name is formatted only for an error: it is not free on the hot path.
     let upstream = || route.upstreams.url(i).to_string();
+    let started = std::time::Instant::now();
     match tokio::time::timeout(after, route.upstreams.client.request(req)).await {
         Err(_) => Err(SendError::Other(GatewayError::UpstreamTimeout { upstream: upstream(), after })),
         Ok(Ok(resp)) => {
+            route.metrics.upstream(started.elapsed());
             route.upstreams.mark_up(i);
             Ok(resp)
         }

@@ -1,0 +1,162 @@
+//! Prometheus metrics (names are contract, DESIGN.md): one registry per process, kept across
+//! reloads. Per-route cache counters are resolved once per configuration so a hit only
+//! increments an atomic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::cache::status::{Level, Outcome};
+use crate::cache::StorageStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: Arc<String>,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLevel {
+    pub route: Arc<String>,
+    pub level: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: Arc<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteKind {
+    pub route: Arc<String>,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LevelLabel {
+    pub level: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RouteStatus, Counter>,
+    pub cache_hits: Family<RouteLevel, Counter>,
+    pub cache_misses: Family<RouteLabel, Counter>,
+    pub cache_stale: Family<RouteLabel, Counter>,
+    pub cache_invalidations: Family<RouteKind, Counter>,
+    pub cache_errors: Family<LevelLabel, Counter>,
+    pub upstream_duration: Histogram,
+    l1_bytes: Gauge,
+    l1_entries: Gauge,
+    redis_up: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let cache_hits = Family::default();
+        let cache_misses = Family::default();
+        let cache_stale = Family::default();
+        let cache_invalidations = Family::default();
+        let cache_errors = Family::default();
+        // 0.5 ms .. ~16 s
+        let upstream_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let (l1_bytes, l1_entries, redis_up) = (Gauge::default(), Gauge::default(), Gauge::default());
+        // Counters get their `_total` suffix from the encoder.
+        registry.register("weir_requests", "Requests answered, by route and status", requests.clone());
+        registry.register("weir_cache_hits", "Cache hits, by route and tier", cache_hits.clone());
+        registry.register("weir_cache_misses", "Requests the cache sent to the origin", cache_misses.clone());
+        registry.register("weir_cache_stale", "Stale responses served", cache_stale.clone());
+        registry.register("weir_cache_invalidations", "Invalidations requested, by kind", cache_invalidations.clone());
+        registry.register("weir_cache_errors", "Cache tier errors, by tier", cache_errors.clone());
+        registry.register(
+            "weir_upstream_duration_seconds",
+            "Time to the upstream response head",
+            upstream_duration.clone(),
+        );
+        registry.register("weir_l1_bytes", "Bytes held by the in-process cache", l1_bytes.clone());
+        registry.register("weir_l1_entries", "Objects held by the in-process cache", l1_entries.clone());
+        registry.register("weir_redis_up", "1 when the shared Redis tier is connected", redis_up.clone());
+        Arc::new(Metrics {
+            registry,
+            requests,
+            cache_hits,
+            cache_misses,
+            cache_stale,
+            cache_invalidations,
+            cache_errors,
+            upstream_duration,
+            l1_bytes,
+            l1_entries,
+            redis_up,
+        })
+    }
+
+    /// Counters of one route's cache, resolved once.
+    pub fn route_cache(&self, route: &Arc<String>) -> RouteCacheMetrics {
+        // One statement per counter: `get_or_create` returns a read guard, and guards that live to
+        // the end of one larger expression deadlock the next insert into the same family.
+        let r = || route.clone();
+        let hit_l1 = self.cache_hits.get_or_create_owned(&RouteLevel { route: r(), level: "l1" });
+        let hit_l2 = self.cache_hits.get_or_create_owned(&RouteLevel { route: r(), level: "l2" });
+        let miss = self.cache_misses.get_or_create_owned(&RouteLabel { route: r() });
+        let stale = self.cache_stale.get_or_create_owned(&RouteLabel { route: r() });
+        RouteCacheMetrics { hit_l1, hit_l2, miss, stale }
+    }
+
+    pub fn request(&self, route: &Arc<String>, status: u16) {
+        self.requests.get_or_create(&RouteStatus { route: route.clone(), status }).inc();
+    }
+
+    pub fn invalidations(&self, route: &Arc<String>, kind: &'static str, n: usize) {
+        if n > 0 {
+            self.cache_invalidations.get_or_create(&RouteKind { route: route.clone(), kind }).inc_by(n as u64);
+        }
+    }
+
+    pub fn upstream(&self, took: Duration) {
+        self.upstream_duration.observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition, with gauges read now.
+    pub fn render(&self, l1: StorageStats, redis_up: bool) -> String {
+        self.l1_bytes.set(i64::try_from(l1.bytes).unwrap_or(i64::MAX));
+        self.l1_entries.set(i64::try_from(l1.entries).unwrap_or(i64::MAX));
+        self.redis_up.set(i64::from(redis_up));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+/// One route's cache counters.
+#[derive(Debug, Clone)]
+pub struct RouteCacheMetrics {
+    hit_l1: Counter,
+    hit_l2: Counter,
+    miss: Counter,
+    stale: Counter,
+}
+
+impl RouteCacheMetrics {
+    /// Labels an outcome the way `Outcome::label` names it.
+    pub fn record(&self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Hit { level: Level::L1 } => self.hit_l1.inc(),
+            Outcome::Hit { level: Level::L2 } => self.hit_l2.inc(),
+            o if o.label() == "stale" => self.stale.inc(),
+            o if matches!(o.label(), "miss" | "collapsed" | "revalidated") => self.miss.inc(),
+            _ => 0,
+        };
+    }
+}
