@@ -4,6 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${CARGO_TARGET_DIR:-target}/debug"
 
+for port in 3000 8080 9901; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is already in use (another Weir or demo origin still running?): stop it first" >&2
+    exit 1
+  fi
+done
+
 "$bin/weir-demo-origin" --addr 127.0.0.1:3000 &
 origin=$!
 "$bin/weir" run --config policies/demo.yaml &
