@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::cache::Cache;
 use crate::config::{self, Config, ConfigError, Route};
-use crate::metrics::{Metrics, RouteCacheMetrics};
+use crate::metrics::{Metrics, RouteCacheMetrics, RouteRequests};
 use crate::proxy::upstream::UpstreamPool;
 use crate::router::Router;
 
@@ -19,6 +19,7 @@ pub struct RouteRuntime {
     /// The route's name as a metrics label (shared, not copied, per request).
     pub label: Arc<String>,
     pub cache_metrics: Option<RouteCacheMetrics>,
+    pub requests: RouteRequests,
     pub metrics: Arc<Metrics>,
 }
 
@@ -33,6 +34,7 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     /// Label for requests that matched no route, and for admin actions.
     pub no_route: Arc<String>,
+    pub no_route_requests: RouteRequests,
 }
 
 impl Runtime {
@@ -47,12 +49,15 @@ impl Runtime {
                     route: r.clone(),
                     upstreams: UpstreamPool::new(r),
                     cache_metrics: r.cache.as_ref().map(|_| metrics.route_cache(&label)),
+                    requests: metrics.route_requests(&label),
                     label,
                     metrics: metrics.clone(),
                 }
             })
             .collect();
-        Runtime { config: Arc::new(config), router, routes, cache, metrics, no_route: Arc::new(String::new()) }
+        let no_route = Arc::new(String::new());
+        let no_route_requests = metrics.route_requests(&no_route);
+        Runtime { config: Arc::new(config), router, routes, cache, metrics, no_route, no_route_requests }
     }
 }
 

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moka::future::Cache as Moka;
 use moka::notification::RemovalCause;
+use moka::sync::Cache as Moka;
 use moka::Expiry;
 
 use super::entry::Object;
@@ -123,20 +123,20 @@ impl L1 {
         L1 { cache, index }
     }
 
-    /// Direct lookup (what `Storage::get` boxes).
-    pub async fn lookup(&self, key: &str) -> Option<Object> {
-        self.cache.get(key).await
+    /// Direct lookup, synchronous: moka's sync cache never blocks on a lookup.
+    pub fn lookup(&self, key: &str) -> Option<Object> {
+        self.cache.get(key)
     }
 
     /// Makes moka apply pending evictions now (it evicts lazily); tests and `/health` use it.
     pub async fn settle(&self) {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
     }
 }
 
 impl Storage for L1 {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Object>, CacheError>> {
-        Box::pin(async move { Ok(self.lookup(key).await) })
+        Box::pin(std::future::ready(Ok(self.lookup(key))))
     }
 
     fn put<'a>(&'a self, key: &'a str, obj: Object) -> BoxFuture<'a, Result<(), CacheError>> {
@@ -145,7 +145,7 @@ impl Storage for L1 {
             if let Ok(mut i) = self.index.lock() {
                 i.add(&key, &obj);
             }
-            self.cache.insert(key, obj).await;
+            self.cache.insert(key, obj);
             Ok(())
         })
     }
@@ -158,7 +158,7 @@ impl Storage for L1 {
             };
             let mut n = 0;
             for k in keys {
-                if let Some(obj) = self.cache.remove(&k).await {
+                if let Some(obj) = self.cache.remove(&k) {
                     n += 1;
                     // A Vary marker's variants live under `key|vary:...`, at the same path.
                     if matches!(obj, Object::Vary { .. }) {
@@ -171,7 +171,7 @@ impl Storage for L1 {
                             Err(_) => Vec::new(),
                         };
                         for v in variants {
-                            if self.cache.remove(&v).await.is_some() {
+                            if self.cache.remove(&v).is_some() {
                                 n += 1;
                             }
                         }

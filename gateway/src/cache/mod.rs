@@ -113,7 +113,7 @@ impl Cache {
     /// path pays no boxed `dyn` future (measured: the boxed moka lookup was the costliest
     /// allocation of a hit).
     pub async fn get(&self, key: &str) -> Option<Object> {
-        if let Some(obj) = self.l1.lookup(key).await {
+        if let Some(obj) = self.l1.lookup(key) {
             return Some(obj);
         }
         let l2 = self.l2.as_ref()?;

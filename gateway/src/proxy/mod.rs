@@ -93,8 +93,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
             e.into_response()
         }
     };
-    let label = route.map_or(&rt.no_route, |i| &rt.routes[i].label);
-    rt.metrics.request(label, resp.status().as_u16());
+    let counters = route.map_or(&rt.no_route_requests, |i| &rt.routes[i].requests);
+    counters.inc(resp.status().as_u16());
     resp
 }
 
