@@ -18,7 +18,9 @@ use hyper::body::{Frame, Incoming};
 
 use super::body::IdleTimeout;
 use super::headers::{add_via, strip_hop_by_hop};
-use super::{clone_head, empty, finish_response, forward, prepare_head, send_upstream, ConnInfo};
+use super::{
+    clone_head, content_length, empty, finish_response, forward, prepare_head, request_host, send_upstream, ConnInfo,
+};
 use crate::cache::entry::{Entry, Object};
 use crate::cache::flight::{self, FlightGuard, FlightResult, Join};
 use crate::cache::key;
@@ -115,15 +117,6 @@ fn with_status(route: &RouteRuntime, mut resp: Response<Body>, outcome: &Outcome
     resp
 }
 
-fn authority(parts: &Parts) -> String {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn is_unsafe(m: &Method) -> bool {
     !matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
 }
@@ -176,9 +169,10 @@ async fn serve_inner(
     let mut post_body = None;
     let mut passthrough = None;
     if method == Method::POST {
-        match Box::pin(read_bounded(body, cfg.max_key_body_bytes, idle)).await? {
-            Ok(b) => post_body = Some(b),
-            Err(replay) => passthrough = Some(replay),
+        match Box::pin(collect(body, cfg.max_key_body_bytes, idle)).await {
+            Collected::Complete(b) => post_body = Some(b),
+            Collected::TooLarge(replay) => passthrough = Some(replay),
+            Collected::Failed(e) => return Err(GatewayError::BadRequest(format!("request body: {e}"))),
         }
     } else if !body.is_end_stream() {
         passthrough = Some(IdleTimeout::new(body, idle).boxed());
@@ -190,7 +184,7 @@ async fn serve_inner(
         &route.route.name,
         class,
         conn.scheme,
-        &authority(&client),
+        request_host(&client.uri, &client.headers).unwrap_or_default(),
         client.uri.path(),
         client.uri.query(),
         hash.as_deref(),
@@ -582,10 +576,7 @@ fn build_entry(
     }
 }
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
+/// A body read up to a bound: request bodies of cached POSTs, and responses being stored.
 enum Collected {
     Complete(Bytes),
     /// Past the object bound: what was read so far, then the rest, streamed.
@@ -632,26 +623,6 @@ impl<S: futures_util::Stream + Send> futures_util::Stream for SyncStream<S> {
         match self.get_mut().0.get_mut() {
             Ok(s) => s.as_mut().poll_next(cx),
             Err(p) => p.into_inner().as_mut().poll_next(cx),
-        }
-    }
-}
-
-/// Reads a request body up to `limit`; beyond it, returns a body that replays what was read.
-async fn read_bounded(body: Incoming, limit: u64, idle: Duration) -> Result<Result<Bytes, Body>, GatewayError> {
-    let mut body = Box::pin(IdleTimeout::new(body, idle));
-    let mut buf = BytesMut::new();
-    loop {
-        match body.frame().await {
-            None => return Ok(Ok(buf.freeze())),
-            Some(Err(e)) => return Err(GatewayError::BadRequest(format!("request body: {e}"))),
-            Some(Ok(f)) => {
-                if let Ok(d) = f.into_data() {
-                    buf.extend_from_slice(&d);
-                }
-                if buf.len() as u64 > limit {
-                    return Ok(Err(replay(buf.freeze(), body)));
-                }
-            }
         }
     }
 }
@@ -780,11 +751,7 @@ pub(super) async fn forward_and_invalidate(
 ) -> Result<Response<Body>, GatewayError> {
     let route = &rt.routes[idx];
     let method = req.method().clone();
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+    let host = request_host(req.uri(), req.headers()).map(str::to_string);
     let target = key::primary("", "", "", "", req.uri().path(), req.uri().query(), None).ok().map(|k| k.path_query);
     let resp = forward(route, req, conn, trusted).await?;
     if !is_unsafe(&method) || !(resp.status().is_success() || resp.status().is_redirection()) {

@@ -32,7 +32,6 @@ use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop, upg
 use crate::error::GatewayError;
 use crate::router::RouteMatch;
 use crate::runtime::{Gateway, RouteRuntime, Runtime};
-
 use crate::Body;
 
 /// What the listener knows about the connection a request came on.
@@ -99,8 +98,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
 }
 
 /// The host the client addressed: the URI authority (HTTP/2, absolute-form) or `Host`.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+/// Routing, cache keys and write invalidation all use this one answer.
+pub(crate) fn request_host<'a>(uri: &'a Uri, headers: &'a http::HeaderMap) -> Option<&'a str> {
+    uri.authority().map(|a| a.as_str()).or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
 /// Runs the phases; also says which route answered (for metrics).
@@ -130,7 +130,7 @@ async fn route_and_serve(
     }
 
     // Phase 2: route.
-    let host = request_host(&req);
+    let host = request_host(req.uri(), req.headers());
     let idx = match rt.router.route(host, req.uri().path(), req.method()) {
         RouteMatch::Found(i) => i,
         RouteMatch::MethodNotAllowed(allow) => {
@@ -158,7 +158,7 @@ async fn route_and_serve(
     Ok((idx, forward(route, req, conn, trusted).await))
 }
 
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
