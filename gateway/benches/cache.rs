@@ -72,7 +72,7 @@ fn l1(c: &mut Criterion) {
                 path: format!("/products/{i}"),
                 vary: Arc::from(Vec::new()),
             };
-            l1.put(&k, Object::Response(Arc::new(e))).await.expect("put");
+            l1.put(&k, Object::Response(Arc::new(e)), SystemTime::now()).await.expect("put");
         }
     });
     c.bench_function("l1/get hit (10k entries)", |b| {

@@ -5,14 +5,14 @@
 //! 1. **accept** (`server::listener`) — TCP, HTTP/1.1 and HTTP/2, header size and read time limits
 //! 2. **route** (`router`) — host, longest path prefix, methods; 404 `no_route` otherwise
 //! 3. **consumer** — rate limits and budgets (to come: `ratelimit/`, `budget/`)
-//! 4. **cache** (`cache`, `proxy::cached`) — key, lookup, hit / stale / revalidate / coalesced
-//!    miss, store; writes invalidate
+//! 4. **cache** (`cache`, `proxy::cached`) — key, lookup L1 → L2 (`cache::l2` on `redis`), hit /
+//!    stale / revalidate / coalesced miss, store; writes invalidate every tier and instance
 //! 5. **forward** (`proxy`) — hop-by-hop rules, forwarding headers, upstream pool, retries, timeouts
 //! 6. **respond** (`proxy`) — streaming body back, `Via`, upgrades
 //!
 //! Configuration (`config`) is parsed and validated whole into a `runtime::Runtime`, swapped
 //! atomically on reload; errors become JSON responses only in `error`. The admin API lives in
-//! `admin` on its own listener.
+//! `admin` on its own listener. The shared tier's connection, breaker and health live in `redis`.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod redis;
 pub mod router;
 pub mod runtime;
 pub mod server;

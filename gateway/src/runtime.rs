@@ -6,10 +6,12 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::cache::Cache;
+use crate::cache::l2::{self, L2};
+use crate::cache::{Cache, Storage};
 use crate::config::{self, Config, ConfigError, Route};
-use crate::metrics::{Metrics, RouteCacheMetrics, RouteRequests};
+use crate::metrics::{LevelLabel, Metrics, RouteCacheMetrics, RouteRequests};
 use crate::proxy::upstream::UpstreamPool;
+use crate::redis::Shared;
 use crate::router::Router;
 
 #[derive(Debug)]
@@ -66,14 +68,29 @@ impl Runtime {
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
     pub started: Instant,
+    /// The shared tier's connection, when `redis` is configured (it needs a restart to change).
+    pub redis: Option<Arc<Shared>>,
 }
 
 impl Gateway {
     /// The cache is sized from this first configuration; `cache.*` sizes need a restart to change.
-    pub fn new(config: Config) -> Arc<Gateway> {
-        let cache = Cache::new(config.cache.l1_max_bytes, config.cache.max_object_bytes);
-        let runtime = Runtime::build(config, cache, Metrics::new());
-        Arc::new(Gateway { runtime: ArcSwap::from_pointee(runtime), started: Instant::now() })
+    /// `redis`: the connected shared tier (see `Shared::connect`); its L2 cache and the
+    /// invalidation subscriber start here.
+    pub fn new(config: Config, redis: Option<Arc<Shared>>) -> Arc<Gateway> {
+        let metrics = Metrics::new();
+        let l2 = redis.as_ref().map(|r| Arc::new(L2::new(r.clone())));
+        let cache = Cache::new(
+            config.cache.l1_max_bytes,
+            config.cache.max_object_bytes,
+            l2.clone().map(|l| l as Arc<dyn Storage>),
+            metrics.cache_errors.get_or_create_owned(&LevelLabel { level: "l2" }),
+        );
+        if let (Some(l2), Some(r)) = (l2, &redis) {
+            r.spawn_supervisor();
+            l2::spawn_subscriber(Arc::downgrade(&cache), l2);
+        }
+        let runtime = Runtime::build(config, cache, metrics);
+        Arc::new(Gateway { runtime: ArcSwap::from_pointee(runtime), started: Instant::now(), redis })
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -91,6 +108,9 @@ impl Gateway {
             || current.config.admin.as_ref().map(|a| a.addr) != next.admin.as_ref().map(|a| a.addr)
         {
             tracing::warn!("listener or admin addresses changed: they take effect after a restart");
+        }
+        if current.config.redis.as_ref().map(|r| &r.urls) != next.redis.as_ref().map(|r| &r.urls) {
+            tracing::warn!("redis settings changed: they take effect after a restart");
         }
         for msg in &next.not_yet_supported {
             tracing::error!("{msg}");

@@ -280,7 +280,8 @@ impl Drop for Gateway {
 pub struct RedisServer {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 impl RedisServer {
@@ -292,22 +293,56 @@ impl RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let dir = tempfile::tempdir().expect("tempdir");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server is not installed (make test installs it)");
-            let mut server = RedisServer { child, port, _dir: dir };
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            let child = Self::spawn(port, &dir, &args);
+            let mut server = RedisServer { child, port, dir, args };
             if server.wait_ready() {
                 return server;
             }
             let _ = server.child.kill();
         }
         panic!("redis-server did not start");
+    }
+
+    fn spawn(port: u16, dir: &tempfile::TempDir, args: &[String]) -> Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed (make test installs it)")
+    }
+
+    /// SIGKILL: the server vanishes mid-conversation, as in a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port (empty: nothing was saved).
+    pub fn restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.child = Self::spawn(self.port, &self.dir, &self.args);
+            if self.wait_ready() {
+                return;
+            }
+            let _ = self.child.kill();
+            assert!(Instant::now() < deadline, "redis-server did not restart on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every key in the server (tests inspect the key space; the gateway never uses KEYS).
+    pub fn keys(&self) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--raw", "KEYS", "*"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
     }
 
     fn wait_ready(&mut self) -> bool {
@@ -409,4 +444,61 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A local Redis Cluster of three masters (no replicas) on ephemeral ports, each with an
+/// explicit `cluster-port` so the bus port never needs port + 10000.
+#[derive(Debug)]
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let bus = free_port().to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let mut cmd = Command::new("redis-cli");
+        cmd.arg("--cluster").arg("create");
+        for n in &nodes {
+            cmd.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = cmd.arg("--cluster-yes").output().expect("redis-cli");
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|n| n.info("cluster_state").as_deref() == Some("ok")) {
+            assert!(Instant::now() < deadline, "cluster did not reach state ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+}
+
+impl RedisServer {
+    /// One field of `CLUSTER INFO`.
+    pub fn info(&self, field: &str) -> Option<String> {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string(), "CLUSTER", "INFO"]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
+    }
+
+    /// `DBSIZE` of this node.
+    pub fn dbsize(&self) -> u64 {
+        self.command("DBSIZE").and_then(|r| r.trim_start_matches(':').parse().ok()).unwrap_or(0)
+    }
 }

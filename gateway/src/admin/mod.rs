@@ -92,7 +92,8 @@ impl Admin {
     async fn metrics(&self) -> Response<Body> {
         let rt = self.gateway.runtime();
         rt.cache.l1.settle().await;
-        let text = rt.metrics.render(rt.cache.stats(), false);
+        let up = self.gateway.redis.as_ref().is_some_and(|r| r.is_up());
+        let text = rt.metrics.render(rt.cache.stats(), up);
         let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -106,14 +107,30 @@ impl Admin {
         // moka counts lazily: apply pending work so the numbers are current.
         rt.cache.l1.settle().await;
         let stats = rt.cache.stats();
+        let redis = match &self.gateway.redis {
+            None => serde_json::json!({"configured": false, "connected": false}),
+            Some(r) => serde_json::json!({
+                "configured": true,
+                "connected": r.is_up(),
+                "breaker": r.breaker_state().as_str(),
+                "latency_ms": r.latency().as_secs_f64() * 1000.0,
+                "invalidations_subscribed": r.subscribed.load(std::sync::atomic::Ordering::Relaxed),
+                "cluster": r.settings.cluster,
+            }),
+        };
+        // Degraded, not down: without Redis Weir serves from L1 and the origin.
+        let status = match &self.gateway.redis {
+            Some(r) if !r.is_up() => "degraded",
+            _ => "ok",
+        };
         json_response(
             StatusCode::OK,
             &serde_json::json!({
-                "status": "ok",
+                "status": status,
                 "uptime_seconds": self.gateway.started.elapsed().as_secs(),
                 "routes": rt.routes.len(),
                 "l1": {"entries": stats.entries, "bytes": stats.bytes},
-                "redis": {"configured": rt.config.redis.is_some(), "connected": false},
+                "redis": redis,
             }),
         )
     }

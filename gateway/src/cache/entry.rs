@@ -110,6 +110,15 @@ impl Object {
         }
     }
 
+    /// Lifetime left in a store: `retain_for` counted from when the response was received (an
+    /// object promoted from L2 keeps only what it has left).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        match self {
+            Object::Response(e) => e.retain_for().saturating_sub(now.duration_since(e.stored_at).unwrap_or_default()),
+            Object::Vary { retain_for, .. } => *retain_for,
+        }
+    }
+
     pub fn path(&self) -> &str {
         match self {
             Object::Response(e) => &e.path,

@@ -77,7 +77,7 @@ struct Lifetime;
 
 impl Expiry<Arc<str>, Object> for Lifetime {
     fn expire_after_create(&self, _k: &Arc<str>, v: &Object, _at: Instant) -> Option<Duration> {
-        Some(v.retain_for())
+        Some(v.remaining(std::time::SystemTime::now()))
     }
     fn expire_after_update(
         &self,
@@ -86,7 +86,7 @@ impl Expiry<Arc<str>, Object> for Lifetime {
         _at: Instant,
         _left: Option<Duration>,
     ) -> Option<Duration> {
-        Some(v.retain_for())
+        Some(v.remaining(std::time::SystemTime::now()))
     }
 }
 
@@ -128,6 +128,19 @@ impl L1 {
         self.cache.get(key)
     }
 
+    pub fn remove(&self, key: &str) {
+        self.cache.invalidate(key);
+    }
+
+    /// Drops everything; returns how many entries there were.
+    pub fn clear(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        let n = self.cache.entry_count();
+        self.cache.invalidate_all();
+        self.cache.run_pending_tasks();
+        n
+    }
+
     /// Makes moka apply pending evictions now (it evicts lazily); tests and `/health` use it.
     pub async fn settle(&self) {
         self.cache.run_pending_tasks();
@@ -139,7 +152,12 @@ impl Storage for L1 {
         Box::pin(std::future::ready(Ok(self.lookup(key))))
     }
 
-    fn put<'a>(&'a self, key: &'a str, obj: Object) -> BoxFuture<'a, Result<(), CacheError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        obj: Object,
+        _since: std::time::SystemTime,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             let key: Arc<str> = Arc::from(key);
             if let Ok(mut i) = self.index.lock() {
@@ -222,7 +240,7 @@ mod tests {
         // Ten times the capacity in 10 KiB objects.
         for i in 0..1000 {
             let k = format!("r|GET|http://h/o/{i}");
-            l1.put(&k, entry(&k, &format!("/o/{i}"), &["t"], 10 << 10)).await.unwrap();
+            l1.put(&k, entry(&k, &format!("/o/{i}"), &["t"], 10 << 10), SystemTime::now()).await.unwrap();
         }
         l1.settle().await;
         let s = l1.stats();
@@ -234,7 +252,7 @@ mod tests {
     async fn purge_by_tag_prefix_and_path_cleans_the_index() {
         let l1 = L1::new(1 << 20);
         for (k, p, t) in [("k1", "/a/1", "x"), ("k2", "/a/2", "y"), ("k3", "/b/1", "x")] {
-            l1.put(k, entry(k, p, &[t], 10)).await.unwrap();
+            l1.put(k, entry(k, p, &[t], 10), SystemTime::now()).await.unwrap();
         }
         assert_eq!(l1.purge(&Purge { tags: vec!["x".into()], ..Purge::default() }).await.unwrap(), 2);
         assert!(l1.get("k1").await.unwrap().is_none());

@@ -3,11 +3,13 @@
 //! composition plug in beside it), coalescing (`flight`) and the `Cache-Status` outcome (`status`).
 //! The request-path use of all this is `proxy::cached`.
 
+pub mod codec;
 pub mod control;
 pub mod entry;
 pub mod flight;
 pub mod key;
 pub mod l1;
+pub mod l2;
 pub mod policy;
 pub mod status;
 
@@ -16,11 +18,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-use serde::Deserialize;
+use prometheus_client::metrics::counter::Counter;
+use serde::{Deserialize, Serialize};
 
 use self::entry::{Entry, Object};
 use self::flight::Flights;
+use self::status::Level;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -30,11 +35,14 @@ pub enum CacheError {
     Poisoned,
     #[error("storage tier {tier} failed: {message}")]
     Tier { tier: &'static str, message: String },
+    /// The shared tier refused a store: a purge that covers it landed after its fetch began.
+    #[error("a purge overtook this store")]
+    Overtaken,
 }
 
 /// What to invalidate. `keys` are full cache keys, or URL paths (`/products/1?x=1`, matched
 /// exactly against normalised paths); `prefixes` match the start of normalised paths.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Purge {
     #[serde(default)]
@@ -68,7 +76,9 @@ pub struct StorageStats {
 /// One cache tier: look up, store and purge. L1, L2 and their composition all implement it.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Object>, CacheError>>;
-    fn put<'a>(&'a self, key: &'a str, obj: Object) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// Stores `obj`; `since` is when the fetch that produced it began (a tier may refuse the
+    /// store with `CacheError::Overtaken` when a purge covering it landed after that).
+    fn put<'a>(&'a self, key: &'a str, obj: Object, since: SystemTime) -> BoxFuture<'a, Result<(), CacheError>>;
     fn purge<'a>(&'a self, p: &'a Purge) -> BoxFuture<'a, Result<u64, CacheError>>;
     fn stats(&self) -> StorageStats;
 }
@@ -76,64 +86,96 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 /// Purges remembered so a fetch that started before one of them is not stored after it.
 const PURGE_LOG: usize = 4096;
 
-/// A generation stamp taken when a fetch starts.
+/// A generation stamp taken when a fetch starts (the local purge count, and the wall clock for
+/// the shared tier's purge log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Generation(u64);
+pub struct Generation(u64, SystemTime);
 
 /// The process-wide cache: the tiers (L1 always, a shared L2 when configured: the tiered
 /// composition), in-flight fetches, and the purge log (generation stamps).
 #[derive(Debug)]
 pub struct Cache {
     pub l1: l1::L1,
-    /// The shared tier (Redis, with the Redis issue); `None` = embedded mode.
+    /// `cache.l1_max_bytes: 0` turns L1 off (every hit comes from L2).
+    l1_enabled: bool,
+    /// The shared tier (Redis); `None` = embedded mode.
     pub l2: Option<Arc<dyn Storage>>,
     pub flights: Flights,
     generation: AtomicU64,
     log: Mutex<VecDeque<(u64, Purge)>>,
     pub max_object_bytes: u64,
+    /// `weir_cache_errors_total{level="l2"}`.
+    l2_errors: Counter,
 }
 
 impl Cache {
-    pub fn new(l1_max_bytes: u64, max_object_bytes: u64) -> Arc<Cache> {
+    pub fn new(
+        l1_max_bytes: u64,
+        max_object_bytes: u64,
+        l2: Option<Arc<dyn Storage>>,
+        l2_errors: Counter,
+    ) -> Arc<Cache> {
         Arc::new(Cache {
             l1: l1::L1::new(l1_max_bytes),
-            l2: None,
+            l1_enabled: l1_max_bytes > 0,
+            l2,
             flights: Flights::default(),
             generation: AtomicU64::new(0),
             log: Mutex::new(VecDeque::new()),
             max_object_bytes,
+            l2_errors,
         })
     }
 
     pub fn generation(&self) -> Generation {
-        Generation(self.generation.load(Ordering::Acquire))
+        Generation(self.generation.load(Ordering::Acquire), SystemTime::now())
     }
 
-    /// L1, then L2 (a hit there is promoted to L1). The L1 lookup is called directly: the hit
-    /// path pays no boxed `dyn` future (measured: the boxed moka lookup was the costliest
-    /// allocation of a hit).
-    pub async fn get(&self, key: &str) -> Option<Object> {
+    fn l2_failed(&self, what: &str, e: &CacheError) {
+        self.l2_errors.inc();
+        tracing::debug!(error = %e, "L2 {what} failed; going on without it");
+    }
+
+    /// L1, then L2 (a hit there is promoted to L1 with its remaining lifetime). The L1 lookup
+    /// is called directly: the hit path pays no boxed `dyn` future (measured: the boxed moka
+    /// lookup was the costliest allocation of a hit).
+    pub async fn get(&self, key: &str) -> Option<(Object, Level)> {
         if let Some(obj) = self.l1.lookup(key) {
-            return Some(obj);
+            return Some((obj, Level::L1));
         }
         let l2 = self.l2.as_ref()?;
         match l2.get(key).await {
             Ok(Some(obj)) => {
-                let _ = self.l1.put(key, obj.clone()).await;
-                Some(obj)
+                if self.l1_enabled {
+                    let _ = self.l1.put(key, obj.clone(), SystemTime::now()).await;
+                }
+                Some((obj, Level::L2))
             }
             Ok(None) => None,
             Err(e) => {
-                tracing::warn!(error = %e, "L2 lookup failed; treating as a miss");
+                if !is_breaker_skip(&e) {
+                    self.l2_failed("lookup", &e);
+                }
                 None
             }
         }
     }
 
-    async fn put(&self, key: &str, obj: Object) -> Result<(), CacheError> {
-        self.l1.put(key, obj.clone()).await?;
+    async fn put(&self, key: &str, obj: Object, since: SystemTime) -> Result<(), CacheError> {
+        if self.l1_enabled {
+            self.l1.put(key, obj.clone(), since).await?;
+        }
         if let Some(l2) = &self.l2 {
-            l2.put(key, obj).await?;
+            match l2.put(key, obj, since).await {
+                Ok(()) => {}
+                Err(CacheError::Overtaken) => {
+                    self.l1.remove(key);
+                    return Err(CacheError::Overtaken);
+                }
+                // L1 keeps it: the shared tier is an optimisation, not a condition.
+                Err(e) if is_breaker_skip(&e) => {}
+                Err(e) => self.l2_failed("store", &e),
+            }
         }
         Ok(())
     }
@@ -141,9 +183,38 @@ impl Cache {
     async fn purge_tiers(&self, p: &Purge) -> Result<u64, CacheError> {
         let mut n = self.l1.purge(p).await?;
         if let Some(l2) = &self.l2 {
-            n = n.max(l2.purge(p).await?);
+            match l2.purge(p).await {
+                Ok(m) => n = n.max(m),
+                Err(e) => {
+                    self.l2_failed("purge", &e);
+                    tracing::warn!(error = %e, "purge could not reach Redis: queued until it is back");
+                }
+            }
         }
         Ok(n)
+    }
+
+    fn log_purge(&self, p: &Purge) -> Result<(), CacheError> {
+        let mut log = self.log.lock().map_err(|_| CacheError::Poisoned)?;
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        log.push_back((g, p.clone()));
+        while log.len() > PURGE_LOG {
+            log.pop_front();
+        }
+        Ok(())
+    }
+
+    /// A purge announced by another instance: this L1 only (Redis is already done).
+    pub async fn purge_local(&self, p: &Purge) -> Result<u64, CacheError> {
+        self.log_purge(p)?;
+        self.l1.purge(p).await
+    }
+
+    /// Drops all of L1 (after a gap in the invalidation channel); fetches in flight are not
+    /// stored. Returns how many entries were dropped.
+    pub fn clear_l1(&self) -> u64 {
+        let _ = self.log_purge(&Purge { prefixes: vec![String::new()], ..Purge::default() });
+        self.l1.clear()
     }
 
     /// Stores `entry` (and the Vary marker at `primary` when it varies) unless a purge that
@@ -155,14 +226,16 @@ impl Cache {
         if !entry.vary.is_empty() {
             let marker =
                 Object::Vary { headers: entry.vary.clone(), path: entry.path.clone(), retain_for: entry.retain_for() };
-            if let Err(e) = self.put(primary, marker).await {
+            if let Err(e) = self.put(primary, marker, since.1).await {
                 tracing::warn!(error = %e, "cache store failed");
                 return false;
             }
         }
         let key = entry.key.clone();
-        if let Err(e) = self.put(&key, Object::Response(entry.clone())).await {
-            tracing::warn!(error = %e, "cache store failed");
+        if let Err(e) = self.put(&key, Object::Response(entry.clone()), since.1).await {
+            if !matches!(e, CacheError::Overtaken) {
+                tracing::warn!(error = %e, "cache store failed");
+            }
             return false;
         }
         // A purge may have landed while we were storing: undo rather than keep a purged copy.
@@ -188,14 +261,7 @@ impl Cache {
 
     /// Purges from every tier; returns how many objects were removed.
     pub async fn purge(&self, p: &Purge) -> Result<u64, CacheError> {
-        {
-            let mut log = self.log.lock().map_err(|_| CacheError::Poisoned)?;
-            let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-            log.push_back((g, p.clone()));
-            while log.len() > PURGE_LOG {
-                log.pop_front();
-            }
-        }
+        self.log_purge(p)?;
         self.purge_tiers(p).await
     }
 
@@ -203,4 +269,10 @@ impl Cache {
     pub fn stats(&self) -> StorageStats {
         self.l1.stats()
     }
+}
+
+/// An L2 call skipped because the breaker is open (or Redis is not connected): not an error
+/// worth counting, the breaker already said so.
+fn is_breaker_skip(e: &CacheError) -> bool {
+    matches!(e, CacheError::Tier { message, .. } if message == "circuit breaker open" || message == "not connected")
 }

@@ -51,7 +51,22 @@ pub struct Redis {
     pub urls: Vec<url::Url>,
     pub cluster: bool,
     pub password_env: Option<String>,
+    /// Bound on every Redis call; a slower answer counts as a failure and the request goes on
+    /// without Redis.
     pub op_timeout: Duration,
+    /// Encoded entries above this stay in L1 only.
+    pub max_object_bytes: u64,
+    /// CA certificate (PEM) for `rediss://` servers signed by a private CA.
+    pub tls_ca: Option<PathBuf>,
+    pub breaker: BreakerSettings,
+}
+
+/// Circuit breaker: `failures` within `window` open it; after `open_for` one probe may close it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    pub failures: u32,
+    pub window: Duration,
+    pub open_for: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -64,6 +64,24 @@ pub struct RawRedis {
     pub cluster: Option<Vec<String>>,
     pub password_env: Option<String>,
     pub op_timeout: Option<Text>,
+    pub max_object_bytes: Option<Text>,
+    pub tls: Option<RawRedisTls>,
+    pub breaker: Option<RawBreaker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisTls {
+    /// PEM file of the CA that signed the Redis server certificate (private CAs).
+    pub ca: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub failures: Option<u32>,
+    pub window: Option<Text>,
+    pub open_for: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

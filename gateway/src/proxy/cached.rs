@@ -233,14 +233,15 @@ async fn serve_inner(
     lookup_and_serve(&ctx).await
 }
 
-/// Looks up the primary key and, for a `Vary` marker, the request's variant.
-async fn lookup(ctx: &Ctx) -> (Option<Arc<Entry>>, bool, String) {
+/// Looks up the primary key and, for a `Vary` marker, the request's variant: the entry and the
+/// tier it came from, whether a Vary marker was found without the variant, and the full key.
+async fn lookup(ctx: &Ctx) -> (Option<(Arc<Entry>, Level)>, bool, String) {
     match ctx.cache.get(&ctx.primary).await {
-        Some(Object::Response(e)) => (Some(e), false, ctx.primary.clone()),
-        Some(Object::Vary { headers, .. }) => {
+        Some((Object::Response(e), level)) => (Some((e, level)), false, ctx.primary.clone()),
+        Some((Object::Vary { headers, .. }, _)) => {
             let sk = key::secondary(&ctx.primary, &headers, &ctx.client.headers);
             match ctx.cache.get(&sk).await {
-                Some(Object::Response(e)) if e.key == sk => (Some(e), false, sk),
+                Some((Object::Response(e), level)) if e.key == sk => (Some((e, level)), false, sk),
                 _ => (None, true, sk),
             }
         }
@@ -254,13 +255,13 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     let d = &ctx.facts.directives;
     let head_or_range = ctx.client.method == Method::HEAD || ctx.client.headers.contains_key(header::RANGE);
 
-    if let Some(e) = found {
+    if let Some((e, level)) = found {
         let age = e.age(now);
         let meets_request =
             d.max_age.is_none_or(|m| age <= m) && d.min_fresh.is_none_or(|mf| e.fresh_for.saturating_sub(age) >= mf);
         let fresh = e.is_fresh(now);
         if fresh && meets_request && !d.no_cache {
-            return Ok(with_status(ctx.route(), serve_entry(ctx, &e, now), &Outcome::Hit { level: Level::L1 }));
+            return Ok(with_status(ctx.route(), serve_entry(ctx, &e, now), &Outcome::Hit { level }));
         }
         let staleness = e.staleness(now);
         let may_be_stale = !fresh && !d.no_cache && !e.stale_forbidden && !e.revalidate_always;

@@ -27,6 +27,8 @@ pub enum StartError {
     TlsUnsupported { addr: SocketAddr },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("{0}")]
+    Redis(#[from] crate::redis::RedisStartError),
     #[error("cannot write ready file {path}: {source}")]
     ReadyFile { path: PathBuf, source: std::io::Error },
 }
@@ -72,8 +74,12 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         tracing::info!(addr = %a, "admin API listening");
     }
 
+    let redis = match &config.redis {
+        Some(r) => Some(crate::redis::Shared::connect(r.clone()).await?),
+        None => None,
+    };
     let settings = config.server.clone();
-    let gateway = Gateway::new(config);
+    let gateway = Gateway::new(config, redis);
     let builder = Arc::new(listener::http_builder(&settings));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();

@@ -1,0 +1,435 @@
+//! L2: the shared tier in Redis (one server or a Cluster), and the invalidation channel that
+//! reaches the L1 of every instance.
+//!
+//! Redis keys carry no request data: every name is `weir:{B}:<kind>:<128-bit keyed BLAKE3>`,
+//! where `B` is one of `buckets` hash-tag buckets picked by the hash. An entry, the index sets
+//! that list it (by tag, by path prefix) and the bucket's purge log share a bucket, hence a
+//! Cluster slot, so each store is one atomic script; entries of one route still spread over all
+//! buckets. Index sets are sorted sets scored by expiry: expired members are trimmed on every
+//! store and the set itself expires with its longest-lived member. A purge by tag or prefix runs
+//! one script per bucket that reads the index (never `KEYS`, never a scan).
+//!
+//! A purge wins over a fetch in flight: each bucket keeps a ten-minute log of purges, scored by
+//! Redis' own clock (`TIME` inside the script); a store whose fetch started before a purge that
+//! covers it is refused by the store script itself. The fetch's start is converted to Redis'
+//! clock with the offset each instance measures once a second, so instances' clocks need not
+//! agree. (On a Cluster, masters' clocks are assumed to agree within `SKEW_MS`.)
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use redis::Script;
+
+use super::codec;
+use super::entry::Object;
+use super::{BoxFuture, Cache, CacheError, Purge, Storage, StorageStats};
+use crate::redis::{CallError, Shared};
+
+/// Index prefixes are the `/`-terminated prefixes of a path, this many levels deep at most.
+const MAX_DEPTH: usize = 4;
+/// How far back a bucket's purge log reaches; a fetch older than this is not stored.
+const PURGE_LOG_MS: u64 = 600_000;
+/// Error tolerated when placing a fetch's start in Redis' clock (offset measured each second).
+const SKEW_MS: u64 = 2;
+/// Purges that could not reach Redis, replayed when it is back (beyond: logged and dropped).
+const PENDING_MAX: usize = 1024;
+pub const CHANNEL: &str = "weir:invalidate";
+
+const PUT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since = tonumber(ARGV[5])
+if now - since > tonumber(ARGV[11]) then return 0 end
+local ntags = tonumber(ARGV[10])
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], since, '+inf')) do
+  local kind, v = string.sub(m, 1, 2), string.sub(m, 3)
+  if kind == 'k:' and (v == ARGV[7] or v == ARGV[8]) then return 0 end
+  if kind == 'u:' and v == ARGV[9] then return 0 end
+  if kind == 'p:' and string.sub(ARGV[9], 1, #v) == v then return 0 end
+  if kind == 't:' then
+    for i = 1, ntags do if ARGV[11 + i] == v then return 0 end end
+  end
+end
+local px = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
+for i = 3, #KEYS do
+  local member = ARGV[6]
+  if i - 2 > ntags then member = ARGV[6] .. ' ' .. ARGV[9] end
+  redis.call('ZADD', KEYS[i], now + px, member)
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  if redis.call('PTTL', KEYS[i]) < px then redis.call('PEXPIRE', KEYS[i], px) end
+end
+return 1
+";
+
+const PURGE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local eprefix = ARGV[2]
+local n = 0
+for i = 2, #KEYS do
+  local kind, v = ARGV[2 * i - 1], ARGV[2 * i]
+  if kind == 'k' then
+    n = n + redis.call('DEL', KEYS[i])
+  elseif kind == 't' then
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
+      n = n + redis.call('DEL', eprefix .. m)
+    end
+    redis.call('DEL', KEYS[i])
+  else
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
+      local sp = string.find(m, ' ', 1, true)
+      local path = string.sub(m, sp + 1)
+      if (kind == 'u' and path == v) or (kind == 'p' and string.sub(path, 1, #v) == v) then
+        n = n + redis.call('DEL', eprefix .. string.sub(m, 1, sp - 1))
+        redis.call('ZREM', KEYS[i], m)
+      end
+    end
+  end
+  redis.call('ZADD', KEYS[1], now, kind .. ':' .. v)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3 + 2 * (#KEYS - 1)]))
+redis.call('PEXPIRE', KEYS[1], ARGV[3 + 2 * (#KEYS - 1)])
+return n
+";
+
+fn hex(h: &[u8; 16]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(32);
+    for b in h {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// The `/`-terminated prefixes of `path`'s path part under which an entry is indexed.
+fn index_prefixes(path: &str) -> Vec<&str> {
+    let p = path.split('?').next().unwrap_or(path);
+    p.match_indices('/').take(MAX_DEPTH).map(|(i, _)| &p[..=i]).collect()
+}
+
+/// The index prefix to read for a purge by prefix (or by exact path): its deepest indexed
+/// ancestor. `None` when it cannot match a path at all.
+fn lookup_prefix(prefix: &str) -> Option<&str> {
+    if prefix.is_empty() {
+        return Some("/");
+    }
+    let p = prefix.split('?').next().unwrap_or(prefix);
+    index_prefixes(p).pop()
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Message {
+    from: u64,
+    purge: Purge,
+}
+
+#[derive(Debug)]
+pub struct L2 {
+    pub redis: Arc<Shared>,
+    hash_key: [u8; 32],
+    buckets: u16,
+    put_script: Script,
+    purge_script: Script,
+    pending: Mutex<Vec<Purge>>,
+}
+
+/// What a purge does in one bucket: (kind, value, Redis key).
+type Ops = Vec<(&'static str, String, String)>;
+
+impl L2 {
+    pub fn new(redis: Arc<Shared>) -> L2 {
+        // One bucket on a single server (hash tags mean nothing there); on a Cluster, enough
+        // buckets to spread over every master.
+        let buckets = if redis.settings.cluster { 64 } else { 1 };
+        L2 {
+            hash_key: blake3::derive_key("weir 2026 L2 key names v1", b"weir"),
+            buckets,
+            put_script: Script::new(PUT),
+            purge_script: Script::new(PURGE),
+            pending: Mutex::new(Vec::new()),
+            redis,
+        }
+    }
+
+    fn hash(&self, domain: u8, s: &str) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_keyed(&self.hash_key);
+        h.update(&[domain]);
+        h.update(s.as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
+    }
+
+    fn bucket_of(&self, h: &[u8; 16]) -> u16 {
+        u16::from_le_bytes([h[0], h[1]]) % self.buckets
+    }
+
+    fn name(b: u16, kind: &str, h: &[u8; 16]) -> String {
+        format!("weir:{{{b}}}:{kind}:{}", hex(h))
+    }
+
+    fn error(e: CallError) -> CacheError {
+        CacheError::Tier { tier: "l2", message: e.to_string() }
+    }
+
+    async fn put_inner(&self, key: &str, obj: Object, since: SystemTime) -> Result<(), CacheError> {
+        let Some(payload) = codec::encode(key, &obj) else { return Ok(()) };
+        if u64::try_from(payload.len()).unwrap_or(u64::MAX) > self.redis.settings.max_object_bytes {
+            return Ok(()); // L1 only
+        }
+        let left = u64::try_from(obj.remaining(SystemTime::now()).as_millis()).unwrap_or(u64::MAX);
+        if left == 0 {
+            return Ok(());
+        }
+        let h = self.hash(b'e', key);
+        let b = self.bucket_of(&h);
+        let mut tags: Vec<&str> = obj.tags().iter().map(String::as_str).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        let primary = key.split("|vary:").next().unwrap_or(key);
+        let since_ms = self.redis.redis_ms(since);
+        let mut inv = self.put_script.prepare_invoke();
+        inv.key(Self::name(b, "e", &h)).key(format!("weir:{{{b}}}:purges"));
+        for t in &tags {
+            inv.key(Self::name(b, "t", &self.hash(b't', t)));
+        }
+        for p in index_prefixes(obj.path()) {
+            inv.key(Self::name(b, "p", &self.hash(b'p', p)));
+        }
+        // ARGV 3 and 4 are unused (the script reads Redis' own clock); kept for a stable layout.
+        inv.arg(payload)
+            .arg(left)
+            .arg(0)
+            .arg(0)
+            .arg(since_ms.saturating_sub(SKEW_MS))
+            .arg(hex(&h))
+            .arg(key)
+            .arg(primary)
+            .arg(obj.path())
+            .arg(tags.len())
+            .arg(PURGE_LOG_MS);
+        for t in &tags {
+            inv.arg(*t);
+        }
+        let stored: i64 =
+            self.redis.call(|mut c| async move { inv.invoke_async(&mut c).await }).await.map_err(Self::error)?;
+        if stored == 1 {
+            Ok(())
+        } else {
+            tracing::debug!(key, since_ms, "L2 refused a store: a purge overtook its fetch");
+            Err(CacheError::Overtaken)
+        }
+    }
+
+    /// Groups a purge into per-bucket operations.
+    fn plan(&self, p: &Purge) -> Vec<(u16, Ops)> {
+        let mut per: Vec<Ops> = vec![Vec::new(); usize::from(self.buckets)];
+        for k in &p.keys {
+            if k.starts_with('/') {
+                if let Some(q) = lookup_prefix(k) {
+                    let h = self.hash(b'p', q);
+                    for (b, ops) in per.iter_mut().enumerate() {
+                        let b = u16::try_from(b).unwrap_or(0);
+                        ops.push(("u", k.clone(), Self::name(b, "p", &h)));
+                    }
+                }
+            } else {
+                let h = self.hash(b'e', k);
+                let b = self.bucket_of(&h);
+                per[usize::from(b)].push(("k", k.clone(), Self::name(b, "e", &h)));
+            }
+        }
+        for t in &p.tags {
+            let h = self.hash(b't', t);
+            for (b, ops) in per.iter_mut().enumerate() {
+                let b = u16::try_from(b).unwrap_or(0);
+                ops.push(("t", t.clone(), Self::name(b, "t", &h)));
+            }
+        }
+        for prefix in &p.prefixes {
+            if let Some(q) = lookup_prefix(prefix) {
+                let h = self.hash(b'p', q);
+                for (b, ops) in per.iter_mut().enumerate() {
+                    let b = u16::try_from(b).unwrap_or(0);
+                    ops.push(("p", prefix.clone(), Self::name(b, "p", &h)));
+                }
+            }
+        }
+        per.into_iter()
+            .enumerate()
+            .filter(|(_, ops)| !ops.is_empty())
+            .map(|(b, ops)| (u16::try_from(b).unwrap_or(0), ops))
+            .collect()
+    }
+
+    async fn purge_redis(&self, p: &Purge) -> Result<u64, CacheError> {
+        let calls = self.plan(p).into_iter().map(|(b, ops)| {
+            let mut inv = self.purge_script.prepare_invoke();
+            inv.key(format!("weir:{{{b}}}:purges")).arg(0).arg(format!("weir:{{{b}}}:e:"));
+            for (kind, value, key) in ops {
+                inv.key(key).arg(kind).arg(value);
+            }
+            inv.arg(PURGE_LOG_MS);
+            async move { self.redis.call(|mut c| async move { inv.invoke_async::<u64>(&mut c).await }).await }
+        });
+        let mut n = 0;
+        for r in futures_util::future::join_all(calls).await {
+            n += r.map_err(Self::error)?;
+        }
+        let msg = serde_json::to_string(&Message { from: self.redis.instance, purge: p.clone() })
+            .map_err(|e| CacheError::Tier { tier: "l2", message: e.to_string() })?;
+        self.redis
+            .call(|mut c| async move { redis::cmd("PUBLISH").arg(CHANNEL).arg(msg).query_async::<i64>(&mut c).await })
+            .await
+            .map_err(Self::error)?;
+        Ok(n)
+    }
+
+    fn remember(&self, p: &Purge) {
+        if let Ok(mut pending) = self.pending.lock() {
+            if pending.len() < PENDING_MAX {
+                pending.push(p.clone());
+            } else {
+                tracing::error!(?p, "too many purges waiting for Redis: this one is dropped for L2");
+            }
+        }
+    }
+
+    /// Replays purges that could not reach Redis; those that fail again stay queued.
+    async fn replay_pending(&self) {
+        let queued = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        if queued.is_empty() {
+            return;
+        }
+        tracing::info!(purges = queued.len(), "replaying purges made while Redis was away");
+        for p in queued {
+            if self.purge_redis(&p).await.is_err() {
+                self.remember(&p);
+            }
+        }
+    }
+}
+
+impl Storage for L2 {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Object>, CacheError>> {
+        Box::pin(async move {
+            let h = self.hash(b'e', key);
+            let name = Self::name(self.bucket_of(&h), "e", &h);
+            let value: Option<Vec<u8>> = self
+                .redis
+                .call(|mut c| async move { redis::cmd("GET").arg(name).query_async(&mut c).await })
+                .await
+                .map_err(Self::error)?;
+            match value {
+                None => Ok(None),
+                Some(v) => codec::decode(key, &v).map_err(|e| CacheError::Tier { tier: "l2", message: e.to_string() }),
+            }
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, obj: Object, since: SystemTime) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(self.put_inner(key, obj, since))
+    }
+
+    /// Removes from Redis and tells every instance. When Redis cannot be reached the purge is
+    /// queued and replayed once it is back (the local L1 is purged by the caller either way).
+    fn purge<'a>(&'a self, p: &'a Purge) -> BoxFuture<'a, Result<u64, CacheError>> {
+        Box::pin(async move {
+            match self.purge_redis(p).await {
+                Ok(n) => Ok(n),
+                Err(e) => {
+                    self.remember(p);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn stats(&self) -> StorageStats {
+        StorageStats::default()
+    }
+}
+
+/// Listens on the invalidation channel for as long as the cache lives: each message from
+/// another instance purges this instance's L1. After any gap in the subscription (start-up
+/// included) the whole L1 is dropped, since invalidations may have been missed, and purges
+/// queued while Redis was away are replayed.
+pub fn spawn_subscriber(cache: Weak<Cache>, l2: Arc<L2>) {
+    tokio::spawn(async move {
+        let mut announced_down = false;
+        loop {
+            if cache.strong_count() == 0 {
+                return;
+            }
+            let connected = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut ps = l2.redis.pubsub_client.get_async_pubsub().await?;
+                ps.subscribe(CHANNEL).await?;
+                Ok::<_, redis::RedisError>(ps)
+            })
+            .await;
+            let ps = match connected {
+                Ok(Ok(ps)) => ps,
+                Ok(Err(e)) => {
+                    if !announced_down {
+                        tracing::warn!(error = %e, "invalidation channel unavailable; retrying");
+                        announced_down = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let Some(c) = cache.upgrade() else { return };
+            let dropped = c.clear_l1();
+            l2.redis.subscribed.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(dropped, "invalidation channel subscribed; L1 cleared (missed invalidations)");
+            announced_down = false;
+            drop(c);
+            l2.replay_pending().await;
+            let mut stream = ps.into_on_message();
+            while let Some(msg) = stream.next().await {
+                let Some(c) = cache.upgrade() else { return };
+                let Ok(payload) = msg.get_payload::<Vec<u8>>() else { continue };
+                match serde_json::from_slice::<Message>(&payload) {
+                    Ok(m) if m.from == l2.redis.instance => {}
+                    Ok(m) => {
+                        if let Err(e) = c.purge_local(&m.purge).await {
+                            tracing::warn!(error = %e, "applying a remote invalidation failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed invalidation message"),
+                }
+            }
+            l2.redis.subscribed.store(false, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!("invalidation channel lost; reconnecting");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_prefixes_are_segment_prefixes_bounded_in_depth() {
+        assert_eq!(index_prefixes("/a/b/c?x=/y"), vec!["/", "/a/", "/a/b/"]);
+        assert_eq!(index_prefixes("/"), vec!["/"]);
+        assert_eq!(index_prefixes("/1/2/3/4/5/6"), vec!["/", "/1/", "/1/2/", "/1/2/3/"]);
+        assert_eq!(lookup_prefix("/a/b/c"), Some("/a/b/"));
+        assert_eq!(lookup_prefix("/a/b/"), Some("/a/b/"));
+        assert_eq!(lookup_prefix("/a/b?x"), Some("/a/"));
+        assert_eq!(lookup_prefix(""), Some("/"));
+        assert_eq!(lookup_prefix("products"), None);
+        // A deep purge prefix reads the deepest indexed ancestor, which holds every match.
+        assert_eq!(lookup_prefix("/1/2/3/4/5"), Some("/1/2/3/"));
+    }
+}

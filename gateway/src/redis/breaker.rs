@@ -1,0 +1,185 @@
+//! Circuit breaker for the shared tier: closed (calls go to Redis), open (calls are skipped at
+//! once, so a sick Redis adds no latency), half-open (one probe decides). Lock-free reads on the
+//! request path: `allow()` is one atomic load while closed.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::BreakerSettings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+
+    fn from_u8(v: u8) -> State {
+        match v {
+            0 => State::Closed,
+            1 => State::Open,
+            _ => State::HalfOpen,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Failures counted since `window_start` (a fixed window, restarted when it runs out).
+    failures: u32,
+    window_start: Instant,
+    /// Open: when a probe may go. Half-open: when the probe went (a lost probe is retried).
+    since: Instant,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    settings: BreakerSettings,
+    state: AtomicU8,
+    inner: Mutex<Inner>,
+    /// How long a half-open probe may take before another caller may probe.
+    probe_timeout: Duration,
+}
+
+impl Breaker {
+    pub fn new(settings: BreakerSettings, probe_timeout: Duration) -> Breaker {
+        let now = Instant::now();
+        Breaker {
+            settings,
+            state: AtomicU8::new(State::Closed as u8),
+            inner: Mutex::new(Inner { failures: 0, window_start: now, since: now }),
+            probe_timeout,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set(&self, s: State, why: &str) {
+        let old = State::from_u8(self.state.swap(s as u8, Ordering::AcqRel));
+        if old != s {
+            match s {
+                State::Closed => tracing::info!(from = old.as_str(), "redis circuit breaker closed: {why}"),
+                State::Open => tracing::warn!(from = old.as_str(), "redis circuit breaker open: {why}"),
+                State::HalfOpen => tracing::info!(from = old.as_str(), "redis circuit breaker half-open: {why}"),
+            }
+        }
+    }
+
+    /// Whether a call may go to Redis now. While open, the first caller after `open_for` becomes
+    /// the half-open probe; everyone else is refused until it reports.
+    pub fn allow(&self) -> bool {
+        match self.state() {
+            State::Closed => true,
+            State::Open | State::HalfOpen => {
+                let Ok(mut inner) = self.inner.lock() else { return false };
+                let now = Instant::now();
+                match self.state() {
+                    State::Closed => true,
+                    State::Open if now.duration_since(inner.since) >= self.settings.open_for => {
+                        inner.since = now;
+                        self.set(State::HalfOpen, "probing");
+                        true
+                    }
+                    State::HalfOpen if now.duration_since(inner.since) >= self.probe_timeout => {
+                        inner.since = now;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    pub fn success(&self) {
+        if self.state() == State::Closed {
+            return;
+        }
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.failures = 0;
+            inner.window_start = Instant::now();
+        }
+        self.set(State::Closed, "probe succeeded");
+    }
+
+    pub fn failure(&self, what: &str) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        let now = Instant::now();
+        match self.state() {
+            State::HalfOpen => {
+                inner.since = now;
+                self.set(State::Open, &format!("probe failed: {what}"));
+            }
+            State::Open => {}
+            State::Closed => {
+                if now.duration_since(inner.window_start) > self.settings.window {
+                    inner.window_start = now;
+                    inner.failures = 0;
+                }
+                inner.failures += 1;
+                if inner.failures >= self.settings.failures {
+                    inner.since = now;
+                    let n = inner.failures;
+                    self.set(State::Open, &format!("{n} failures within {:?}, last: {what}", self.settings.window));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(open_for_ms: u64) -> Breaker {
+        let s = BreakerSettings {
+            failures: 3,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_millis(open_for_ms),
+        };
+        Breaker::new(s, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn opens_after_threshold_then_half_opens_and_closes() {
+        let b = breaker(20);
+        assert!(b.allow());
+        b.failure("x");
+        b.failure("x");
+        assert_eq!(b.state(), State::Closed);
+        b.failure("x");
+        assert_eq!(b.state(), State::Open);
+        assert!(!b.allow(), "open refuses at once");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(b.allow(), "first caller after open_for probes");
+        assert_eq!(b.state(), State::HalfOpen);
+        assert!(!b.allow(), "only one probe at a time");
+        b.success();
+        assert_eq!(b.state(), State::Closed);
+        assert!(b.allow());
+    }
+
+    #[test]
+    fn failed_probe_reopens() {
+        let b = breaker(10);
+        for _ in 0..3 {
+            b.failure("x");
+        }
+        std::thread::sleep(Duration::from_millis(15));
+        assert!(b.allow());
+        b.failure("still down");
+        assert_eq!(b.state(), State::Open);
+        assert!(!b.allow());
+    }
+}

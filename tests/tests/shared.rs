@@ -1,0 +1,387 @@
+//! The shared tier end to end: several real `weir` processes on one real `redis-server` (or a
+//! local three-master Redis Cluster): L2 hits across instances, invalidation that reaches every
+//! L1, and degradation when Redis dies, stalls or refuses credentials.
+
+// Test code: a panic is how a failed expectation is reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request};
+use weir_e2e::*;
+
+/// An origin that answers `PATH n=COUNT` with a minute of freshness and tags from the path
+/// (`product:ID` for `/products/ID`), counting every request; `/slow/...` takes 400 ms.
+async fn origin() -> (Origin, Arc<AtomicU32>) {
+    let n = Arc::new(AtomicU32::new(0));
+    let c = n.clone();
+    let o = Origin::start(move |req| {
+        let c = c.clone();
+        async move {
+            let k = c.fetch_add(1, Ordering::SeqCst) + 1;
+            let pq = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+            if pq.starts_with("/slow/") {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            let mut r = text(200, &format!("{pq} n={k}"));
+            r.headers_mut().insert("cache-control", "public, max-age=60".parse().unwrap());
+            if let Some(id) = req.uri().path().strip_prefix("/products/") {
+                r.headers_mut().insert("surrogate-key", format!("product:{id}").parse().unwrap());
+            }
+            r
+        }
+    })
+    .await;
+    (o, n)
+}
+
+fn redis_block(urls: &[String], extra: &str) -> String {
+    if urls.len() == 1 {
+        format!("redis:\n  url: {}\n{extra}", urls[0])
+    } else {
+        let list: Vec<String> = urls.iter().map(|u| format!("    - {u}\n")).collect();
+        format!("redis:\n  cluster:\n{}{extra}", list.concat())
+    }
+}
+
+fn config(origin: &Origin, redis: &str, l1: &str) -> String {
+    format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\ncache:\n  l1_max_bytes: {l1}\n{redis}routes:\n  - name: other\n    match: {{host: other.test, path: /}}\n    upstream: {}\n    cache: {{ttl: 60s}}\n  - name: api\n    upstream: {}\n    cache: {{ttl: 60s}}\n    invalidate:\n      methods: [POST, PUT, DELETE]\n      tags: [products]\n",
+        origin.url(),
+        origin.url()
+    )
+}
+
+/// Instances behind one load balancer see the same `Host`, hence the same cache keys.
+async fn call(gw: &Gateway, method: Method, path: &str) -> Got {
+    let req = Request::builder().method(method).uri(gw.url(path)).header("host", "api.test").body(full("")).unwrap();
+    send(&client(), req).await
+}
+
+fn cs(g: &Got) -> String {
+    g.header("cache-status").unwrap_or("<none>").to_string()
+}
+
+async fn purge(gw: &Gateway, body: &str) -> Got {
+    let req =
+        Request::builder().method(Method::POST).uri(gw.admin_url("/cache/purge")).body(full(body.to_string())).unwrap();
+    send(&client(), req).await
+}
+
+async fn health(gw: &Gateway) -> serde_json::Value {
+    get(&gw.admin_url("/health")).await.json()
+}
+
+/// Polls `f` every 5 ms until it holds or `within` passes.
+async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Both instances subscribed to the invalidation channel (so a purge now reaches both).
+async fn wait_subscribed(gws: &[&Gateway]) {
+    for gw in gws {
+        let ok = eventually(Duration::from_secs(10), || async {
+            health(gw).await["redis"]["invalidations_subscribed"] == serde_json::json!(true)
+        })
+        .await;
+        assert!(ok, "instance never subscribed: {}", gw.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_l2_and_every_purge_reaches_both_l1s() {
+    let redis = RedisServer::start();
+    let (origin, hits) = origin().await;
+    let yaml = config(&origin, &redis_block(&[redis.url()], ""), "16MiB");
+    let a = Gateway::start(&yaml);
+    let b = Gateway::start(&yaml);
+    wait_subscribed(&[&a, &b]).await;
+
+    // Miss on A, an L2 hit on B (promoted), then B's own L1.
+    assert_eq!(cs(&call(&a, Method::GET, "/products/1").await), "weir; fwd=miss; stored");
+    let g = call(&b, Method::GET, "/products/1").await;
+    assert_eq!(cs(&g), "weir; hit; detail=l2");
+    assert_eq!(g.text(), "/products/1 n=1");
+    assert_eq!(cs(&call(&b, Method::GET, "/products/1").await), "weir; hit; detail=l1");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // Purge by tag on A: gone from Redis and from B's L1.
+    let p = purge(&a, r#"{"tags": ["product:1"]}"#).await;
+    assert_eq!(p.status, 200, "{}", p.text());
+    let gone = eventually(Duration::from_secs(2), || async {
+        cs(&call(&b, Method::GET, "/products/1").await).contains("fwd=miss")
+    })
+    .await;
+    assert!(gone, "B kept serving a purged entry");
+    // A fetch that began within a few ms of the purge may be refused (the safe side of the
+    // race); the next one is stored and shared.
+    let stored = eventually(Duration::from_secs(2), || async {
+        let s = cs(&call(&b, Method::GET, "/products/1").await);
+        s == "weir; fwd=miss; stored" || s == "weir; hit; detail=l1"
+    })
+    .await;
+    assert!(stored, "B never stored its refetch: {}", b.log());
+    assert_eq!(cs(&call(&a, Method::GET, "/products/1").await), "weir; hit; detail=l2", "B's refetch is shared");
+
+    // Purge by prefix and by key (URL path) on B reaches A.
+    call(&a, Method::GET, "/products/2?x=1").await;
+    assert_eq!(cs(&call(&b, Method::GET, "/products/2?x=1").await), "weir; hit; detail=l2");
+    purge(&b, r#"{"prefixes": ["/products/2"]}"#).await;
+    let gone = eventually(Duration::from_secs(2), || async {
+        cs(&call(&a, Method::GET, "/products/2?x=1").await).contains("fwd=miss")
+    })
+    .await;
+    assert!(gone, "prefix purge on B did not reach A");
+    call(&b, Method::GET, "/products/3").await;
+    assert_eq!(cs(&call(&a, Method::GET, "/products/3").await), "weir; hit; detail=l2");
+    purge(&b, r#"{"keys": ["/products/3"]}"#).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            cs(&call(&a, Method::GET, "/products/3").await).contains("fwd=miss")
+        })
+        .await
+    );
+
+    // A write through A invalidates B's L1 (target URI and the route's `products` tag).
+    call(&a, Method::GET, "/products/4").await;
+    assert_eq!(cs(&call(&b, Method::GET, "/products/4").await), "weir; hit; detail=l2");
+    assert_eq!(cs(&call(&b, Method::GET, "/products/4").await), "weir; hit; detail=l1");
+    assert_eq!(call(&a, Method::PUT, "/products/4").await.status, 200);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            cs(&call(&b, Method::GET, "/products/4").await).contains("fwd=miss")
+        })
+        .await,
+        "a write through A left B's L1 stale"
+    );
+
+    let h = health(&b).await;
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["redis"]["connected"], true);
+    assert_eq!(h["redis"]["breaker"], "closed");
+    let m = send(&client(), Request::get(b.admin_url("/metrics")).body(full("")).unwrap()).await.text();
+    assert!(m.contains("weir_redis_up 1"), "{m}");
+    assert!(m.contains(r#"weir_cache_hits_total{route="api",level="l2"}"#), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn l1_disabled_serves_every_hit_from_l2() {
+    let redis = RedisServer::start();
+    let (origin, hits) = origin().await;
+    let gw = Gateway::start(&config(&origin, &redis_block(&[redis.url()], ""), "0"));
+    assert_eq!(cs(&call(&gw, Method::GET, "/a").await), "weir; fwd=miss; stored");
+    for _ in 0..3 {
+        assert_eq!(cs(&call(&gw, Method::GET, "/a").await), "weir; hit; detail=l2");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_request_data_never_becomes_a_redis_key_and_routes_never_collide() {
+    let redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    let gw = Gateway::start(&config(&origin, &redis_block(&[redis.url()], ""), "0"));
+    let long = format!("/{}", "a/".repeat(3000));
+    let paths = [long.as_str(), "/*", "/%0D%0Akeys%20*", "/{x}/{y}", "/weir:{0}:e:00", "/?q=%00"];
+    for p in paths {
+        call(&gw, Method::GET, p).await;
+        assert_eq!(cs(&call(&gw, Method::GET, p).await), "weir; hit; detail=l2", "{p}");
+    }
+    // The same path on another route (host) is a different entry.
+    let req = Request::get(gw.url("/*")).header("host", "other.test").body(full("")).unwrap();
+    let g = send(&client(), req).await;
+    assert_eq!(g.header("cache-status"), Some("weir; fwd=miss; stored"));
+    let names = redis.keys();
+    assert!(!names.is_empty());
+    for k in &names {
+        let ok = k.len() <= 60 && k.starts_with("weir:{") && k.bytes().all(|b| b.is_ascii_graphic());
+        assert!(ok, "raw request data in a Redis key: {k:?}");
+        assert!(!k.contains('*') && !k.contains("a/a/") && !k.contains("keys"), "{k:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_under_load_then_restarted() {
+    let mut redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    let yaml = config(&origin, &redis_block(&[redis.url()], "  op_timeout: 50ms\n"), "16MiB");
+    let gw = Gateway::start(&yaml);
+    wait_subscribed(&[&gw]).await;
+    for i in 0..5 {
+        call(&gw, Method::GET, &format!("/warm/{i}")).await;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = gw.url("");
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let c = client();
+            let (mut n, mut bad, mut i) = (0u32, Vec::new(), 0u32);
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                // Cached keys, and a fresh key now and then (a miss that must reach the origin).
+                let p = if i % 5 == 0 { format!("/fresh/{i}") } else { format!("/warm/{}", i % 5) };
+                let req = Request::get(format!("{url}{p}")).header("host", "api.test").body(full("")).unwrap();
+                let g = send(&c, req).await;
+                n += 1;
+                if g.status.as_u16() >= 500 {
+                    bad.push((p, g.status));
+                }
+            }
+            (n, bad)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // While Redis is gone, cached keys keep hitting L1 and new keys reach the origin.
+    assert_eq!(cs(&call(&gw, Method::GET, "/warm/1").await), "weir; hit; detail=l1");
+    assert_eq!(cs(&call(&gw, Method::GET, "/during-outage").await), "weir; fwd=miss; stored");
+    let h = health(&gw).await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["redis"]["connected"], false);
+    stop.store(true, Ordering::SeqCst);
+    let (n, bad) = load.await.unwrap();
+    assert!(n > 50, "only {n} requests made it through");
+    assert!(bad.is_empty(), "5xx while Redis was dying: {bad:?}");
+
+    // Back: the gateway reconnects by itself and the shared tier works again.
+    redis.restart();
+    let back = eventually(Duration::from_secs(15), || async {
+        let h = health(&gw).await;
+        h["redis"]["connected"] == serde_json::json!(true)
+            && h["redis"]["invalidations_subscribed"] == serde_json::json!(true)
+    })
+    .await;
+    assert!(back, "no reconnection: {}", gw.log());
+    call(&gw, Method::GET, "/after").await;
+    assert!(redis.dbsize() > 0, "nothing stored in Redis after it came back");
+    assert!(gw.log().contains("redis circuit breaker open"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paused_redis_costs_about_op_timeout_then_the_breaker_opens_and_recovers() {
+    let redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    let extra = "  op_timeout: 50ms\n  breaker: {failures: 3, window: 10s, open_for: 1s}\n";
+    let gw = Gateway::start(&config(&origin, &redis_block(&[redis.url()], extra), "16MiB"));
+    wait_subscribed(&[&gw]).await;
+    call(&gw, Method::GET, "/p").await;
+    assert_eq!(redis.command("CLIENT PAUSE 3000").as_deref(), Some("+OK"));
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let t = Instant::now();
+        let g = call(&gw, Method::GET, &format!("/paused/{i}")).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(g.status, 200);
+        assert_eq!(g.text(), format!("/paused/{i} n={}", i + 2));
+    }
+    // A lookup and a store each wait at most op_timeout (generous bound for a loaded CI box).
+    assert!(slowest < Duration::from_millis(600), "a request took {slowest:?} while Redis was paused");
+    assert_eq!(health(&gw).await["redis"]["breaker"], "open");
+    // After the pause the probe closes the breaker.
+    let closed = eventually(Duration::from_secs(10), || async {
+        health(&gw).await["redis"]["breaker"] == serde_json::json!("closed")
+    })
+    .await;
+    assert!(closed, "breaker never closed: {}", gw.log());
+    call(&gw, Method::GET, "/later").await;
+    let b = Gateway::start(&config(&origin, &redis_block(&[redis.url()], extra), "16MiB"));
+    assert_eq!(cs(&call(&b, Method::GET, "/later").await), "weir; hit; detail=l2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requirepass_good_password_works_and_a_wrong_one_stops_start_up() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let (origin, _) = origin().await;
+    let yaml = config(&origin, &redis_block(&[redis.url()], "  password_env: WEIR_TEST_REDIS_PASSWORD\n"), "0");
+    let gw = Gateway::builder().env("WEIR_TEST_REDIS_PASSWORD", "s3cret").start(&yaml);
+    call(&gw, Method::GET, "/x").await;
+    assert_eq!(cs(&call(&gw, Method::GET, "/x").await), "weir; hit; detail=l2");
+
+    let err = Gateway::builder().env("WEIR_TEST_REDIS_PASSWORD", "wrong").try_start(&yaml).unwrap_err();
+    assert!(err.contains("Redis refused Weir's credentials"), "{err}");
+    assert!(!err.contains("wrong"), "the password leaked into the log: {err}");
+    let err = Gateway::builder().try_start(&yaml).unwrap_err();
+    assert!(err.contains("WEIR_TEST_REDIS_PASSWORD"), "{err}");
+
+    // `weir validate` checks the configuration, not secrets it cannot see.
+    let out = std::process::Command::new(weir_bin())
+        .args(["validate", "--config"])
+        .arg(&gw.config_path)
+        .env_remove("WEIR_TEST_REDIS_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_store_hit_and_purge_by_tag() {
+    let cluster = RedisCluster::start();
+    let (origin, _) = origin().await;
+    let yaml = config(&origin, &redis_block(&cluster.urls(), ""), "16MiB");
+    let a = Gateway::start(&yaml);
+    let b = Gateway::start(&yaml);
+    wait_subscribed(&[&a, &b]).await;
+    for i in 0..30 {
+        assert_eq!(cs(&call(&a, Method::GET, &format!("/products/{i}")).await), "weir; fwd=miss; stored");
+    }
+    for i in 0..30 {
+        assert_eq!(cs(&call(&b, Method::GET, &format!("/products/{i}")).await), "weir; hit; detail=l2", "{i}");
+    }
+    // Entries spread over the masters rather than one slot.
+    let used = cluster.nodes.iter().filter(|n| n.dbsize() > 0).count();
+    assert!(used >= 2, "all entries on one node");
+    purge(&a, r#"{"tags": ["product:7"]}"#).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            cs(&call(&b, Method::GET, "/products/7").await).contains("fwd=miss")
+        })
+        .await
+    );
+    assert_eq!(cs(&call(&b, Method::GET, "/products/8").await), "weir; hit; detail=l1");
+    purge(&b, r#"{"prefixes": ["/products/"]}"#).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            cs(&call(&a, Method::GET, "/products/9").await).contains("fwd=miss")
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_on_one_instance_wins_over_a_fetch_in_flight_on_another() {
+    let redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    let yaml = config(&origin, &redis_block(&[redis.url()], "  op_timeout: 200ms\n"), "16MiB");
+    let a = Gateway::start(&yaml);
+    let b = Gateway::start(&yaml);
+    wait_subscribed(&[&a, &b]).await;
+    let url = b.url("/slow/1");
+    let in_flight = tokio::spawn(async move {
+        let req = Request::get(url).header("host", "api.test").body(full("")).unwrap();
+        send(&client(), req).await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(purge(&a, r#"{"keys": ["/slow/1"]}"#).await.status, 200);
+    let g = in_flight.await.unwrap();
+    assert_eq!(g.status, 200);
+    assert_eq!(cs(&g), "weir; fwd=miss; detail=purged", "the overtaken fetch was stored");
+    // Neither tier kept the pre-purge answer.
+    assert!(cs(&call(&a, Method::GET, "/slow/1").await).contains("fwd=miss"));
+}
