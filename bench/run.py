@@ -138,14 +138,17 @@ def rounds(targets, args):
     return out
 
 
-def weir_config(tmp, port, origin_port, admin_port, cache=False):
-    cfg = tmp / "weir.yaml"
+def weir_config(tmp, port, origin_port, admin_port, cache=False, redis=None, l1="256MiB", name="weir"):
+    cfg = tmp / f"{name}.yaml"
     cache_block = "    cache: {}\n" if cache else ""
+    redis_block = f"redis:\n  url: redis://127.0.0.1:{redis}/0\n" if redis else ""
     cfg.write_text(f"""listen:
   - addr: 127.0.0.1:{port}
 admin:
   addr: 127.0.0.1:{admin_port}
-routes:
+cache:
+  l1_max_bytes: {l1}
+{redis_block}routes:
   - name: bench
     upstream: http://127.0.0.1:{origin_port}
 {cache_block}""")
@@ -215,13 +218,17 @@ def main():
     ap.add_argument("--client-core", type=int, default=1)
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--scenario", choices=["proxy", "cache"], default="proxy",
+    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation"], default="proxy",
                     help="proxy: plain reverse proxying; cache: 100 hot cached URLs")
     ap.add_argument("--bytes", type=int, default=1024, help="cache scenario: body size")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per target; medians are reported")
     args = ap.parse_args()
     if args.scenario == "cache":
         return cache_scenario(args)
+    if args.scenario == "shared":
+        return shared_scenario(args)
+    if args.scenario == "propagation":
+        return propagation_scenario(args)
 
     for tool in ["wrk", "nginx", "taskset"]:
         if not shutil.which(tool):
@@ -322,6 +329,119 @@ def cache_scenario(args):
           f"CPU/req {w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x; weir/bare hyper: rps {w['rps'] / bare_r['rps']:.2f}x")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"cache-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))
+
+
+def start_redis(servers, tmp, port):
+    servers.spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(tmp)])
+    wait_port(port)
+
+
+def shared_scenario(args):
+    """The Redis tier's cost, hot set of 100 URLs in one run: Weir L1-only (no Redis), Weir tiered
+    (Redis configured; hits come from L1), Weir L2-only (`l1_max_bytes: 0`: every hit is a Redis
+    GET) and nginx proxy_cache (tmpfs). Redis runs on the server core with the rest."""
+    target = Path(args.target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    script = tmp / "hot.lua"
+    script.write_text(HOT_SET)
+    servers = Servers(args, tmp)
+    spawn = servers.spawn
+    env = {**os.environ, "WEIR_LOG": "warn"}
+    try:
+        ports = [free_port() for _ in range(9)]
+        origin_port, redis_port, l1_port, tiered_port, l2_port, nginx_port = ports[:6]
+        spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
+        wait_port(origin_port)
+        start_redis(servers, tmp, redis_port)
+        procs = {}
+        for name, port, admin, redis, l1 in [("l1", l1_port, ports[6], None, "256MiB"),
+                                             ("tiered", tiered_port, ports[7], redis_port, "256MiB"),
+                                             ("l2", l2_port, ports[8], redis_port, "0")]:
+            cfg = weir_config(tmp, port, origin_port, admin, cache=True, redis=redis, l1=l1, name=name)
+            procs[name] = spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
+            wait_port(port)
+        nginx = spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port, cache=True)), "-p", str(tmp)])
+        wait_port(nginx_port)
+        workers = nginx_workers(nginx.pid)
+        for p in [l1_port, tiered_port, l2_port, nginx_port]:
+            warm(p)
+        print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
+              f"{args.client_core}, servers (and Redis) on core {args.server_core}", flush=True)
+        results = rounds([
+            ("weir L1 only (no Redis)", f"http://127.0.0.1:{l1_port}", [procs["l1"].pid], script),
+            ("weir tiered (L1 hit)", f"http://127.0.0.1:{tiered_port}", [procs["tiered"].pid], script),
+            ("weir L2 hit (L1 off)", f"http://127.0.0.1:{l2_port}", [procs["l2"].pid], script),
+            ("nginx proxy_cache (tmpfs)", f"http://127.0.0.1:{nginx_port}", workers, script),
+        ], args)
+    finally:
+        servers.stop()
+        shutil.rmtree(Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}", ignore_errors=True)
+    l1, tiered, l2, n = results
+    print()
+    print(f"medians of {args.repeat} interleaved rounds (CPU: the weir process only; Redis not counted)")
+    print("| target | rps | p50 ms | p99 ms | CPU µs/req |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['cpu_us_per_req']:.1f} |")
+    print()
+    print(f"tiered/L1-only rps {tiered['rps'] / l1['rps']:.3f}x; L2-hit/nginx rps {l2['rps'] / n['rps']:.2f}x, "
+          f"p99 {l2['p99_ms'] / n['p99_ms']:.2f}x")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"shared-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(results, indent=2))
+
+
+def propagation_scenario(args, purges=300):
+    """Invalidation propagation between two instances on one Redis: B holds a key in L1; purge it
+    through A's admin API; from A's answer to the first response of B that is not an L1 hit.
+    Polling B over a kept-alive connection bounds the resolution (one request, ~0.1-0.3 ms)."""
+    import http.client
+    import statistics
+    target = Path(args.target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    servers = Servers(args, tmp)
+    env = {**os.environ, "WEIR_LOG": "warn"}
+    times = []
+    try:
+        origin_port, redis_port, a_port, a_admin, b_port, b_admin = (free_port() for _ in range(6))
+        servers.spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", "1024"])
+        wait_port(origin_port)
+        start_redis(servers, tmp, redis_port)
+        for name, port, admin in [("a", a_port, a_admin), ("b", b_port, b_admin)]:
+            cfg = weir_config(tmp, port, origin_port, admin, cache=True, redis=redis_port, name=name)
+            servers.spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
+            wait_port(port)
+        time.sleep(1)  # subscriptions
+        b = http.client.HTTPConnection("127.0.0.1", b_port)
+        a = http.client.HTTPConnection("127.0.0.1", a_admin)
+
+        def get_b(path):
+            b.request("GET", path, headers={"Host": "bench"})
+            r = b.getresponse()
+            r.read()
+            return r.getheader("cache-status", "")
+
+        for i in range(purges):
+            path = f"/p/{i}"
+            get_b(path)
+            assert get_b(path) == "weir; hit; detail=l1"
+            body = json.dumps({"keys": [path]})
+            a.request("POST", "/cache/purge", body=body, headers={"Content-Type": "application/json"})
+            a.getresponse().read()
+            t0 = time.perf_counter()
+            while get_b(path) == "weir; hit; detail=l1":
+                if time.perf_counter() - t0 > 2:
+                    raise SystemExit(f"purge {i} did not reach B within 2 s")
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        servers.stop()
+    times.sort()
+    p = lambda q: times[min(len(times) - 1, int(q * len(times)))]
+    print(f"invalidation propagation A -> B over {purges} purges: p50 {statistics.median(times):.3f} ms, "
+          f"p90 {p(0.9):.3f} ms, p99 {p(0.99):.3f} ms, max {times[-1]:.3f} ms")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"propagation-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(times))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ set -euo pipefail
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)   # cluster creation in tests
+command -v openssl >/dev/null 2>&1 || need+=(openssl)         # test certificates (rediss://)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 if [[ "${WITH_BENCH_TOOLS:-0}" == 1 ]]; then
   command -v wrk >/dev/null 2>&1 || need+=(wrk)

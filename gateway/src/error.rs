@@ -33,6 +33,11 @@ pub enum GatewayError {
     InvalidConfig { message: String },
     #[error("only-if-cached: no stored response can satisfy this request")]
     NotCached,
+    /// A `fail: closed` budgeted route while the shared tier (Redis) is unusable: the spend cannot
+    /// be checked, so the call is refused rather than let through unmetered. The budget phase
+    /// raises it when `redis::Shared::is_up()` is false (the breaker is open or Redis is gone).
+    #[error("the budget store is unavailable and this route fails closed; retry shortly")]
+    BudgetUnavailable,
 }
 
 impl GatewayError {
@@ -46,6 +51,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -63,6 +69,7 @@ impl GatewayError {
             GatewayError::NotFound(_) => "not_found",
             GatewayError::InvalidConfig { .. } => "invalid_config",
             GatewayError::NotCached => "not_cached",
+            GatewayError::BudgetUnavailable => "budget_unavailable",
         }
     }
 
@@ -78,6 +85,10 @@ impl GatewayError {
             }
             GatewayError::Unauthorized => {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            GatewayError::BudgetUnavailable => {
+                // The breaker probes again within seconds (`redis.breaker.open_for`).
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             GatewayError::HeadersTooLarge { .. }
             | GatewayError::PayloadTooLarge { .. }
@@ -100,4 +111,19 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn budget_unavailable_is_a_503_json_with_retry_after() {
+        let resp = GatewayError::BudgetUnavailable.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"5"[..]));
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(v["error"], "budget_unavailable");
+    }
 }

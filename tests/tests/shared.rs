@@ -385,3 +385,95 @@ async fn a_purge_on_one_instance_wins_over_a_fetch_in_flight_on_another() {
     // Neither tier kept the pre-purge answer.
     assert!(cs(&call(&a, Method::GET, "/slow/1").await).contains("fwd=miss"));
 }
+
+/// A CA and a server certificate for `localhost` / 127.0.0.1, made with the openssl CLI.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=weir test ca"],
+    ]
+    .concat());
+    run(&[&["req"][..], &ec, &["-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost"]].concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rediss_with_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let tls_port = free_port().to_string();
+    let (cert, key, ca) = (p("srv.pem"), p("srv.key"), p("ca.pem"));
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let (origin, _) = origin().await;
+    let url = format!("rediss://localhost:{tls_port}/0");
+    let yaml = config(&origin, &redis_block(std::slice::from_ref(&url), &format!("  tls: {{ca: {ca}}}\n")), "0");
+    let gw = Gateway::start(&yaml);
+    call(&gw, Method::GET, "/t").await;
+    assert_eq!(cs(&call(&gw, Method::GET, "/t").await), "weir; hit; detail=l2", "{}", gw.log());
+    assert!(redis.dbsize() > 0);
+
+    // Without the CA the server is not trusted: Weir says so and serves without the shared tier.
+    let untrusted = Gateway::start(&config(&origin, &redis_block(&[url], ""), "16MiB"));
+    assert_eq!(call(&untrusted, Method::GET, "/u").await.status, 200);
+    assert_eq!(health(&untrusted).await["redis"]["connected"], false);
+    let log = untrusted.log();
+    assert!(log.contains("redis unreachable at start") && log.to_lowercase().contains("certificate"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_made_while_redis_stalls_is_replayed_when_it_recovers() {
+    let redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    let yaml = config(&origin, &redis_block(&[redis.url()], "  op_timeout: 50ms\n"), "16MiB");
+    let a = Gateway::start(&yaml);
+    wait_subscribed(&[&a]).await;
+    call(&a, Method::GET, "/r/1").await;
+    // Writes (the purge script) stall; reads still answer.
+    assert_eq!(redis.command("CLIENT PAUSE 1500 WRITE").as_deref(), Some("+OK"));
+    assert_eq!(purge(&a, r#"{"keys": ["/r/1"]}"#).await.status, 200);
+    assert!(a.log().contains("queued until it is back"), "{}", a.log());
+    // Once Redis takes writes again the queued purge reaches it: a fresh instance misses.
+    let replayed = eventually(Duration::from_secs(6), || async { a.log().contains("still_queued=0") }).await;
+    assert!(replayed, "{}", a.log());
+    let c = Gateway::start(&yaml);
+    assert!(cs(&call(&c, Method::GET, "/r/1").await).contains("fwd=miss"), "{}", a.log());
+}

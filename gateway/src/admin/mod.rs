@@ -113,7 +113,7 @@ impl Admin {
                 "configured": true,
                 "connected": r.is_up(),
                 "breaker": r.breaker_state().as_str(),
-                "latency_ms": r.latency().as_secs_f64() * 1000.0,
+                "latency_ms": (r.latency().as_secs_f64() * 1e6).round() / 1e3,
                 "invalidations_subscribed": r.subscribed.load(std::sync::atomic::Ordering::Relaxed),
                 "cluster": r.settings.cluster,
             }),

@@ -308,11 +308,16 @@ impl L2 {
             return;
         }
         tracing::info!(purges = queued.len(), "replaying purges made while Redis was away");
+        let (mut done, mut again) = (0, 0);
         for p in queued {
-            if self.purge_redis(&p).await.is_err() {
+            if self.purge_redis(&p).await.is_ok() {
+                done += 1;
+            } else {
+                again += 1;
                 self.remember(&p);
             }
         }
+        tracing::info!(done, still_queued = again, "queued purges replayed");
     }
 }
 
@@ -361,14 +366,31 @@ impl Storage for L2 {
 /// included) the whole L1 is dropped, since invalidations may have been missed, and purges
 /// queued while Redis was away are replayed.
 pub fn spawn_subscriber(cache: Weak<Cache>, l2: Arc<L2>) {
+    // Purges queued while Redis was unusable go out once it is back, even when the subscription
+    // itself never dropped (a stalled Redis, say).
+    let replayer = Arc::downgrade(&l2);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(l2) = replayer.upgrade() else { return };
+            let waiting = l2.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+            if waiting && l2.redis.is_up() {
+                l2.replay_pending().await;
+            }
+        }
+    });
     tokio::spawn(async move {
         let mut announced_down = false;
+        let mut node = 0usize;
         loop {
             if cache.strong_count() == 0 {
                 return;
             }
+            let clients = &l2.redis.pubsub_clients;
+            let Some(client) = clients.get(node % clients.len().max(1)) else { return };
             let connected = tokio::time::timeout(Duration::from_secs(2), async {
-                let mut ps = l2.redis.pubsub_client.get_async_pubsub().await?;
+                let mut ps = client.get_async_pubsub().await?;
                 ps.subscribe(CHANNEL).await?;
                 Ok::<_, redis::RedisError>(ps)
             })
@@ -380,10 +402,12 @@ pub fn spawn_subscriber(cache: Weak<Cache>, l2: Arc<L2>) {
                         tracing::warn!(error = %e, "invalidation channel unavailable; retrying");
                         announced_down = true;
                     }
+                    node += 1;
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
                 Err(_) => {
+                    node += 1;
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }

@@ -95,8 +95,9 @@ pub struct Shared {
     pub settings: config::Redis,
     /// Cluster mode: the client that (re)builds the slot map; `None` for a single server.
     cluster: Option<ClusterClient>,
-    /// For the pub/sub connection (in Cluster mode: the first node; PUBLISH reaches every node).
-    pub pubsub_client: redis::Client,
+    /// For the pub/sub connection: one client per configured URL (in Cluster mode any node will
+    /// do, since PUBLISH reaches every node; the subscriber moves on to the next when one fails).
+    pub pubsub_clients: Vec<redis::Client>,
     conn: ArcSwapOption<Conn>,
     breaker: Breaker,
     /// Last successful ping round trip, in microseconds.
@@ -166,7 +167,11 @@ impl Shared {
         let Some(first) = infos.first().cloned() else {
             return Err(RedisStartError::Settings(RedisError::from((redis::ErrorKind::Client, "no Redis URL"))));
         };
-        let pubsub_client = client(first.clone()).map_err(RedisStartError::Settings)?;
+        let pubsub_clients = infos
+            .iter()
+            .map(|i| client(i.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(RedisStartError::Settings)?;
         let connect_timeout = settings.op_timeout.max(Duration::from_millis(500));
         let (cluster, conn) = if settings.cluster {
             let mut b = ClusterClient::builder(infos)
@@ -193,7 +198,7 @@ impl Shared {
             breaker: Breaker::new(settings.breaker, settings.op_timeout * 4),
             settings,
             cluster,
-            pubsub_client,
+            pubsub_clients,
             conn: ArcSwapOption::from_pointee(conn),
             latency_us: AtomicU64::new(0),
             reachable: AtomicBool::new(false),
