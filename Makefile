@@ -3,7 +3,9 @@ SHELL := /bin/bash
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: deps build run test lint bench clean-demo
+.PHONY: deps build plugins run test lint bench clean-demo
+PLUGINS := catalog tenant-key llm-cost fixtures
+WEIR = $${CARGO_TARGET_DIR:-target}/debug/weir
 
 ## Install what is missing on a fresh machine (redis-server, wrk/nginx for benches, toolchain parts).
 deps:
@@ -12,17 +14,22 @@ deps:
 build: deps
 	$(CARGO) build -j$(JOBS) --workspace --bins
 
+## The example plugins and test fixtures, as components in plugins/NAME.wasm.
+plugins: build
+	@for p in $(PLUGINS); do $(WEIR) plugin build plugins/$$p -o plugins/$$p.wasm || exit 1; done
+
 ## Demo origin on 127.0.0.1:3000, Weir on 127.0.0.1:8080 (admin 127.0.0.1:9901). Ctrl-C stops both.
-run: build
+run: plugins
 	@scripts/run-demo.sh
 
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy -j$(JOBS) --workspace --all-targets -- -D warnings
+	$(CARGO) fmt --all --check --manifest-path plugins/Cargo.toml
+	$(CARGO) clippy -j$(JOBS) --manifest-path plugins/Cargo.toml --target wasm32-unknown-unknown --release -- -D warnings
 
 ## Everything CI runs: format, lints, build, unit + end-to-end tests (real processes, real Redis).
-test: deps lint
-	$(CARGO) build -j$(JOBS) --workspace --bins
+test: deps lint plugins
 	$(CARGO) test -j$(JOBS) --workspace
 
 ## Load benchmark (release build, wrk, nginx): see bench/README.md.

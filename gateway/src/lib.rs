@@ -21,6 +21,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod plugin;
 pub mod proxy;
 pub mod redis;
 pub mod router;

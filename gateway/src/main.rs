@@ -33,11 +33,90 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Write, build and try plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Scaffold a plugin crate NAME/ (a 20-line example to edit).
+    New {
+        name: String,
+        /// The guest SDK, as a path from the new crate.
+        #[arg(long, default_value = "../sdk")]
+        sdk: PathBuf,
+    },
+    /// Build the plugin crate in DIR into a component (default: DIR/../NAME.wasm).
+    Build {
+        dir: PathBuf,
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Load a component and check it: exports, imports, and init with --config.
+    Check {
+        file: PathBuf,
+        /// The plugin config as JSON (what `plugin.config` becomes).
+        #[arg(long, default_value = "{}")]
+        config: String,
+    },
+    /// Run one hook on a request and print the decision and the time it took.
+    Run {
+        file: PathBuf,
+        #[arg(long, default_value = "cache-key")]
+        hook: String,
+        /// `METHOD /path?query`
+        #[arg(long, default_value = "GET /")]
+        request: String,
+        /// Request header `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Response status for ttl / invalidate / cost.
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// Response body for ttl / invalidate / cost.
+        #[arg(long)]
+        response_file: Option<PathBuf>,
+    },
+}
+
+fn plugin_command(cmd: PluginCommand) -> Result<String, String> {
+    use weir::plugin::cli;
+    let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).map_err(|e| format!("--config is not JSON: {e}"));
+    match cmd {
+        PluginCommand::New { name, sdk } => cli::new(&name, &sdk),
+        PluginCommand::Build { dir, out } => cli::build(&dir, out.as_deref()).map(|p| format!("built {}", p.display())),
+        PluginCommand::Check { file, config } => cli::check(&file, &json(&config)?),
+        PluginCommand::Run { file, hook, request, headers, host, config, status, response_file } => {
+            let (req, _) = cli::request(&request, &headers, &host)?;
+            let body = match response_file {
+                Some(f) => Some(std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?),
+                None => None,
+            };
+            cli::run(&file, &json(&config)?, &hook, req, status, body)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Plugin { command } => match plugin_command(command) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weir plugin: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Validate { config } => match weir::config::load(&config) {
             Ok(cfg) => {
                 for w in &cfg.not_yet_supported {

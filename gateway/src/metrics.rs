@@ -43,6 +43,13 @@ pub struct LevelLabel {
     pub level: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginCall {
+    pub plugin: String,
+    pub hook: &'static str,
+    pub outcome: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -56,6 +63,8 @@ pub struct Metrics {
     l1_bytes: Gauge,
     l1_entries: Gauge,
     redis_up: Gauge,
+    pub plugin_calls: Family<PluginCall, Counter>,
+    pub plugin_duration: Histogram,
 }
 
 impl Metrics {
@@ -70,6 +79,9 @@ impl Metrics {
         // 0.5 ms .. ~16 s
         let upstream_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let (l1_bytes, l1_entries, redis_up) = (Gauge::default(), Gauge::default(), Gauge::default());
+        let plugin_calls = Family::default();
+        // 1 µs .. ~65 ms
+        let plugin_duration = Histogram::new(exponential_buckets(0.000_001, 2.0, 17));
         // Counters get their `_total` suffix from the encoder.
         registry.register("weir_requests", "Requests answered, by route and status", requests.clone());
         registry.register("weir_cache_hits", "Cache hits, by route and tier", cache_hits.clone());
@@ -85,6 +97,8 @@ impl Metrics {
         registry.register("weir_l1_bytes", "Bytes held by the in-process cache", l1_bytes.clone());
         registry.register("weir_l1_entries", "Objects held by the in-process cache", l1_entries.clone());
         registry.register("weir_redis_up", "1 when the shared Redis tier is connected", redis_up.clone());
+        registry.register("weir_plugin_calls", "Plugin hook calls, by outcome", plugin_calls.clone());
+        registry.register("weir_plugin_duration_seconds", "Time in plugin hook calls", plugin_duration.clone());
         Arc::new(Metrics {
             registry,
             requests,
@@ -97,6 +111,8 @@ impl Metrics {
             l1_bytes,
             l1_entries,
             redis_up,
+            plugin_calls,
+            plugin_duration,
         })
     }
 
@@ -185,5 +201,12 @@ impl RouteCacheMetrics {
             o if matches!(o.label(), "miss" | "collapsed" | "revalidated") => self.miss.inc(),
             _ => 0,
         };
+    }
+}
+
+impl crate::plugin::CallSink for Metrics {
+    fn record(&self, plugin: &str, hook: &'static str, outcome: &'static str, took: Duration) {
+        self.plugin_calls.get_or_create(&PluginCall { plugin: plugin.to_string(), hook, outcome }).inc();
+        self.plugin_duration.observe(took.as_secs_f64());
     }
 }

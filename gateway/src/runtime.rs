@@ -42,6 +42,9 @@ pub struct Runtime {
 impl Runtime {
     pub fn build(config: Config, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Runtime {
         let router = Router::new(&config.routes);
+        for p in config.routes.iter().filter_map(|r| r.plugin.as_ref()?.loaded.as_ref()) {
+            p.set_sink(metrics.clone());
+        }
         let routes = config
             .routes
             .iter()
@@ -95,6 +98,21 @@ impl Gateway {
 
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
+    }
+
+    /// `reload` on a blocking thread: compiling changed plugins stays off the request path.
+    pub async fn reload_off_thread(self: &Arc<Self>) -> Result<(), ConfigError> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.reload()).await {
+            Ok(r) => r,
+            Err(e) => Err(ConfigError {
+                problems: vec![crate::config::Problem {
+                    file: self.runtime().config.source.clone(),
+                    pos: crate::config::Pos { line: 1, col: 1 },
+                    message: format!("reload task failed: {e}"),
+                }],
+            }),
+        }
     }
 
     /// Reads the configuration file again, validates it whole and swaps it in. On error the old

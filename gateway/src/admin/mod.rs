@@ -51,7 +51,7 @@ impl Admin {
             return Err(GatewayError::Unauthorized);
         }
         match (req.method(), path.as_str()) {
-            (&Method::POST, "/reload") => match self.gateway.reload() {
+            (&Method::POST, "/reload") => match self.gateway.reload_off_thread().await {
                 Ok(()) => Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "reloaded"}))),
                 Err(e) => {
                     tracing::error!("reload rejected, the previous configuration keeps serving:\n{e}");

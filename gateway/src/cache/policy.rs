@@ -24,6 +24,8 @@ pub enum NotStored {
     TooLarge,
     Purged,
     Partial,
+    /// The route's plugin said `store: false`.
+    Plugin,
 }
 
 impl NotStored {
@@ -41,6 +43,7 @@ impl NotStored {
             NotStored::TooLarge => "too-large",
             NotStored::Purged => "purged",
             NotStored::Partial => "partial",
+            NotStored::Plugin => "plugin",
         }
     }
 }

@@ -38,6 +38,8 @@ impl BypassReason {
 pub enum Outcome {
     /// Fresh hit.
     Hit { level: Level },
+    /// The route's plugin kept the cache out of this request, for `reason`.
+    PluginBypass { reason: String },
     /// Stale hit served without contacting the origin (stale-while-revalidate, max-stale).
     StaleHit { ttl: i64 },
     /// Not found (`vary` when only the Vary variant was missing); `stored` or why not.
@@ -85,6 +87,15 @@ impl Outcome {
                 format!("weir; fwd=bypass; detail={}{}", reason.as_str(), if *stored { "; stored" } else { "" })
             }
             Outcome::NotCached => return HeaderValue::from_static("weir; fwd=miss; detail=only-if-cached"),
+            Outcome::PluginBypass { reason } => {
+                // RFC 9211 `detail` as an sf-string: printable ASCII, `"` and `\` escaped.
+                let clean: String = reason
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                    .flat_map(|c| if c == '"' || c == '\\' { vec!['\\', c] } else { vec![c] })
+                    .collect();
+                format!("weir; fwd=bypass; detail=\"plugin: {clean}\"")
+            }
         };
         HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("weir"))
     }
@@ -97,7 +108,7 @@ impl Outcome {
             Outcome::Miss { .. } | Outcome::Request { .. } | Outcome::NotCached => "miss",
             Outcome::Collapsed => "collapsed",
             Outcome::Revalidated { .. } => "revalidated",
-            Outcome::Bypass { .. } => "bypass",
+            Outcome::Bypass { .. } | Outcome::PluginBypass { .. } => "bypass",
         }
     }
 }

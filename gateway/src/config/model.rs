@@ -144,6 +144,11 @@ pub struct PluginRef {
     pub config: serde_json::Value,
     pub timeout: Duration,
     pub max_memory: u64,
+    /// Cap on a response body handed to a plugin that asks for it.
+    pub max_body_bytes: u64,
+    /// Compiled, checked and initialised at load (`None` only when loading failed, which is a
+    /// configuration error).
+    pub loaded: Option<std::sync::Arc<crate::plugin::Loaded>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

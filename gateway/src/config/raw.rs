@@ -157,6 +157,7 @@ pub struct RawPlugin {
     pub config: Option<serde_norway::Value>,
     pub timeout: Option<Text>,
     pub max_memory: Option<Text>,
+    pub max_body_bytes: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

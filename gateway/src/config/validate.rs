@@ -489,17 +489,32 @@ impl Validator {
 
         let plugin = r.plugin.as_ref().map(|pl| {
             let pp = format!("{p}.plugin");
-            self.not_yet(src, &pp, "plugins");
-            PluginRef {
-                path: self.file_exists(src, &format!("{pp}.path"), &pl.path, "plugin file"),
-                config: pl
-                    .config
-                    .as_ref()
-                    .and_then(|c| serde_json::to_value(c).ok())
-                    .unwrap_or(serde_json::Value::Null),
-                timeout: self.duration(src, &format!("{pp}.timeout"), pl.timeout.as_ref(), Duration::from_millis(5)),
-                max_memory: self.size(src, &format!("{pp}.max_memory"), pl.max_memory.as_ref(), 16 << 20),
+            let path = self.file_exists(src, &format!("{pp}.path"), &pl.path, "plugin file");
+            let config =
+                pl.config.as_ref().and_then(|c| serde_json::to_value(c).ok()).unwrap_or(serde_json::Value::Null);
+            let timeout = self.duration(src, &format!("{pp}.timeout"), pl.timeout.as_ref(), Duration::from_millis(5));
+            if timeout.is_zero() || timeout > Duration::from_secs(1) {
+                self.problems.at(src, &format!("{pp}.timeout"), "plugin timeout must be between 1ms and 1s");
             }
+            let max_memory = self.size(src, &format!("{pp}.max_memory"), pl.max_memory.as_ref(), 16 << 20);
+            if !(1 << 20..=1 << 30).contains(&max_memory) {
+                self.problems.at(src, &format!("{pp}.max_memory"), "plugin max_memory must be between 1MiB and 1GiB");
+            }
+            let max_body_bytes = self.size(src, &format!("{pp}.max_body_bytes"), pl.max_body_bytes.as_ref(), 64 << 10);
+            // Loading compiles the component (cached by content), checks its imports and exports
+            // and runs `init` with the config: `weir validate` and a reload catch a broken plugin.
+            let loaded = if path.is_file() {
+                match crate::plugin::load(&path, &config, timeout, max_memory) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        self.problems.at(src, &format!("{pp}.path"), format!("plugin `{}` {e}", pl.path));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            PluginRef { path, config, timeout, max_memory, max_body_bytes, loaded }
         });
 
         let cache = r.cache.as_ref().map(|c| std::sync::Arc::new(self.route_cache(src, &format!("{p}.cache"), c)));

@@ -29,6 +29,7 @@ use crate::cache::status::{BypassReason, Level, Outcome};
 use crate::cache::{Cache, Purge};
 use crate::config::RouteCache;
 use crate::error::GatewayError;
+use crate::plugin::{KeyDecision, Loaded, PluginRequest};
 use crate::runtime::{RouteRuntime, Runtime};
 use crate::{Body, BoxError};
 
@@ -56,6 +57,8 @@ struct Ctx {
     path_query: String,
     /// The buffered body of a cached POST.
     body: Option<Bytes>,
+    /// The request as the route's plugin sees it (built once, for the key and TTL hooks).
+    plugin_req: Option<Arc<PluginRequest>>,
 }
 
 impl Ctx {
@@ -95,6 +98,7 @@ impl Ctx {
             primary: self.primary.clone(),
             path_query: self.path_query.clone(),
             body: self.body.clone(),
+            plugin_req: self.plugin_req.clone(),
         }
     }
 }
@@ -212,6 +216,28 @@ async fn serve_inner(
     } else {
         None
     };
+    // The plugin may change the key (never the sharing rules above), or keep the cache out.
+    let mut primary = kp.primary;
+    let mut plugin_req = None;
+    let mut plugin_bypass = None;
+    if let (Some(plugin), None) = (route_plugin(route), &bypass) {
+        let preq = Arc::new(plugin_request(
+            plugin,
+            &method,
+            conn.scheme,
+            &client.uri,
+            &client.headers,
+            &kp.path_query,
+            post_body.as_ref(),
+        ));
+        match plugin.cache_key(&preq) {
+            Ok(KeyDecision::Key(k)) => primary = plugin_key(&route.route.name, class, &k),
+            Ok(KeyDecision::Bypass(reason)) => plugin_bypass = Some(reason),
+            // `Policy`, or a failed call: the policy's key.
+            Ok(KeyDecision::Policy) | Err(_) => {}
+        }
+        plugin_req = Some(preq);
+    }
     let ctx = Ctx {
         rt: rt.clone(),
         idx,
@@ -221,10 +247,22 @@ async fn serve_inner(
         conn,
         trusted,
         facts,
-        primary: kp.primary,
+        primary,
         path_query: kp.path_query,
         body: post_body,
+        plugin_req,
     };
+    if let Some(reason) = plugin_bypass {
+        // Neither read nor stored: the request goes through as the client sent it.
+        let mut up = clone_head(&ctx.client);
+        prepare_head(&mut up, conn, trusted, None);
+        let (b, none) = match &ctx.body {
+            Some(b) if !b.is_empty() => (Full::new(b.clone()).map_err(|never| match never {}).boxed(), false),
+            _ => (empty(), true),
+        };
+        let resp = Box::pin(send_upstream(ctx.route(), up, b, none)).await?;
+        return Ok(with_status(ctx.route(), finish_response(ctx.route(), resp), &Outcome::PluginBypass { reason }));
+    }
     if let Some(reason) = bypass {
         // Credentials: never served from the cache; stored only where RFC 9111 §3.5 allows.
         let f = Box::pin(fetch(&ctx, None, None, false)).await?;
@@ -411,7 +449,7 @@ async fn fetch(
         }
     }
 
-    let lifetime = policy::decide(&ctx.cfg, &ctx.facts, status, &rp.headers, now);
+    let (lifetime, plugin_tags) = decide(ctx, status, &rp.headers, now);
     let too_large = content_length(&rp.headers).is_some_and(|n| n > ctx.cache.max_object_bytes);
     let lifetime = match lifetime {
         Ok(_) if too_large => Err(NotStored::TooLarge),
@@ -429,7 +467,7 @@ async fn fetch(
     };
     match collect(rbody, ctx.cache.max_object_bytes, idle).await {
         Collected::Complete(bytes) => {
-            let entry = Arc::new(build_entry(ctx, status, rp.headers, bytes, &l, now));
+            let entry = Arc::new(build_entry(ctx, status, rp.headers, bytes, &l, now, plugin_tags));
             let stored = ctx.cache.store(&ctx.primary, entry.clone(), generation).await;
             if let Some(g) = guard {
                 g.finish(if stored { FlightResult::Stored(entry.clone()) } else { FlightResult::NotShared });
@@ -491,9 +529,10 @@ async fn revalidated(
             headers.append(name.clone(), v.clone());
         }
     }
-    match policy::decide(&ctx.cfg, &ctx.facts, e.status, &headers, now) {
+    let (decided, plugin_tags) = decide(ctx, e.status, &headers, now);
+    match decided {
         Ok(l) => {
-            let mut next = build_entry(ctx, e.status, headers, e.body.clone(), &l, now);
+            let mut next = build_entry(ctx, e.status, headers, e.body.clone(), &l, now, plugin_tags);
             next.key = e.key.clone();
             let next = Arc::new(next);
             let stored = ctx.cache.store(&ctx.primary, next.clone(), generation).await;
@@ -516,6 +555,96 @@ async fn revalidated(
     }
 }
 
+/// The route's plugin, when it has one.
+fn route_plugin(route: &RouteRuntime) -> Option<&Arc<Loaded>> {
+    route.route.plugin.as_ref().and_then(|p| p.loaded.as_ref())
+}
+
+/// A plugin's key, namespaced by route and method class; never equal to a policy key (those
+/// continue with the scheme).
+fn plugin_key(route: &str, class: &str, k: &str) -> String {
+    format!("{route}|{class}|plugin:{k}")
+}
+
+/// The request in WIT form, with only what the plugin asked for.
+fn plugin_request(
+    plugin: &Loaded,
+    method: &Method,
+    scheme: &str,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    path_query: &str,
+    body: Option<&Bytes>,
+) -> PluginRequest {
+    let (path, query) = match path_query.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (path_query.to_string(), None),
+    };
+    PluginRequest {
+        method: method.as_str().to_string(),
+        scheme: scheme.to_string(),
+        authority: request_host(uri, headers).unwrap_or_default().to_ascii_lowercase(),
+        path,
+        query,
+        headers: plugin.headers_for(headers),
+        consumer: None,
+        body: if plugin.needs.request_body { body.map(|b| b.to_vec()) } else { None },
+    }
+}
+
+/// The policy's storage decision, then the plugin's `ttl` hook: the plugin wins on lifetimes
+/// and adds tags, but cannot store what the sharing rules forbid (RFC 9111 §3, DESIGN.md).
+fn decide(
+    ctx: &Ctx,
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> (Result<Lifetime, NotStored>, Vec<String>) {
+    let decided = policy::decide(&ctx.cfg, &ctx.facts, status, headers, now);
+    let (Some(plugin), Some(preq)) = (route_plugin(ctx.route()), &ctx.plugin_req) else {
+        return (decided, Vec::new());
+    };
+    let base = match decided {
+        Ok(l) => Some(l),
+        Err(NotStored::NoFreshness) => None,
+        Err(other) => return (Err(other), Vec::new()),
+    };
+    let resp = crate::plugin::response_for(plugin, status.as_u16(), headers, None);
+    let d = match plugin.ttl(preq, &resp) {
+        Ok(Some(d)) => d,
+        // No opinion, or a failed call: the policy's decision.
+        Ok(None) | Err(_) => return (base.ok_or(NotStored::NoFreshness), Vec::new()),
+    };
+    if !d.store {
+        return (Err(NotStored::Plugin), Vec::new());
+    }
+    let secs = |s: Option<u32>| s.map(|s| Duration::from_secs(u64::from(s)));
+    let l = match (base, secs(d.ttl)) {
+        (Some(mut l), ttl) => {
+            if let Some(t) = ttl {
+                l.fresh_for = t;
+            }
+            if !l.stale_forbidden {
+                l.stale_while_revalidate = secs(d.stale_while_revalidate).unwrap_or(l.stale_while_revalidate);
+                l.stale_if_error = secs(d.stale_if_error).unwrap_or(l.stale_if_error);
+            }
+            l
+        }
+        (None, Some(t)) => Lifetime {
+            fresh_for: t,
+            initial_age: Duration::ZERO,
+            stale_while_revalidate: secs(d.stale_while_revalidate)
+                .or(ctx.cfg.stale_while_revalidate)
+                .unwrap_or_default(),
+            stale_if_error: secs(d.stale_if_error).or(ctx.cfg.stale_if_error).unwrap_or_default(),
+            revalidate_always: false,
+            stale_forbidden: false,
+        },
+        (None, None) => return (Err(NotStored::NoFreshness), Vec::new()),
+    };
+    (Ok(l), d.tags)
+}
+
 fn build_entry(
     ctx: &Ctx,
     status: StatusCode,
@@ -523,6 +652,7 @@ fn build_entry(
     body: Bytes,
     l: &Lifetime,
     now: SystemTime,
+    plugin_tags: Vec<String>,
 ) -> Entry {
     let vary = key::vary_names(&headers);
     let key =
@@ -556,6 +686,7 @@ fn build_entry(
         .filter(|t| !t.is_empty() && t.len() <= MAX_TAG_LEN)
         .map(str::to_string);
     tags.extend(from_headers);
+    tags.extend(plugin_tags);
     tags.sort();
     tags.dedup();
     tags.truncate(MAX_TAGS);
@@ -754,6 +885,11 @@ pub(super) async fn forward_and_invalidate(
     let method = req.method().clone();
     let host = request_host(req.uri(), req.headers()).map(str::to_string);
     let target = key::primary("", "", "", "", req.uri().path(), req.uri().query(), None).ok().map(|k| k.path_query);
+    let plugin = route_plugin(route).filter(|_| is_unsafe(&method));
+    let preq = match (plugin, &target) {
+        (Some(p), Some(pq)) => Some(plugin_request(p, &method, conn.scheme, req.uri(), req.headers(), pq, None)),
+        _ => None,
+    };
     let resp = forward(route, req, conn, trusted).await?;
     if !is_unsafe(&method) || !(resp.status().is_success() || resp.status().is_redirection()) {
         return Ok(resp);
@@ -774,9 +910,25 @@ pub(super) async fn forward_and_invalidate(
             purge.tags.extend(inv.tags.iter().cloned());
         }
     }
+    if let (Some(p), Some(preq)) = (plugin, &preq) {
+        let presp = crate::plugin::response_for(p, resp.status().as_u16(), resp.headers(), None);
+        if let Ok(inv) = p.invalidate(preq, &presp) {
+            // A plugin names its own keys (as its cache-key hook returns them) or URL paths.
+            purge.keys.extend(inv.keys.iter().map(|k| {
+                if k.starts_with('/') {
+                    k.clone()
+                } else {
+                    plugin_key(&route.route.name, "GET", k)
+                }
+            }));
+            purge.tags.extend(inv.tags);
+            purge.prefixes.extend(inv.prefixes);
+        }
+    }
     if !purge.is_empty() {
         rt.metrics.invalidations(&route.label, "key", purge.keys.len());
         rt.metrics.invalidations(&route.label, "tag", purge.tags.len());
+        rt.metrics.invalidations(&route.label, "prefix", purge.prefixes.len());
         match rt.cache.purge(&purge).await {
             Ok(n) => {
                 tracing::debug!(route = %route.route.name, %method, purged = n, "write invalidated cached entries")

@@ -119,7 +119,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                if let Err(e) = gateway.reload() {
+                if let Err(e) = gateway.reload_off_thread().await {
                     tracing::error!("reload rejected, the previous configuration keeps serving:\n{e}");
                 }
             }

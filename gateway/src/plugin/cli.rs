@@ -1,0 +1,190 @@
+//! `weir plugin new | build | check | run`: write, build and try a plugin without a gateway.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+
+use super::{load, Header, PluginRequest};
+
+/// Scaffolds a guest crate `NAME/` using the SDK at `sdk` (a path, relative to the new crate).
+pub fn new(name: &str, sdk: &Path) -> Result<String, String> {
+    let dir = PathBuf::from(name);
+    if dir.exists() {
+        return Err(format!("{} already exists", dir.display()));
+    }
+    let crate_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| name.into());
+    if crate_name.is_empty() || !crate_name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(format!("`{crate_name}` is not a crate name (letters, digits, - and _)"));
+    }
+    std::fs::create_dir_all(dir.join("src")).map_err(|e| e.to_string())?;
+    let cargo = format!(
+        r#"[package]
+name = "{crate_name}"
+version = "0.1.0"
+edition = "2021"
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+weir-plugin-sdk = {{ path = "{}" }}
+
+[profile.release]
+opt-level = "s"
+lto = true
+panic = "abort"
+strip = true
+
+# Standalone: not part of another workspace.
+[workspace]
+"#,
+        sdk.display()
+    );
+    let lib = r#"//! A Weir plugin: implement only the hooks you need (see the SDK's `Plugin` trait).
+use weir_plugin_sdk::*;
+
+struct MyPlugin {
+    ttl: u32,
+}
+
+impl Plugin for MyPlugin {
+    fn new(config: Config) -> Result<Self, String> {
+        let ttl = config.str("ttl_seconds").unwrap_or_else(|| "60".into());
+        Ok(MyPlugin { ttl: ttl.parse().map_err(|_| format!("ttl_seconds: `{ttl}` is not a number"))? })
+    }
+
+    fn ttl(&self, req: &Request, _resp: &Response) -> Option<TtlDecision> {
+        let section = req.path.split('/').nth(1).unwrap_or("root").to_string();
+        Some(TtlDecision { ttl: Some(self.ttl), tags: vec![section], ..TtlDecision::default() })
+    }
+}
+
+export_plugin!(MyPlugin);
+"#;
+    std::fs::write(dir.join("Cargo.toml"), cargo).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("src/lib.rs"), lib).map_err(|e| e.to_string())?;
+    Ok(format!("created {} — build it with `weir plugin build {}`", dir.display(), dir.display()))
+}
+
+/// Builds the guest crate in `dir` for wasm32-unknown-unknown (release) and makes the core
+/// module a component (wit-component; the WIT travels in the module's custom section).
+pub fn build(dir: &Path, out: Option<&Path>) -> Result<PathBuf, String> {
+    let meta = Command::new("cargo")
+        .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !meta.status.success() {
+        return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&meta.stderr)));
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).map_err(|e| e.to_string())?;
+    let manifest = std::fs::canonicalize(dir.join("Cargo.toml")).map_err(|e| e.to_string())?;
+    let package = meta["packages"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["manifest_path"].as_str().map(Path::new) == Some(manifest.as_path())))
+        .ok_or("no package in that folder")?;
+    let name = package["name"].as_str().ok_or("package without a name")?.to_string();
+    let target_dir = PathBuf::from(meta["target_directory"].as_str().ok_or("no target directory")?);
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--target", "wasm32-unknown-unknown", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("cargo build failed (is the target installed? `rustup target add wasm32-unknown-unknown`)".into());
+    }
+    let module = target_dir.join("wasm32-unknown-unknown/release").join(format!("{}.wasm", name.replace('-', "_")));
+    let bytes = std::fs::read(&module).map_err(|e| format!("cannot read {}: {e}", module.display()))?;
+    let component = wit_component::ComponentEncoder::default()
+        .module(&bytes)
+        .and_then(|e| e.validate(true).encode())
+        .map_err(|e| format!("cannot make a component of {}: {e:#}", module.display()))?;
+    let out = match out {
+        Some(o) => o.to_path_buf(),
+        None => dir.parent().unwrap_or(Path::new(".")).join(format!("{name}.wasm")),
+    };
+    std::fs::write(&out, component).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    Ok(out)
+}
+
+/// Loads and checks a component (imports, exports, `init` with `config`).
+pub fn check(file: &Path, config: &serde_json::Value) -> Result<String, String> {
+    let t = Instant::now();
+    let p = load(file, config, Duration::from_millis(100), 64 << 20)?;
+    Ok(format!(
+        "{}: ok — exports weir:plugin@0.1.0, imports nothing, init ok in {:.1} ms; needs headers {:?}, request body {}, response body {}",
+        file.display(),
+        t.elapsed().as_secs_f64() * 1000.0,
+        p.needs.headers,
+        p.needs.request_body,
+        p.needs.response_body
+    ))
+}
+
+/// A request line `METHOD /path?query` and `name: value` headers as the plugin sees them.
+pub fn request(line: &str, headers: &[String], host: &str) -> Result<(PluginRequest, HeaderMap), String> {
+    let (method, target) = line.trim().split_once(' ').ok_or("--request must look like `GET /path?query`")?;
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (target.to_string(), None),
+    };
+    let mut map = HeaderMap::new();
+    let mut list = Vec::new();
+    for h in headers {
+        let (k, v) = h.split_once(':').ok_or_else(|| format!("header `{h}` must look like `name: value`"))?;
+        let name = http::HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| format!("bad header name `{k}`"))?;
+        let value = http::HeaderValue::from_str(v.trim()).map_err(|_| format!("bad header value `{v}`"))?;
+        list.push(Header { name: name.as_str().to_string(), value: v.trim().to_string() });
+        map.append(name, value);
+    }
+    let req = PluginRequest {
+        method: method.to_ascii_uppercase(),
+        scheme: "http".into(),
+        authority: host.into(),
+        path,
+        query,
+        headers: list,
+        consumer: None,
+        body: None,
+    };
+    Ok((req, map))
+}
+
+/// Runs one hook and describes the decision and the time it took.
+pub fn run(
+    file: &Path,
+    config: &serde_json::Value,
+    hook: &str,
+    req: PluginRequest,
+    status: u16,
+    response_body: Option<Vec<u8>>,
+) -> Result<String, String> {
+    let p = load(file, config, Duration::from_millis(100), 64 << 20)?;
+    // The gateway passes only the headers the plugin asked for.
+    let req = PluginRequest { headers: req.headers.into_iter().filter(|h| p.wants_header(&h.name)).collect(), ..req };
+    let resp = super::PluginResponse {
+        status,
+        headers: Vec::new(),
+        body: if p.needs.response_body { response_body } else { None },
+    };
+    let t = Instant::now();
+    let out = match hook {
+        "cache-key" => p.cache_key(&req).map(|d| format!("{d:?}")),
+        "ttl" => p.ttl(&req, &resp).map(|d| format!("{d:?}")),
+        "invalidate" => p.invalidate(&req, &resp).map(|d| format!("{d:?}")),
+        "cost" => p.cost(&req, &resp).map(|d| format!("{d:?}")),
+        "identify" => p.identify(&req).map(|d| format!("{d:?}")),
+        other => return Err(format!("unknown hook `{other}`: cache-key, ttl, invalidate, cost or identify")),
+    };
+    let took = t.elapsed();
+    match out {
+        Ok(d) => Ok(format!("{hook}: {d}\ntook {:.1} µs", took.as_secs_f64() * 1e6)),
+        Err(f) => Err(format!(
+            "{hook} failed: {} after {:.1} ms (the gateway would fall back to the policy)",
+            f.as_str(),
+            took.as_secs_f64() * 1000.0
+        )),
+    }
+}

@@ -1,0 +1,462 @@
+//! Wasm plugins: the host side of `wit/weir-plugin.wit`.
+//!
+//! One wasmtime `Engine` per process (epoch interruption on, a 1 ms ticker thread); components
+//! compiled once per content hash; each route's plugin keeps a small pool of warm instances
+//! (store + instance, `init` already run) that calls borrow and return. Every call gets an epoch
+//! deadline (`plugin.timeout`) and runs under a memory limit (`plugin.max_memory`); an instance
+//! that trapped, ran out of time or memory is dropped, never reused. A component that imports
+//! anything is refused at load: plugins get no files, sockets, clocks, randomness or
+//! environment, because there is nothing to import.
+//!
+//! Failures never fail the request: the caller gets `Err(Failure)` and falls back to the route's
+//! policy; `weir_plugin_calls_total{plugin,hook,outcome}` counts every call.
+
+pub mod cli;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+}
+
+pub use self::bindings::weir::plugin::types::{
+    Header, Invalidation, KeyDecision, Needs, Request as PluginRequest, Response as PluginResponse, TtlDecision,
+};
+use self::bindings::{Plugin, PluginPre};
+
+/// Epoch tick: the granularity of `plugin.timeout`.
+const TICK: Duration = Duration::from_millis(1);
+/// Deadline for instantiation + `init`.
+const INIT_TIMEOUT: Duration = Duration::from_millis(200);
+/// Warm instances kept per plugin (beyond: dropped after the call).
+const POOL_MAX: usize = 16;
+/// Output caps (a plugin's answer beyond them is "malformed": the policy decides instead).
+pub const MAX_KEY_BYTES: usize = 1024;
+pub const MAX_TAGS: usize = 32;
+pub const MAX_TAG_BYTES: usize = 256;
+pub const MAX_INVALIDATIONS: usize = 64;
+pub const MAX_CONSUMER_BYTES: usize = 256;
+
+/// Why a plugin call gave no usable answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Trap,
+    Timeout,
+    Memory,
+    /// The answer broke a cap or a format (key too long, control characters, bad decimal...).
+    Invalid,
+    /// A new instance could not be made (its `init` failed, say).
+    Instantiate,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Trap => "trap",
+            Failure::Timeout => "timeout",
+            Failure::Memory => "memory",
+            Failure::Invalid => "invalid",
+            Failure::Instantiate => "instantiate",
+        }
+    }
+}
+
+/// The process-wide engine and compile cache.
+struct Host {
+    engine: Engine,
+    compiled: Mutex<HashMap<[u8; 32], Component>>,
+}
+
+fn host() -> Result<&'static Host, String> {
+    static HOST: OnceLock<Result<Host, String>> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true);
+        cfg.wasm_component_model(true);
+        let engine = Engine::new(&cfg).map_err(|e| format!("cannot start the Wasm engine: {e}"))?;
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("weir-plugin-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                ticker.increment_epoch();
+            })
+            .map_err(|e| format!("cannot start the plugin timer: {e}"))?;
+        Ok(Host { engine, compiled: Mutex::new(HashMap::new()) })
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+struct State {
+    limits: StoreLimits,
+}
+
+struct Warm {
+    store: Store<State>,
+    plugin: Plugin,
+}
+
+/// Counts calls for `/metrics`; provided by the runtime (the plugin layer does not know the
+/// registry).
+pub trait CallSink: Send + Sync + std::fmt::Debug {
+    fn record(&self, plugin: &str, hook: &'static str, outcome: &'static str, took: Duration);
+}
+
+#[derive(Debug)]
+struct NoSink;
+impl CallSink for NoSink {
+    fn record(&self, _: &str, _: &'static str, _: &'static str, _: Duration) {}
+}
+
+/// A loaded, checked plugin with its warm instances.
+pub struct Loaded {
+    /// The file stem (`catalog` for `plugins/catalog.wasm`): the metrics label.
+    pub name: String,
+    pub path: PathBuf,
+    pub digest: [u8; 32],
+    pre: PluginPre<State>,
+    config: String,
+    timeout: Duration,
+    max_memory: usize,
+    pub needs: Needs,
+    pool: Mutex<Vec<Warm>>,
+    sink: OnceLock<Arc<dyn CallSink>>,
+    /// Last time a failure was logged (ms since `started`): logs are rate-limited.
+    last_log_ms: AtomicU64,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").field("name", &self.name).field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Compiles (or takes from the cache) and checks a component: it must import nothing and export
+/// the `plugin` world of this WIT version.
+fn compile(bytes: &[u8]) -> Result<(Component, [u8; 32]), String> {
+    let host = host()?;
+    let digest = *blake3::hash(bytes).as_bytes();
+    if let Some(c) = host.compiled.lock().ok().and_then(|m| m.get(&digest).cloned()) {
+        return Ok((c, digest));
+    }
+    let component = Component::new(&host.engine, bytes).map_err(|e| {
+        format!("not a WebAssembly component (build plugins with `weir plugin build`): {}", root_cause(&e))
+    })?;
+    let ty = component.component_type();
+    // The one thing a plugin may import is an interface of types only (the WIT's own `types`,
+    // which wit-bindgen imports): it carries no function, so it grants nothing.
+    let imports: Vec<String> = ty
+        .imports(&host.engine)
+        .filter(|(_, item)| !types_only(&host.engine, &item.ty))
+        .map(|(name, _)| name.to_string())
+        .collect();
+    if !imports.is_empty() {
+        return Err(format!(
+            "imports {}, which Weir does not grant: a plugin may import nothing (no files, sockets, clocks, randomness or environment)",
+            imports.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if let Ok(mut m) = host.compiled.lock() {
+        m.insert(digest, component.clone());
+    }
+    Ok((component, digest))
+}
+
+fn types_only(engine: &Engine, item: &ComponentItem) -> bool {
+    match item {
+        ComponentItem::Type(_) => true,
+        ComponentItem::ComponentInstance(i) => i.exports(engine).all(|(_, e)| matches!(e.ty, ComponentItem::Type(_))),
+        _ => false,
+    }
+}
+
+fn root_cause(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
+}
+
+/// Loads the plugin at `path` with its config, and makes one instance (running `init`) to check
+/// that it works. Every problem is an error message for the configuration report.
+pub fn load(
+    path: &Path,
+    config: &serde_json::Value,
+    timeout: Duration,
+    max_memory: u64,
+) -> Result<Arc<Loaded>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read plugin: {e}"))?;
+    load_bytes(path, &bytes, config, timeout, max_memory)
+}
+
+pub fn load_bytes(
+    path: &Path,
+    bytes: &[u8],
+    config: &serde_json::Value,
+    timeout: Duration,
+    max_memory: u64,
+) -> Result<Arc<Loaded>, String> {
+    let host = host()?;
+    let (component, digest) = compile(bytes)?;
+    let mut linker: Linker<State> = Linker::new(&host.engine);
+    for (name, item) in component.component_type().imports(&host.engine) {
+        if types_only(&host.engine, &item.ty) {
+            linker.instance(name).map_err(|e| format!("cannot link `{name}`: {}", root_cause(&e)))?;
+        }
+    }
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| format!("cannot be instantiated: {}", root_cause(&e)))
+        .and_then(|p| {
+            PluginPre::new(p).map_err(|e| {
+                format!(
+                    "does not export the weir:plugin@0.1.0 `plugin` world (wit/weir-plugin.wit): {}",
+                    root_cause(&e)
+                )
+            })
+        })?;
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin".into());
+    let mut loaded = Loaded {
+        name,
+        path: path.to_path_buf(),
+        digest,
+        pre,
+        config: config.to_string(),
+        timeout,
+        max_memory: usize::try_from(max_memory).unwrap_or(usize::MAX),
+        needs: Needs { headers: Vec::new(), request_body: false, response_body: false },
+        pool: Mutex::new(Vec::new()),
+        sink: OnceLock::new(),
+        last_log_ms: AtomicU64::new(0),
+        started: Instant::now(),
+    };
+    let (warm, needs) = loaded.instantiate().map_err(|e| format!("init failed: {e}"))?;
+    loaded.needs = needs;
+    if let Ok(mut p) = loaded.pool.lock() {
+        p.push(warm);
+    }
+    Ok(Arc::new(loaded))
+}
+
+impl Loaded {
+    pub fn set_sink(&self, sink: Arc<dyn CallSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    fn sink(&self) -> &dyn CallSink {
+        match self.sink.get() {
+            Some(s) => s.as_ref(),
+            None => &NoSink,
+        }
+    }
+
+    fn ticks(&self) -> u64 {
+        ticks(self.timeout)
+    }
+
+    /// A new store + instance, `init` run with the config.
+    fn instantiate(&self) -> Result<(Warm, Needs), String> {
+        let host = host()?;
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.max_memory)
+            .instances(4)
+            .memories(4)
+            .tables(8)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(&host.engine, State { limits });
+        store.limiter(|s| &mut s.limits);
+        // Instantiation and `init` (config parsing) get more time than a hook call.
+        let init_ticks = ticks(self.timeout.max(INIT_TIMEOUT));
+        store.set_epoch_deadline(init_ticks);
+        let plugin = self.pre.instantiate(&mut store).map_err(|e| root_cause(&e))?;
+        store.set_epoch_deadline(init_ticks);
+        let needs = match plugin.call_init(&mut store, &self.config) {
+            Ok(Ok(n)) => n,
+            Ok(Err(msg)) => return Err(msg),
+            Err(e) => return Err(classify(&e).as_str().to_string() + ": " + &root_cause(&e)),
+        };
+        Ok((Warm { store, plugin }, needs))
+    }
+
+    /// Runs `f` on a warm instance under the deadline; the instance goes back to the pool only
+    /// when the call returned normally.
+    fn call<T>(
+        &self,
+        hook: &'static str,
+        f: impl FnOnce(&Plugin, &mut Store<State>) -> wasmtime::Result<T>,
+    ) -> Result<T, Failure> {
+        let t = Instant::now();
+        let warm = self.pool.lock().ok().and_then(|mut p| p.pop());
+        let mut warm = match warm {
+            Some(w) => w,
+            None => match self.instantiate() {
+                Ok((w, _)) => w,
+                Err(e) => {
+                    self.failed(hook, Failure::Instantiate, &e, t.elapsed());
+                    return Err(Failure::Instantiate);
+                }
+            },
+        };
+        warm.store.set_epoch_deadline(self.ticks());
+        match f(&warm.plugin, &mut warm.store) {
+            Ok(v) => {
+                if let Ok(mut p) = self.pool.lock() {
+                    if p.len() < POOL_MAX {
+                        p.push(warm);
+                    }
+                }
+                self.sink().record(&self.name, hook, "ok", t.elapsed());
+                Ok(v)
+            }
+            Err(e) => {
+                let why = classify(&e);
+                self.failed(hook, why, &root_cause(&e), t.elapsed());
+                Err(why)
+            }
+        }
+    }
+
+    fn failed(&self, hook: &'static str, why: Failure, detail: &str, took: Duration) {
+        self.sink().record(&self.name, hook, why.as_str(), took);
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_log_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self.last_log_ms.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            tracing::warn!(plugin = %self.name, hook, outcome = why.as_str(), "plugin call failed; the route's policy decides instead: {detail}");
+        }
+    }
+
+    /// Records a malformed answer (the call itself succeeded).
+    fn invalid(&self, hook: &'static str, what: &str) -> Failure {
+        self.failed(hook, Failure::Invalid, what, Duration::ZERO);
+        Failure::Invalid
+    }
+
+    pub fn cache_key(&self, req: &PluginRequest) -> Result<KeyDecision, Failure> {
+        let d = self.call("cache-key", |p, s| p.call_cache_key(s, req))?;
+        match &d {
+            KeyDecision::Key(k) if k.is_empty() || k.len() > MAX_KEY_BYTES || k.chars().any(char::is_control) => {
+                Err(self.invalid("cache-key", "key empty, over 1 KiB or with control characters"))
+            }
+            KeyDecision::Bypass(r) if r.len() > 64 => Err(self.invalid("cache-key", "bypass reason over 64 bytes")),
+            _ => Ok(d),
+        }
+    }
+
+    pub fn ttl(&self, req: &PluginRequest, resp: &PluginResponse) -> Result<Option<TtlDecision>, Failure> {
+        let d = self.call("ttl", |p, s| p.call_ttl(s, req, resp))?;
+        if let Some(t) = &d {
+            if !tags_ok(&t.tags) {
+                return Err(
+                    self.invalid("ttl", "more than 32 tags, or a tag empty, over 256 bytes or with control characters")
+                );
+            }
+        }
+        Ok(d)
+    }
+
+    pub fn invalidate(&self, req: &PluginRequest, resp: &PluginResponse) -> Result<Invalidation, Failure> {
+        let d = self.call("invalidate", |p, s| p.call_invalidate(s, req, resp))?;
+        let ok = [&d.keys, &d.tags, &d.prefixes].iter().all(|l| {
+            l.len() <= MAX_INVALIDATIONS
+                && l.iter().all(|v| v.len() <= MAX_KEY_BYTES && !v.chars().any(char::is_control))
+        });
+        if ok {
+            Ok(d)
+        } else {
+            Err(self.invalid(
+                "invalidate",
+                "more than 64 entries in a list, or an entry over 1 KiB or with control characters",
+            ))
+        }
+    }
+
+    pub fn cost(&self, req: &PluginRequest, resp: &PluginResponse) -> Result<Option<rust_decimal::Decimal>, Failure> {
+        let d = self.call("cost", |p, s| p.call_cost(s, req, resp))?;
+        match d {
+            None => Ok(None),
+            Some(s) => match s.parse::<rust_decimal::Decimal>() {
+                Ok(v) if s.len() <= 40 && !v.is_sign_negative() => Ok(Some(v)),
+                _ => Err(self.invalid("cost", "cost is not a non-negative decimal string")),
+            },
+        }
+    }
+
+    pub fn identify(&self, req: &PluginRequest) -> Result<Option<String>, Failure> {
+        let d = self.call("identify", |p, s| p.call_identify(s, req))?;
+        match d {
+            Some(c) if c.is_empty() || c.len() > MAX_CONSUMER_BYTES || c.chars().any(char::is_control) => {
+                Err(self.invalid("identify", "consumer empty, over 256 bytes or with control characters"))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Whether the plugin asked for header `name` (lower-case).
+    pub fn wants_header(&self, name: &str) -> bool {
+        self.needs.headers.iter().any(|h| h == "*" || h.eq_ignore_ascii_case(name))
+    }
+
+    /// The request's headers the plugin asked for, in WIT form.
+    pub fn headers_for(&self, headers: &http::HeaderMap) -> Vec<Header> {
+        if self.needs.headers.is_empty() {
+            return Vec::new();
+        }
+        headers
+            .iter()
+            .filter(|(k, _)| self.wants_header(k.as_str()))
+            .filter_map(|(k, v)| Some(Header { name: k.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
+            .collect()
+    }
+}
+
+fn ticks(d: Duration) -> u64 {
+    let t = d.as_micros() / TICK.as_micros().max(1);
+    // +1: the current tick may be about to end.
+    u64::try_from(t).unwrap_or(u64::MAX).max(1) + 1
+}
+
+fn tags_ok(tags: &[String]) -> bool {
+    tags.len() <= MAX_TAGS
+        && tags.iter().all(|t| !t.is_empty() && t.len() <= MAX_TAG_BYTES && !t.chars().any(char::is_control))
+}
+
+/// Trap (a panic, `unreachable`), timeout (epoch deadline) or memory (a refused grow).
+fn classify(e: &wasmtime::Error) -> Failure {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => Failure::Timeout,
+        Some(_) => Failure::Trap,
+        None => {
+            let text = format!("{e:#}");
+            if text.contains("memory") && (text.contains("grow") || text.contains("limit") || text.contains("exceed")) {
+                Failure::Memory
+            } else {
+                Failure::Trap
+            }
+        }
+    }
+}
+
+/// Response fields for the `ttl` / `invalidate` / `cost` hooks.
+pub fn response_for(loaded: &Loaded, status: u16, headers: &http::HeaderMap, body: Option<&[u8]>) -> PluginResponse {
+    PluginResponse {
+        status,
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| Some(Header { name: k.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
+            .collect(),
+        body: if loaded.needs.response_body { body.map(<[u8]>::to_vec) } else { None },
+    }
+}
