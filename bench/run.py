@@ -218,7 +218,7 @@ def main():
     ap.add_argument("--client-core", type=int, default=1)
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation"], default="proxy",
+    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin"], default="proxy",
                     help="proxy: plain reverse proxying; cache: 100 hot cached URLs")
     ap.add_argument("--bytes", type=int, default=1024, help="cache scenario: body size")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per target; medians are reported")
@@ -229,6 +229,8 @@ def main():
         return shared_scenario(args)
     if args.scenario == "propagation":
         return propagation_scenario(args)
+    if args.scenario == "plugin":
+        return plugin_scenario(args)
 
     for tool in ["wrk", "nginx", "taskset"]:
         if not shutil.which(tool):
@@ -442,6 +444,89 @@ def propagation_scenario(args, purges=300):
           f"p90 {p(0.9):.3f} ms, p99 {p(0.99):.3f} ms, max {times[-1]:.3f} ms")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"propagation-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(times))
+
+
+def jwt(secret, claims):
+    import base64
+    import hashlib
+    import hmac
+    e = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    signing = e(b'{"alg":"HS256","typ":"JWT"}') + "." + e(json.dumps(claims).encode())
+    return signing + "." + e(hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest())
+
+
+def plugin_scenario(args):
+    """L1 hits on a hot set of 100 URLs, every request with a bearer JWT: the key from the
+    `tenant-key` plugin (HS256 verified per request, in Wasm) vs the policy's default key, two
+    Weir processes in one run (both routes `share_private: true`)."""
+    target = Path(args.target_dir)
+    wasm = Path("plugins/tenant-key.wasm").resolve()
+    if not wasm.is_file():
+        raise SystemExit("plugins/tenant-key.wasm missing: run `make plugins`")
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    script = tmp / "hot.lua"
+    script.write_text(HOT_SET)
+    servers = Servers(args, tmp)
+    env = {**os.environ, "WEIR_LOG": "warn"}
+    token = "Bearer " + jwt("bench-secret", {"tenant": "acme", "sub": "u1"})
+    try:
+        origin_port, d_port, d_admin, p_port, p_admin = (free_port() for _ in range(5))
+        servers.spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
+        wait_port(origin_port)
+        procs = {}
+        for name, port, admin, plugin in [("default", d_port, d_admin, ""),
+                                          ("plugin", p_port, p_admin,
+                                           f"    plugin:\n      path: {wasm}\n      config: {{jwt_secret: bench-secret}}\n")]:
+            cfg = tmp / f"{name}.yaml"
+            cfg.write_text(f"""listen:
+  - addr: 127.0.0.1:{port}
+admin:
+  addr: 127.0.0.1:{admin}
+routes:
+  - name: bench
+    upstream: http://127.0.0.1:{origin_port}
+{plugin}    cache: {{share_private: true}}
+""")
+            procs[name] = servers.spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
+            wait_port(port)
+        import urllib.request
+        for port in (d_port, p_port):
+            for i in range(100):
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/hot/{i}",
+                                                              headers={"Authorization": token})).read()
+            r = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/hot/1",
+                                                              headers={"Authorization": token}))
+            assert r.headers["cache-status"] == "weir; hit; detail=l1", r.headers["cache-status"]
+        print(f"hot set 100 x {args.bytes} B with a bearer JWT, wrk -c{args.connections} -d{args.seconds}s", flush=True)
+        import statistics
+        runs = {"default": [], "plugin": []}
+        for i in range(args.repeat):
+            print(f"round {i + 1}/{args.repeat}", flush=True)
+            for name, port in [("default", d_port), ("plugin", p_port)]:
+                label = "weir default key (L1 hit)" if name == "default" else "weir tenant-key plugin (L1 hit)"
+                pid = procs[name].pid
+                wrk(f"http://127.0.0.1:{port}", 2, args.connections, args.client_core, [f"Authorization: {token}"], script)
+                before = cpu_seconds([pid])
+                r = wrk(f"http://127.0.0.1:{port}", args.seconds, args.connections, args.client_core,
+                        [f"Authorization: {token}"], script)
+                r["cpu_us_per_req"] = (cpu_seconds([pid]) - before) / max(r["requests"], 1) * 1e6
+                print(f"  {label:<34} {r['rps']:>10.0f} rps  p99 {r['p99_ms']:.3f} ms  cpu {r['cpu_us_per_req']:.1f} us/req",
+                      flush=True)
+                runs[name].append(r)
+    finally:
+        servers.stop()
+    d, p = runs["default"], runs["plugin"]
+    med = lambda rs, k: statistics.median(r[k] for r in rs)
+    ratios = [b["rps"] / a["rps"] for a, b in zip(d, p)]
+    print()
+    print(f"medians of {args.repeat} interleaved rounds")
+    print("| target | rps | p99 ms | CPU µs/req |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, rs in [("weir default key", d), ("weir tenant-key plugin", p)]:
+        print(f"| {name} | {med(rs, 'rps'):.0f} | {med(rs, 'p99_ms'):.3f} | {med(rs, 'cpu_us_per_req'):.1f} |")
+    print(f"\nplugin/default rps: median of per-round ratios {statistics.median(ratios):.3f}x "
+          f"(rounds {', '.join(f'{x:.3f}' for x in ratios)}); CPU/req "
+          f"{med(p, 'cpu_us_per_req') - med(d, 'cpu_us_per_req'):+.1f} us")
 
 
 if __name__ == "__main__":

@@ -311,3 +311,26 @@ async fn plugin_cli_checks_and_runs_hooks() {
     let (ok, out) = run(&["run", &fixtures, "--config", r#"{"mode": "loop"}"#]);
     assert!(!ok && out.contains("timeout"), "{out}");
 }
+
+#[test]
+fn plugin_new_scaffolds_a_crate_that_builds_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let weir = |args: &[&str]| {
+        let out =
+            std::process::Command::new(weir_bin()).arg("plugin").args(args).current_dir(dir.path()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let sdk = repo_root().join("plugins/sdk").display().to_string();
+    let (ok, out) = weir(&["new", "hello", "--sdk", &sdk]);
+    assert!(ok, "{out}");
+    let (ok, out) = weir(&["build", "hello"]);
+    assert!(ok && out.contains("built"), "{out}");
+    let (ok, out) =
+        weir(&["run", "hello.wasm", "--hook", "ttl", "--request", "GET /docs/1", "--config", r#"{"ttl_seconds": 42}"#]);
+    assert!(ok && out.contains("ttl: Some(42)") && out.contains(r#"tags: ["docs"]"#), "{out}");
+    let (ok, out) = weir(&["new", "hello"]);
+    assert!(!ok && out.contains("already exists"), "{out}");
+}

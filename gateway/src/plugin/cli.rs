@@ -171,7 +171,7 @@ pub fn run(
     };
     let t = Instant::now();
     let out = match hook {
-        "cache-key" => p.cache_key(&req).map(|d| format!("{d:?}")),
+        "cache-key" => p.cache_key_uncached(&req).map(|d| format!("{d:?}")),
         "ttl" => p.ttl(&req, &resp).map(|d| format!("{d:?}")),
         "invalidate" => p.invalidate(&req, &resp).map(|d| format!("{d:?}")),
         "cost" => p.cost(&req, &resp).map(|d| format!("{d:?}")),

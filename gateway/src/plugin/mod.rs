@@ -39,6 +39,8 @@ use self::bindings::{Plugin, PluginPre};
 const TICK: Duration = Duration::from_millis(1);
 /// Deadline for instantiation + `init`.
 const INIT_TIMEOUT: Duration = Duration::from_millis(200);
+/// `cache-key` answers remembered per plugin.
+const MEMO_ENTRIES: u64 = 16_384;
 /// Warm instances kept per plugin (beyond: dropped after the call).
 const POOL_MAX: usize = 16;
 /// Output caps (a plugin's answer beyond them is "malformed": the policy decides instead).
@@ -132,6 +134,12 @@ pub struct Loaded {
     max_memory: usize,
     pub needs: Needs,
     pool: Mutex<Vec<Warm>>,
+    /// `cache-key` answers by a 128-bit keyed hash of everything the hook was given. A hook is a
+    /// function of its input (no clock, randomness or I/O to read, and no guarantee which warm
+    /// instance answers), so a repeated request needs no new call: the L1-hit path then costs a
+    /// hash and a lookup instead of a Wasm call.
+    memo: moka::sync::Cache<[u8; 16], KeyDecision>,
+    memo_key: [u8; 32],
     sink: OnceLock<Arc<dyn CallSink>>,
     /// Last time a failure was logged (ms since `started`): logs are rate-limited.
     last_log_ms: AtomicU64,
@@ -236,6 +244,8 @@ pub fn load_bytes(
         max_memory: usize::try_from(max_memory).unwrap_or(usize::MAX),
         needs: Needs { headers: Vec::new(), request_body: false, response_body: false },
         pool: Mutex::new(Vec::new()),
+        memo: moka::sync::Cache::builder().max_capacity(MEMO_ENTRIES).build(),
+        memo_key: *blake3::hash(&random_seed()).as_bytes(),
         sink: OnceLock::new(),
         last_log_ms: AtomicU64::new(0),
         started: Instant::now(),
@@ -344,7 +354,60 @@ impl Loaded {
         Failure::Invalid
     }
 
-    pub fn cache_key(&self, req: &PluginRequest) -> Result<KeyDecision, Failure> {
+    /// `cache-key` for a request, memoised: a repeated request costs a hash and a lookup, and
+    /// the WIT request is built only when the plugin is really called.
+    pub fn cache_key(&self, parts: &RequestParts<'_>) -> Result<KeyDecision, Failure> {
+        let id = self.request_id(parts);
+        if let Some(d) = self.memo.get(&id) {
+            return Ok(d);
+        }
+        let d = self.cache_key_uncached(&self.request(parts))?;
+        self.memo.insert(id, d.clone());
+        Ok(d)
+    }
+
+    /// Identifies a request by everything a hook is given of it (see `request`).
+    fn request_id(&self, r: &RequestParts<'_>) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_keyed(&self.memo_key);
+        let mut field = |b: &[u8]| {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        field(r.method.as_bytes());
+        field(r.scheme.as_bytes());
+        field(r.authority.as_bytes());
+        field(r.path.as_bytes());
+        field(r.query.unwrap_or("\0none").as_bytes());
+        if !self.needs.headers.is_empty() {
+            for (k, v) in r.headers.iter().filter(|(k, _)| self.wants_header(k.as_str())) {
+                field(k.as_str().as_bytes());
+                field(v.as_bytes());
+            }
+        }
+        if self.needs.request_body {
+            field(r.body.unwrap_or(b"\0none"));
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
+    }
+
+    /// The request in WIT form, with only what the plugin asked for.
+    pub fn request(&self, r: &RequestParts<'_>) -> PluginRequest {
+        PluginRequest {
+            method: r.method.to_string(),
+            scheme: r.scheme.to_string(),
+            authority: r.authority.to_ascii_lowercase(),
+            path: r.path.to_string(),
+            query: r.query.map(str::to_string),
+            headers: self.headers_for(r.headers),
+            consumer: None,
+            body: if self.needs.request_body { r.body.map(<[u8]>::to_vec) } else { None },
+        }
+    }
+
+    /// `cache-key` without the memo (every call reaches the plugin).
+    pub fn cache_key_uncached(&self, req: &PluginRequest) -> Result<KeyDecision, Failure> {
         let d = self.call("cache-key", |p, s| p.call_cache_key(s, req))?;
         match &d {
             KeyDecision::Key(k) if k.is_empty() || k.len() > MAX_KEY_BYTES || k.chars().any(char::is_control) => {
@@ -404,6 +467,19 @@ impl Loaded {
         }
     }
 
+    /// The other isolation strategy, for comparison (`benches/plugin.rs`): a new store and
+    /// instance for this one call (instantiate, `init`, call, drop) instead of a warm one.
+    pub fn cache_key_fresh(&self, req: &PluginRequest) -> Result<KeyDecision, Failure> {
+        let (mut warm, _) = self.instantiate().map_err(|_| Failure::Instantiate)?;
+        warm.store.set_epoch_deadline(self.ticks());
+        warm.plugin.call_cache_key(&mut warm.store, req).map_err(|e| classify(&e))
+    }
+
+    /// Only instantiation and `init` (`benches/plugin.rs`).
+    pub fn instantiate_only(&self) -> Result<(), String> {
+        self.instantiate().map(|_| ())
+    }
+
     /// Whether the plugin asked for header `name` (lower-case).
     pub fn wants_header(&self, name: &str) -> bool {
         self.needs.headers.iter().any(|h| h == "*" || h.eq_ignore_ascii_case(name))
@@ -422,6 +498,17 @@ impl Loaded {
     }
 }
 
+fn random_seed() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 16];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(i);
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
+}
+
 fn ticks(d: Duration) -> u64 {
     let t = d.as_micros() / TICK.as_micros().max(1);
     // +1: the current tick may be about to end.
@@ -431,6 +518,37 @@ fn ticks(d: Duration) -> u64 {
 fn tags_ok(tags: &[String]) -> bool {
     tags.len() <= MAX_TAGS
         && tags.iter().all(|t| !t.is_empty() && t.len() <= MAX_TAG_BYTES && !t.chars().any(char::is_control))
+}
+
+/// What the gateway knows of a request, borrowed: hooks get the parts their `needs` name.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestParts<'a> {
+    pub method: &'a str,
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    /// Normalised path, and the query without `?`.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+    pub body: Option<&'a [u8]>,
+}
+
+impl<'a> RequestParts<'a> {
+    /// From a normalised `path?query`.
+    pub fn new(
+        method: &'a str,
+        scheme: &'a str,
+        authority: &'a str,
+        path_query: &'a str,
+        headers: &'a http::HeaderMap,
+        body: Option<&'a [u8]>,
+    ) -> RequestParts<'a> {
+        let (path, query) = match path_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_query, None),
+        };
+        RequestParts { method, scheme, authority, path, query, headers, body }
+    }
 }
 
 /// Trap (a panic, `unreachable`), timeout (epoch deadline) or memory (a refused grow).

@@ -29,7 +29,7 @@ use crate::cache::status::{BypassReason, Level, Outcome};
 use crate::cache::{Cache, Purge};
 use crate::config::RouteCache;
 use crate::error::GatewayError;
-use crate::plugin::{KeyDecision, Loaded, PluginRequest};
+use crate::plugin::{KeyDecision, Loaded, RequestParts};
 use crate::runtime::{RouteRuntime, Runtime};
 use crate::{Body, BoxError};
 
@@ -57,8 +57,6 @@ struct Ctx {
     path_query: String,
     /// The buffered body of a cached POST.
     body: Option<Bytes>,
-    /// The request as the route's plugin sees it (built once, for the key and TTL hooks).
-    plugin_req: Option<Arc<PluginRequest>>,
 }
 
 impl Ctx {
@@ -98,7 +96,6 @@ impl Ctx {
             primary: self.primary.clone(),
             path_query: self.path_query.clone(),
             body: self.body.clone(),
-            plugin_req: self.plugin_req.clone(),
         }
     }
 }
@@ -218,25 +215,23 @@ async fn serve_inner(
     };
     // The plugin may change the key (never the sharing rules above), or keep the cache out.
     let mut primary = kp.primary;
-    let mut plugin_req = None;
     let mut plugin_bypass = None;
     if let (Some(plugin), None) = (route_plugin(route), &bypass) {
-        let preq = Arc::new(plugin_request(
-            plugin,
-            &method,
+        let host = request_host(&client.uri, &client.headers).unwrap_or_default();
+        let parts = RequestParts::new(
+            method.as_str(),
             conn.scheme,
-            &client.uri,
-            &client.headers,
+            host,
             &kp.path_query,
-            post_body.as_ref(),
-        ));
-        match plugin.cache_key(&preq) {
+            &client.headers,
+            post_body.as_deref(),
+        );
+        match plugin.cache_key(&parts) {
             Ok(KeyDecision::Key(k)) => primary = plugin_key(&route.route.name, class, &k),
             Ok(KeyDecision::Bypass(reason)) => plugin_bypass = Some(reason),
             // `Policy`, or a failed call: the policy's key.
             Ok(KeyDecision::Policy) | Err(_) => {}
         }
-        plugin_req = Some(preq);
     }
     let ctx = Ctx {
         rt: rt.clone(),
@@ -250,7 +245,6 @@ async fn serve_inner(
         primary,
         path_query: kp.path_query,
         body: post_body,
-        plugin_req,
     };
     if let Some(reason) = plugin_bypass {
         // Neither read nor stored: the request goes through as the client sent it.
@@ -566,32 +560,6 @@ fn plugin_key(route: &str, class: &str, k: &str) -> String {
     format!("{route}|{class}|plugin:{k}")
 }
 
-/// The request in WIT form, with only what the plugin asked for.
-fn plugin_request(
-    plugin: &Loaded,
-    method: &Method,
-    scheme: &str,
-    uri: &http::Uri,
-    headers: &HeaderMap,
-    path_query: &str,
-    body: Option<&Bytes>,
-) -> PluginRequest {
-    let (path, query) = match path_query.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q.to_string())),
-        None => (path_query.to_string(), None),
-    };
-    PluginRequest {
-        method: method.as_str().to_string(),
-        scheme: scheme.to_string(),
-        authority: request_host(uri, headers).unwrap_or_default().to_ascii_lowercase(),
-        path,
-        query,
-        headers: plugin.headers_for(headers),
-        consumer: None,
-        body: if plugin.needs.request_body { body.map(|b| b.to_vec()) } else { None },
-    }
-}
-
 /// The policy's storage decision, then the plugin's `ttl` hook: the plugin wins on lifetimes
 /// and adds tags, but cannot store what the sharing rules forbid (RFC 9111 §3, DESIGN.md).
 fn decide(
@@ -601,7 +569,7 @@ fn decide(
     now: SystemTime,
 ) -> (Result<Lifetime, NotStored>, Vec<String>) {
     let decided = policy::decide(&ctx.cfg, &ctx.facts, status, headers, now);
-    let (Some(plugin), Some(preq)) = (route_plugin(ctx.route()), &ctx.plugin_req) else {
+    let Some(plugin) = route_plugin(ctx.route()) else {
         return (decided, Vec::new());
     };
     let base = match decided {
@@ -610,7 +578,16 @@ fn decide(
         Err(other) => return (Err(other), Vec::new()),
     };
     let resp = crate::plugin::response_for(plugin, status.as_u16(), headers, None);
-    let d = match plugin.ttl(preq, &resp) {
+    let host = request_host(&ctx.client.uri, &ctx.client.headers).unwrap_or_default();
+    let parts = RequestParts::new(
+        ctx.client.method.as_str(),
+        ctx.conn.scheme,
+        host,
+        &ctx.path_query,
+        &ctx.client.headers,
+        ctx.body.as_deref(),
+    );
+    let d = match plugin.ttl(&plugin.request(&parts), &resp) {
         Ok(Some(d)) => d,
         // No opinion, or a failed call: the policy's decision.
         Ok(None) | Err(_) => return (base.ok_or(NotStored::NoFreshness), Vec::new()),
@@ -887,7 +864,10 @@ pub(super) async fn forward_and_invalidate(
     let target = key::primary("", "", "", "", req.uri().path(), req.uri().query(), None).ok().map(|k| k.path_query);
     let plugin = route_plugin(route).filter(|_| is_unsafe(&method));
     let preq = match (plugin, &target) {
-        (Some(p), Some(pq)) => Some(plugin_request(p, &method, conn.scheme, req.uri(), req.headers(), pq, None)),
+        (Some(p), Some(pq)) => {
+            let host = request_host(req.uri(), req.headers()).unwrap_or_default();
+            Some(p.request(&RequestParts::new(method.as_str(), conn.scheme, host, pq, req.headers(), None)))
+        }
         _ => None,
     };
     let resp = forward(route, req, conn, trusted).await?;
