@@ -178,6 +178,21 @@ async fn misbehaving_plugins_fall_back_to_the_policy_and_are_counted() {
     }
 }
 
+/// Where credentialed responses are shared, a failed key hook must not fall back to the policy
+/// key (it would mix what the plugin keeps apart): the cache stays out instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_key_hook_on_a_share_private_route_bypasses_the_cache() {
+    let (origin, hits) = origin().await;
+    let pb = format!("{}      timeout: 5ms\n", block(&plugin("fixtures"), "{mode: trap}"));
+    let gw = Gateway::start(&config(&origin, &pb, "      share_private: true\n"));
+    for _ in 0..2 {
+        let g = call(&gw, Method::GET, "/private", &[("authorization", "Bearer x")]).await;
+        assert_eq!(g.status, 200);
+        assert_eq!(cs(&g), "weir; fwd=bypass; detail=\"plugin: failed (trap)\"");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
 fn validate(yaml: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weir.yaml");

@@ -229,6 +229,9 @@ async fn serve_inner(
         match plugin.cache_key(&parts) {
             Ok(KeyDecision::Key(k)) => primary = plugin_key(&route.route.name, class, &k),
             Ok(KeyDecision::Bypass(reason)) => plugin_bypass = Some(reason),
+            // A failed call on a route that shares credentialed responses: the policy's key
+            // would mix what the plugin keeps apart (tenants, say), so the cache stays out.
+            Err(f) if cfg.share_private => plugin_bypass = Some(format!("failed ({})", f.as_str())),
             // `Policy`, or a failed call: the policy's key.
             Ok(KeyDecision::Policy) | Err(_) => {}
         }
@@ -557,7 +560,12 @@ fn route_plugin(route: &RouteRuntime) -> Option<&Arc<Loaded>> {
 /// A plugin's key, namespaced by route and method class; never equal to a policy key (those
 /// continue with the scheme).
 fn plugin_key(route: &str, class: &str, k: &str) -> String {
-    format!("{route}|{class}|plugin:{k}")
+    // Not `format!`: this runs on every hit of a plugin-keyed route.
+    let mut s = String::with_capacity(route.len() + class.len() + k.len() + 9);
+    for part in [route, "|", class, "|plugin:", k] {
+        s.push_str(part);
+    }
+    s
 }
 
 /// The policy's storage decision, then the plugin's `ttl` hook: the plugin wins on lifetimes
