@@ -33,6 +33,6 @@ test: deps lint plugins
 	$(CARGO) test -j$(JOBS) --workspace
 
 ## Load benchmark (release build, wrk, nginx): see bench/README.md.
-bench: deps
+bench: deps plugins
 	WITH_BENCH_TOOLS=1 scripts/install-deps.sh
 	bench/run.sh

@@ -13,3 +13,4 @@ python3 bench/run.py --target-dir "$bin" --scenario cache --bytes 1024
 python3 bench/run.py --target-dir "$bin" --scenario cache --bytes 65536
 python3 bench/run.py --target-dir "$bin" --scenario shared --bytes 1024
 python3 bench/run.py --target-dir "$bin" --scenario propagation
+python3 bench/run.py --target-dir "$bin" --scenario plugin
