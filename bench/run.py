@@ -282,6 +282,15 @@ def main():
     (Path(args.out) / f"proxy-{stamp}.json").write_text(json.dumps(results, indent=2))
 
 
+def print_table(results, title, cpu_label):
+    print()
+    print(title)
+    print(f"| target | rps | p50 ms | p99 ms | {cpu_label} |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['cpu_us_per_req']:.1f} |")
+
+
 def cache_scenario(args):
     """Hot set of 100 cached URLs: Weir (L1 hits), nginx proxy_cache (tmpfs, cache lock) and a
     bare hyper server answering the same bytes from memory, in one run."""
@@ -320,12 +329,7 @@ def cache_scenario(args):
         shutil.rmtree(Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}", ignore_errors=True)
 
     bare_r, w, n = results
-    print()
-    print(f"medians of {args.repeat} interleaved rounds")
-    print("| target | rps | p50 ms | p99 ms | server CPU µs/req |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for r in results:
-        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['cpu_us_per_req']:.1f} |")
+    print_table(results, f"medians of {args.repeat} interleaved rounds", "server CPU µs/req")
     print()
     print(f"weir/nginx: rps {w['rps'] / n['rps']:.2f}x, p99 {w['p99_ms'] / n['p99_ms']:.2f}x, "
           f"CPU/req {w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x; weir/bare hyper: rps {w['rps'] / bare_r['rps']:.2f}x")
@@ -380,12 +384,8 @@ def shared_scenario(args):
         servers.stop()
         shutil.rmtree(Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}", ignore_errors=True)
     l1, tiered, l2, n = results
-    print()
-    print(f"medians of {args.repeat} interleaved rounds (CPU: the weir process only; Redis not counted)")
-    print("| target | rps | p50 ms | p99 ms | CPU µs/req |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for r in results:
-        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['cpu_us_per_req']:.1f} |")
+    print_table(results, f"medians of {args.repeat} interleaved rounds (CPU: the weir process only; Redis not counted)",
+                "CPU µs/req")
     print()
     print(f"tiered/L1-only rps {tiered['rps'] / l1['rps']:.3f}x; L2-hit/nginx rps {l2['rps'] / n['rps']:.2f}x, "
           f"p99 {l2['p99_ms'] / n['p99_ms']:.2f}x")

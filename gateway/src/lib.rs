@@ -28,6 +28,16 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 
+/// 64 random bits for process-wide secrets and identities (std's randomly keyed SipHash seed,
+/// mixed with the time and PID): the Redis instance id, the plugin memo key.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 /// Boxed error used by bodies crossing the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

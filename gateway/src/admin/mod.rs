@@ -107,21 +107,22 @@ impl Admin {
         // moka counts lazily: apply pending work so the numbers are current.
         rt.cache.l1.settle().await;
         let stats = rt.cache.stats();
-        let redis = match &self.gateway.redis {
-            None => serde_json::json!({"configured": false, "connected": false}),
-            Some(r) => serde_json::json!({
-                "configured": true,
-                "connected": r.is_up(),
-                "breaker": r.breaker_state().as_str(),
-                "latency_ms": (r.latency().as_secs_f64() * 1e6).round() / 1e3,
-                "invalidations_subscribed": r.subscribed.load(std::sync::atomic::Ordering::Relaxed),
-                "cluster": r.settings.cluster,
-            }),
-        };
+        // One reading of the Redis state: `status` and `redis.connected` never disagree.
         // Degraded, not down: without Redis Weir serves from L1 and the origin.
-        let status = match &self.gateway.redis {
-            Some(r) if !r.is_up() => "degraded",
-            _ => "ok",
+        let (redis, status) = match &self.gateway.redis {
+            None => (serde_json::json!({"configured": false, "connected": false}), "ok"),
+            Some(r) => {
+                let up = r.is_up();
+                let json = serde_json::json!({
+                    "configured": true,
+                    "connected": up,
+                    "breaker": r.breaker_state().as_str(),
+                    "latency_ms": (r.latency().as_secs_f64() * 1e6).round() / 1e3,
+                    "invalidations_subscribed": r.subscribed.load(std::sync::atomic::Ordering::Relaxed),
+                    "cluster": r.settings.cluster,
+                });
+                (json, if up { "ok" } else { "degraded" })
+            }
         };
         json_response(
             StatusCode::OK,

@@ -39,23 +39,23 @@ pub const CHANNEL: &str = "weir:invalidate";
 const PUT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local since = tonumber(ARGV[5])
-if now - since > tonumber(ARGV[11]) then return 0 end
-local ntags = tonumber(ARGV[10])
+local since = tonumber(ARGV[3])
+if now - since > tonumber(ARGV[9]) then return 0 end
+local ntags = tonumber(ARGV[8])
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], since, '+inf')) do
   local kind, v = string.sub(m, 1, 2), string.sub(m, 3)
-  if kind == 'k:' and (v == ARGV[7] or v == ARGV[8]) then return 0 end
-  if kind == 'u:' and v == ARGV[9] then return 0 end
-  if kind == 'p:' and string.sub(ARGV[9], 1, #v) == v then return 0 end
+  if kind == 'k:' and (v == ARGV[5] or v == ARGV[6]) then return 0 end
+  if kind == 'u:' and v == ARGV[7] then return 0 end
+  if kind == 'p:' and string.sub(ARGV[7], 1, #v) == v then return 0 end
   if kind == 't:' then
-    for i = 1, ntags do if ARGV[11 + i] == v then return 0 end end
+    for i = 1, ntags do if ARGV[9 + i] == v then return 0 end end
   end
 end
 local px = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
 for i = 3, #KEYS do
-  local member = ARGV[6]
-  if i - 2 > ntags then member = ARGV[6] .. ' ' .. ARGV[9] end
+  local member = ARGV[4]
+  if i - 2 > ntags then member = ARGV[4] .. ' ' .. ARGV[7] end
   redis.call('ZADD', KEYS[i], now + px, member)
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   if redis.call('PTTL', KEYS[i]) < px then redis.call('PEXPIRE', KEYS[i], px) end
@@ -66,10 +66,10 @@ return 1
 const PURGE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local eprefix = ARGV[2]
+local eprefix = ARGV[1]
 local n = 0
 for i = 2, #KEYS do
-  local kind, v = ARGV[2 * i - 1], ARGV[2 * i]
+  local kind, v = ARGV[2 * i - 2], ARGV[2 * i - 1]
   if kind == 'k' then
     n = n + redis.call('DEL', KEYS[i])
   elseif kind == 't' then
@@ -89,8 +89,8 @@ for i = 2, #KEYS do
   end
   redis.call('ZADD', KEYS[1], now, kind .. ':' .. v)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3 + 2 * (#KEYS - 1)]))
-redis.call('PEXPIRE', KEYS[1], ARGV[3 + 2 * (#KEYS - 1)])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2 * #KEYS]))
+redis.call('PEXPIRE', KEYS[1], ARGV[2 * #KEYS])
 return n
 ";
 
@@ -172,7 +172,18 @@ impl L2 {
     }
 
     fn error(e: CallError) -> CacheError {
-        CacheError::Tier { tier: "l2", message: e.to_string() }
+        match e {
+            CallError::Open | CallError::NotConnected => CacheError::Skipped { tier: "l2", reason: e.to_string() },
+            _ => CacheError::Tier { tier: "l2", message: e.to_string() },
+        }
+    }
+
+    /// The same operation in every bucket (tags and prefixes are indexed per bucket).
+    fn in_every_bucket(per: &mut [Ops], kind: &'static str, value: &str, index: &str, h: &[u8; 16]) {
+        for (b, ops) in per.iter_mut().enumerate() {
+            let b = u16::try_from(b).unwrap_or(0);
+            ops.push((kind, value.to_string(), Self::name(b, index, h)));
+        }
     }
 
     async fn put_inner(&self, key: &str, obj: Object, since: SystemTime) -> Result<(), CacheError> {
@@ -199,11 +210,8 @@ impl L2 {
         for p in index_prefixes(obj.path()) {
             inv.key(Self::name(b, "p", &self.hash(b'p', p)));
         }
-        // ARGV 3 and 4 are unused (the script reads Redis' own clock); kept for a stable layout.
         inv.arg(payload)
             .arg(left)
-            .arg(0)
-            .arg(0)
             .arg(since_ms.saturating_sub(SKEW_MS))
             .arg(hex(&h))
             .arg(key)
@@ -230,11 +238,7 @@ impl L2 {
         for k in &p.keys {
             if k.starts_with('/') {
                 if let Some(q) = lookup_prefix(k) {
-                    let h = self.hash(b'p', q);
-                    for (b, ops) in per.iter_mut().enumerate() {
-                        let b = u16::try_from(b).unwrap_or(0);
-                        ops.push(("u", k.clone(), Self::name(b, "p", &h)));
-                    }
+                    Self::in_every_bucket(&mut per, "u", k, "p", &self.hash(b'p', q));
                 }
             } else {
                 let h = self.hash(b'e', k);
@@ -243,19 +247,11 @@ impl L2 {
             }
         }
         for t in &p.tags {
-            let h = self.hash(b't', t);
-            for (b, ops) in per.iter_mut().enumerate() {
-                let b = u16::try_from(b).unwrap_or(0);
-                ops.push(("t", t.clone(), Self::name(b, "t", &h)));
-            }
+            Self::in_every_bucket(&mut per, "t", t, "t", &self.hash(b't', t));
         }
         for prefix in &p.prefixes {
             if let Some(q) = lookup_prefix(prefix) {
-                let h = self.hash(b'p', q);
-                for (b, ops) in per.iter_mut().enumerate() {
-                    let b = u16::try_from(b).unwrap_or(0);
-                    ops.push(("p", prefix.clone(), Self::name(b, "p", &h)));
-                }
+                Self::in_every_bucket(&mut per, "p", prefix, "p", &self.hash(b'p', q));
             }
         }
         per.into_iter()
@@ -268,7 +264,7 @@ impl L2 {
     async fn purge_redis(&self, p: &Purge) -> Result<u64, CacheError> {
         let calls = self.plan(p).into_iter().map(|(b, ops)| {
             let mut inv = self.purge_script.prepare_invoke();
-            inv.key(format!("weir:{{{b}}}:purges")).arg(0).arg(format!("weir:{{{b}}}:e:"));
+            inv.key(format!("weir:{{{b}}}:purges")).arg(format!("weir:{{{b}}}:e:"));
             for (kind, value, key) in ops {
                 inv.key(key).arg(kind).arg(value);
             }

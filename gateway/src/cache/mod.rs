@@ -38,6 +38,10 @@ pub enum CacheError {
     /// The shared tier refused a store: a purge that covers it landed after its fetch began.
     #[error("a purge overtook this store")]
     Overtaken,
+    /// The shared tier was not asked: its circuit breaker is open or it is not connected (the
+    /// breaker logs that; this is not counted as an error).
+    #[error("storage tier {tier} skipped: {reason}")]
+    Skipped { tier: &'static str, reason: String },
 }
 
 /// What to invalidate. `keys` are full cache keys, or URL paths (`/products/1?x=1`, matched
@@ -153,7 +157,7 @@ impl Cache {
             }
             Ok(None) => None,
             Err(e) => {
-                if !is_breaker_skip(&e) {
+                if !matches!(e, CacheError::Skipped { .. }) {
                     self.l2_failed("lookup", &e);
                 }
                 None
@@ -173,7 +177,7 @@ impl Cache {
                     return Err(CacheError::Overtaken);
                 }
                 // L1 keeps it: the shared tier is an optimisation, not a condition.
-                Err(e) if is_breaker_skip(&e) => {}
+                Err(CacheError::Skipped { .. }) => {}
                 Err(e) => self.l2_failed("store", &e),
             }
         }
@@ -269,10 +273,4 @@ impl Cache {
     pub fn stats(&self) -> StorageStats {
         self.l1.stats()
     }
-}
-
-/// An L2 call skipped because the breaker is open (or Redis is not connected): not an error
-/// worth counting, the breaker already said so.
-fn is_breaker_skip(e: &CacheError) -> bool {
-    matches!(e, CacheError::Tier { message, .. } if message == "circuit breaker open" || message == "not connected")
 }

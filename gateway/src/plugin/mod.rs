@@ -245,7 +245,10 @@ pub fn load_bytes(
         needs: Needs { headers: Vec::new(), request_body: false, response_body: false },
         pool: Mutex::new(Vec::new()),
         memo: moka::sync::Cache::builder().max_capacity(MEMO_ENTRIES).build(),
-        memo_key: *blake3::hash(&random_seed()).as_bytes(),
+        memo_key: blake3::derive_key(
+            "weir plugin memo ids",
+            &[crate::random_u64().to_le_bytes(), crate::random_u64().to_le_bytes()].concat(),
+        ),
         sink: OnceLock::new(),
         last_log_ms: AtomicU64::new(0),
         started: Instant::now(),
@@ -492,23 +495,15 @@ impl Loaded {
         if self.needs.headers.is_empty() {
             return Vec::new();
         }
-        headers
-            .iter()
-            .filter(|(k, _)| self.wants_header(k.as_str()))
-            .filter_map(|(k, v)| Some(Header { name: k.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
-            .collect()
+        wit_headers(headers.iter().filter(|(k, _)| self.wants_header(k.as_str())))
     }
 }
 
-fn random_seed() -> [u8; 16] {
-    use std::hash::{BuildHasher, Hasher};
-    let mut out = [0u8; 16];
-    for (i, chunk) in out.chunks_mut(8).enumerate() {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_usize(i);
-        chunk.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    out
+/// Headers in WIT form (values that are not visible ASCII are left out).
+fn wit_headers<'a>(headers: impl Iterator<Item = (&'a http::HeaderName, &'a http::HeaderValue)>) -> Vec<Header> {
+    headers
+        .filter_map(|(k, v)| Some(Header { name: k.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
+        .collect()
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -573,10 +568,7 @@ fn classify(e: &wasmtime::Error) -> Failure {
 pub fn response_for(loaded: &Loaded, status: u16, headers: &http::HeaderMap, body: Option<&[u8]>) -> PluginResponse {
     PluginResponse {
         status,
-        headers: headers
-            .iter()
-            .filter_map(|(k, v)| Some(Header { name: k.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
-            .collect(),
+        headers: wit_headers(headers.iter()),
         body: if loaded.needs.response_body { body.map(<[u8]>::to_vec) } else { None },
     }
 }

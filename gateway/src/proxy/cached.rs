@@ -195,14 +195,8 @@ async fn serve_inner(
         (keyed, passthrough) => {
             // Malformed escapes, an oversized POST body or a GET with a body: the cache stays out.
             let reason = if keyed.is_err() { BypassReason::Uri } else { BypassReason::BodyTooLarge };
-            let mut up = clone_head(&client);
-            prepare_head(&mut up, conn, trusted, None);
-            let (b, none) = match passthrough {
-                Some(b) => (b, false),
-                None => (empty(), true),
-            };
-            let resp = Box::pin(send_upstream(route, up, b, none)).await?;
-            return Ok(with_status(route, finish_response(route, resp), &Outcome::Bypass { reason, stored: false }));
+            let resp = Box::pin(pass_through(route, &client, conn, trusted, passthrough)).await?;
+            return Ok(with_status(route, resp, &Outcome::Bypass { reason, stored: false }));
         }
     };
 
@@ -251,14 +245,8 @@ async fn serve_inner(
     };
     if let Some(reason) = plugin_bypass {
         // Neither read nor stored: the request goes through as the client sent it.
-        let mut up = clone_head(&ctx.client);
-        prepare_head(&mut up, conn, trusted, None);
-        let (b, none) = match &ctx.body {
-            Some(b) if !b.is_empty() => (Full::new(b.clone()).map_err(|never| match never {}).boxed(), false),
-            _ => (empty(), true),
-        };
-        let resp = Box::pin(send_upstream(ctx.route(), up, b, none)).await?;
-        return Ok(with_status(ctx.route(), finish_response(ctx.route(), resp), &Outcome::PluginBypass { reason }));
+        let resp = Box::pin(pass_through(ctx.route(), &ctx.client, conn, trusted, buffered(ctx.body.as_ref()))).await?;
+        return Ok(with_status(ctx.route(), resp, &Outcome::PluginBypass { reason }));
     }
     if let Some(reason) = bypass {
         // Credentials: never served from the cache; stored only where RFC 9111 §3.5 allows.
@@ -412,9 +400,9 @@ async fn fetch(
             head.headers.insert(header::IF_MODIFIED_SINCE, v.clone());
         }
     }
-    let (body, no_body) = match &ctx.body {
-        Some(b) if !b.is_empty() => (Full::new(b.clone()).map_err(|never| match never {}).boxed(), false),
-        _ => (empty(), true),
+    let (body, no_body) = match buffered(ctx.body.as_ref()) {
+        Some(b) => (b, false),
+        None => (empty(), true),
     };
     let now = SystemTime::now();
     let sie = stale.filter(|e| !e.is_fresh(now) && e.staleness(now) <= e.stale_if_error && !e.stale_if_error.is_zero());
@@ -550,6 +538,29 @@ async fn revalidated(
             Fetched { resp: serve_entry(ctx, &once, now), stored: Err(reason), fwd_status: 304, stale_if_error: None }
         }
     }
+}
+
+/// Sends the client's request upstream past the cache, with Weir's forwarding headers.
+async fn pass_through(
+    route: &RouteRuntime,
+    client: &Parts,
+    conn: ConnInfo,
+    trusted: bool,
+    body: Option<Body>,
+) -> Result<Response<Body>, GatewayError> {
+    let mut up = clone_head(client);
+    prepare_head(&mut up, conn, trusted, None);
+    let (b, none) = match body {
+        Some(b) => (b, false),
+        None => (empty(), true),
+    };
+    let resp = send_upstream(route, up, b, none).await?;
+    Ok(finish_response(route, resp))
+}
+
+/// A buffered request body (a cached POST's) to send again; `None` when there is none.
+fn buffered(body: Option<&Bytes>) -> Option<Body> {
+    body.filter(|b| !b.is_empty()).map(|b| Full::new(b.clone()).map_err(|never| match never {}).boxed())
 }
 
 /// The route's plugin, when it has one.

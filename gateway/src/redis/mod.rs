@@ -119,14 +119,6 @@ fn is_auth_error(e: &RedisError) -> bool {
         || e.to_string().contains("WRONGPASS")
 }
 
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
 impl Shared {
     /// Builds the clients and checks the server once. Wrong credentials are a start-up error;
     /// an unreachable Redis is not (Weir starts degraded, L1 only, and keeps trying).
@@ -204,7 +196,7 @@ impl Shared {
             reachable: AtomicBool::new(false),
             offset_us: AtomicI64::new(0),
             subscribed: AtomicBool::new(false),
-            instance: random_u64(),
+            instance: crate::random_u64(),
         });
         // The first check may wait longer than op_timeout: a TLS handshake, a cold server.
         match shared.establish(Duration::from_secs(2)).await {
