@@ -15,20 +15,19 @@ use weir::cache::entry::{Entry, Object};
 use weir::cache::key;
 use weir::cache::l1::L1;
 use weir::cache::Storage;
+use weir::proxy::canonical::{normalize_path, normalize_query};
 
 fn keys(c: &mut Criterion) {
-    c.bench_function("key/primary (path + 3 query params)", |b| {
+    c.bench_function("key/normalise (path + 3 query params)", |b| {
         b.iter(|| {
-            key::primary(
-                "products",
-                "GET",
-                "http",
-                "API.example.com:80",
-                black_box("/products/42/./reviews"),
-                Some("sort=desc&page=2&lang=en"),
-                None,
-            )
+            let mut pq = normalize_path(black_box("/products/42/./reviews")).expect("path");
+            pq.push('?');
+            pq.push_str(&normalize_query(black_box("sort=desc&page=2&lang=en")).expect("query"));
+            pq
         })
+    });
+    c.bench_function("key/primary (normalised parts)", |b| {
+        b.iter(|| key::primary("products", "GET", "http", "api.example.com", black_box("/products/42?page=2"), None))
     });
     let mut h = HeaderMap::new();
     h.insert("accept-encoding", HeaderValue::from_static("gzip, br"));

@@ -23,6 +23,8 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("upstream {upstream} is unavailable: {reason}")]
     UpstreamUnavailable { upstream: String, reason: String },
+    #[error("route {route} has {limit} upstream requests in flight, its `max_upstream_connections`")]
+    UpstreamBusy { route: String, limit: usize },
     #[error("upstream {upstream} sent no response head within {after:?}")]
     UpstreamTimeout { upstream: String, after: Duration },
     #[error("missing or invalid bearer token")]
@@ -51,7 +53,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
-            GatewayError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BudgetUnavailable | GatewayError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -65,6 +67,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+            GatewayError::UpstreamBusy { .. } => "upstream_busy",
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::InvalidConfig { .. } => "invalid_config",
@@ -85,6 +88,9 @@ impl GatewayError {
             }
             GatewayError::Unauthorized => {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            GatewayError::UpstreamBusy { .. } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             GatewayError::BudgetUnavailable => {
                 // The breaker probes again within seconds (`redis.breaker.open_for`).

@@ -23,6 +23,8 @@ pub struct RouteRuntime {
     pub cache_metrics: Option<RouteCacheMetrics>,
     pub requests: RouteRequests,
     pub metrics: Arc<Metrics>,
+    /// `max_upstream_connections`: one permit per upstream request in flight.
+    pub upstream_slots: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug)]
@@ -57,6 +59,7 @@ impl Runtime {
                     requests: metrics.route_requests(&label),
                     label,
                     metrics: metrics.clone(),
+                    upstream_slots: Arc::new(tokio::sync::Semaphore::new(r.max_upstream_connections)),
                 }
             })
             .collect();
@@ -85,6 +88,7 @@ impl Gateway {
         let cache = Cache::new(
             config.cache.l1_max_bytes,
             config.cache.max_object_bytes,
+            config.cache.max_fill_bytes,
             l2.clone().map(|l| l as Arc<dyn Storage>),
             metrics.cache_errors.get_or_create_owned(&LevelLabel { level: "l2" }),
         );
@@ -130,8 +134,19 @@ impl Gateway {
         if current.config.redis.as_ref().map(|r| &r.urls) != next.redis.as_ref().map(|r| &r.urls) {
             tracing::warn!("redis settings changed: they take effect after a restart");
         }
-        for msg in &next.not_yet_supported {
-            tracing::error!("{msg}");
+        if !next.not_yet_supported.is_empty() {
+            // Asking for a limit this build cannot enforce is refused, not ignored.
+            return Err(ConfigError {
+                problems: next
+                    .not_yet_supported
+                    .iter()
+                    .map(|m| crate::config::Problem {
+                        file: next.source.clone(),
+                        pos: crate::config::Pos { line: 1, col: 1 },
+                        message: format!("refused: {m}"),
+                    })
+                    .collect(),
+            });
         }
         let routes = next.routes.len();
         self.runtime.store(Arc::new(Runtime::build(next, current.cache.clone(), current.metrics.clone())));

@@ -15,31 +15,73 @@ fn config(admin: &str, origin: &Origin, path: &str) -> String {
     )
 }
 
+const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_is_open_everything_else_needs_the_token() {
     let origin = Origin::hello().await;
     let yaml = config("  addr: 127.0.0.1:0\n  token_env: WEIR_TEST_TOKEN\n", &origin, "/");
-    let gw = Gateway::builder().env("WEIR_TEST_TOKEN", "s3cret").start(&yaml);
+    let gw = Gateway::builder().env("WEIR_TEST_TOKEN", TOKEN).start(&yaml);
     let got = get(&gw.admin_url("/health")).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.json()["status"], "ok");
 
     let c = client();
-    let got = send(&c, Request::post(gw.admin_url("/reload")).body(full("")).unwrap()).await;
-    assert_eq!(got.status, 401);
-    assert_eq!(got.json()["error"], "unauthorized");
-    let got = send(
-        &c,
-        Request::post(gw.admin_url("/reload")).header("authorization", "Bearer wrong").body(full("")).unwrap(),
-    )
-    .await;
-    assert_eq!(got.status, 401);
-    let got = send(
-        &c,
-        Request::post(gw.admin_url("/reload")).header("authorization", "Bearer s3cret").body(full("")).unwrap(),
-    )
-    .await;
+    let call = |method: &str, path: &str, auth: Option<String>| {
+        let mut b = Request::builder().method(method).uri(gw.admin_url(path));
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        let body = if method == "POST" { r#"{"tags": ["t"]}"# } else { "" };
+        b.body(full(body)).unwrap()
+    };
+    // Every protected path refuses a missing, wrong, truncated or extended token.
+    let protected = [("POST", "/reload"), ("POST", "/cache/purge"), ("GET", "/metrics"), ("GET", "/nope")];
+    let wrong = [
+        None,
+        Some("Bearer wrong".to_string()),
+        Some(format!("Bearer {}", &TOKEN[..TOKEN.len() - 1])),
+        Some(format!("Bearer {TOKEN}x")),
+        Some(format!("Basic {TOKEN}")),
+        Some(TOKEN.to_string()),
+    ];
+    for (m, p) in protected {
+        for w in &wrong {
+            let got = send(&c, call(m, p, w.clone())).await;
+            assert_eq!(got.status, 401, "{m} {p} with {w:?}");
+            assert_eq!(got.json()["error"], "unauthorized");
+        }
+    }
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let got = send(&c, call("POST", "/reload", Some(format!("{scheme} {TOKEN}")))).await;
+        assert_eq!(got.status, 200, "{scheme}: {}", got.text());
+    }
+    let got = send(&c, call("GET", "/metrics", Some(format!("Bearer {TOKEN}")))).await;
+    assert_eq!(got.status, 200);
+    let got = send(&c, call("POST", "/cache/purge", Some(format!("Bearer {TOKEN}")))).await;
     assert_eq!(got.status, 200, "{}", got.text());
+}
+
+#[test]
+fn refuses_a_short_admin_token() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(Origin::hello());
+    let yaml = config("  addr: 127.0.0.1:0\n  token_env: WEIR_TEST_TOKEN\n", &origin, "/");
+    let err = Gateway::builder().env("WEIR_TEST_TOKEN", "s3cret").try_start(&yaml).expect_err("must refuse");
+    assert!(err.contains("at least 32"), "{err}");
+}
+
+#[test]
+fn refuses_limits_and_budgets_it_cannot_enforce_yet() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(Origin::hello());
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: r\n    upstream: {}\n    rate_limit: {{ key: client_ip, rate: 100/s }}\n",
+        origin.url()
+    );
+    let err = Gateway::builder().try_start(&yaml).expect_err("a rate limit that is not enforced must not start");
+    assert!(err.contains("rate limiting") && err.contains("refusing to start"), "{err}");
 }
 
 #[test]

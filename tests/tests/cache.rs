@@ -454,8 +454,12 @@ async fn deception_paths_key_what_is_forwarded() {
     // Path parameters are part of the key.
     call(&gw, Method::GET, "/acct;x.css", &[]).await;
     assert!(status(&call(&gw, Method::GET, "/acct", &[]).await).contains("fwd=miss"));
-    // Malformed escapes keep the cache out entirely.
-    assert_eq!(status(&call(&gw, Method::GET, "/bad%zz", &[]).await), "weir; fwd=bypass; detail=uri");
+    // Malformed escapes are refused: no route, key or origin ever sees them.
+    let n = origin.count();
+    let bad = call(&gw, Method::GET, "/bad%zz", &[]).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"], "bad_request");
+    assert_eq!(origin.count(), n);
     // Host case and trailing dot do not split the key.
     call(&gw, Method::GET, "/h", &[("host", "Shop.Example.")]).await;
     assert_eq!(status(&call(&gw, Method::GET, "/h", &[("host", "shop.example")]).await), "weir; hit; detail=l1");

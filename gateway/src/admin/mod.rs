@@ -14,25 +14,50 @@ use crate::error::{json_response, GatewayError};
 use crate::runtime::Gateway;
 use crate::Body;
 
+/// The admin bearer token, kept only as a digest: comparing digests in constant time leaks
+/// neither the token's bytes nor its length.
+pub struct Token([u8; 32]);
+
+impl Token {
+    pub fn new(token: &str) -> Token {
+        Token(Self::digest(token.as_bytes()))
+    }
+
+    fn digest(b: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&blake3::derive_key("weir admin token v1", b"weir"), b).as_bytes()
+    }
+
+    /// Whether an `Authorization` value carries this token (`Bearer` in any case, RFC 9110 §11.1).
+    pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
+        let presented = authorization
+            .and_then(|v| {
+                let (scheme, rest) = v.split_at_checked(6)?;
+                (scheme.eq_ignore_ascii_case(b"bearer") && rest.first() == Some(&b' ')).then(|| rest.trim_ascii())
+            })
+            .unwrap_or(b"");
+        Self::digest(presented).ct_eq(&self.0).into()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
 /// Admin state: the gateway and the token (`None` only on loopback, as validated at start-up).
 #[derive(Debug)]
 pub struct Admin {
     pub gateway: Arc<Gateway>,
-    pub token: Option<String>,
+    pub token: Option<Token>,
 }
 
 impl Admin {
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else {
-            return true;
-        };
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        presented.as_bytes().ct_eq(token.as_bytes()).into()
+        match &self.token {
+            None => true,
+            Some(t) => t.admits(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)),
+        }
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -79,6 +104,9 @@ impl Admin {
         if purge.is_empty() {
             return Err(GatewayError::BadRequest("nothing to purge: give keys, tags or prefixes".into()));
         }
+        // URL paths and prefixes are normalised like request targets, so `/a/%7Eb/../c` purges
+        // what a request for it stored.
+        let purge = normalize_purge(purge)?;
         let rt = self.gateway.runtime();
         for (kind, n) in [("key", purge.keys.len()), ("tag", purge.tags.len()), ("prefix", purge.prefixes.len())] {
             rt.metrics.invalidations(&rt.no_route, kind, n);
@@ -135,4 +163,37 @@ impl Admin {
             }),
         )
     }
+}
+
+/// Normalises the URL paths (keys starting with `/`) and prefixes of an admin purge the way the
+/// canonical request normalises targets; other keys are full cache keys and stay as given.
+fn normalize_purge(mut p: Purge) -> Result<Purge, GatewayError> {
+    use crate::proxy::canonical::{normalize_path, normalize_query};
+    let target = |s: &str| -> Result<String, GatewayError> {
+        let bad = |e: crate::proxy::canonical::MalformedTarget| GatewayError::BadRequest(e.to_string());
+        let (path, query) = s.split_once('?').map_or((s, None), |(p, q)| (p, Some(q)));
+        let mut out = normalize_path(path).map_err(bad)?;
+        if let Some(q) = query {
+            let q = normalize_query(q).map_err(bad)?;
+            if !q.is_empty() {
+                out.push('?');
+                out.push_str(&q);
+            }
+        }
+        Ok(out)
+    };
+    for k in p.keys.iter_mut().filter(|k| k.starts_with('/')) {
+        *k = target(k)?;
+    }
+    for prefix in p.prefixes.iter_mut().filter(|k| k.starts_with('/')) {
+        // A prefix may end inside a segment (`/products/1` covers `/products/12`): keep a
+        // trailing `/` and do not resolve a final dot segment the user did not write.
+        let slash = prefix.ends_with('/');
+        let mut n = target(prefix)?;
+        if slash && !n.ends_with('/') {
+            n.push('/');
+        }
+        *prefix = n;
+    }
+    Ok(p)
 }

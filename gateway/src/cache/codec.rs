@@ -152,6 +152,24 @@ impl<'a> Reader<'a> {
 
 /// Decodes a value stored under `key`; `Ok(None)` when it belongs to another key (a hash
 /// collision, or a value written by something else): the full key is compared on every read.
+/// Longest lifetime a decoded entry may claim (RFC 9111's 2^31 s cap on delta-seconds): hostile
+/// bytes must not make later `Duration` arithmetic overflow.
+const MAX_LIFETIME_MS: u64 = (1 << 31) * 1000;
+
+fn lifetime(ms: u64) -> Result<Duration, DecodeError> {
+    if ms > MAX_LIFETIME_MS {
+        return Err(DecodeError("lifetime out of range"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn instant(ms: u64) -> Result<SystemTime, DecodeError> {
+    if ms > MAX_LIFETIME_MS * 4 {
+        return Err(DecodeError("time out of range"));
+    }
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms)).ok_or(DecodeError("time out of range"))
+}
+
 pub fn decode(key: &str, value: &[u8]) -> Result<Option<Object>, DecodeError> {
     let mut r = Reader { buf: value, at: 0 };
     if r.take(2)? != MAGIC {
@@ -165,11 +183,11 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Option<Object>, DecodeError> {
     match kind {
         0 => {
             let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("status"))?;
-            let stored_at = UNIX_EPOCH + Duration::from_millis(r.u64()?);
-            let initial_age = Duration::from_millis(r.u64()?);
-            let fresh_for = Duration::from_millis(r.u64()?);
-            let stale_while_revalidate = Duration::from_millis(r.u64()?);
-            let stale_if_error = Duration::from_millis(r.u64()?);
+            let stored_at = instant(r.u64()?)?;
+            let initial_age = lifetime(r.u64()?)?;
+            let fresh_for = lifetime(r.u64()?)?;
+            let stale_while_revalidate = lifetime(r.u64()?)?;
+            let stale_if_error = lifetime(r.u64()?)?;
             let flags = r.u8()?;
             let vary = r.names()?;
             let n = r.u16()?;
@@ -200,7 +218,7 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Option<Object>, DecodeError> {
             }))))
         }
         1 => {
-            let expires = UNIX_EPOCH + Duration::from_millis(r.u64()?);
+            let expires = instant(r.u64()?)?;
             let headers = r.names()?;
             let retain_for = expires.duration_since(SystemTime::now()).unwrap_or_default();
             Ok(Some(Object::Vary { headers, path, retain_for }))

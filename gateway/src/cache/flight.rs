@@ -1,6 +1,7 @@
 //! Request coalescing: one upstream fetch per key at a time. The first request for a key leads;
-//! later ones wait (bounded) for its outcome. A leader that fails, or whose response cannot be
-//! shared, releases its waiters to go upstream on their own — dropping the guard does it too.
+//! later ones wait (bounded) for its outcome. A leader whose response cannot be shared releases
+//! its waiters to go upstream on their own; a leader that fails (or is dropped) tells them so,
+//! and one of them takes over (`proxy::cached` re-joins: the first to join leads again).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,8 +15,10 @@ use super::entry::Entry;
 pub enum FlightResult {
     /// The leader stored this response; waiters may use it if it matches their own lookup.
     Stored(Arc<Entry>),
-    /// Nothing shareable: each waiter fetches for itself.
+    /// Nothing shareable (not storable, too large): each waiter fetches for itself.
     NotShared,
+    /// The leader failed or went away without an answer: one waiter should lead again.
+    Failed,
 }
 
 type Map = Arc<Mutex<HashMap<String, watch::Receiver<Option<FlightResult>>>>>;
@@ -87,15 +90,16 @@ impl FlightGuard {
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        self.release(FlightResult::NotShared);
+        self.release(FlightResult::Failed);
     }
 }
 
-/// Waits for the leader, at most `limit`; a vanished leader or a timeout means "go yourself".
+/// Waits for the leader, at most `limit`; a vanished leader means `Failed`, a timeout "go yourself".
 pub async fn wait(mut rx: watch::Receiver<Option<FlightResult>>, limit: Duration) -> FlightResult {
     match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
-        Ok(Ok(v)) => v.clone().unwrap_or(FlightResult::NotShared),
-        _ => FlightResult::NotShared,
+        Ok(Ok(v)) => v.clone().unwrap_or(FlightResult::Failed),
+        Ok(Err(_)) => FlightResult::Failed,
+        Err(_) => FlightResult::NotShared,
     }
 }
 
@@ -109,7 +113,7 @@ mod tests {
         let Join::Leader(guard) = f.join("k") else { panic!("first must lead") };
         let Join::Waiter(rx) = f.join("k") else { panic!("second must wait") };
         drop(guard);
-        assert!(matches!(wait(rx, Duration::from_secs(1)).await, FlightResult::NotShared));
+        assert!(matches!(wait(rx, Duration::from_secs(1)).await, FlightResult::Failed));
         assert!(f.is_empty());
         assert!(matches!(f.join("k"), Join::Leader(_)));
     }

@@ -1,200 +1,86 @@
-//! Phase 4a, cache keys. Primary key: route + method class + scheme + host + normalised path +
-//! sorted query; a `Vary` response adds a secondary part from the named request headers.
+//! Phase 4, cache keys: built from the canonical request (`proxy::canonical`), which already
+//! normalised the authority, path and query, so the key names exactly what the origin is asked.
 //!
-//! Normalisation decisions (cache deception): only unreserved `%XX` are decoded (`%41` → `A`),
-//! other escapes are upper-cased and kept — `%2F` stays distinct from `/`; dot segments are
-//! resolved and the *normalised* path is what Weir forwards, so the key always names exactly
-//! what the origin was asked; `;` parameters are kept verbatim (part of the key); hosts are
-//! lower-cased, lose a trailing dot and a default port. A malformed escape makes the request
-//! uncacheable (bypass), never "close enough".
+//! Keys are unambiguous by construction: every field is length-prefixed (`<len>:<bytes>`), so no
+//! byte a URL or header can contain acts as a separator, and two distinct requests can never
+//! produce one key. A primary key is the fields (route, method class, scheme, authority,
+//! path?query[, body hash]); a plugin's key is (route, class, `plugin`, its key) — never a policy
+//! key, whose third field is a scheme. A `Vary` variant lives in its own namespace: `v` followed by
+//! its primary key as one field, then (name, values) per varying header, so no primary key (which
+//! starts with a digit) is ever a variant key.
 
 use http::header::{HeaderMap, HeaderName, VARY};
 
-/// Error: the path or query cannot be normalised unambiguously.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed percent-encoding in `{0}`")]
-pub struct KeyError(pub String);
-
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+fn push_field(out: &mut String, s: &str) {
+    push_decimal(out, s.len());
+    out.push(':');
+    out.push_str(s);
 }
 
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Decodes unreserved escapes, upper-cases the rest; fails on a malformed escape.
-fn normalize_escapes(s: &str) -> Result<String, KeyError> {
-    let b = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) else {
-                return Err(KeyError(s.to_string()));
-            };
-            let v = h * 16 + l;
-            if is_unreserved(v) {
-                out.push(v as char);
-            } else {
-                out.push('%');
-                out.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
-                out.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
-            }
-            i += 3;
-        } else {
-            // The URI is ASCII (hyper guarantees it), so bytes are chars.
-            out.push(b[i] as char);
-            i += 1;
+/// Decimal digits of `n`, without `format!` (keys are built on every request).
+fn push_decimal(out: &mut String, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-    Ok(out)
-}
-
-/// RFC 3986 §5.2.4 dot-segment removal on an already-escaped path.
-fn remove_dot_segments(path: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    let segs: Vec<&str> = path.split('/').collect();
-    let last = segs.len().saturating_sub(1);
-    for (i, seg) in segs.iter().enumerate().skip(1) {
-        match *seg {
-            "." => {
-                if i == last {
-                    out.push("");
-                }
-            }
-            ".." => {
-                out.pop();
-                if i == last {
-                    out.push("");
-                }
-            }
-            s => out.push(s),
-        }
-    }
-    format!("/{}", out.join("/"))
-}
-
-/// True when `raw` needs no normalisation: no escapes and no dot segments.
-fn path_is_normal(raw: &str) -> bool {
-    !raw.contains('%') && !raw.split('/').any(|s| s == "." || s == "..")
-}
-
-/// The normalised path (what Weir keys on and forwards).
-pub fn normalize_path(raw: &str) -> Result<String, KeyError> {
-    if path_is_normal(raw) {
-        return Ok(raw.to_string());
-    }
-    let escaped = normalize_escapes(raw)?;
-    if !escaped.starts_with('/') {
-        return Ok(escaped);
-    }
-    Ok(remove_dot_segments(&escaped))
-}
-
-/// Query parameters normalised and sorted (order-insensitive), empty pairs dropped.
-pub fn normalize_query(raw: &str) -> Result<String, KeyError> {
-    let mut out = String::with_capacity(raw.len());
-    push_query(&mut out, raw)?;
-    Ok(out)
-}
-
-/// Appends the normalised query to `out`; the common case (already sorted, no escapes, no
-/// empty pairs) copies it as is.
-fn push_query(out: &mut String, raw: &str) -> Result<(), KeyError> {
-    let simple = !raw.contains('%') && !raw.contains("&&") && !raw.starts_with('&') && !raw.ends_with('&');
-    if simple && raw.split('&').is_sorted() {
-        out.push_str(raw);
-        return Ok(());
-    }
-    let mut pairs = raw.split('&').filter(|p| !p.is_empty()).map(normalize_escapes).collect::<Result<Vec<_>, _>>()?;
-    pairs.sort();
-    for (i, p) in pairs.iter().enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        out.push_str(p);
-    }
-    Ok(())
-}
-
-/// `host[:port]` lower-cased, trailing dot removed, default port for the scheme removed.
-pub fn normalize_authority(authority: &str, scheme: &str) -> String {
-    let mut out = String::with_capacity(authority.len());
-    push_authority(&mut out, authority, scheme);
-    out
-}
-
-fn push_authority(out: &mut String, authority: &str, scheme: &str) {
-    // Common case: already lower-case, no trailing dot, no port.
-    if !authority.bytes().any(|b| b.is_ascii_uppercase() || b == b':') && !authority.ends_with('.') {
-        out.push_str(authority);
-        return;
-    }
-    let lower = authority.to_ascii_lowercase();
-    let (host, port) = match lower.rsplit_once(':') {
-        Some((h, _)) if !h.ends_with(']') && h.contains(':') => (lower.as_str(), None), // bare IPv6
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
-        _ => (lower.as_str(), None),
-    };
-    out.push_str(host.trim_end_matches('.'));
-    match port {
-        Some(p) if !(scheme == "http" && p == "80" || scheme == "https" && p == "443") => {
-            out.push(':');
-            out.push_str(p);
-        }
-        _ => {}
+    for &d in &digits[i..] {
+        out.push(char::from(d));
     }
 }
 
-/// The request-derived parts of a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyParts {
-    /// Route-namespaced primary key.
-    pub primary: String,
-    /// Normalised `path?query` (for purge by URL and prefix, and for forwarding).
-    pub path_query: String,
+fn capacity(parts: &[&str]) -> usize {
+    parts.iter().map(|p| p.len() + 4).sum()
 }
 
-/// `route|class|scheme://host/path?sorted-query`; `body_hash` for opt-in POST caching.
+/// The route-namespaced primary key; `body_hash` for opt-in POST caching.
 pub fn primary(
     route: &str,
     class: &str,
     scheme: &str,
     authority: &str,
-    path: &str,
-    query: Option<&str>,
+    path_query: &str,
     body_hash: Option<&str>,
-) -> Result<KeyParts, KeyError> {
-    let mut path_query = normalize_path(path)?;
-    if let Some(q) = query.filter(|q| !q.is_empty()) {
-        let at = path_query.len();
-        path_query.push('?');
-        push_query(&mut path_query, q)?;
-        if path_query.len() == at + 1 {
-            path_query.truncate(at);
-        }
+) -> String {
+    let fields = [route, class, scheme, authority, path_query];
+    let mut out = String::with_capacity(capacity(&fields) + body_hash.map_or(0, |h| h.len() + 4));
+    for f in fields {
+        push_field(&mut out, f);
     }
-    let mut primary =
-        String::with_capacity(route.len() + class.len() + scheme.len() + authority.len() + path_query.len() + 8);
-    primary.push_str(route);
-    primary.push('|');
-    primary.push_str(class);
-    primary.push('|');
-    primary.push_str(scheme);
-    primary.push_str("://");
-    push_authority(&mut primary, authority, scheme);
-    primary.push_str(&path_query);
     if let Some(h) = body_hash {
-        primary.push_str("|body=");
-        primary.push_str(h);
+        push_field(&mut out, h);
     }
-    Ok(KeyParts { primary, path_query })
+    out
+}
+
+/// A plugin's key, namespaced by route and method class.
+pub fn plugin(route: &str, class: &str, key: &str) -> String {
+    let fields = [route, class, "plugin", key];
+    let mut out = String::with_capacity(capacity(&fields));
+    for f in fields {
+        push_field(&mut out, f);
+    }
+    out
+}
+
+/// The start every variant key of `primary` shares.
+pub fn variant_prefix(primary: &str) -> String {
+    let mut out = String::with_capacity(primary.len() + 8);
+    out.push('v');
+    push_field(&mut out, primary);
+    out
+}
+
+/// The primary key a full key belongs to (itself, unless it is a variant).
+pub fn primary_of(key: &str) -> &str {
+    let Some(rest) = key.strip_prefix('v') else { return key };
+    let Some((len, body)) = rest.split_once(':') else { return key };
+    len.parse::<usize>().ok().and_then(|n| body.get(..n)).unwrap_or(key)
 }
 
 /// 128-bit BLAKE3 of a request body, hex.
@@ -217,62 +103,63 @@ pub fn vary_names(headers: &HeaderMap) -> Vec<HeaderName> {
     names
 }
 
-/// Secondary key: the primary plus the request's values of the varying headers, each with
-/// whitespace trimmed and collapsed (so `gzip,br` and `gzip, br` select the same variant).
+/// Secondary key: the variant of `primary` selected by the values of the varying headers in
+/// `headers` (the canonical request's: what the origin receives), each value with whitespace
+/// trimmed and collapsed (so `gzip,br` and `gzip, br` select the same variant). An absent header
+/// and an empty one are distinct.
 pub fn secondary(primary: &str, vary: &[HeaderName], headers: &HeaderMap) -> String {
     let mut part = String::new();
     for name in vary {
-        part.push_str(name.as_str());
-        part.push('=');
-        let values: Vec<String> = headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(|t| t.split_whitespace().collect::<Vec<_>>().join(" "))
-            .filter(|t| !t.is_empty())
-            .collect();
-        part.push_str(&values.join(","));
-        part.push(';');
+        push_field(&mut part, name.as_str());
+        let mut values = String::new();
+        let mut present = false;
+        for v in headers.get_all(name) {
+            present = true;
+            let Ok(s) = v.to_str() else {
+                // Opaque bytes: keyed by their hash, never mixed with a readable value.
+                values.push_str("#b");
+                values.push_str(&blake3::hash(v.as_bytes()).to_hex()[..32]);
+                continue;
+            };
+            for t in s.split(',') {
+                let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+                if !t.is_empty() {
+                    push_field(&mut values, &t);
+                }
+            }
+        }
+        if present {
+            values.insert(0, '=');
+        }
+        push_field(&mut part, &values);
     }
+    let mut out = variant_prefix(primary);
     // Long header values must not make unbounded keys.
     if part.len() > 256 {
-        part = format!("#{}", &blake3::hash(part.as_bytes()).to_hex()[..32]);
+        out.push('#');
+        out.push_str(&blake3::hash(part.as_bytes()).to_hex()[..32]);
+    } else {
+        out.push_str(&part);
     }
-    format!("{primary}|vary:{part}")
+    out
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use http::HeaderValue;
 
     #[test]
-    fn paths() {
-        assert_eq!(normalize_path("/a/./b/../c").unwrap(), "/a/c");
-        assert_eq!(normalize_path("/%7Euser/%41%62").unwrap(), "/~user/Ab");
-        // Encoded slash and dots-with-encoded-slash stay distinct from their decoded forms.
-        assert_eq!(normalize_path("/a/..%2f").unwrap(), "/a/..%2F");
-        assert_ne!(normalize_path("/a%2fb").unwrap(), normalize_path("/a/b").unwrap());
-        // %2e is unreserved: decoded, then resolved as a dot segment.
-        assert_eq!(normalize_path("/a/%2e%2e/b").unwrap(), "/b");
-        assert_eq!(normalize_path("/../../etc").unwrap(), "/etc");
-        assert_eq!(normalize_path("/account;x.css").unwrap(), "/account;x.css");
-        assert!(normalize_path("/bad%zz").is_err());
-        assert!(normalize_path("/bad%2").is_err());
-    }
-
-    #[test]
-    fn queries_sort() {
-        assert_eq!(normalize_query("b=2&a=1&&a=0").unwrap(), "a=0&a=1&b=2");
-        let k1 = primary("r", "GET", "http", "API.example.com.:80", "/p", Some("b=2&a=1"), None).unwrap();
-        let k2 = primary("r", "GET", "http", "api.example.com", "/p", Some("a=1&b=2"), None).unwrap();
-        assert_eq!(k1, k2);
-        assert_eq!(k1.primary, "r|GET|http://api.example.com/p?a=1&b=2");
-        let other_route = primary("s", "GET", "http", "api.example.com", "/p", Some("a=1&b=2"), None).unwrap();
-        assert_ne!(k1.primary, other_route.primary);
-        assert_eq!(normalize_authority("h:8080", "http"), "h:8080");
-        assert_eq!(normalize_authority("[::1]:80", "http"), "[::1]");
+    fn fields_cannot_be_confused() {
+        let a = primary("r", "GET", "http", "h", "/p?vary=X|vary:x-foo=b;", None);
+        let b = primary("r", "GET", "http", "h", "/p?vary=X", None);
+        assert_ne!(a, b);
+        assert_eq!(b, "1:r3:GET4:http1:h9:/p?vary=X");
+        // The host/path boundary: `a.b` + `/c` vs `a` + `.b/c`.
+        assert_ne!(primary("r", "GET", "http", "a.b", "/c", None), primary("r", "GET", "http", "a", ".b/c", None));
+        assert_ne!(plugin("r", "GET", "x"), primary("r", "GET", "plugin", "x", "", None));
+        assert_eq!(primary_of(&b), b);
     }
 
     #[test]
@@ -285,8 +172,17 @@ mod tests {
         a.insert("accept-encoding", HeaderValue::from_static("gzip,  br"));
         let mut b = HeaderMap::new();
         b.insert("accept-encoding", HeaderValue::from_static("gzip, br"));
-        assert_eq!(secondary("k", &names, &a), secondary("k", &names, &b));
+        let p = primary("r", "GET", "http", "h", "/", None);
+        assert_eq!(secondary(&p, &names, &a), secondary(&p, &names, &b));
         b.insert("accept-language", HeaderValue::from_static("fr"));
-        assert_ne!(secondary("k", &names, &a), secondary("k", &names, &b));
+        assert_ne!(secondary(&p, &names, &a), secondary(&p, &names, &b));
+        let mut empty = HeaderMap::new();
+        empty.insert("accept-encoding", HeaderValue::from_static(""));
+        assert_ne!(secondary(&p, &names, &empty), secondary(&p, &names, &HeaderMap::new()));
+        let s = secondary(&p, &names, &a);
+        assert!(s.starts_with(&variant_prefix(&p)));
+        assert_eq!(primary_of(&s), p);
+        // A variant never equals any primary key, whatever the request contains.
+        assert!(!s.starts_with(|c: char| c.is_ascii_digit()));
     }
 }

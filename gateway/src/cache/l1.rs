@@ -178,13 +178,14 @@ impl Storage for L1 {
             for k in keys {
                 if let Some(obj) = self.cache.remove(&k) {
                     n += 1;
-                    // A Vary marker's variants live under `key|vary:...`, at the same path.
+                    // A Vary marker's variants live under its variant prefix, at the same path.
                     if matches!(obj, Object::Vary { .. }) {
+                        let prefix = super::key::variant_prefix(&k);
                         let variants: Vec<Arc<str>> = match self.index.lock() {
                             Ok(i) => i
                                 .paths
                                 .get(obj.path())
-                                .map(|s| s.iter().filter(|v| v.starts_with(&*k)).cloned().collect())
+                                .map(|s| s.iter().filter(|v| v.starts_with(prefix.as_str())).cloned().collect())
                                 .unwrap_or_default(),
                             Err(_) => Vec::new(),
                         };

@@ -35,6 +35,8 @@ const SKEW_MS: u64 = 2;
 /// Purges that could not reach Redis, replayed when it is back (beyond: logged and dropped).
 const PENDING_MAX: usize = 1024;
 pub const CHANNEL: &str = "weir:invalidate";
+/// Bytes of the keyed-BLAKE3 MAC appended to values and messages.
+const MAC_LEN: usize = 16;
 
 const PUT: &str = r"
 local t = redis.call('TIME')
@@ -130,6 +132,9 @@ struct Message {
 pub struct L2 {
     pub redis: Arc<Shared>,
     hash_key: [u8; 32],
+    /// Keys the MAC appended to every stored value and invalidation message: a value or purge
+    /// that anyone without the deployment secret wrote is ignored, not served or obeyed.
+    mac_key: [u8; 32],
     buckets: u16,
     put_script: Script,
     purge_script: Script,
@@ -144,8 +149,12 @@ impl L2 {
         // One bucket on a single server (hash tags mean nothing there); on a Cluster, enough
         // buckets to spread over every master.
         let buckets = if redis.settings.cluster { 64 } else { 1 };
+        // Without `redis.key_secret_env` the keys derive from a public constant: names still carry
+        // no request data, but they are predictable and the MAC only guards against corruption.
+        let secret = redis.key_secret.clone().unwrap_or_else(|| "weir".to_string());
         L2 {
-            hash_key: blake3::derive_key("weir 2026 L2 key names v1", b"weir"),
+            hash_key: blake3::derive_key("weir 2026 L2 key names v1", secret.as_bytes()),
+            mac_key: blake3::derive_key("weir 2026 L2 value MAC v1", secret.as_bytes()),
             buckets,
             put_script: Script::new(PUT),
             purge_script: Script::new(PURGE),
@@ -161,6 +170,20 @@ impl L2 {
         let mut out = [0u8; 16];
         out.copy_from_slice(&h.finalize().as_bytes()[..16]);
         out
+    }
+
+    fn mac(&self, payload: &[u8]) -> [u8; MAC_LEN] {
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(&blake3::keyed_hash(&self.mac_key, payload).as_bytes()[..MAC_LEN]);
+        out
+    }
+
+    /// The payload of an authenticated value, or `None` when its MAC does not verify.
+    fn verified<'v>(&self, value: &'v [u8]) -> Option<&'v [u8]> {
+        let at = value.len().checked_sub(MAC_LEN)?;
+        let (payload, mac) = value.split_at(at);
+        let want = self.mac(payload);
+        bool::from(subtle::ConstantTimeEq::ct_eq(&want[..], mac)).then_some(payload)
     }
 
     fn bucket_of(&self, h: &[u8; 16]) -> u16 {
@@ -187,7 +210,9 @@ impl L2 {
     }
 
     async fn put_inner(&self, key: &str, obj: Object, since: SystemTime) -> Result<(), CacheError> {
-        let Some(payload) = codec::encode(key, &obj) else { return Ok(()) };
+        let Some(mut payload) = codec::encode(key, &obj) else { return Ok(()) };
+        let mac = self.mac(&payload);
+        payload.extend_from_slice(&mac);
         if u64::try_from(payload.len()).unwrap_or(u64::MAX) > self.redis.settings.max_object_bytes {
             return Ok(()); // L1 only
         }
@@ -200,7 +225,7 @@ impl L2 {
         let mut tags: Vec<&str> = obj.tags().iter().map(String::as_str).collect();
         tags.sort_unstable();
         tags.dedup();
-        let primary = key.split("|vary:").next().unwrap_or(key);
+        let primary = super::key::primary_of(key);
         let since_ms = self.redis.redis_ms(since);
         let mut inv = self.put_script.prepare_invoke();
         inv.key(Self::name(b, "e", &h)).key(format!("weir:{{{b}}}:purges"));
@@ -275,8 +300,10 @@ impl L2 {
         for r in futures_util::future::join_all(calls).await {
             n += r.map_err(Self::error)?;
         }
-        let msg = serde_json::to_string(&Message { from: self.redis.instance, purge: p.clone() })
+        let body = serde_json::to_vec(&Message { from: self.redis.instance, purge: p.clone() })
             .map_err(|e| CacheError::Tier { tier: "l2", message: e.to_string() })?;
+        let mut msg = body.clone();
+        msg.extend_from_slice(&self.mac(&body));
         self.redis
             .call(|mut c| async move { redis::cmd("PUBLISH").arg(CHANNEL).arg(msg).query_async::<i64>(&mut c).await })
             .await
@@ -329,7 +356,14 @@ impl Storage for L2 {
                 .map_err(Self::error)?;
             match value {
                 None => Ok(None),
-                Some(v) => codec::decode(key, &v).map_err(|e| CacheError::Tier { tier: "l2", message: e.to_string() }),
+                Some(v) => match self.verified(&v) {
+                    Some(payload) => {
+                        codec::decode(key, payload).map_err(|e| CacheError::Tier { tier: "l2", message: e.to_string() })
+                    }
+                    None => {
+                        Err(CacheError::Tier { tier: "l2", message: "a value failed its MAC check: ignored".into() })
+                    }
+                },
             }
         })
     }
@@ -419,7 +453,11 @@ pub fn spawn_subscriber(cache: Weak<Cache>, l2: Arc<L2>) {
             while let Some(msg) = stream.next().await {
                 let Some(c) = cache.upgrade() else { return };
                 let Ok(payload) = msg.get_payload::<Vec<u8>>() else { continue };
-                match serde_json::from_slice::<Message>(&payload) {
+                let Some(payload) = l2.verified(&payload) else {
+                    tracing::warn!("ignoring an invalidation message that failed its MAC check");
+                    continue;
+                };
+                match serde_json::from_slice::<Message>(payload) {
                     Ok(m) if m.from == l2.redis.instance => {}
                     Ok(m) => {
                         if let Err(e) = c.purge_local(&m.purge).await {

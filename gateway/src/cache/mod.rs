@@ -62,12 +62,14 @@ impl Purge {
         self.keys.is_empty() && self.tags.is_empty() && self.prefixes.is_empty()
     }
 
-    /// Whether this purge covers `e` (used to refuse storing a fetch that a purge overtook).
-    fn covers(&self, e: &Entry) -> bool {
-        let primary = e.key.split("|vary:").next().unwrap_or(&e.key);
-        self.keys.iter().any(|k| *k == e.key || k == primary || *k == e.path)
-            || self.tags.iter().any(|t| e.tags.contains(t))
-            || self.prefixes.iter().any(|p| e.path.starts_with(p.as_str()))
+    /// Whether this purge covers the object stored under `key` (used to refuse storing a fetch,
+    /// or promoting an L2 read, that a purge overtook).
+    fn covers(&self, key: &str, obj: &Object) -> bool {
+        let primary = key::primary_of(key);
+        let path = obj.path();
+        self.keys.iter().any(|k| k == key || k == primary || k == path)
+            || self.tags.iter().any(|t| obj.tags().contains(t))
+            || self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
     }
 }
 
@@ -108,14 +110,60 @@ pub struct Cache {
     generation: AtomicU64,
     log: Mutex<VecDeque<(u64, Purge)>>,
     pub max_object_bytes: u64,
+    /// Bytes buffered for fills at once (`cache.max_fill_bytes`).
+    pub fill_budget: FillBudget,
     /// `weir_cache_errors_total{level="l2"}`.
     l2_errors: Counter,
+}
+
+/// A process-wide byte budget for responses being buffered into the cache: a fill reserves its
+/// declared length (or the object bound) up front; when the budget is spent the response streams
+/// through uncached instead of pushing memory past the bound.
+#[derive(Debug)]
+pub struct FillBudget {
+    used: Arc<AtomicU64>,
+    max: u64,
+}
+
+/// Returned to the budget when dropped.
+#[derive(Debug)]
+pub struct FillPermit {
+    used: Arc<AtomicU64>,
+    n: u64,
+}
+
+impl FillBudget {
+    pub fn new(max: u64) -> FillBudget {
+        FillBudget { used: Arc::default(), max }
+    }
+
+    pub fn reserve(&self, n: u64) -> Option<FillPermit> {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = cur.checked_add(n).filter(|&v| v <= self.max)?;
+            match self.used.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(FillPermit { used: self.used.clone(), n }),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    pub fn in_use(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FillPermit {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.n, Ordering::AcqRel);
+    }
 }
 
 impl Cache {
     pub fn new(
         l1_max_bytes: u64,
         max_object_bytes: u64,
+        max_fill_bytes: u64,
         l2: Option<Arc<dyn Storage>>,
         l2_errors: Counter,
     ) -> Arc<Cache> {
@@ -127,6 +175,7 @@ impl Cache {
             generation: AtomicU64::new(0),
             log: Mutex::new(VecDeque::new()),
             max_object_bytes,
+            fill_budget: FillBudget::new(max_fill_bytes),
             l2_errors,
         })
     }
@@ -143,13 +192,20 @@ impl Cache {
     /// L1, then L2 (a hit there is promoted to L1 with its remaining lifetime). The L1 lookup
     /// is called directly: the hit path pays no boxed `dyn` future (measured: the boxed moka
     /// lookup was the costliest allocation of a hit).
+    ///
+    /// A purge that lands while the L2 read is under way wins: the generation is taken before
+    /// the read, and an object the purge covers is neither promoted nor served.
     pub async fn get(&self, key: &str) -> Option<(Object, Level)> {
         if let Some(obj) = self.l1.lookup(key) {
             return Some((obj, Level::L1));
         }
         let l2 = self.l2.as_ref()?;
+        let since = self.generation();
         match l2.get(key).await {
             Ok(Some(obj)) => {
+                if self.overtaken(key, &obj, since) {
+                    return None;
+                }
                 if self.l1_enabled {
                     let _ = self.l1.put(key, obj.clone(), SystemTime::now()).await;
                 }
@@ -224,7 +280,8 @@ impl Cache {
     /// Stores `entry` (and the Vary marker at `primary` when it varies) unless a purge that
     /// covers it landed after `since`. Returns whether it was stored.
     pub async fn store(&self, primary: &str, entry: Arc<Entry>, since: Generation) -> bool {
-        if self.overtaken(&entry, since) {
+        let obj = Object::Response(entry.clone());
+        if self.overtaken(&entry.key, &obj, since) {
             return false;
         }
         if !entry.vary.is_empty() {
@@ -243,14 +300,14 @@ impl Cache {
             return false;
         }
         // A purge may have landed while we were storing: undo rather than keep a purged copy.
-        if self.overtaken(&entry, since) {
+        if self.overtaken(&entry.key, &obj, since) {
             let _ = self.purge_tiers(&Purge { keys: vec![key], ..Purge::default() }).await;
             return false;
         }
         true
     }
 
-    fn overtaken(&self, entry: &Entry, since: Generation) -> bool {
+    fn overtaken(&self, key: &str, obj: &Object, since: Generation) -> bool {
         let now = self.generation.load(Ordering::Acquire);
         if now == since.0 {
             return false;
@@ -260,7 +317,7 @@ impl Cache {
         if log.front().is_none_or(|(g, _)| *g > since.0 + 1) {
             return true;
         }
-        log.iter().filter(|(g, _)| *g > since.0).any(|(_, p)| p.covers(entry))
+        log.iter().filter(|(g, _)| *g > since.0).any(|(_, p)| p.covers(key, obj))
     }
 
     /// Purges from every tier; returns how many objects were removed.

@@ -26,6 +26,8 @@ pub enum NotStored {
     Partial,
     /// The route's plugin said `store: false`.
     Plugin,
+    /// Too many bytes are being buffered for cache fills right now (`cache.max_fill_bytes`).
+    Busy,
 }
 
 impl NotStored {
@@ -44,6 +46,7 @@ impl NotStored {
             NotStored::Purged => "purged",
             NotStored::Partial => "partial",
             NotStored::Plugin => "plugin",
+            NotStored::Busy => "fill-budget",
         }
     }
 }
@@ -131,7 +134,12 @@ pub fn decide(
     let age_header = headers
         .get(AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|v| {
+            let v = v.trim();
+            // Delta-seconds (RFC 9111 §1.2.2): digits only, and at most 2^31 before any arithmetic.
+            (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| v.parse::<u64>().unwrap_or(u64::MAX).min(1 << 31))
+        })
         .map(Duration::from_secs);
     let apparent = now.duration_since(date).unwrap_or_default();
     let initial_age = age_header.unwrap_or_default().max(apparent);

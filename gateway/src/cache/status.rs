@@ -18,7 +18,12 @@ pub enum BypassReason {
     Method,
     Cookie,
     Authorization,
-    Uri,
+    /// A method-override header (`X-HTTP-Method-Override` and kin): the answer may be another
+    /// method's, so it is neither read from nor written to the cache.
+    MethodOverride,
+    /// A GET or HEAD with a body.
+    Body,
+    /// A cached POST whose body is over `max_key_body_bytes`.
     BodyTooLarge,
 }
 
@@ -28,7 +33,8 @@ impl BypassReason {
             BypassReason::Method => "method",
             BypassReason::Cookie => "cookie",
             BypassReason::Authorization => "authorization",
-            BypassReason::Uri => "uri",
+            BypassReason::MethodOverride => "method-override",
+            BypassReason::Body => "body",
             BypassReason::BodyTooLarge => "body-too-large",
         }
     }

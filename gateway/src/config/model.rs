@@ -49,6 +49,9 @@ pub struct Admin {
 #[derive(Debug, Clone)]
 pub struct Redis {
     pub urls: Vec<url::Url>,
+    /// Environment variable holding the deployment secret that keys every Redis key name and
+    /// MACs every value and invalidation message.
+    pub key_secret_env: Option<String>,
     pub cluster: bool,
     pub password_env: Option<String>,
     /// Bound on every Redis call; a slower answer counts as a failure and the request goes on
@@ -73,6 +76,9 @@ pub struct BreakerSettings {
 pub struct CacheSettings {
     pub l1_max_bytes: u64,
     pub max_object_bytes: u64,
+    /// Response bytes buffered for cache fills at once, over all requests; a miss that would
+    /// pass it streams through uncached.
+    pub max_fill_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +89,25 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are believed and extended.
     pub trusted_proxies: Vec<IpNet>,
+    /// Client connections open at once, over every listener; beyond it new ones wait in the
+    /// kernel's accept queue.
+    pub max_connections: usize,
+    /// `Upgrade` protocols that are tunnelled (lower-case); any other is removed.
+    pub upgrade_protocols: Vec<String>,
+    /// Bytes one upgraded (WebSocket) connection may carry, both directions together.
+    pub max_tunnel_bytes: u64,
+    pub http2: Http2Settings,
+}
+
+/// Explicit HTTP/2 server limits (instead of library defaults): streams, keep-alive, and the
+/// reset-flood defences (Rapid Reset, CVE-2023-44487; MadeYouReset, CVE-2025-8671).
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Settings {
+    pub max_concurrent_streams: u32,
+    pub keep_alive_interval: Duration,
+    pub keep_alive_timeout: Duration,
+    pub max_pending_accept_reset_streams: usize,
+    pub max_local_error_reset_streams: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +120,8 @@ pub struct Route {
     pub upstreams: Vec<UpstreamUrl>,
     pub timeouts: Timeouts,
     pub max_request_body: Option<u64>,
+    /// Upstream requests of this route in flight at once (each holds a connection).
+    pub max_upstream_connections: usize,
     pub plugin: Option<PluginRef>,
     /// Shared (`Arc`) because every cached request holds it for its whole life.
     pub cache: Option<std::sync::Arc<RouteCache>>,

@@ -61,6 +61,7 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
     pub url: Option<String>,
+    pub key_secret_env: Option<String>,
     pub cluster: Option<Vec<String>>,
     pub password_env: Option<String>,
     pub op_timeout: Option<Text>,
@@ -89,6 +90,7 @@ pub struct RawBreaker {
 pub struct RawCacheGlobal {
     pub l1_max_bytes: Option<Text>,
     pub max_object_bytes: Option<Text>,
+    pub max_fill_bytes: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +101,20 @@ pub struct RawServer {
     pub shutdown_timeout: Option<Text>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    pub max_connections: Option<Text>,
+    pub upgrade_protocols: Option<Vec<String>>,
+    pub max_tunnel_bytes: Option<Text>,
+    pub http2: Option<RawHttp2>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp2 {
+    pub max_concurrent_streams: Option<Text>,
+    pub keep_alive_interval: Option<Text>,
+    pub keep_alive_timeout: Option<Text>,
+    pub max_pending_accept_reset_streams: Option<Text>,
+    pub max_local_error_reset_streams: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +127,7 @@ pub struct RawRoute {
     pub upstream: OneOrMany,
     pub timeouts: Option<RawTimeouts>,
     pub max_request_body: Option<Text>,
+    pub max_upstream_connections: Option<Text>,
     pub plugin: Option<RawPlugin>,
     pub cache: Option<RawRouteCache>,
     pub invalidate: Option<RawInvalidate>,

@@ -169,6 +169,18 @@ impl Validator {
         }
     }
 
+    /// A whole number in `min..=max` (written plainly: `10000`).
+    fn count(&mut self, src: &Source, path: &str, t: Option<&Text>, default: u64, min: u64, max: u64) -> u64 {
+        let Some(t) = t else { return default };
+        match t.text.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => n,
+            _ => {
+                self.problems.at(src, path, format!("expected a whole number from {min} to {max}, got `{}`", t.text));
+                default
+            }
+        }
+    }
+
     fn addr(&mut self, src: &Source, path: &str, s: &str) -> Option<SocketAddr> {
         match s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -256,6 +268,12 @@ impl Validator {
                 "cache.max_object_bytes",
                 raw.cache.as_ref().and_then(|c| c.max_object_bytes.as_ref()),
                 8 << 20,
+            ),
+            max_fill_bytes: self.size(
+                src,
+                "cache.max_fill_bytes",
+                raw.cache.as_ref().and_then(|c| c.max_fill_bytes.as_ref()),
+                256 << 20,
             ),
         };
 
@@ -347,7 +365,16 @@ impl Validator {
         if breaker.window.is_zero() || breaker.open_for.is_zero() {
             self.problems.at(src, "redis.breaker", "breaker window and open_for must be positive durations");
         }
-        Redis { urls, cluster, password_env: r.password_env.clone(), op_timeout, max_object_bytes, tls_ca, breaker }
+        Redis {
+            urls,
+            key_secret_env: r.key_secret_env.clone(),
+            cluster,
+            password_env: r.password_env.clone(),
+            op_timeout,
+            max_object_bytes,
+            tls_ca,
+            breaker,
+        }
     }
 
     fn server(&mut self, src: &Source, s: Option<&RawServer>) -> ServerSettings {
@@ -384,6 +411,67 @@ impl Validator {
                 Duration::from_secs(30),
             ),
             trusted_proxies: trusted,
+            max_connections: usize::try_from(self.count(
+                src,
+                "server.max_connections",
+                s.and_then(|s| s.max_connections.as_ref()),
+                10_000,
+                1,
+                1 << 20,
+            ))
+            .unwrap_or(10_000),
+            upgrade_protocols: s
+                .and_then(|s| s.upgrade_protocols.clone())
+                .unwrap_or_else(|| vec!["websocket".into()])
+                .iter()
+                .map(|p| p.to_ascii_lowercase())
+                .collect(),
+            max_tunnel_bytes: self.size(
+                src,
+                "server.max_tunnel_bytes",
+                s.and_then(|s| s.max_tunnel_bytes.as_ref()),
+                1 << 30,
+            ),
+            http2: self.http2(src, s.and_then(|s| s.http2.as_ref())),
+        }
+    }
+
+    fn http2(&mut self, src: &Source, h: Option<&RawHttp2>) -> Http2Settings {
+        let n = |v: &mut Self, key: &str, t: Option<&Text>, default: u64, max: u64| {
+            v.count(src, &format!("server.http2.{key}"), t, default, 1, max)
+        };
+        let max_concurrent_streams =
+            n(self, "max_concurrent_streams", h.and_then(|h| h.max_concurrent_streams.as_ref()), 128, 10_000);
+        let pending = n(
+            self,
+            "max_pending_accept_reset_streams",
+            h.and_then(|h| h.max_pending_accept_reset_streams.as_ref()),
+            20,
+            10_000,
+        );
+        let local = n(
+            self,
+            "max_local_error_reset_streams",
+            h.and_then(|h| h.max_local_error_reset_streams.as_ref()),
+            128,
+            10_000,
+        );
+        Http2Settings {
+            max_concurrent_streams: u32::try_from(max_concurrent_streams).unwrap_or(128),
+            keep_alive_interval: self.duration(
+                src,
+                "server.http2.keep_alive_interval",
+                h.and_then(|h| h.keep_alive_interval.as_ref()),
+                Duration::from_secs(30),
+            ),
+            keep_alive_timeout: self.duration(
+                src,
+                "server.http2.keep_alive_timeout",
+                h.and_then(|h| h.keep_alive_timeout.as_ref()),
+                Duration::from_secs(10),
+            ),
+            max_pending_accept_reset_streams: usize::try_from(pending).unwrap_or(20),
+            max_local_error_reset_streams: usize::try_from(local).unwrap_or(128),
         }
     }
 
@@ -486,6 +574,15 @@ impl Validator {
         };
         let max_request_body =
             r.max_request_body.as_ref().map(|b| self.size(src, &format!("{p}.max_request_body"), Some(b), 0));
+        let max_upstream_connections = usize::try_from(self.count(
+            src,
+            &format!("{p}.max_upstream_connections"),
+            r.max_upstream_connections.as_ref(),
+            1024,
+            1,
+            1 << 20,
+        ))
+        .unwrap_or(1024);
 
         let plugin = r.plugin.as_ref().map(|pl| {
             let pp = format!("{p}.plugin");
@@ -599,6 +696,7 @@ impl Validator {
             upstreams,
             timeouts,
             max_request_body,
+            max_upstream_connections,
             plugin,
             cache,
             invalidate,

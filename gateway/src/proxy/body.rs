@@ -65,3 +65,52 @@ where
         self.inner.size_hint()
     }
 }
+
+/// True when `e` (or its cause) is a body over its length limit (`http_body_util::Limited`).
+pub fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+pin_project! {
+    /// A body that holds a permit (a route's upstream connection slot) until it ends or drops.
+    pub struct WithPermit<B> {
+        #[pin]
+        inner: B,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    }
+}
+
+impl<B> WithPermit<B> {
+    pub fn new(inner: B, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        WithPermit { inner, permit: Some(permit) }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for WithPermit<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.permit.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,34 +1,43 @@
-//! The request path: phases run top to bottom for every client request.
+//! The request path, in DESIGN.md's nine phases (numbered the same way everywhere):
 //!
-//! 1. limits    — request head size (431 JSON beyond `server.max_header_bytes`)
-//! 2. route     — host / path / method → a route, or 404 `no_route` / 405
-//! 3. consumer  — (rate limits, budgets: later) who pays and whether they may
-//! 4. cache     — (`cached`) key, lookup, hit / stale / revalidate / coalesced miss, store
-//! 5. forward   — hop-by-hop removal, forwarding headers, upstream choice, one retry
-//!    for idempotent requests that failed to connect, timeouts, streaming both ways
-//! 6. respond   — hop-by-hop removal, `Via`, WebSocket tunnel on 101
+//! 1. accept (`server::listener`) and limits — head size (431 JSON); the **canonical request**
+//!    (`canonical`) is computed once and put in the per-request context (`RequestCtx`)
+//! 2. route — host / path / method → a route, or 404 `no_route` / 405; the route's body limit
+//! 3. consumer and `count: all` rate limits — (with their issue)
+//! 4. cache key and lookup — (`cached`) L1 → L2
+//! 5. hit — served from the entry (`cached::respond`)
+//! 6. miss / bypass — every upstream request leaves through one function, `upstream`: the client's
+//!    miss, a coalesced fetch, a stale refresh, a revalidation, a pass-through, a write, a tunnel
+//! 7. response — storage decision and store (`cached::fill`); streaming back, `Via`, upgrades
+//! 8. mutation — a write's invalidation on every tier and instance (`cached::invalidate`)
+//! 9. settle and log — (budgets with their issue); metrics in `handle`
 //!
 //! Every error is a `GatewayError`, rendered in exactly one place (`handle`).
 
 pub(crate) mod body;
 mod cached;
+pub mod canonical;
 pub mod headers;
+mod tunnel;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use self::body::{IdleTimeout, IdleTimeoutError};
-use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop, upgrade_protocol};
+use self::body::{IdleTimeout, IdleTimeoutError, WithPermit};
+use self::canonical::Canonical;
+use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop};
 use crate::error::GatewayError;
 use crate::router::RouteMatch;
 use crate::runtime::{Gateway, RouteRuntime, Runtime};
@@ -78,6 +87,73 @@ impl std::fmt::Debug for PeerText {
     }
 }
 
+/// The per-request context: created once in phase 1–2 and handed to every later phase, which
+/// read what earlier phases learned instead of re-deriving it. (The consumer and budget phases
+/// extend it.)
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub rt: Arc<Runtime>,
+    pub conn: ConnInfo,
+    /// The peer is in `server.trusted_proxies`.
+    pub trusted: bool,
+    pub canon: Canonical,
+    /// Index of the matched route in `rt.routes`.
+    pub route: usize,
+}
+
+impl RequestCtx {
+    pub fn route(&self) -> &RouteRuntime {
+        &self.rt.routes[self.route]
+    }
+
+    /// The upstream request head, from the canonical request: its method, `path?query`, `Host`
+    /// and end-to-end headers, plus Weir's forwarding headers and `Via`. Callers may only take
+    /// away (conditionals of a cache fill) or add validators; the target is never changed.
+    pub(crate) fn upstream_head(&self) -> Parts {
+        let mut req = Request::new(());
+        *req.method_mut() = self.canon.method.clone();
+        if let Ok(uri) = Uri::builder().path_and_query(self.canon.path_query.as_str()).build() {
+            *req.uri_mut() = uri;
+        }
+        let mut parts = req.into_parts().0;
+        parts.headers = self.canon.headers.clone();
+        set_forwarding(&mut parts.headers, &self.conn, Some(&self.canon.authority), self.trusted);
+        add_via(&mut parts.headers, self.canon.version);
+        parts
+    }
+}
+
+/// Why a request goes upstream. Phase 6 decides by it who is charged (the client, or `_system`
+/// for refreshes and revalidations) once limits and budgets attach to `upstream`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// An uncached route, or a method the cache does not serve.
+    Forward,
+    /// A cache miss led by this request (its waiters pay nothing).
+    Miss,
+    /// The cache asked the origin about a stale entry on behalf of this request.
+    Revalidate,
+    /// A background stale-while-revalidate refresh.
+    Refresh,
+    /// A request the cache stays out of (credentials, bodies, plugin bypass, overrides).
+    PassThrough,
+    /// A WebSocket (or other allowed) upgrade.
+    Tunnel,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Forward => "forward",
+            Purpose::Miss => "miss",
+            Purpose::Revalidate => "revalidate",
+            Purpose::Refresh => "refresh",
+            Purpose::PassThrough => "pass-through",
+            Purpose::Tunnel => "tunnel",
+        }
+    }
+}
+
 /// Entry point from the listeners. Never fails: errors become JSON responses here and only here.
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let rt = gw.runtime();
@@ -95,12 +171,6 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let counters = route.map_or(&rt.no_route_requests, |i| &rt.routes[i].requests);
     counters.inc(resp.status().as_u16());
     resp
-}
-
-/// The host the client addressed: the URI authority (HTTP/2, absolute-form) or `Host`.
-/// Routing, cache keys and write invalidation all use this one answer.
-pub(crate) fn request_host<'a>(uri: &'a Uri, headers: &'a http::HeaderMap) -> Option<&'a str> {
-    uri.authority().map(|a| a.as_str()).or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
 /// Runs the phases; also says which route answered (for metrics).
@@ -122,40 +192,52 @@ async fn route_and_serve(
     req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Result<(usize, Result<Response<Body>, GatewayError>), GatewayError> {
-    // Phase 1: limits.
-    let limit = rt.config.server.max_header_bytes;
+    // Phase 1: limits, then the canonical request.
+    let server = &rt.config.server;
     let size = header_bytes(req.headers());
-    if size > limit {
-        return Err(GatewayError::HeadersTooLarge { size, limit });
+    if size > server.max_header_bytes {
+        return Err(GatewayError::HeadersTooLarge { size, limit: server.max_header_bytes });
     }
+    let (mut parts, body) = req.into_parts();
+    let trusted = server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
+    let canon = Canonical::from_head(&mut parts, conn.scheme, trusted, &server.upgrade_protocols)?;
 
-    // Phase 2: route.
-    let host = request_host(req.uri(), req.headers());
-    let idx = match rt.router.route(host, req.uri().path(), req.method()) {
+    // Phase 2: route, and the route's body limit.
+    let idx = match rt.router.route(Some(canon.host()), canon.path(), &canon.method) {
         RouteMatch::Found(i) => i,
         RouteMatch::MethodNotAllowed(allow) => {
-            return Err(GatewayError::MethodNotAllowed { method: req.method().clone(), allow })
+            return Err(GatewayError::MethodNotAllowed { method: canon.method.clone(), allow })
         }
         RouteMatch::NotFound => {
             return Err(GatewayError::NoRoute {
-                method: req.method().clone(),
-                host: host.unwrap_or_default().to_string(),
-                path: req.uri().path().to_string(),
+                method: canon.method.clone(),
+                host: canon.authority.clone(),
+                path: canon.path().to_string(),
             })
         }
     };
     let route = &rt.routes[idx];
+    if let (Some(limit), Some(len)) = (route.route.max_request_body, content_length(&canon.headers)) {
+        if len > limit {
+            return Ok((idx, Err(GatewayError::PayloadTooLarge { limit })));
+        }
+    }
+    // Upgrades are tunnelled on uncached routes only.
+    let on_upgrade = match (&canon.upgrade, &route.route.cache) {
+        (Some(_), None) => parts.extensions.remove::<OnUpgrade>(),
+        _ => None,
+    };
+    let ctx = Arc::new(RequestCtx { rt: rt.clone(), conn, trusted, canon, route: idx });
 
-    let trusted = rt.config.server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
-    // Phase 3 (consumer: rate limits, budgets) arrives with its issue. Phase 4: cache.
+    // Phase 3 (consumer, rate limits) arrives with its issue. Phases 4–8 for cached routes:
     if let Some(cfg) = &route.route.cache {
-        return Ok((idx, cached::serve(rt, idx, cfg, req, conn, trusted).await));
+        return Ok((idx, cached::serve(ctx.clone(), cfg, body).await));
     }
-    // Phases 5–6: forward and respond (a write on a route with `invalidate:` then purges).
+    // A write on an uncached route with `invalidate:` still purges (phase 8).
     if route.route.invalidate.is_some() {
-        return Ok((idx, cached::forward_and_invalidate(rt, idx, req, conn, trusted).await));
+        return Ok((idx, cached::forward_and_invalidate(&ctx, body).await));
     }
-    Ok((idx, forward(route, req, conn, trusted).await))
+    Ok((idx, forward(&ctx, body, on_upgrade).await))
 }
 
 pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
@@ -228,79 +310,92 @@ pub(crate) fn empty() -> Body {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
+/// Phases 6–7 for a route without a cache: forward, stream back, tunnel an allowed upgrade.
 async fn forward(
-    route: &RouteRuntime,
-    mut req: Request<Incoming>,
-    conn: ConnInfo,
-    trusted: bool,
+    ctx: &RequestCtx,
+    body: Incoming,
+    on_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<Body>, GatewayError> {
-    // WebSocket and other upgrades are tunnelled on uncached HTTP/1.1 routes only.
-    let upgrade = (req.version() == Version::HTTP_11 && route.route.cache.is_none())
-        .then(|| upgrade_protocol(req.headers()))
-        .flatten();
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-
-    let (mut parts, body) = req.into_parts();
-    if let (Some(limit), Some(len)) = (route.route.max_request_body, content_length(&parts.headers)) {
-        if len > limit {
-            return Err(GatewayError::PayloadTooLarge { limit });
-        }
-    }
-    prepare_head(&mut parts, conn, trusted, upgrade.as_ref());
-    let (body, no_body) = request_body(route, body);
-    let mut resp = send_upstream(route, parts, body, no_body).await?;
+    let route = ctx.route();
+    let mut head = ctx.upstream_head();
+    let tunnel_to = on_upgrade.and_then(|on| ctx.canon.upgrade.clone().map(|proto| (on, proto)));
+    let purpose = if let Some((_, proto)) = &tunnel_to {
+        head.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        head.headers.insert(header::UPGRADE, proto.clone());
+        Purpose::Tunnel
+    } else {
+        Purpose::Forward
+    };
+    let body = request_body(route, body);
+    let mut resp = upstream(ctx, purpose, head, body).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_on) = client_upgrade {
-            return Ok(tunnel(client_on, &mut resp));
+        if let Some((client_on, _)) = tunnel_to {
+            return Ok(tunnel(route.route.timeouts.idle, ctx.rt.config.server.max_tunnel_bytes, client_on, &mut resp));
         }
     }
     Ok(finish_response(route, resp))
 }
 
-/// The client's body for the upstream: idle-timed, limited by the route; `true` when empty.
-fn request_body(route: &RouteRuntime, body: Incoming) -> (Body, bool) {
+/// The client's body for the upstream: idle-timed and limited by the route's
+/// `max_request_body`; `None` when it is empty.
+pub(crate) fn request_body(route: &RouteRuntime, body: Incoming) -> Option<Body> {
     if body.is_end_stream() {
-        return (empty(), true);
+        return None;
     }
     let idle = route.route.timeouts.idle;
-    let b = match route.route.max_request_body {
+    Some(match route.route.max_request_body {
         Some(limit) => IdleTimeout::new(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)), idle).boxed(),
         None => IdleTimeout::new(body, idle).boxed(),
+    })
+}
+
+/// Phase 6: **every** upstream request leaves through here — the client's miss, a coalesced
+/// leader's fetch, a stale refresh, a revalidation, a pass-through, a write, a tunnel — so the
+/// limits and budgets that attach here cannot be bypassed by a path nobody thought of.
+///
+/// A request whose body was never sent (`body: None`) and that is idempotent is replayed once
+/// on another upstream when the first refused the connection.
+pub(crate) async fn upstream(
+    ctx: &RequestCtx,
+    purpose: Purpose,
+    parts: Parts,
+    body: Option<Body>,
+) -> Result<Response<Body>, GatewayError> {
+    let route = ctx.route();
+    // The route's connection slots (`max_upstream_connections`): a slot is held until the
+    // response body ends, so a slow origin cannot take every socket the process has.
+    let slots = route.upstream_slots.clone();
+    let permit = match slots.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => match tokio::time::timeout(route.route.timeouts.connect, slots.acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(GatewayError::UpstreamBusy {
+                    route: route.route.name.clone(),
+                    limit: route.route.max_upstream_connections,
+                })
+            }
+        },
     };
-    (b, false)
+    match send_with_retry(route, parts, body).await {
+        Ok(resp) => {
+            let idle = route.route.timeouts.idle;
+            Ok(resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed()))
+        }
+        Err(e) => {
+            tracing::debug!(route = %route.route.name, purpose = purpose.as_str(), error = %e, "upstream request failed");
+            Err(e)
+        }
+    }
 }
 
-/// Turns the client's request head into the upstream's: hop-by-hop removal, `Host` as the
-/// client addressed it, forwarding headers, `Via`, and the upgrade headers when tunnelling.
-pub(crate) fn prepare_head(parts: &mut Parts, conn: ConnInfo, trusted: bool, upgrade: Option<&HeaderValue>) {
-    // HTTP/2 clients send no Host; the upstream must still see the host the client addressed.
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(h) = &host {
-        parts.headers.insert(header::HOST, h.clone());
-    }
-    set_forwarding(&mut parts.headers, &conn, host.as_ref().and_then(|h| h.to_str().ok()), trusted);
-    add_via(&mut parts.headers, parts.version);
-    if let Some(proto) = upgrade {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, proto.clone());
-    }
-    parts.version = Version::HTTP_11;
-    parts.extensions = http::Extensions::new();
-}
-
-/// Sends to an upstream of the route; a request whose body was never sent (`no_body`) and that
-/// is idempotent is replayed once on another upstream when the first refused the connection.
-pub(crate) async fn send_upstream(
+async fn send_with_retry(
     route: &RouteRuntime,
     parts: Parts,
-    body: Body,
-    no_body: bool,
+    body: Option<Body>,
 ) -> Result<Response<Incoming>, GatewayError> {
+    let no_body = body.is_none();
+    let body = body.unwrap_or_else(empty);
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -332,14 +427,14 @@ pub(crate) async fn send_upstream(
     }
 }
 
-/// The upstream's response as the client gets it: hop-by-hop removed, `Via`, idle-timed body.
-pub(crate) fn finish_response(route: &RouteRuntime, resp: Response<Incoming>) -> Response<Body> {
+/// The upstream's response as the client gets it: hop-by-hop removed, `Via`.
+pub(crate) fn finish_response(_route: &RouteRuntime, resp: Response<Body>) -> Response<Body> {
     let (mut rparts, rbody) = resp.into_parts();
     let version = rparts.version;
     strip_hop_by_hop(&mut rparts.headers);
     add_via(&mut rparts.headers, version);
     rparts.extensions = http::Extensions::new();
-    Response::from_parts(rparts, IdleTimeout::new(rbody, route.route.timeouts.idle).boxed())
+    Response::from_parts(rparts, rbody)
 }
 
 pub(crate) fn clone_head(parts: &Parts) -> Parts {
@@ -351,8 +446,9 @@ pub(crate) fn clone_head(parts: &Parts) -> Parts {
     req.into_parts().0
 }
 
-/// Answers 101 to the client and splices the two upgraded connections together.
-fn tunnel(client_on: hyper::upgrade::OnUpgrade, upstream_resp: &mut Response<Incoming>) -> Response<Body> {
+/// Answers 101 to the client and splices the two upgraded connections together, for as long
+/// as bytes keep flowing (the route's idle timeout) and up to `server.max_tunnel_bytes`.
+fn tunnel(idle: Duration, cap: u64, client_on: OnUpgrade, upstream_resp: &mut Response<Body>) -> Response<Body> {
     let upstream_on = hyper::upgrade::on(&mut *upstream_resp);
     let mut out = Response::new(empty());
     *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -367,9 +463,16 @@ fn tunnel(client_on: hyper::upgrade::OnUpgrade, upstream_resp: &mut Response<Inc
     tokio::spawn(async move {
         match tokio::try_join!(client_on, upstream_on) {
             Ok((c, u)) => {
-                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                    tracing::debug!(error = %e, "upgraded connection closed with an error");
+                let meter = tunnel::Meter::new(cap);
+                let mut c = tunnel::Metered::new(TokioIo::new(c), meter.clone());
+                let mut u = tunnel::Metered::new(TokioIo::new(u), meter.clone());
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "upgraded connection closed with an error");
+                        }
+                    }
+                    () = meter.idle_for(idle) => tracing::debug!(?idle, "upgraded connection idle: closed"),
                 }
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),

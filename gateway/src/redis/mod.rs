@@ -28,6 +28,8 @@ pub enum RedisStartError {
     Ca { path: String, source: std::io::Error },
     #[error("invalid Redis connection settings: {0}")]
     Settings(RedisError),
+    #[error("redis.key_secret_env names `{var}`, but that environment variable is not set or shorter than 32 bytes (e.g. `openssl rand -hex 32`)")]
+    KeySecretUnset { var: String },
     #[error("Redis refused Weir's credentials ({0}): check redis.password_env or the password in the URL")]
     Auth(RedisError),
 }
@@ -111,6 +113,9 @@ pub struct Shared {
     pub subscribed: AtomicBool,
     /// Identifies this process on the invalidation channel (its own messages are skipped).
     pub instance: u64,
+    /// The deployment secret (`redis.key_secret_env`), when configured: keys every Redis key
+    /// name and MACs every value and invalidation message. Never logged.
+    pub key_secret: Option<String>,
 }
 
 fn is_auth_error(e: &RedisError) -> bool {
@@ -123,6 +128,13 @@ impl Shared {
     /// Builds the clients and checks the server once. Wrong credentials are a start-up error;
     /// an unreachable Redis is not (Weir starts degraded, L1 only, and keeps trying).
     pub async fn connect(settings: config::Redis) -> Result<Arc<Shared>, RedisStartError> {
+        let key_secret = match &settings.key_secret_env {
+            Some(var) => match std::env::var(var) {
+                Ok(s) if s.len() >= 32 => Some(s),
+                _ => return Err(RedisStartError::KeySecretUnset { var: var.clone() }),
+            },
+            None => None,
+        };
         let password = match &settings.password_env {
             Some(var) => match std::env::var(var) {
                 Ok(p) if !p.is_empty() => Some(p),
@@ -187,6 +199,7 @@ impl Shared {
             (None, Some(Conn::Single(manager)))
         };
         let shared = Arc::new(Shared {
+            key_secret,
             breaker: Breaker::new(settings.breaker, settings.op_timeout * 4),
             settings,
             cluster,

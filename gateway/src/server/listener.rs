@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::ServerSettings;
 use crate::proxy::ConnInfo;
@@ -29,19 +29,27 @@ pub fn http_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(HYPER_MAX_BUF)
         .max_headers(256);
+    let h2 = &settings.http2;
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(HYPER_MAX_BUF).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(h2.max_local_error_reset_streams)
+        .keep_alive_interval(h2.keep_alive_interval)
+        .keep_alive_timeout(h2.keep_alive_timeout);
     b
 }
 
-/// Accepts until `shutdown` flips, then lets open connections finish for up to `drain`.
+/// Accepts until `shutdown` flips, then lets open connections finish for up to `drain`. A
+/// connection is accepted only with a permit of `slots` (`server.max_connections`, shared by
+/// every listener): beyond it new connections wait in the kernel's accept queue.
 pub async fn serve<H, F>(
     listener: TcpListener,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    slots: Arc<Semaphore>,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
@@ -56,6 +64,13 @@ pub async fn serve<H, F>(
         }
     };
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -80,6 +95,7 @@ pub async fn serve<H, F>(
                     if let Err(e) = fut.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             _ = shutdown.changed() => break,

@@ -21,10 +21,10 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("admin.token_env names `{var}`, but that environment variable is not set (or empty): refusing to start an admin API without its token")]
     TokenUnset { var: String },
-    #[error(
-        "listener {addr} asks for TLS, which this build does not terminate yet: refusing to serve it in plain text"
-    )]
-    TlsUnsupported { addr: SocketAddr },
+    #[error("the admin token in `{var}` is {len} bytes: use at least {MIN_TOKEN_BYTES} (e.g. `openssl rand -hex 32`)")]
+    TokenTooShort { var: String, len: usize },
+    #[error("the configuration asks for what this build does not do yet; refusing to start rather than ignore it (a policy that says \"100/s\" and enforces nothing is worse than none):\n{0}")]
+    Unsupported(String),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
     #[error("{0}")]
@@ -39,22 +39,21 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
 }
 
+/// Shortest admin token accepted: 32 bytes, a brute force is out of reach.
+pub const MIN_TOKEN_BYTES: usize = 32;
+
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
-    for l in &config.listeners {
-        if l.tls.is_some() {
-            return Err(StartError::TlsUnsupported { addr: l.addr });
-        }
+    if !config.not_yet_supported.is_empty() {
+        return Err(StartError::Unsupported(config.not_yet_supported.join("\n")));
     }
     let token = match config.admin.as_ref().and_then(|a| a.token_env.clone()) {
         Some(var) => match std::env::var(&var) {
-            Ok(t) if !t.is_empty() => Some(t),
+            Ok(t) if t.len() >= MIN_TOKEN_BYTES => Some(crate::admin::Token::new(&t)),
+            Ok(t) if !t.is_empty() => return Err(StartError::TokenTooShort { var, len: t.len() }),
             _ => return Err(StartError::TokenUnset { var }),
         },
         None => None,
     };
-    for msg in &config.not_yet_supported {
-        tracing::error!("{msg}");
-    }
 
     let mut bound = Vec::new();
     for l in &config.listeners {
@@ -82,6 +81,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let gateway = Gateway::new(config, redis);
     let builder = Arc::new(listener::http_builder(&settings));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     let mut tasks = Vec::new();
     for tcp in bound {
         let gw = gateway.clone();
@@ -91,6 +91,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             builder.clone(),
             stop_rx.clone(),
             settings.shutdown_timeout,
+            slots.clone(),
             handler,
         )));
     }
@@ -102,6 +103,8 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             builder.clone(),
             stop_rx.clone(),
             settings.shutdown_timeout,
+            // The admin API has its own few slots: a flood on the data plane cannot lock it out.
+            Arc::new(tokio::sync::Semaphore::new(64)),
             handler,
         )));
     }

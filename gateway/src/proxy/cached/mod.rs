@@ -1,0 +1,332 @@
+//! Phases 4–8 for routes with a `cache` block. This file decides what to do with a request and
+//! an entry: key, lookup, and then exactly one of fresh hit · stale hit (max-stale, or
+//! stale-while-revalidate plus one background refresh) · revalidation or refetch (coalesced;
+//! stale-if-error on failure) · coalesced miss · bypass. The other files answer one question each:
+//! - `respond` — how a stored entry becomes the client's answer (304, 206, HEAD);
+//! - `fill` — how an upstream answer is judged, stored and shared with coalesced waiters;
+//! - `invalidate` — what a write purges.
+//!
+//! Every read of the request goes through the canonical request in `RequestCtx`.
+
+mod fill;
+mod invalidate;
+mod respond;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Response};
+use http_body::Body as _;
+use hyper::body::Incoming;
+
+use self::fill::{buffered, collect, fetch, Collected, Mode};
+use self::respond::serve_entry;
+use crate::cache::entry::{Entry, Object};
+use crate::cache::flight::{self, FlightResult, Join};
+use crate::cache::key;
+use crate::cache::policy::{NotStored, RequestFacts};
+use crate::cache::status::{BypassReason, Level, Outcome};
+use crate::cache::Cache;
+use crate::config::RouteCache;
+use crate::error::GatewayError;
+use crate::plugin::{KeyDecision, Loaded, RequestParts};
+use crate::proxy::body::is_length_limit;
+use crate::proxy::{finish_response, request_body, upstream, Purpose, RequestCtx};
+use crate::runtime::RouteRuntime;
+use crate::Body;
+
+pub(super) use self::invalidate::forward_and_invalidate;
+
+pub(super) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// How many times waiters take over a failed fill (one leader at a time) before each goes alone.
+const HANDOFFS: usize = 3;
+
+/// What the cache phases know about one request, besides the request itself; cheap to clone,
+/// so a background refresh can take a copy.
+#[derive(Debug, Clone)]
+pub(super) struct Ctx {
+    req: Arc<RequestCtx>,
+    cfg: Arc<RouteCache>,
+    cache: Arc<Cache>,
+    facts: RequestFacts,
+    primary: String,
+    /// The buffered body of a cached POST.
+    body: Option<Bytes>,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fwd {
+    /// The origin answered with this status.
+    Origin(u16),
+    /// Another request's fill (a coalesced leader) answered.
+    Collapsed,
+}
+
+/// A response from the upstream path, and what happened to the cache on the way.
+pub(super) struct Fetched {
+    resp: Response<Body>,
+    stored: Result<(), NotStored>,
+    fwd: Fwd,
+    /// The origin failed and this is a stale entry served under stale-if-error.
+    stale_if_error: Option<i64>,
+}
+
+/// Sets `Cache-Status` and counts the outcome: the one place both happen.
+fn with_status(route: &RouteRuntime, mut resp: Response<Body>, outcome: &Outcome) -> Response<Body> {
+    if let Some(m) = &route.cache_metrics {
+        m.record(outcome);
+    }
+    resp.headers_mut().insert(CACHE_STATUS.clone(), outcome.header_value());
+    resp
+}
+
+pub(super) fn is_unsafe(m: &Method) -> bool {
+    !matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+}
+
+/// The route's plugin, when it has one.
+pub(super) fn route_plugin(route: &RouteRuntime) -> Option<&Arc<Loaded>> {
+    route.route.plugin.as_ref().and_then(|p| p.loaded.as_ref())
+}
+
+pub(super) async fn serve(
+    req: Arc<RequestCtx>,
+    cfg: &Arc<RouteCache>,
+    body: Incoming,
+) -> Result<Response<Body>, GatewayError> {
+    match serve_inner(req, cfg, body).await {
+        Ok(r) => Ok(r),
+        // Errors keep their JSON body and also say what the cache did.
+        Err(e) => {
+            let detail = format!("weir; fwd=miss; detail={}", e.code());
+            let mut r = e.into_response();
+            if let Ok(v) = HeaderValue::from_str(&detail) {
+                r.headers_mut().insert(CACHE_STATUS.clone(), v);
+            }
+            Ok(r)
+        }
+    }
+}
+
+/// Sends the request upstream past the cache, as the client sent it (canonical form).
+async fn pass_through(req: &RequestCtx, body: Option<Body>) -> Result<Response<Body>, GatewayError> {
+    let resp = upstream(req, Purpose::PassThrough, req.upstream_head(), body).await?;
+    Ok(finish_response(req.route(), resp))
+}
+
+async fn serve_inner(
+    req: Arc<RequestCtx>,
+    cfg: &Arc<RouteCache>,
+    body: Incoming,
+) -> Result<Response<Body>, GatewayError> {
+    let route = req.route();
+    let method = req.canon.method.clone();
+    let cacheable = method == Method::GET
+        || method == Method::HEAD
+        || (method == Method::POST && cfg.methods.contains(&Method::POST));
+    if !cacheable {
+        let resp = Box::pin(forward_and_invalidate(&req, body)).await?;
+        return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::Method, stored: false }));
+    }
+    // A method override may make the origin answer as another method: keep the cache out.
+    if req.canon.method_override {
+        let resp = Box::pin(pass_through(&req, request_body(route, body))).await?;
+        return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::MethodOverride, stored: false }));
+    }
+
+    let facts = RequestFacts::of(&method, &req.canon.headers);
+    // A cached POST is keyed by its body: buffer it, bounded by the key limit and the route's
+    // `max_request_body`. A GET or HEAD with a body goes past the cache.
+    let mut post_body = None;
+    if method == Method::POST {
+        let body = request_body(route, body);
+        let collected = match body {
+            None => Collected::Complete(Bytes::new()),
+            Some(b) => Box::pin(collect(b, cfg.max_key_body_bytes)).await,
+        };
+        match collected {
+            Collected::Complete(b) => post_body = Some(b),
+            Collected::TooLarge(replay) => {
+                let resp = Box::pin(pass_through(&req, Some(replay))).await?;
+                let outcome = Outcome::Bypass { reason: BypassReason::BodyTooLarge, stored: false };
+                return Ok(with_status(route, resp, &outcome));
+            }
+            Collected::Failed(e) if is_length_limit(&*e) => {
+                return Err(GatewayError::PayloadTooLarge { limit: route.route.max_request_body.unwrap_or(0) })
+            }
+            Collected::Failed(e) => return Err(GatewayError::BadRequest(format!("request body: {e}"))),
+        }
+    } else if !body.is_end_stream() {
+        let resp = Box::pin(pass_through(&req, request_body(route, body))).await?;
+        return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::Body, stored: false }));
+    }
+
+    let class = if method == Method::POST { "POST" } else { "GET" };
+    let hash = post_body.as_deref().map(key::body_hash);
+    let c = &req.canon;
+    let mut primary = key::primary(&route.route.name, class, c.scheme, &c.authority, &c.path_query, hash.as_deref());
+
+    let bypass = if facts.cookie && !cfg.share_private {
+        Some(BypassReason::Cookie)
+    } else if facts.authorization && !cfg.share_private {
+        Some(BypassReason::Authorization)
+    } else {
+        None
+    };
+    // The plugin may change the key (never the sharing rules above), or keep the cache out.
+    let mut plugin_bypass = None;
+    if let (Some(plugin), None) = (route_plugin(route), &bypass) {
+        let parts =
+            RequestParts::new(method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, post_body.as_deref());
+        match plugin.cache_key(&parts) {
+            Ok(KeyDecision::Key(k)) => primary = key::plugin(&route.route.name, class, &k),
+            Ok(KeyDecision::Bypass(reason)) => plugin_bypass = Some(reason),
+            // A failed call on a route that shares credentialed responses: the policy's key
+            // would mix what the plugin keeps apart (tenants, say), so the cache stays out.
+            Err(f) if cfg.share_private => plugin_bypass = Some(format!("failed ({})", f.as_str())),
+            // `Policy`, or a failed call: the policy's key.
+            Ok(KeyDecision::Policy) | Err(_) => {}
+        }
+    }
+    let ctx = Ctx { req: req.clone(), cfg: cfg.clone(), cache: req.rt.cache.clone(), facts, primary, body: post_body };
+    if let Some(reason) = plugin_bypass {
+        // Neither read nor stored: the request goes through as the client sent it.
+        let resp = Box::pin(pass_through(&req, buffered(ctx.body.as_ref()))).await?;
+        return Ok(with_status(route, resp, &Outcome::PluginBypass { reason }));
+    }
+    if let Some(reason) = bypass {
+        // Credentials: never served from the cache; stored only where RFC 9111 §3.5 allows.
+        let f = Box::pin(fetch(&ctx, None, None, Mode::Credentialed, Purpose::PassThrough)).await?;
+        return Ok(with_status(route, f.resp, &Outcome::Bypass { reason, stored: f.stored.is_ok() }));
+    }
+    lookup_and_serve(&ctx).await
+}
+
+/// Looks up the primary key and, for a `Vary` marker, the request's variant: the entry and the
+/// tier it came from, whether a Vary marker was found without the variant, and the full key.
+async fn lookup(ctx: &Ctx) -> (Option<(Arc<Entry>, Level)>, bool, String) {
+    match ctx.cache.get(&ctx.primary).await {
+        Some((Object::Response(e), level)) => (Some((e, level)), false, ctx.primary.clone()),
+        Some((Object::Vary { headers, .. }, _)) => {
+            let sk = key::secondary(&ctx.primary, &headers, &ctx.req.canon.headers);
+            match ctx.cache.get(&sk).await {
+                Some((Object::Response(e), level)) if e.key == sk => (Some((e, level)), false, sk),
+                _ => (None, true, sk),
+            }
+        }
+        None => (None, false, ctx.primary.clone()),
+    }
+}
+
+async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
+    let now = SystemTime::now();
+    let (found, vary_miss, full_key) = lookup(ctx).await;
+    let d = &ctx.facts.directives;
+    let req = &ctx.req.canon;
+    let route = ctx.req.route();
+    let head_or_range = req.method == Method::HEAD || req.headers.contains_key(header::RANGE);
+
+    if let Some((e, level)) = found {
+        let age = e.age(now);
+        let meets_request =
+            d.max_age.is_none_or(|m| age <= m) && d.min_fresh.is_none_or(|mf| e.fresh_for.saturating_sub(age) >= mf);
+        let fresh = e.is_fresh(now);
+        if fresh && meets_request && !d.no_cache {
+            return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::Hit { level }));
+        }
+        let staleness = e.staleness(now);
+        let may_be_stale = !fresh && !d.no_cache && !e.stale_forbidden && !e.revalidate_always;
+        // The client accepts staleness explicitly (max-stale).
+        if may_be_stale && d.max_stale.is_some_and(|ms| ms.is_none_or(|m| staleness <= m)) {
+            return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
+        }
+        // stale-while-revalidate: answer now, refresh once in the background.
+        if may_be_stale && staleness < e.stale_while_revalidate && d.max_age.is_none() && d.min_fresh.is_none() {
+            spawn_refresh(ctx, &full_key, &e);
+            return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
+        }
+        if d.only_if_cached {
+            return Ok(with_status(route, GatewayError::NotCached.into_response(), &Outcome::NotCached));
+        }
+        // The miss paths are boxed: a hit's future stays small (it is moved and polled often).
+        let f = Box::pin(fetch_coalesced(ctx, &full_key, Some(&e), Purpose::Revalidate)).await?;
+        let outcome = match (f.fwd, f.stale_if_error, fresh) {
+            (Fwd::Collapsed, _, _) => Outcome::Collapsed,
+            (Fwd::Origin(fwd_status), Some(ttl), _) => Outcome::StaleIfError { fwd_status, ttl },
+            (Fwd::Origin(_), None, true) => Outcome::Request { stored: f.stored },
+            (Fwd::Origin(fwd_status), None, false) => Outcome::Revalidated { fwd_status, stored: f.stored },
+        };
+        return Ok(with_status(route, f.resp, &outcome));
+    }
+
+    if d.only_if_cached {
+        return Ok(with_status(route, GatewayError::NotCached.into_response(), &Outcome::NotCached));
+    }
+    if head_or_range {
+        // HEAD and Range misses are not coalesced; a 206 or a HEAD answer is never stored, but
+        // an origin that ignores Range answers 200 with the whole body, which may be.
+        let f = Box::pin(fetch(ctx, None, None, Mode::PassRange, Purpose::Miss)).await?;
+        return Ok(with_status(route, f.resp, &Outcome::Miss { vary: vary_miss, stored: f.stored }));
+    }
+    let f = Box::pin(fetch_coalesced(ctx, &full_key, None, Purpose::Miss)).await?;
+    let outcome = match f.fwd {
+        Fwd::Collapsed => Outcome::Collapsed,
+        Fwd::Origin(_) => Outcome::Miss { vary: vary_miss, stored: f.stored },
+    };
+    Ok(with_status(route, f.resp, &outcome))
+}
+
+/// One upstream fetch per key: lead it, or wait for the leader and use its response when it
+/// matches this request (Vary). When the leader fails, leadership passes to one waiter (the
+/// first to join again) instead of every waiter going to the origin at once.
+async fn fetch_coalesced(
+    ctx: &Ctx,
+    full_key: &str,
+    stale: Option<&Arc<Entry>>,
+    purpose: Purpose,
+) -> Result<Fetched, GatewayError> {
+    let t = ctx.req.route().route.timeouts;
+    for _ in 0..HANDOFFS {
+        match ctx.cache.flights.join(full_key) {
+            Join::Leader(guard) => return fetch(ctx, stale, Some(guard), Mode::Fill, purpose).await,
+            Join::Waiter(rx) => match flight::wait(rx, t.response + t.idle).await {
+                FlightResult::Stored(e) if waiter_matches(ctx, &e) => {
+                    let resp = serve_entry(&ctx.req.canon, &e, SystemTime::now());
+                    return Ok(Fetched { resp, stored: Ok(()), fwd: Fwd::Collapsed, stale_if_error: None });
+                }
+                // The leader failed: take over (one of us leads, the rest wait again).
+                FlightResult::Failed => continue,
+                // Nothing to share (not storable, another variant, a wait past the timeouts).
+                _ => break,
+            },
+        }
+    }
+    fetch(ctx, stale, None, Mode::Fill, purpose).await
+}
+
+fn waiter_matches(ctx: &Ctx, e: &Entry) -> bool {
+    if e.vary.is_empty() {
+        e.key == ctx.primary
+    } else {
+        e.key == key::secondary(&ctx.primary, &e.vary, &ctx.req.canon.headers)
+    }
+}
+
+fn spawn_refresh(ctx: &Ctx, full_key: &str, e: &Arc<Entry>) {
+    if let Join::Leader(guard) = ctx.cache.flights.join(full_key) {
+        let c = ctx.clone();
+        let e = e.clone();
+        tokio::spawn(async move {
+            match fetch(&c, Some(&e), Some(guard), Mode::Fill, Purpose::Refresh).await {
+                Ok(f) => {
+                    tracing::debug!(key = %c.primary, fwd = ?f.fwd, stored = f.stored.is_ok(), "background refresh done")
+                }
+                Err(err) => tracing::debug!(key = %c.primary, error = %err, "background refresh failed"),
+            }
+        });
+    }
+}

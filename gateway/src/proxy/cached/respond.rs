@@ -1,0 +1,143 @@
+//! Phase 5, serving a stored entry: `Age`, conditionals (304), `Range` (206 / 416 from the
+//! complete entry), HEAD without a body. Reads the canonical request only.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::cache::entry::Entry;
+use crate::proxy::canonical::Canonical;
+use crate::proxy::empty;
+use crate::Body;
+
+/// Builds the client's answer from a stored entry: `Age`, `Via`, conditionals (304), `Range`
+/// (206/416 from the complete entry), HEAD without body.
+pub(super) fn serve_entry(req: &Canonical, e: &Entry, now: SystemTime) -> Response<Body> {
+    let ch = &req.headers;
+    let mut headers = e.headers.clone();
+    headers.insert(header::AGE, HeaderValue::from(e.age(now).as_secs()));
+    let mut resp = Response::new(empty());
+    if not_modified(&req.method, ch, e) {
+        headers.remove(header::CONTENT_LENGTH);
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        *resp.headers_mut() = headers;
+        return resp;
+    }
+    let mut status = e.status;
+    let mut body = e.body.clone();
+    if req.method == Method::GET && e.status == StatusCode::OK {
+        if let Some(range) = ch.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+            if if_range_ok(ch, e) {
+                let len = e.body.len() as u64;
+                match parse_range(range, len) {
+                    Some(Ok((start, end))) => {
+                        status = StatusCode::PARTIAL_CONTENT;
+                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end + 1 - start));
+                        body = e.body.slice(usize::try_from(start).unwrap_or(0)..usize::try_from(end + 1).unwrap_or(0));
+                        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+                            headers.insert(header::CONTENT_RANGE, v);
+                        }
+                    }
+                    Some(Err(())) => {
+                        status = StatusCode::RANGE_NOT_SATISFIABLE;
+                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
+                        body = Bytes::new();
+                        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                            headers.insert(header::CONTENT_RANGE, v);
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    if req.method != Method::HEAD {
+        *resp.body_mut() = Full::new(body).map_err(|never| match never {}).boxed();
+    }
+    resp
+}
+
+fn opaque(tag: &str) -> &str {
+    tag.trim().trim_start_matches("W/")
+}
+
+/// RFC 9110 §13.1.2 / §13.1.3, evaluated against the stored response.
+fn not_modified(method: &Method, ch: &HeaderMap, e: &Entry) -> bool {
+    if let Some(inm) = ch.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        if inm.trim() == "*" {
+            return true;
+        }
+        let Some(etag) = e.etag().and_then(|v| v.to_str().ok()) else { return false };
+        return inm.split(',').any(|t| opaque(t) == opaque(etag));
+    }
+    if matches!(*method, Method::GET | Method::HEAD) {
+        let ims = ch
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| httpdate::parse_http_date(s).ok());
+        let lm = e.last_modified().and_then(|v| v.to_str().ok()).and_then(|s| httpdate::parse_http_date(s).ok());
+        if let (Some(ims), Some(lm)) = (ims, lm) {
+            return lm <= ims;
+        }
+    }
+    false
+}
+
+fn if_range_ok(ch: &HeaderMap, e: &Entry) -> bool {
+    let Some(ir) = ch.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else { return true };
+    let ir = ir.trim();
+    if ir.starts_with('"') {
+        // Strong comparison: a weak stored ETag never matches.
+        e.etag().and_then(|v| v.to_str().ok()).is_some_and(|t| t.trim() == ir)
+    } else {
+        e.last_modified().and_then(|v| v.to_str().ok()).is_some_and(|lm| lm.trim() == ir)
+    }
+}
+
+/// One byte range against a body of `len`: `None` when absent, multiple or unparseable (the
+/// full response is served), `Some(Err)` when unsatisfiable (416).
+fn parse_range(v: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.trim().split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 || len == 0 {
+            return Some(Err(()));
+        }
+        (len.saturating_sub(n), len - 1)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end: u64 =
+            if b.is_empty() { len.saturating_sub(1) } else { b.parse::<u64>().ok()?.min(len.saturating_sub(1)) };
+        if start >= len || end < start {
+            return Some(Err(()));
+        }
+        (start, end)
+    };
+    Some(Ok(range))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=95-200", 100), Some(Ok((95, 99))));
+        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+    }
+}

@@ -1,0 +1,356 @@
+//! The cache-poisoning holes and resource bounds of the hardening issue, each against the real
+//! binary and an origin that records what it was really asked. Every test here failed on the
+//! code before the canonical request.
+
+// Test code: a panic is how a failed expectation is reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request};
+use http_body_util::BodyExt;
+use weir_e2e::*;
+
+/// An origin that answers `host=H pq=P n=N foo=F`, with `Vary: X-Foo`, `Cache-Control: max-age=60`
+/// and whatever `x-respond-NAME` asks for; a write answers `x-respond-status` (default 200).
+async fn echo() -> (Origin, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let o = Origin::start(move |req| {
+        let n = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let h = req.headers();
+            let v = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+            let body = format!(
+                "host={} pq={} n={n} foo={}",
+                v("host"),
+                req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+                v("x-foo")
+            );
+            let mut status = 200;
+            let mut extra = Vec::new();
+            for (k, val) in h {
+                if let Some(name) = k.as_str().strip_prefix("x-respond-") {
+                    let val = val.to_str().unwrap().to_string();
+                    if name == "status" {
+                        status = val.parse().unwrap();
+                    } else {
+                        extra.push((name.to_string(), val));
+                    }
+                }
+            }
+            let _ = req.into_body().collect().await;
+            let mut r = text(status, &body);
+            r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+            r.headers_mut().insert("vary", "X-Foo".parse().unwrap());
+            for (k, val) in extra {
+                r.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), val.parse().unwrap());
+            }
+            r
+        }
+    })
+    .await;
+    (o, n)
+}
+
+fn gateway(origin: &Origin, route_extra: &str, top_extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\n{top_extra}routes:\n  - name: api\n    upstream: {}\n    cache: {{ ttl: 60s }}\n{route_extra}",
+        origin.url()
+    ))
+}
+
+/// One raw HTTP/1.1 request on its own connection; the response head and body as text.
+async fn raw_req(gw: &Gateway, head: &str) -> String {
+    raw(gw.addr(), format!("{head}\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10)).await
+}
+
+async fn call(gw: &Gateway, method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> Got {
+    let mut b = Request::builder().method(method).uri(gw.url(path));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(&client(), b.body(full(body.to_string())).unwrap()).await
+}
+
+fn cs(g: &Got) -> String {
+    g.header("cache-status").unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn absolute_form_target_replaces_host() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "");
+    let first = raw_req(&gw, "GET http://victim.example/x HTTP/1.1\r\nHost: evil.example").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // The origin answered for the host the entry is keyed by.
+    assert_eq!(origin.seen()[0].headers["host"], "victim.example");
+    let plain = raw_req(&gw, "GET /x HTTP/1.1\r\nHost: victim.example").await;
+    assert!(plain.contains("host=victim.example"), "{plain}");
+    assert!(!plain.contains("evil"), "{plain}");
+    // A plaintext client cannot write https entries; Host rules.
+    for bad in [
+        "GET https://victim.example/x HTTP/1.1\r\nHost: victim.example",
+        "GET /x HTTP/1.1",
+        "GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example",
+        "GET /x HTTP/1.1\r\nHost: user@victim.example",
+        "GET /bad%zz HTTP/1.1\r\nHost: h",
+    ] {
+        let got = raw_req(&gw, bad).await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{bad:?} → {got}");
+        assert!(got.contains("\"bad_request\""), "{got}");
+    }
+    assert_eq!(origin.count(), 1, "a refused request reached the origin");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_host_must_agree_with_authority() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "");
+    let req = Request::get(gw.url("/h2")).header("host", "other.example").body(full("")).unwrap();
+    let got = send(&h2_client(), req).await;
+    assert_eq!(got.status, 400, "{}", got.text());
+    assert_eq!(origin.count(), 0);
+    let got = send(&h2_client(), Request::get(gw.url("/h2")).body(full("")).unwrap()).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(origin.seen()[0].headers["host"], gw.addr().to_string().as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dot_segments_are_routed_as_forwarded() {
+    let (origin, _) = echo().await;
+    let gw = Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: public\n    match: {{ path: /public }}\n    upstream: {0}\n    cache: {{ ttl: 60s }}\n  - name: admin\n    match: {{ path: /admin, methods: [POST] }}\n    upstream: {0}\n",
+        origin.url()
+    ));
+    // Routed as /admin/x (a POST-only route): 405, and nothing reaches the origin.
+    let got = raw_req(&gw, "GET /public/%2e%2e/admin/x HTTP/1.1\r\nHost: h").await;
+    assert!(got.starts_with("HTTP/1.1 405"), "{got}");
+    assert_eq!(origin.count(), 0);
+    let got = raw_req(&gw, "GET /public/a/../b HTTP/1.1\r\nHost: h").await;
+    assert!(got.contains("pq=/public/b"), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn separators_in_a_query_cannot_write_a_variant() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "");
+    let attack = raw_req(&gw, "GET /p?vary=X|vary:x-foo=b; HTTP/1.1\r\nHost: h").await;
+    assert!(attack.starts_with("HTTP/1.1 200"), "{attack}");
+    let victim = call(&gw, Method::GET, "/p?vary=X", &[("x-foo", "b")], "").await;
+    assert!(victim.text().ends_with("pq=/p?vary=X n=2 foo=b"), "{} {}", victim.text(), cs(&victim));
+    // And the host/path boundary: `a.b` + `/c` is not `a` + `.b/c` (no route has a host).
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_nominated_headers_are_not_keyed() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "");
+    let a = call(&gw, Method::GET, "/c", &[("x-foo", "a"), ("connection", "x-foo")], "").await;
+    assert_eq!(a.text(), "host=h pq=/c n=1 foo=-".replace("host=h", &format!("host={}", gw.addr())));
+    // A client that really sends X-Foo: a must not get the answer for "no X-Foo".
+    let c = call(&gw, Method::GET, "/c", &[("x-foo", "a")], "").await;
+    assert!(c.text().ends_with("n=2 foo=a"), "{} {}", c.text(), cs(&c));
+    // The nominated request was keyed as the origin saw it: without X-Foo.
+    let none = call(&gw, Method::GET, "/c", &[], "").await;
+    assert!(none.text().ends_with("n=1 foo=-"), "{} {}", none.text(), cs(&none));
+    assert_eq!(cs(&none), "weir; hit; detail=l1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_parameters_keep_their_order() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "");
+    let a = call(&gw, Method::GET, "/q?id=1&id=2", &[], "").await;
+    let b = call(&gw, Method::GET, "/q?id=2&id=1", &[], "").await;
+    assert!(a.text().contains("pq=/q?id=1&id=2 n=1"), "{}", a.text());
+    assert!(b.text().contains("pq=/q?id=2&id=1 n=2"), "{} {}", b.text(), cs(&b));
+    // Names still sort: the same parameters in another name order are one entry, and the
+    // origin is asked exactly the query that is keyed.
+    let c = call(&gw, Method::GET, "/s?b=1&a=2", &[], "").await;
+    let d = call(&gw, Method::GET, "/s?a=2&b=1", &[], "").await;
+    assert!(c.text().contains("pq=/s?a=2&b=1 n=3"), "{}", c.text());
+    assert_eq!(cs(&d), "weir; hit; detail=l1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overrides_bypass_or_are_stripped() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "");
+    for h in ["x-http-method-override", "x-http-method", "x-method-override"] {
+        let got = call(&gw, Method::GET, "/m", &[(h, "DELETE")], "").await;
+        assert_eq!(cs(&got), "weir; fwd=bypass; detail=method-override", "{h}");
+    }
+    let plain = call(&gw, Method::GET, "/m", &[], "").await;
+    assert_eq!(cs(&plain), "weir; fwd=miss; stored", "an override's answer was cached");
+    let n = origin.count();
+    let stripped = [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-port",
+        "x-forwarded-scheme",
+        "x-forwarded-server",
+        "x-host",
+        "weir-consumer",
+        "x-consumer-id",
+    ];
+    let headers: Vec<(&str, &str)> = stripped.iter().map(|h| (*h, "/admin")).collect();
+    call(&gw, Method::GET, "/o", &headers, "").await;
+    let seen = &origin.seen()[n];
+    for h in stripped {
+        assert!(!seen.headers.contains_key(h), "{h} reached the origin");
+    }
+    // A GET with a body never reads or writes the cache.
+    let got = call(&gw, Method::GET, "/m", &[], "payload").await;
+    assert_eq!(cs(&got), "weir; fwd=bypass; detail=body");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_purge_their_host_and_tags_only_on_success() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "    invalidate: { methods: [POST, PUT], tags: [all] }\n", "");
+    let at = |host: &'static str, path: &'static str| {
+        let gw = &gw;
+        async move {
+            let r = Request::get(gw.url(path)).header("host", host).body(full("")).unwrap();
+            cs(&send(&client(), r).await)
+        }
+    };
+    for (h, p) in [("a.example", "/x"), ("b.example", "/x"), ("a.example", "/other")] {
+        assert_eq!(at(h, p).await, "weir; fwd=miss; stored");
+    }
+    // A 303 purges the target URI on this host, not the route's tags.
+    let w = Request::post(gw.url("/x")).header("host", "a.example").header("x-respond-status", "303");
+    send(&client(), w.body(full("")).unwrap()).await;
+    assert!(at("a.example", "/x").await.starts_with("weir; fwd="), "the target was not purged");
+    assert_eq!(at("b.example", "/x").await, "weir; hit; detail=l1", "another host's copy was purged");
+    assert_eq!(at("a.example", "/other").await, "weir; hit; detail=l1", "tags ran on a 3xx");
+    // A 2xx runs the tags.
+    let w = Request::put(gw.url("/x")).header("host", "a.example");
+    send(&client(), w.body(full("")).unwrap()).await;
+    assert!(at("a.example", "/other").await.starts_with("weir; fwd="), "tags did not run on a 2xx");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_allowed_upgrades_are_forwarded() {
+    let (origin, _) = echo().await;
+    let gw = Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: r\n    upstream: {}\n",
+        origin.url()
+    ));
+    let got = raw_req(&gw, "GET /u HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let seen = &origin.seen()[0];
+    for h in ["upgrade", "http2-settings"] {
+        assert!(!seen.headers.contains_key(h), "{h} forwarded");
+    }
+    assert!(!seen.headers.get("connection").is_some_and(|v| v.to_str().unwrap().to_lowercase().contains("upgrade")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_body_limit_holds_on_cached_routes() {
+    let (origin, _) = echo().await;
+    let gw = Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    max_request_body: 1KiB\n    cache: {{ ttl: 60s, methods: [GET, HEAD, POST] }}\n",
+        origin.url()
+    ));
+    let big = "x".repeat(4096);
+    let got = call(&gw, Method::POST, "/graphql", &[], &big).await;
+    assert_eq!(got.status, 413, "{}", got.text());
+    let got = call(&gw, Method::GET, "/g", &[], &big).await;
+    assert_eq!(got.status, 413);
+    // Chunked (no Content-Length): the limit is enforced while reading.
+    let chunked = format!(
+        "POST /graphql HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1000\r\n{big}\r\n0\r\n\r\n"
+    );
+    let got = raw(gw.addr(), chunked.as_bytes(), Duration::from_secs(10)).await;
+    assert!(got.starts_with("HTTP/1.1 413"), "{got}");
+    assert_eq!(origin.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_filling_client_keeps_its_cookie_nobody_else_gets_it() {
+    let (origin, _) = echo().await;
+    let gw = Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    cache: {{ ttl: 60s, share_private: true }}\n",
+        origin.url()
+    ));
+    let miss = call(&gw, Method::GET, "/s", &[("x-respond-set-cookie", "session=mine")], "").await;
+    assert_eq!(cs(&miss), "weir; fwd=miss; stored");
+    assert_eq!(miss.header("set-cookie"), Some("session=mine"));
+    let hit = call(&gw, Method::GET, "/s", &[], "").await;
+    assert_eq!(cs(&hit), "weir; hit; detail=l1");
+    assert_eq!(hit.header("set-cookie"), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_age_is_clamped_not_a_crash() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "");
+    for age in ["18446744073709551615", "99999999999999999999999"] {
+        let path = format!("/age/{}", age.len());
+        let got = call(&gw, Method::GET, &path, &[("x-respond-age", age)], "").await;
+        assert_eq!(got.status, 200);
+        // 2^31 s old: stale at once, so the next request goes to the origin again.
+        let again = call(&gw, Method::GET, &path, &[], "").await;
+        assert_eq!(again.status, 200);
+        assert_ne!(cs(&again), "weir; hit; detail=l1", "an entry {age} s old was served fresh");
+    }
+    assert_eq!(get(&gw.url("/alive")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_purge_keys_are_normalised() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "admin:\n  addr: 127.0.0.1:0\n");
+    call(&gw, Method::GET, "/~user/a?b=1&a=2", &[], "").await;
+    let body = r#"{"keys": ["/%7Euser/x/../a?a=2&b=1"]}"#;
+    let got = send(&client(), Request::post(gw.admin_url("/cache/purge")).body(full(body)).unwrap()).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(got.json()["purged"].as_u64().unwrap() >= 1, "{}", got.text());
+    let after = call(&gw, Method::GET, "/~user/a?a=2&b=1", &[], "").await;
+    assert_eq!(cs(&after), "weir; fwd=miss; stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_leader_hands_over_to_one_waiter() {
+    // The first fetch outlives the route's response timeout (the leader fails with a 504); the
+    // waiters behind it must not all go to the origin at once: one takes over, the rest collapse
+    // onto its answer.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h2 = hits.clone();
+    let origin = Origin::start(move |_req| {
+        let n = h2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(if n == 0 { 3000 } else { 200 })).await;
+            let mut r = text(200, "x");
+            r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let gw = gateway(&origin, "    timeouts: { response: 500ms }\n", "");
+    let url = gw.url("/lead");
+    let first = tokio::spawn({
+        let u = url.clone();
+        async move { get(&u).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let u = url.clone();
+        tasks.push(tokio::spawn(async move { get(&u).await }));
+    }
+    assert_eq!(first.await.unwrap().status, 504);
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!(g.status, 200);
+        outcomes.push(cs(&g));
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2, "waiters went to the origin on their own: {outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| o.as_str() == "weir; fwd=miss; collapsed").count(), 19, "{outcomes:?}");
+}
