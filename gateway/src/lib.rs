@@ -1,14 +1,17 @@
 //! Weir: a programmable caching gateway.
 //!
-//! A request passes through named phases, each in one module:
+//! A request passes through DESIGN.md's nine phases (numbered the same way in `proxy`):
 //!
-//! 1. **accept** (`server::listener`) — TCP, HTTP/1.1 and HTTP/2, header size and read time limits
+//! 1. **accept** (`server::listener`) — TCP, HTTP/1.1 and HTTP/2, limits; the canonical request
+//!    (`proxy::canonical`) in the per-request context (`proxy::RequestCtx`)
 //! 2. **route** (`router`) — host, longest path prefix, methods; 404 `no_route` otherwise
-//! 3. **consumer** — rate limits and budgets (to come: `ratelimit/`, `budget/`)
-//! 4. **cache** (`cache`, `proxy::cached`) — key, lookup L1 → L2 (`cache::l2` on `redis`), hit /
-//!    stale / revalidate / coalesced miss, store; writes invalidate every tier and instance
-//! 5. **forward** (`proxy`) — hop-by-hop rules, forwarding headers, upstream pool, retries, timeouts
-//! 6. **respond** (`proxy`) — streaming body back, `Via`, upgrades
+//! 3. **consumer** and `count: all` rate limits — (to come: `ratelimit/`)
+//! 4. **cache key and lookup** (`cache`, `proxy::cached`) — L1 → L2 (`cache::l2` on `redis`)
+//! 5. **hit** — served from the entry (`proxy::cached::respond`)
+//! 6. **miss / bypass** — the one upstream function, `proxy::upstream` (budgets attach here)
+//! 7. **response** — storage decision and store (`proxy::cached::fill`), streaming back
+//! 8. **mutation** — invalidation on every tier and instance (`proxy::cached::invalidate`)
+//! 9. **settle and log** — (to come: `budget/`); metrics
 //!
 //! Configuration (`config`) is parsed and validated whole into a `runtime::Runtime`, swapped
 //! atomically on reload; errors become JSON responses only in `error`. The admin API lives in
