@@ -67,21 +67,6 @@ pub fn add_via(headers: &mut HeaderMap, received: Version) {
     }
 }
 
-/// True when the request asks to switch protocols (WebSocket), judged before hop-by-hop removal.
-pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if asks {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
-}
-
 /// Sets `X-Forwarded-For/Host/Proto` and `Forwarded` from what Weir saw. From a trusted peer the
 /// incoming chain is kept and extended; from anyone else it is replaced. Built with `push_str`
 /// from the connection's preformatted address: this runs on every proxied request.
