@@ -333,7 +333,7 @@ async fn forward(
             return Ok(tunnel(route.route.timeouts.idle, ctx.rt.config.server.max_tunnel_bytes, client_on, &mut resp));
         }
     }
-    Ok(finish_response(route, resp))
+    Ok(finish_response(resp))
 }
 
 /// The client's body for the upstream: idle-timed and limited by the route's
@@ -428,7 +428,7 @@ async fn send_with_retry(
 }
 
 /// The upstream's response as the client gets it: hop-by-hop removed, `Via`.
-pub(crate) fn finish_response(_route: &RouteRuntime, resp: Response<Body>) -> Response<Body> {
+pub(crate) fn finish_response(resp: Response<Body>) -> Response<Body> {
     let (mut rparts, rbody) = resp.into_parts();
     let version = rparts.version;
     strip_hop_by_hop(&mut rparts.headers);

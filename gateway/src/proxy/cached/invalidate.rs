@@ -34,7 +34,7 @@ pub(in crate::proxy) async fn forward_and_invalidate(
         p.request(&RequestParts::new(method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, None))
     });
     let resp = upstream(req, Purpose::Forward, req.upstream_head(), request_body(route, body)).await?;
-    let resp = finish_response(route, resp);
+    let resp = finish_response(resp);
     let status = resp.status();
     if !is_unsafe(&method) || !(status.is_success() || status.is_redirection()) {
         return Ok(resp);

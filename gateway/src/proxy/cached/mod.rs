@@ -115,7 +115,7 @@ pub(super) async fn serve(
 /// Sends the request upstream past the cache, as the client sent it (canonical form).
 async fn pass_through(req: &RequestCtx, body: Option<Body>) -> Result<Response<Body>, GatewayError> {
     let resp = upstream(req, Purpose::PassThrough, req.upstream_head(), body).await?;
-    Ok(finish_response(req.route(), resp))
+    Ok(finish_response(resp))
 }
 
 async fn serve_inner(
