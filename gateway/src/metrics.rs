@@ -50,6 +50,11 @@ pub struct PluginCall {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    pub plugin: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -65,6 +70,7 @@ pub struct Metrics {
     redis_up: Gauge,
     pub plugin_calls: Family<PluginCall, Counter>,
     pub plugin_duration: Histogram,
+    plugin_instances: Family<PluginLabel, Gauge>,
 }
 
 impl Metrics {
@@ -99,6 +105,12 @@ impl Metrics {
         registry.register("weir_redis_up", "1 when the shared Redis tier is connected", redis_up.clone());
         registry.register("weir_plugin_calls", "Plugin hook calls, by outcome", plugin_calls.clone());
         registry.register("weir_plugin_duration_seconds", "Time in plugin hook calls", plugin_duration.clone());
+        let plugin_instances = Family::<PluginLabel, Gauge>::default();
+        registry.register(
+            "weir_plugin_instances",
+            "Plugin instances in existence (warm or in a call), at most 16 per plugin",
+            plugin_instances.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -113,6 +125,7 @@ impl Metrics {
             redis_up,
             plugin_calls,
             plugin_duration,
+            plugin_instances,
         })
     }
 
@@ -148,7 +161,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with gauges read now.
-    pub fn render(&self, l1: StorageStats, redis_up: bool) -> String {
+    pub fn render(&self, l1: StorageStats, redis_up: bool, plugins: &[(String, usize)]) -> String {
+        for (plugin, n) in plugins {
+            self.plugin_instances
+                .get_or_create(&PluginLabel { plugin: plugin.clone() })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
         self.l1_bytes.set(i64::try_from(l1.bytes).unwrap_or(i64::MAX));
         self.l1_entries.set(i64::try_from(l1.entries).unwrap_or(i64::MAX));
         self.redis_up.set(i64::from(redis_up));

@@ -255,10 +255,19 @@ impl Gateway {
 
     /// Peak resident memory of the gateway process, in bytes (`VmHWM`).
     pub fn peak_rss(&self) -> u64 {
+        self.proc_status_kb("VmHWM:")
+    }
+
+    /// Resident memory of the gateway process now, in bytes (`VmRSS`).
+    pub fn rss(&self) -> u64 {
+        self.proc_status_kb("VmRSS:")
+    }
+
+    fn proc_status_kb(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
-            .find(|l| l.starts_with("VmHWM:"))
+            .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|kb| kb.parse::<u64>().ok())
             .map(|kb| kb * 1024)

@@ -354,3 +354,57 @@ async fn a_failed_leader_hands_over_to_one_waiter() {
     assert_eq!(hits.load(Ordering::SeqCst), 2, "waiters went to the origin on their own: {outcomes:?}");
     assert_eq!(outcomes.iter().filter(|o| o.as_str() == "weir; fwd=miss; collapsed").count(), 19, "{outcomes:?}");
 }
+
+/// The L1 byte bound is the memory bound: after writing ten times the capacity in distinct 1 KiB
+/// entries (each with the dozen headers a real API sends), the process has grown by no more than
+/// one and a half times the bound. (The issue asks for the bound + 64 MiB; at 32 MiB that could
+/// not fail, so this is stricter. Before the weigher counted what the allocator holds, the
+/// growth here was 101 MiB: 17.5k entries weighed as 1.9 KiB held 5.7 KiB each.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_bound_is_the_memory_bound() {
+    const L1: u64 = 32 << 20;
+    let origin = Origin::start(|req| async move {
+        let mut r = text(200, &format!("{:<1024}", req.uri().path()));
+        let h = r.headers_mut();
+        h.insert("cache-control", "max-age=600".parse().unwrap());
+        for (i, name) in
+            ["x-a", "x-b", "x-c", "x-d", "x-e", "x-f", "x-g", "x-h", "etag", "last-modified"].iter().enumerate()
+        {
+            h.insert(*name, format!("\"value-{i}-{}\"", req.uri().path()).parse().unwrap());
+        }
+        r
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\ncache:\n  l1_max_bytes: {L1}\nroutes:\n  - name: api\n    upstream: {}\n    cache: {{ ttl: 600s }}\n",
+        origin.url()
+    ));
+    let c = client();
+    assert_eq!(send(&c, Request::get(gw.url("/warm")).body(full("")).unwrap()).await.status, 200);
+    let before = gw.rss();
+    // 10x the capacity: one entry weighs well over 1 KiB, so 10 * L1 / 1 KiB requests is more.
+    let total = (10 * L1 / 1024) as usize;
+    let tasks = 16;
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let c = c.clone();
+        let url = gw.url("");
+        set.spawn(async move {
+            for i in (t..total).step_by(tasks) {
+                let r = c.request(Request::get(format!("{url}/o/{i}")).body(full("")).unwrap()).await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.into_body().collect().await.unwrap();
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    let health = get(&gw.admin_url("/health")).await.json();
+    let entries = health["l1"]["entries"].as_u64().unwrap_or(0);
+    let after = gw.rss();
+    let grown = after.saturating_sub(before);
+    eprintln!("L1 {} MiB: {entries} entries, RSS {} -> {} MiB", L1 >> 20, before >> 20, after >> 20);
+    assert!(entries > 1000, "the cache stored almost nothing: {health}");
+    assert!(grown <= L1 + L1 / 2, "RSS grew {} MiB for a {} MiB L1 ({entries} entries)", grown >> 20, L1 >> 20);
+}

@@ -178,6 +178,60 @@ async fn misbehaving_plugins_fall_back_to_the_policy_and_are_counted() {
     }
 }
 
+fn metric(m: &str, line: &str) -> u64 {
+    m.lines().find_map(|l| l.strip_prefix(line)?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// A plugin that traps on every call, under 64 concurrent requests: every request is answered
+/// by the policy, instances are replaced off the request path (a call never instantiates; one
+/// that finds no warm instance is `busy`), and no more than 16 instances ever exist.
+#[tokio::test(flavor = "multi_thread")]
+async fn trapping_instances_are_replaced_off_the_request_path_within_a_bound() {
+    let (origin, hits) = origin().await;
+    let pb = format!("{}      timeout: 5ms\n      max_memory: 4MiB\n", block(&plugin("fixtures"), "{mode: trap}"));
+    let gw = Gateway::start(&config(&origin, &pb, ""));
+    let m = metrics(&gw).await;
+    let warm = metric(&m, r#"weir_plugin_instances{plugin="fixtures"}"#);
+    assert!((1..=16).contains(&warm), "warm instances at load: {warm}\n{m}");
+    let c = client();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let c = c.clone();
+        let url = gw.url(&format!("/trap/{i}"));
+        set.spawn(async move { send(&c, Request::get(url).body(full("")).unwrap()).await });
+    }
+    while let Some(g) = set.join_next().await {
+        let g = g.unwrap();
+        assert_eq!(g.status, 200, "{}", g.text());
+        assert_eq!(cs(&g), "weir; fwd=miss; stored", "the policy key and TTL apply");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 64);
+    let m = metrics(&gw).await;
+    let count = |outcome: &str| {
+        metric(&m, &format!(r#"weir_plugin_calls_total{{plugin="fixtures",hook="cache-key",outcome="{outcome}"}}"#))
+    };
+    assert_eq!(count("trap") + count("busy"), 64, "every key call trapped or found no instance\n{m}");
+    assert!(count("trap") >= 1, "{m}");
+    assert_eq!(count("instantiate"), 0, "{m}");
+    let live = metric(&m, r#"weir_plugin_instances{plugin="fixtures"}"#);
+    assert!(live <= 16, "{live} instances exist\n{m}");
+    // The pool is refilled in the background: a later call finds a warm instance and traps.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = count_in(&metrics(&gw).await, "trap");
+        call(&gw, Method::GET, &format!("/again/{before}"), &[]).await;
+        if count_in(&metrics(&gw).await, "trap") > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pool was never refilled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn count_in(m: &str, outcome: &str) -> u64 {
+    metric(m, &format!(r#"weir_plugin_calls_total{{plugin="fixtures",hook="cache-key",outcome="{outcome}"}}"#))
+}
+
 /// Where credentialed responses are shared, a failed key hook must not fall back to the policy
 /// key (it would mix what the plugin keeps apart): the cache stays out instead.
 #[tokio::test(flavor = "multi_thread")]

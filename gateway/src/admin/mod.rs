@@ -121,7 +121,14 @@ impl Admin {
         let rt = self.gateway.runtime();
         rt.cache.l1.settle().await;
         let up = self.gateway.redis.as_ref().is_some_and(|r| r.is_up());
-        let text = rt.metrics.render(rt.cache.stats(), up);
+        let plugins: Vec<(String, usize)> = rt
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| r.plugin.as_ref()?.loaded.as_ref())
+            .map(|p| (p.name.clone(), p.live_instances()))
+            .collect();
+        let text = rt.metrics.render(rt.cache.stats(), up, &plugins);
         let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

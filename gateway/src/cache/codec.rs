@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
 
 use super::entry::{Entry, Object};
@@ -193,12 +193,15 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Option<Object>, DecodeError> {
             let n = r.u16()?;
             let tags = (0..n).map(|_| r.str().map(str::to_string)).collect::<Result<Vec<_>, _>>()?;
             let n = r.u16()?;
-            let mut headers = HeaderMap::with_capacity(usize::from(n));
+            let mut pairs = Vec::with_capacity(usize::from(n));
             for _ in 0..n {
                 let k = r.name()?;
-                let v = HeaderValue::from_bytes(r.bytes()?).map_err(|_| DecodeError("header value"))?;
-                headers.append(k, v);
+                let v = r.bytes()?;
+                HeaderValue::from_bytes(v).map_err(|_| DecodeError("header value"))?;
+                pairs.push((k, v));
             }
+            let pairs: Vec<_> = pairs.iter().map(|(k, v)| (k, *v)).collect();
+            let headers = super::entry::compact_headers(&pairs);
             let body = Bytes::copy_from_slice(r.bytes()?);
             Ok(Some(Object::Response(Arc::new(Entry {
                 key: key.to_string(),
@@ -232,7 +235,7 @@ mod tests {
     use super::*;
 
     fn entry() -> Entry {
-        let mut headers = HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         headers.append("x-multi", HeaderValue::from_static("a"));
         headers.append("x-multi", HeaderValue::from_static("b"));

@@ -78,12 +78,63 @@ impl Entry {
         (self.fresh_for + stale.max(keep)).saturating_sub(self.initial_age.min(self.fresh_for))
     }
 
-    /// Approximate bytes held: what the L1 byte bound weighs.
+    /// Bytes the entry holds on the heap, as the allocator sees them: what the L1 byte bound
+    /// weighs, so the bound is the memory bound (measured by `l1_bound_is_the_memory_bound`).
     pub fn weight(&self) -> usize {
-        let headers: usize = self.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 16).sum();
-        let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
-        self.key.len() + self.path.len() + headers + tags + self.body.len() + 160
+        let tags: usize = self.tags.iter().map(|t| alloc(t.capacity()) + size_of::<String>()).sum();
+        let vary = self.vary.len() * size_of::<HeaderName>();
+        ARC + size_of::<Entry>()
+            + alloc(self.key.capacity())
+            + alloc(self.path.capacity())
+            + headers_weight(&self.headers)
+            + tags
+            + alloc(vary)
+            + alloc(self.body.len())
     }
+}
+
+/// Heap overhead of one `Arc` (two counters) and one allocation's rounding and header.
+const ARC: usize = 16;
+fn alloc(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        n.next_multiple_of(16) + 16
+    }
+}
+
+/// What a `HeaderMap` holds: its index table (4 bytes a slot, a power of two above the usable
+/// capacity), a bucket per usable slot, extra values of repeated names, custom names, and the
+/// value bytes (one allocation when the map came from [`compact_headers`]).
+pub fn headers_weight(h: &HeaderMap) -> usize {
+    let usable = h.capacity();
+    let index = alloc(4 * (usable + usable / 3).next_power_of_two());
+    let bucket = size_of::<HeaderName>() + size_of::<HeaderValue>() + 24;
+    let extra = h.len().saturating_sub(h.keys_len()) * (size_of::<HeaderValue>() + 24);
+    let names: usize = h.keys().map(|k| alloc(k.as_str().len())).sum();
+    let values: usize = h.values().map(HeaderValue::len).sum();
+    index + alloc(usable * bucket) + alloc(extra) + names + alloc(values)
+}
+
+/// The same headers in a map of exactly their size, every value a slice of one buffer: one
+/// allocation for all values, owned (never a slice of a connection's read buffer, which would
+/// keep that whole buffer alive while the entry lives).
+pub fn compact_headers(pairs: &[(&HeaderName, &[u8])]) -> HeaderMap {
+    let mut buf = bytes::BytesMut::with_capacity(pairs.iter().map(|(_, v)| v.len()).sum());
+    for (_, v) in pairs {
+        buf.extend_from_slice(v);
+    }
+    let buf = buf.freeze();
+    let mut out = HeaderMap::with_capacity(pairs.len());
+    let mut at = 0;
+    for (name, v) in pairs {
+        let bytes = buf.slice(at..at + v.len());
+        at += v.len();
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes) {
+            out.append((*name).clone(), v);
+        }
+    }
+    out
 }
 
 /// A cache object under a key: a response, or the note that responses here vary on headers.

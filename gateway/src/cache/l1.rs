@@ -90,6 +90,18 @@ impl Expiry<Arc<str>, Object> for Lifetime {
     }
 }
 
+/// What moka holds per entry besides key and value (its entry, hash-table slot, access-order
+/// and timer-wheel nodes), measured at about 250 bytes; and what one index row holds (a set slot
+/// with an `Arc` of the key, plus the path string and its set for the path row).
+const MOKA_ENTRY: usize = 256;
+const INDEX_ROW: usize = 48;
+
+/// Bytes one L1 entry keeps alive: the key, the object, moka's bookkeeping, its index rows.
+fn weight(k: &Arc<str>, v: &Object) -> usize {
+    let rows = 1 + v.tags().len();
+    MOKA_ENTRY + k.len() + 32 + v.weight() + rows * INDEX_ROW + v.path().len() + 64
+}
+
 /// Keys are request-derived: a seeded, quality hash (foldhash) instead of moka's default SipHash,
 /// which was a measurable share of a hit.
 type Hasher = foldhash::quality::RandomState;
@@ -106,13 +118,10 @@ impl L1 {
         let idx = index.clone();
         let cache = Moka::builder()
             .max_capacity(max_bytes)
-            .weigher(|k: &Arc<str>, v: &Object| {
-                u32::try_from(k.len() * (2 + v.tags().len()) + v.weight()).unwrap_or(u32::MAX)
-            })
+            .weigher(|k: &Arc<str>, v: &Object| u32::try_from(weight(k, v)).unwrap_or(u32::MAX))
             .expire_after(Lifetime)
             .eviction_listener(move |k: Arc<Arc<str>>, v: Object, cause| {
-                // A replaced entry's new value has re-indexed itself; stale index rows would only
-                // over-purge, never under-purge.
+                // A replaced entry's rows were swapped by `put`, which knows the new value.
                 if cause != RemovalCause::Replaced {
                     if let Ok(mut i) = idx.lock() {
                         i.remove(&k, &v);
@@ -160,7 +169,15 @@ impl Storage for L1 {
     ) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             let key: Arc<str> = Arc::from(key);
+            // Read before locking: a lookup may run moka's housekeeping, whose eviction listener
+            // takes the index lock.
+            let old = self.cache.get(&key);
             if let Ok(mut i) = self.index.lock() {
+                // The replaced value's rows go (an origin re-tagging one key must not grow the
+                // index); the listener skips `Replaced` for that reason.
+                if let Some(old) = &old {
+                    i.remove(&key, old);
+                }
                 i.add(&key, &obj);
             }
             self.cache.insert(key, obj);
@@ -247,6 +264,19 @@ mod tests {
         let s = l1.stats();
         assert!(s.bytes <= 1 << 20, "weighted size {} over the bound", s.bytes);
         assert!(s.entries > 10 && s.entries < 110, "{} entries", s.entries);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_entry_leaves_no_index_rows() {
+        let l1 = L1::new(1 << 20);
+        for i in 0..100 {
+            let tag = format!("t{i}");
+            l1.put("k", entry("k", &format!("/p/{i}"), &[&tag], 10), SystemTime::now()).await.unwrap();
+        }
+        l1.settle().await;
+        let idx = l1.index.lock().unwrap();
+        assert_eq!(idx.tags.keys().collect::<Vec<_>>(), ["t99"], "index rows of replaced values remain");
+        assert_eq!(idx.paths.keys().collect::<Vec<_>>(), ["/p/99"]);
     }
 
     #[tokio::test]

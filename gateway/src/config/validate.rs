@@ -590,8 +590,12 @@ impl Validator {
             let config =
                 pl.config.as_ref().and_then(|c| serde_json::to_value(c).ok()).unwrap_or(serde_json::Value::Null);
             let timeout = self.duration(src, &format!("{pp}.timeout"), pl.timeout.as_ref(), Duration::from_millis(5));
-            if timeout.is_zero() || timeout > Duration::from_secs(1) {
-                self.problems.at(src, &format!("{pp}.timeout"), "plugin timeout must be between 1ms and 1s");
+            if timeout.is_zero() || timeout > crate::plugin::MAX_TIMEOUT {
+                self.problems.at(
+                    src,
+                    &format!("{pp}.timeout"),
+                    "plugin timeout must be between 1ms and 100ms (a call holds a runtime worker)",
+                );
             }
             let max_memory = self.size(src, &format!("{pp}.max_memory"), pl.max_memory.as_ref(), 16 << 20);
             if !(1 << 20..=1 << 30).contains(&max_memory) {

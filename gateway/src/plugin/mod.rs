@@ -1,10 +1,14 @@
 //! Wasm plugins: the host side of `wit/weir-plugin.wit`.
 //!
 //! One wasmtime `Engine` per process (epoch interruption on, a 1 ms ticker thread); components
-//! compiled once per content hash; each route's plugin keeps a small pool of warm instances
-//! (store + instance, `init` already run) that calls borrow and return. Every call gets an epoch
-//! deadline (`plugin.timeout`) and runs under a memory limit (`plugin.max_memory`); an instance
-//! that trapped, ran out of time or memory is dropped, never reused. A component that imports
+//! compiled once per content hash; each route's plugin keeps a pool of warm instances (store +
+//! instance, `init` already run) that calls borrow and return. Every call gets an epoch
+//! deadline (`plugin.timeout`, at most 100 ms: a call runs on a runtime worker) and runs under a
+//! memory limit (`plugin.max_memory`: one linear memory, so it is the real cap); an instance that
+//! trapped, ran out of time or memory is dropped, never reused. Instances are made at load and
+//! by a background thread, never on the request path: a call that finds no warm instance gets
+//! `busy` (the policy decides) and wakes the refill. At most `MAX_LIVE` instances exist per
+//! plugin, so its memory is bounded by `MAX_LIVE × max_memory`. A component that imports
 //! anything is refused at load: plugins get no files, sockets, clocks, randomness or
 //! environment, because there is nothing to import.
 //!
@@ -15,8 +19,8 @@ pub mod cli;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::types::ComponentItem;
@@ -41,8 +45,16 @@ const TICK: Duration = Duration::from_millis(1);
 const INIT_TIMEOUT: Duration = Duration::from_millis(200);
 /// `cache-key` answers remembered per plugin.
 const MEMO_ENTRIES: u64 = 16_384;
-/// Warm instances kept per plugin (beyond: dropped after the call).
-const POOL_MAX: usize = 16;
+/// Instances that may exist at once per plugin (warm in the pool or in a call).
+const MAX_LIVE: usize = 16;
+/// Longest `plugin.timeout`: a call holds a runtime worker for at most this long.
+pub const MAX_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Warm instances kept ready: a call is synchronous on a runtime worker, so no more calls run
+/// at once than there are threads; two spare cover the ones being replaced after a failure.
+fn pool_target() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get() + 2).min(MAX_LIVE)
+}
 /// Output caps (a plugin's answer beyond them is "malformed": the policy decides instead).
 pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_TAGS: usize = 32;
@@ -60,6 +72,8 @@ pub enum Failure {
     Invalid,
     /// A new instance could not be made (its `init` failed, say).
     Instantiate,
+    /// No warm instance was free (they are made off the request path, never while it waits).
+    Busy,
 }
 
 impl Failure {
@@ -70,6 +84,7 @@ impl Failure {
             Failure::Memory => "memory",
             Failure::Invalid => "invalid",
             Failure::Instantiate => "instantiate",
+            Failure::Busy => "busy",
         }
     }
 }
@@ -134,6 +149,11 @@ pub struct Loaded {
     max_memory: usize,
     pub needs: Needs,
     pool: Mutex<Vec<Warm>>,
+    /// Instances in existence (pooled or in a call), at most `MAX_LIVE`.
+    live: AtomicUsize,
+    /// A refill thread is running.
+    refilling: AtomicBool,
+    me: OnceLock<Weak<Loaded>>,
     /// `cache-key` answers by a 128-bit keyed hash of everything the hook was given. A hook is a
     /// function of its input (no clock, randomness or I/O to read, and no guarantee which warm
     /// instance answers), so a repeated request needs no new call: the L1-hit path then costs a
@@ -244,6 +264,9 @@ pub fn load_bytes(
         max_memory: usize::try_from(max_memory).unwrap_or(usize::MAX),
         needs: Needs { headers: Vec::new(), request_body: false, response_body: false },
         pool: Mutex::new(Vec::new()),
+        live: AtomicUsize::new(0),
+        refilling: AtomicBool::new(false),
+        me: OnceLock::new(),
         memo: moka::sync::Cache::builder().max_capacity(MEMO_ENTRIES).build(),
         memo_key: blake3::derive_key(
             "weir plugin memo ids",
@@ -255,10 +278,21 @@ pub fn load_bytes(
     };
     let (warm, needs) = loaded.instantiate().map_err(|e| format!("init failed: {e}"))?;
     loaded.needs = needs;
+    loaded.live.store(1, Ordering::Relaxed);
     if let Ok(mut p) = loaded.pool.lock() {
         p.push(warm);
     }
-    Ok(Arc::new(loaded))
+    // The rest of the warm pool at load, off the request path (load runs on reload's thread).
+    for _ in 1..pool_target() {
+        let Ok((warm, _)) = loaded.instantiate() else { break };
+        loaded.live.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut p) = loaded.pool.lock() {
+            p.push(warm);
+        }
+    }
+    let loaded = Arc::new(loaded);
+    let _ = loaded.me.set(Arc::downgrade(&loaded));
+    Ok(loaded)
 }
 
 impl Loaded {
@@ -282,9 +316,12 @@ impl Loaded {
         let host = host()?;
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.max_memory)
-            .instances(4)
-            .memories(4)
-            .tables(8)
+            // A component is a few core instances (its module and the canonical-ABI shims) around
+            // one linear memory: one memory makes `max_memory` the plugin's whole heap.
+            .instances(8)
+            .memories(1)
+            .tables(4)
+            .table_elements(100_000)
             .trap_on_grow_failure(true)
             .build();
         let mut store = Store::new(&host.engine, State { limits });
@@ -310,33 +347,75 @@ impl Loaded {
         f: impl FnOnce(&Plugin, &mut Store<State>) -> wasmtime::Result<T>,
     ) -> Result<T, Failure> {
         let t = Instant::now();
-        let warm = self.pool.lock().ok().and_then(|mut p| p.pop());
-        let mut warm = match warm {
-            Some(w) => w,
-            None => match self.instantiate() {
-                Ok((w, _)) => w,
-                Err(e) => {
-                    self.failed(hook, Failure::Instantiate, &e, t.elapsed());
-                    return Err(Failure::Instantiate);
-                }
-            },
+        let Some(mut warm) = self.pool.lock().ok().and_then(|mut p| p.pop()) else {
+            self.refill();
+            self.failed(hook, Failure::Busy, "no warm instance free", t.elapsed());
+            return Err(Failure::Busy);
         };
         warm.store.set_epoch_deadline(self.ticks());
         match f(&warm.plugin, &mut warm.store) {
             Ok(v) => {
                 if let Ok(mut p) = self.pool.lock() {
-                    if p.len() < POOL_MAX {
-                        p.push(warm);
-                    }
+                    p.push(warm);
                 }
                 self.sink().record(&self.name, hook, "ok", t.elapsed());
                 Ok(v)
             }
             Err(e) => {
+                drop(warm);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                self.refill();
                 let why = classify(&e);
                 self.failed(hook, why, &root_cause(&e), t.elapsed());
                 Err(why)
             }
+        }
+    }
+
+    /// Instances in existence now (pooled or in a call).
+    pub fn live_instances(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the refill thread, which brings the pool back to its target off the request path.
+    fn refill(&self) {
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(me) = self.me.get().cloned() else {
+            self.refilling.store(false, Ordering::Release);
+            return;
+        };
+        let spawned = std::thread::Builder::new().name("weir-plugin-warm".into()).spawn(move || loop {
+            let Some(this) = me.upgrade() else { return };
+            let target = pool_target();
+            let short =
+                |l: &Loaded| l.pool.lock().map_or(0, |p| p.len()) < target && l.live.load(Ordering::Relaxed) < MAX_LIVE;
+            while short(&this) {
+                match this.instantiate() {
+                    Ok((warm, _)) => {
+                        this.live.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut p) = this.pool.lock() {
+                            p.push(warm);
+                        }
+                    }
+                    Err(e) => {
+                        // Tried again on the next call that finds the pool empty.
+                        this.failed("init", Failure::Instantiate, &e, Duration::ZERO);
+                        this.refilling.store(false, Ordering::Release);
+                        return;
+                    }
+                }
+            }
+            this.refilling.store(false, Ordering::Release);
+            // A call that found the pool empty after the last check and before the flag fell
+            // would otherwise wait for the next failure to be refilled.
+            if !short(&this) || this.refilling.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        });
+        if spawned.is_err() {
+            self.refilling.store(false, Ordering::Release);
         }
     }
 

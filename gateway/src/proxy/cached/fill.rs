@@ -316,9 +316,6 @@ fn build_entry(
     for h in [header::SET_COOKIE, header::AGE] {
         headers.remove(h);
     }
-    // Header values parsed by hyper are slices of the connection's read buffer: a stored copy
-    // would keep that whole buffer alive. Store owned copies, so the L1 bound is the memory bound.
-    let mut headers = own(headers);
     headers.remove(&CACHE_STATUS);
     // Stored as served: our `Via` hop and the exact length (hits then only add `Age`).
     if !headers.get_all(header::VIA).iter().any(|v| v.to_str().is_ok_and(|s| s.ends_with("weir"))) {
@@ -349,6 +346,10 @@ fn build_entry(
     tags.sort();
     tags.dedup();
     tags.truncate(MAX_TAGS);
+    // Header values parsed by hyper are slices of the connection's read buffer: a stored copy
+    // would keep that whole buffer alive. Stored: one exact-size map, values in one buffer.
+    let pairs: Vec<_> = headers.iter().map(|(k, v)| (k, v.as_bytes())).collect();
+    let headers = crate::cache::entry::compact_headers(&pairs);
     Entry {
         key,
         status,
@@ -368,22 +369,6 @@ fn build_entry(
 }
 
 /// A body read up to a bound: request bodies of cached POSTs, and responses being stored.
-/// The same headers, each value in an allocation of its own.
-fn own(headers: HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len() + 3);
-    let mut last = None;
-    for (name, value) in headers {
-        if let Some(n) = name {
-            last = Some(n);
-        }
-        let Some(n) = &last else { continue };
-        if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
-            out.append(n.clone(), v);
-        }
-    }
-    out
-}
-
 pub(super) enum Collected {
     Complete(Bytes),
     /// Past the object bound: what was read so far, then the rest, streamed.
