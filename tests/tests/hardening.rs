@@ -408,3 +408,60 @@ async fn l1_bound_is_the_memory_bound() {
     assert!(entries > 1000, "the cache stored almost nothing: {health}");
     assert!(grown <= L1 + L1 / 2, "RSS grew {} MiB for a {} MiB L1 ({entries} entries)", grown >> 20, L1 >> 20);
 }
+
+/// `server.max_connections`: a connection beyond the cap is not accepted (it waits in the
+/// kernel's backlog) until one of the open ones closes; then it is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "server:\n  max_connections: 3\n");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        s.write_all(b"GET /held HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 512];
+        assert!(s.read(&mut buf).await.unwrap() > 0, "a connection under the cap is served");
+        held.push(s);
+    }
+    let mut extra = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    extra.write_all(b"GET /extra HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let early = tokio::time::timeout(Duration::from_millis(1500), extra.read_to_end(&mut buf)).await;
+    assert!(early.is_err() && buf.is_empty(), "a 4th connection was served: {}", String::from_utf8_lossy(&buf));
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(10), extra.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let out = String::from_utf8_lossy(&buf);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+/// A route's `max_upstream_connections`: a request that finds every slot taken waits up to the
+/// connect timeout, then gets 503 `upstream_busy` with `Retry-After`; the origin never sees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_slots_are_bounded_per_route() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let origin = Origin::start(move |_req| {
+        h.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            text(200, "slow")
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    max_upstream_connections: 1\n    timeouts: {{ connect: 500ms }}\n",
+        origin.url()
+    ));
+    let url = gw.url("/a");
+    let first = tokio::spawn(async move { send(&client(), Request::get(url).body(full("")).unwrap()).await });
+    while hits.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = call(&gw, Method::GET, "/b", &[], "").await;
+    assert_eq!(second.status, 503, "{}", second.text());
+    assert_eq!(second.json()["error"], "upstream_busy");
+    assert_eq!(second.header("retry-after"), Some("1"));
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}

@@ -272,6 +272,10 @@ async fn fails_over_to_a_second_upstream_and_skips_the_dead_one() {
     // Non-idempotent requests with a body are not replayed, but passive health now skips the dead one.
     let got = send(&c, Request::post(gw.url("/x")).body(full("payload")).unwrap()).await;
     assert_eq!(got.status, 200);
+    // The dead upstream was tried once: every later request skipped it (one failed connect, one
+    // warning), instead of paying a refused connection each time.
+    let tried = gw.log().matches("upstream failed to connect; skipping it").count();
+    assert_eq!(tried, 1, "the dead upstream was tried {tried} times:\n{}", gw.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -347,20 +351,58 @@ async fn request_smuggling_attempts_never_reach_the_origin() {
     .await;
     let gw = Gateway::start(&config(&route(&origin)));
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    // (request, status, requests the origin may see): where chunked wins (RFC 9112 §6.1, the
+    // Content-Length is dropped) the POST is forwarded with an empty body and the connection is
+    // closed after the answer; the other framings are refused.
     let attempts = [
-        format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
-        format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello{smuggled}"),
-        format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: xchunked\r\n\r\n5c\r\n{smuggled}"),
-        format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
-        format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\tchunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n{smuggled}"),
+        (format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"), 200, 1),
+        (format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello{smuggled}"), 400, 0),
+        (format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: xchunked\r\n\r\n5c\r\n{smuggled}"), 400, 0),
+        (format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"), 400, 0),
+        (format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\tchunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n{smuggled}"), 200, 1),
     ];
-    for a in &attempts {
+    for (a, status, upstream) in &attempts {
+        let before = origin.count();
         let out = raw(gw.addr(), a.as_bytes(), Duration::from_secs(3)).await;
-        assert!(!out.is_empty(), "no answer to {a:?}");
+        let statuses: Vec<&str> = out.lines().filter(|l| l.starts_with("HTTP/1.1 ")).collect();
+        assert_eq!(statuses.len(), 1, "exactly one response to {a:?}: {out}");
+        assert!(statuses[0].starts_with(&format!("HTTP/1.1 {status} ")), "{a:?}: {out}");
+        assert_eq!(origin.count() - before, *upstream, "{a:?}");
+        if *status == 200 {
+            assert!(out.ends_with("read 0"), "the POST went up with an empty body: {out}");
+        }
     }
     let seen = origin.seen();
     assert!(seen.iter().all(|s| s.uri.path() != "/smuggled"), "smuggled request reached the origin: {seen:?}");
-    assert!(seen.len() <= attempts.len());
+}
+
+/// An HTTP/2 client in front of an HTTP/1.1 origin: a body longer than its declared
+/// `content-length` (the h2 downgrade desync) never turns into a second request upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_to_h1_length_desync_never_reaches_the_origin() {
+    let origin = Origin::start(|req| async move {
+        let n = drain(req.into_body()).await;
+        text(200, &format!("read {n}"))
+    })
+    .await;
+    let gw = Gateway::start(&config(&route(&origin)));
+    let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let req = Request::post(format!("http://{}/a", gw.addr())).header("content-length", "3").body(()).unwrap();
+    let (resp, mut stream) = h2.send_request(req, false).unwrap();
+    let sent = stream.send_data(bytes::Bytes::from(format!("abc{smuggled}")), true);
+    let answer = match (sent, resp.await) {
+        (_, Ok(r)) => format!("status {}", r.status()),
+        (_, Err(e)) => format!("reset: {e}"),
+    };
+    eprintln!("h2 desync: {answer}");
+    assert!(!answer.starts_with("status 2"), "a desynced body was accepted: {answer}");
+    // The gateway keeps serving, and the origin never saw the smuggled request.
+    assert_eq!(send(&h2_client(), Request::get(gw.url("/ok")).body(full("")).unwrap()).await.status, 200);
+    let seen = origin.seen();
+    assert!(seen.iter().all(|s| s.uri.path() != "/smuggled"), "smuggled request reached the origin: {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -404,11 +446,9 @@ async fn body_idle_timeout_cuts_a_stalled_upstream() {
     let gw = Gateway::start(&config(&routes));
     let resp = client().request(Request::get(gw.url("/")).body(full("")).unwrap()).await.unwrap();
     assert_eq!(resp.status(), 200);
-    let started = Instant::now();
     let result =
         tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await.expect("body never ended");
     assert!(result.is_err(), "a stalled body must end in an error, not look complete");
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[tokio::test(flavor = "multi_thread")]

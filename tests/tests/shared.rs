@@ -367,7 +367,7 @@ async fn redis_cluster_store_hit_and_purge_by_tag() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_purge_on_one_instance_wins_over_a_fetch_in_flight_on_another() {
     let redis = RedisServer::start();
-    let (origin, _) = origin().await;
+    let (origin, hits) = origin().await;
     let yaml = config(&origin, &redis_block(&[redis.url()], "  op_timeout: 200ms\n"), "16MiB");
     let a = Gateway::start(&yaml);
     let b = Gateway::start(&yaml);
@@ -377,13 +377,104 @@ async fn a_purge_on_one_instance_wins_over_a_fetch_in_flight_on_another() {
         let req = Request::get(url).header("host", "api.test").body(full("")).unwrap();
         send(&client(), req).await
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The fetch has reached the origin (which answers 400 ms later): purge now.
+    assert!(eventually(Duration::from_secs(5), || async { hits.load(Ordering::SeqCst) == 1 }).await);
     assert_eq!(purge(&a, r#"{"keys": ["/slow/1"]}"#).await.status, 200);
     let g = in_flight.await.unwrap();
     assert_eq!(g.status, 200);
     assert_eq!(cs(&g), "weir; fwd=miss; detail=purged", "the overtaken fetch was stored");
     // Neither tier kept the pre-purge answer.
     assert!(cs(&call(&a, Method::GET, "/slow/1").await).contains("fwd=miss"));
+}
+
+/// The Redis side of the purge-vs-fill race, alone: instance B may not subscribe (its Redis
+/// user has no channel rights), so no purge message ever reaches it, and its store of an
+/// overtaken fetch must be refused by the store script's check of the purge log. A third
+/// instance then finds nothing in L2 for that path, while B's other stores are there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_store_script_refuses_a_fill_overtaken_by_a_purge_it_never_heard_of() {
+    let redis = RedisServer::start_with(&["--user", "deaf", "on", ">deafpass", "~*", "resetchannels", "+@all"]);
+    let (origin, hits) = origin().await;
+    let extra = "  op_timeout: 500ms\n";
+    let yaml = config(&origin, &redis_block(&[redis.url()], extra), "16MiB");
+    let deaf_url = redis.url().replacen("redis://", "redis://deaf:deafpass@", 1);
+    let a = Gateway::start(&yaml);
+    let b = Gateway::start(&config(&origin, &redis_block(&[deaf_url], extra), "16MiB"));
+    wait_subscribed(&[&a]).await;
+    assert_eq!(health(&b).await["redis"]["invalidations_subscribed"], serde_json::json!(false));
+    // Control: B's stores reach L2.
+    assert_eq!(cs(&call(&b, Method::GET, "/products/1").await), "weir; fwd=miss; stored");
+    let url = b.url("/slow/1");
+    let in_flight = tokio::spawn(async move {
+        let req = Request::get(url).header("host", "api.test").body(full("")).unwrap();
+        send(&client(), req).await
+    });
+    assert!(eventually(Duration::from_secs(5), || async { hits.load(Ordering::SeqCst) == 2 }).await);
+    assert_eq!(purge(&a, r#"{"keys": ["/slow/1"]}"#).await.status, 200);
+    assert_eq!(in_flight.await.unwrap().status, 200);
+    let c = Gateway::start(&yaml);
+    wait_subscribed(&[&c]).await;
+    assert_eq!(cs(&call(&c, Method::GET, "/products/1").await), "weir; hit; detail=l2", "B's stores reach L2");
+    let g = call(&c, Method::GET, "/slow/1").await;
+    assert_eq!(cs(&g), "weir; fwd=miss; stored", "L2 kept a fill the purge overtook: {}", g.text());
+}
+
+/// Runs `script` with `redis-cli EVAL` on every entry key (`weir:{B}:e:*`); the replies.
+fn eval_on_entries(redis: &RedisServer, script: &str) -> Vec<String> {
+    let entries: Vec<String> = redis.keys().into_iter().filter(|k| k.contains(":e:")).collect();
+    entries
+        .iter()
+        .map(|k| {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &redis.port.to_string(), "--raw", "EVAL", script, "1", k])
+                .output()
+                .expect("redis-cli");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .collect()
+}
+
+/// A value changed in Redis by anyone without the deployment secret (here: one body byte,
+/// everything else intact, so it still decodes) is ignored, not served: the MAC does not verify.
+/// And a client write purges its URL's L2 entry only, through the exact-path index.
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_l2_values_are_ignored_and_a_write_purges_only_its_url() {
+    let redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    let yaml = config(&origin, &redis_block(&[redis.url()], ""), "16MiB");
+    let a = Gateway::start(&yaml);
+    for p in ["/products/1", "/products/2", "/products/3"] {
+        assert_eq!(cs(&call(&a, Method::GET, p).await), "weir; fwd=miss; stored");
+    }
+    // Forge /products/1: ` n=1` becomes ` n=9` in place (same length, TTL kept).
+    let forged = eval_on_entries(
+        &redis,
+        "local v = redis.call('GET', KEYS[1]) local i = string.find(v, '/products/1 n=1', 1, true) \
+         if not i then return 0 end \
+         redis.call('SET', KEYS[1], string.sub(v, 1, i + 13) .. '9' .. string.sub(v, i + 15), 'KEEPTTL') return 1",
+    );
+    assert_eq!(forged.iter().filter(|r| *r == "1").count(), 1, "{forged:?}");
+    let b = Gateway::start(&yaml);
+    wait_subscribed(&[&a, &b]).await;
+    let g = call(&b, Method::GET, "/products/1").await;
+    assert_ne!(g.text(), "/products/1 n=9", "a forged L2 value was served");
+    assert_eq!(cs(&g), "weir; fwd=miss; stored");
+    assert_eq!(cs(&call(&b, Method::GET, "/products/2").await), "weir; hit; detail=l2");
+    // On the route without tags, a write to /o/3 on A: a fresh instance misses there and still
+    // hits /o/2 (same prefix) from L2.
+    let c0 = client();
+    let other = |gw: &Gateway, m: Method, p: &str| {
+        let req = Request::builder().method(m).uri(gw.url(p)).header("host", "other.test").body(full("")).unwrap();
+        send(&c0, req)
+    };
+    for p in ["/o/2", "/o/3"] {
+        assert_eq!(cs(&other(&a, Method::GET, p).await), "weir; fwd=miss; stored");
+    }
+    assert_eq!(other(&a, Method::PUT, "/o/3").await.status, 200);
+    let c = Gateway::start(&yaml);
+    wait_subscribed(&[&c]).await;
+    assert_eq!(cs(&other(&c, Method::GET, "/o/3").await), "weir; fwd=miss; stored");
+    assert_eq!(cs(&other(&c, Method::GET, "/o/2").await), "weir; hit; detail=l2");
 }
 
 /// A CA and a server certificate for `localhost` / 127.0.0.1, made with the openssl CLI.

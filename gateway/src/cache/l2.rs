@@ -3,11 +3,12 @@
 //!
 //! Redis keys carry no request data: every name is `weir:{B}:<kind>:<128-bit keyed BLAKE3>`,
 //! where `B` is one of `buckets` hash-tag buckets picked by the hash. An entry, the index sets
-//! that list it (by tag, by path prefix) and the bucket's purge log share a bucket, hence a
+//! that list it (by tag, by exact path, by path prefix) and the bucket's purge log share a bucket, hence a
 //! Cluster slot, so each store is one atomic script; entries of one route still spread over all
 //! buckets. Index sets are sorted sets scored by expiry: expired members are trimmed on every
-//! store and the set itself expires with its longest-lived member. A purge by tag or prefix runs
-//! one script per bucket that reads the index (never `KEYS`, never a scan).
+//! store and the set itself expires with its longest-lived member. A purge by tag, URL or prefix
+//! runs one script per bucket that reads the index (never `KEYS`, never a scan); a purge by URL
+//! (what every client write causes) reads only the exact-path set, never a prefix's.
 //!
 //! A purge wins over a fetch in flight: each bucket keeps a ten-minute log of purges, scored by
 //! Redis' own clock (`TIME` inside the script); a store whose fetch started before a purge that
@@ -57,7 +58,7 @@ local px = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
 for i = 3, #KEYS do
   local member = ARGV[4]
-  if i - 2 > ntags then member = ARGV[4] .. ' ' .. ARGV[7] end
+  if i - 2 > ntags + 1 then member = ARGV[4] .. ' ' .. ARGV[7] end
   redis.call('ZADD', KEYS[i], now + px, member)
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   if redis.call('PTTL', KEYS[i]) < px then redis.call('PEXPIRE', KEYS[i], px) end
@@ -74,7 +75,7 @@ for i = 2, #KEYS do
   local kind, v = ARGV[2 * i - 2], ARGV[2 * i - 1]
   if kind == 'k' then
     n = n + redis.call('DEL', KEYS[i])
-  elseif kind == 't' then
+  elseif kind == 't' or kind == 'u' then
     for _, m in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
       n = n + redis.call('DEL', eprefix .. m)
     end
@@ -83,7 +84,7 @@ for i = 2, #KEYS do
     for _, m in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
       local sp = string.find(m, ' ', 1, true)
       local path = string.sub(m, sp + 1)
-      if (kind == 'u' and path == v) or (kind == 'p' and string.sub(path, 1, #v) == v) then
+      if string.sub(path, 1, #v) == v then
         n = n + redis.call('DEL', eprefix .. string.sub(m, 1, sp - 1))
         redis.call('ZREM', KEYS[i], m)
       end
@@ -232,6 +233,8 @@ impl L2 {
         for t in &tags {
             inv.key(Self::name(b, "t", &self.hash(b't', t)));
         }
+        // The exact-path set: a purge by URL (every write) reads only the entries of that URL.
+        inv.key(Self::name(b, "x", &self.hash(b'x', obj.path())));
         for p in index_prefixes(obj.path()) {
             inv.key(Self::name(b, "p", &self.hash(b'p', p)));
         }
@@ -262,9 +265,7 @@ impl L2 {
         let mut per: Vec<Ops> = vec![Vec::new(); usize::from(self.buckets)];
         for k in &p.keys {
             if k.starts_with('/') {
-                if let Some(q) = lookup_prefix(k) {
-                    Self::in_every_bucket(&mut per, "u", k, "p", &self.hash(b'p', q));
-                }
+                Self::in_every_bucket(&mut per, "u", k, "x", &self.hash(b'x', k));
             } else {
                 let h = self.hash(b'e', k);
                 let b = self.bucket_of(&h);
