@@ -40,6 +40,12 @@ pub enum GatewayError {
     /// raises it when `redis::Shared::is_up()` is false (the breaker is open or Redis is gone).
     #[error("the budget store is unavailable and this route fails closed; retry shortly")]
     BudgetUnavailable,
+    /// A `count: all` rate-limit policy refused the request (nothing was consumed from any).
+    #[error("rate limit `{policy}` exceeded; retry in {retry_after_s} s")]
+    RateLimited { policy: String, retry_after_s: u64, headers: Vec<(header::HeaderName, HeaderValue)> },
+    /// A `fail: closed` rate limit while Redis is away.
+    #[error("the rate-limit store is unavailable and this route fails closed; retry shortly")]
+    RateLimitUnavailable,
 }
 
 impl GatewayError {
@@ -53,7 +59,10 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
-            GatewayError::BudgetUnavailable | GatewayError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BudgetUnavailable
+            | GatewayError::UpstreamBusy { .. }
+            | GatewayError::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -73,6 +82,8 @@ impl GatewayError {
             GatewayError::InvalidConfig { .. } => "invalid_config",
             GatewayError::NotCached => "not_cached",
             GatewayError::BudgetUnavailable => "budget_unavailable",
+            GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::RateLimitUnavailable => "ratelimit_unavailable",
         }
     }
 
@@ -91,6 +102,15 @@ impl GatewayError {
             }
             GatewayError::UpstreamBusy { .. } => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            GatewayError::RateLimited { retry_after_s, headers, .. } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+                for (k, v) in headers {
+                    resp.headers_mut().insert(k.clone(), v.clone());
+                }
+            }
+            GatewayError::RateLimitUnavailable => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             GatewayError::BudgetUnavailable => {
                 // The breaker probes again within seconds (`redis.breaker.open_for`).

@@ -51,6 +51,12 @@ pub struct PluginCall {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoutePolicy {
+    pub route: Arc<String>,
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginLabel {
     pub plugin: String,
 }
@@ -71,6 +77,9 @@ pub struct Metrics {
     pub plugin_calls: Family<PluginCall, Counter>,
     pub plugin_duration: Histogram,
     plugin_instances: Family<PluginLabel, Gauge>,
+    ratelimit_rejected: Family<RoutePolicy, Counter>,
+    ratelimit_fallback: Family<RouteLabel, Counter>,
+    ratelimit_keys: Gauge,
 }
 
 impl Metrics {
@@ -111,6 +120,20 @@ impl Metrics {
             "Plugin instances in existence (warm or in a call), at most 16 per plugin",
             plugin_instances.clone(),
         );
+        let ratelimit_rejected = Family::<RoutePolicy, Counter>::default();
+        let ratelimit_fallback = Family::<RouteLabel, Counter>::default();
+        let ratelimit_keys = Gauge::default();
+        registry.register(
+            "weir_ratelimit_rejected",
+            "Requests refused by a rate-limit policy",
+            ratelimit_rejected.clone(),
+        );
+        registry.register(
+            "weir_ratelimit_fallback",
+            "Rate-limit checks decided without Redis (its fail mode)",
+            ratelimit_fallback.clone(),
+        );
+        registry.register("weir_ratelimit_keys", "Keys the local rate limiter tracks", ratelimit_keys.clone());
         Arc::new(Metrics {
             registry,
             requests,
@@ -126,6 +149,9 @@ impl Metrics {
             plugin_calls,
             plugin_duration,
             plugin_instances,
+            ratelimit_rejected,
+            ratelimit_fallback,
+            ratelimit_keys,
         })
     }
 
@@ -161,7 +187,16 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with gauges read now.
-    pub fn render(&self, l1: StorageStats, redis_up: bool, plugins: &[(String, usize)]) -> String {
+    pub fn ratelimit_rejected(&self, route: &Arc<String>, policy: &str) {
+        self.ratelimit_rejected.get_or_create(&RoutePolicy { route: route.clone(), policy: policy.to_string() }).inc();
+    }
+
+    pub fn ratelimit_fallback(&self, route: &Arc<String>) {
+        self.ratelimit_fallback.get_or_create(&RouteLabel { route: route.clone() }).inc();
+    }
+
+    pub fn render(&self, l1: StorageStats, redis_up: bool, plugins: &[(String, usize)], ratelimit_keys: u64) -> String {
+        self.ratelimit_keys.set(i64::try_from(ratelimit_keys).unwrap_or(i64::MAX));
         for (plugin, n) in plugins {
             self.plugin_instances
                 .get_or_create(&PluginLabel { plugin: plugin.clone() })

@@ -36,13 +36,20 @@ pub struct Runtime {
     pub cache: Arc<Cache>,
     /// Shared by every configuration generation, like the cache.
     pub metrics: Arc<Metrics>,
+    /// Rate-limit state, shared by every configuration generation (a reload keeps the counts).
+    pub limits: Arc<crate::limit::Limiter>,
     /// Label for requests that matched no route, and for admin actions.
     pub no_route: Arc<String>,
     pub no_route_requests: RouteRequests,
 }
 
 impl Runtime {
-    pub fn build(config: Config, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Runtime {
+    pub fn build(
+        config: Config,
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+        limits: Arc<crate::limit::Limiter>,
+    ) -> Runtime {
         let router = Router::new(&config.routes);
         for p in config.routes.iter().filter_map(|r| r.plugin.as_ref()?.loaded.as_ref()) {
             p.set_sink(metrics.clone());
@@ -65,7 +72,7 @@ impl Runtime {
             .collect();
         let no_route = Arc::new(String::new());
         let no_route_requests = metrics.route_requests(&no_route);
-        Runtime { config: Arc::new(config), router, routes, cache, metrics, no_route, no_route_requests }
+        Runtime { config: Arc::new(config), router, routes, cache, metrics, limits, no_route, no_route_requests }
     }
 }
 
@@ -96,7 +103,9 @@ impl Gateway {
             r.spawn_supervisor();
             l2::spawn_subscriber(Arc::downgrade(&cache), l2);
         }
-        let runtime = Runtime::build(config, cache, metrics);
+        let instances = config.redis.as_ref().map_or(1, |r| r.instances);
+        let limits = Arc::new(crate::limit::Limiter::new(redis.clone(), instances));
+        let runtime = Runtime::build(config, cache, metrics, limits);
         Arc::new(Gateway { runtime: ArcSwap::from_pointee(runtime), started: Instant::now(), redis })
     }
 
@@ -149,7 +158,12 @@ impl Gateway {
             });
         }
         let routes = next.routes.len();
-        self.runtime.store(Arc::new(Runtime::build(next, current.cache.clone(), current.metrics.clone())));
+        self.runtime.store(Arc::new(Runtime::build(
+            next,
+            current.cache.clone(),
+            current.metrics.clone(),
+            current.limits.clone(),
+        )));
         tracing::info!(routes, "configuration reloaded");
         Ok(())
     }

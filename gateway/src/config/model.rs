@@ -52,6 +52,9 @@ pub struct Redis {
     /// Environment variable holding the deployment secret that keys every Redis key name and
     /// MACs every value and invalidation message.
     pub key_secret_env: Option<String>,
+    /// Instances sharing this Redis (configured): while Redis is away a `fail: local` rate limit
+    /// admits `rate / instances` on each, so the fleet as a whole keeps about the shared rate.
+    pub instances: u64,
     pub cluster: bool,
     pub password_env: Option<String>,
     /// Bound on every Redis call; a slower answer counts as a failure and the request goes on
@@ -126,7 +129,8 @@ pub struct Route {
     /// Shared (`Arc`) because every cached request holds it for its whole life.
     pub cache: Option<std::sync::Arc<RouteCache>>,
     pub invalidate: Option<Invalidate>,
-    pub rate_limit: Option<RateLimit>,
+    /// The route's `count: all` policies, checked and consumed all or nothing (empty: none).
+    pub rate_limit: Vec<RateLimit>,
     pub budget: Option<Budget>,
 }
 
@@ -210,11 +214,45 @@ pub enum ConsumerKey {
     Plugin,
 }
 
+/// What a rate-limit policy counts by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitKey {
+    /// The client's address (`X-Forwarded-For` only through trusted proxies; IPv6 by /64).
+    ClientIp,
+    /// A request header's value (a request without it is counted by its client address).
+    Header(HeaderName),
+    /// One bucket for the whole route.
+    Route,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Gcra,
+    /// Calendar-aligned windows (UTC epoch multiples of the period): quotas like 10000/1d.
+    FixedWindow,
+}
+
+/// What a limit does while Redis is away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitFail {
+    /// The local limiter, at `rate / redis.instances`.
+    Local,
+    Open,
+    Closed,
+}
+
 #[derive(Debug, Clone)]
 pub struct RateLimit {
-    pub key: ConsumerKey,
+    /// Shown in `RateLimit-Policy`; `[A-Za-z0-9_-]`, unique per route.
+    pub name: String,
+    pub key: LimitKey,
     pub rate: Rate,
     pub burst: u64,
+    pub algorithm: Algorithm,
+    pub gcra: crate::limit::gcra::Gcra,
+    pub fail: LimitFail,
+    /// `RateLimit` / `RateLimit-Policy` on allowed responses too (always on a 429).
+    pub headers: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -62,6 +62,8 @@ pub struct RawAdmin {
 pub struct RawRedis {
     pub url: Option<String>,
     pub key_secret_env: Option<String>,
+    /// Instances sharing this Redis: a local rate-limit fallback admits `rate / instances`.
+    pub instances: Option<Text>,
     pub cluster: Option<Vec<String>>,
     pub password_env: Option<String>,
     pub op_timeout: Option<Text>,
@@ -131,8 +133,16 @@ pub struct RawRoute {
     pub plugin: Option<RawPlugin>,
     pub cache: Option<RawRouteCache>,
     pub invalidate: Option<RawInvalidate>,
-    pub rate_limit: Option<RawRateLimit>,
+    pub rate_limit: Option<RawRateLimits>,
     pub budget: Option<RawBudget>,
+}
+
+/// One policy (a map, named `default`) or several (a list).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRateLimits {
+    One(RawRateLimit),
+    Many(Vec<RawRateLimit>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,9 +210,14 @@ pub struct RawInvalidate {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
+    pub name: Option<String>,
     pub key: Option<String>,
     pub rate: Text,
     pub burst: Option<Text>,
+    pub algorithm: Option<String>,
+    pub count: Option<String>,
+    pub fail: Option<String>,
+    pub headers: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -368,6 +368,7 @@ impl Validator {
         Redis {
             urls,
             key_secret_env: r.key_secret_env.clone(),
+            instances: self.count(src, "redis.instances", r.instances.as_ref(), 1, 1, 10_000),
             cluster,
             password_env: r.password_env.clone(),
             op_timeout,
@@ -638,26 +639,32 @@ impl Validator {
             Invalidate { methods: im, tags: inv.tags.clone() }
         });
 
-        let rate_limit = r.rate_limit.as_ref().map(|rl| {
-            let rp = format!("{p}.rate_limit");
-            self.not_yet(src, &rp, "rate limiting");
-            let rate = parse_rate(&rl.rate.text).unwrap_or_else(|e| {
-                self.problems.at(src, &format!("{rp}.rate"), e);
-                super::values::Rate { count: 1, per: Duration::from_secs(1) }
-            });
-            let burst = match &rl.burst {
-                None => rate.count,
-                Some(b) => b.text.parse::<u64>().unwrap_or_else(|_| {
-                    self.problems.at(
-                        src,
-                        &format!("{rp}.burst"),
-                        format!("invalid burst `{}`: expected a whole number", b.text),
-                    );
-                    rate.count
-                }),
-            };
-            RateLimit { key: self.consumer_key(src, &format!("{rp}.key"), rl.key.as_deref()), rate, burst }
-        });
+        let rate_limit = match &r.rate_limit {
+            None => Vec::new(),
+            Some(RawRateLimits::One(rl)) => {
+                self.rate_limit(src, &format!("{p}.rate_limit"), rl, "default").into_iter().collect()
+            }
+            Some(RawRateLimits::Many(list)) => {
+                let mut out: Vec<RateLimit> = Vec::new();
+                for (i, rl) in list.iter().enumerate() {
+                    let rp = format!("{p}.rate_limit[{i}]");
+                    if rl.name.is_none() {
+                        self.problems.at(src, &rp, "each policy of a rate_limit list needs a `name`");
+                    }
+                    if let Some(l) = self.rate_limit(src, &rp, rl, &format!("policy-{i}")) {
+                        if out.iter().any(|o| o.name == l.name) {
+                            self.problems.at(
+                                src,
+                                &format!("{rp}.name"),
+                                format!("duplicate rate_limit policy name `{}`", l.name),
+                            );
+                        }
+                        out.push(l);
+                    }
+                }
+                out
+            }
+        };
 
         let budget = r.budget.as_ref().map(|b| {
             let bp = format!("{p}.budget");
@@ -758,6 +765,114 @@ impl Validator {
                 64 << 10,
             ),
         }
+    }
+
+    fn rate_limit(&mut self, src: &Source, rp: &str, rl: &RawRateLimit, default_name: &str) -> Option<RateLimit> {
+        let before = self.problems.0.len();
+        let name = rl.name.clone().unwrap_or_else(|| default_name.to_string());
+        if name.is_empty()
+            || name.len() > 64
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            self.problems.at(
+                src,
+                &format!("{rp}.name"),
+                format!("invalid policy name `{name}`: 1-64 of A-Z a-z 0-9 - _"),
+            );
+        }
+        let rate = parse_rate(&rl.rate.text).unwrap_or_else(|e| {
+            self.problems.at(src, &format!("{rp}.rate"), e);
+            super::values::Rate { count: 1, per: Duration::from_secs(1) }
+        });
+        let algorithm = match rl.algorithm.as_deref() {
+            None | Some("gcra") => Algorithm::Gcra,
+            Some("fixed_window") => Algorithm::FixedWindow,
+            Some(other) => {
+                self.problems.at(
+                    src,
+                    &format!("{rp}.algorithm"),
+                    format!("unknown algorithm `{other}`: expected `gcra` or `fixed_window`"),
+                );
+                Algorithm::Gcra
+            }
+        };
+        let burst = match &rl.burst {
+            None => rate.count,
+            Some(b) => match b.text.parse::<u64>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    self.problems.at(
+                        src,
+                        &format!("{rp}.burst"),
+                        format!("invalid burst `{}`: expected a whole number of at least 1", b.text),
+                    );
+                    1
+                }
+            },
+        };
+        if algorithm == Algorithm::FixedWindow && rl.burst.is_some() {
+            self.problems.at(src, &format!("{rp}.burst"), "a fixed window has no burst: its quota is the rate's count");
+        }
+        let gcra = crate::limit::gcra::Gcra::new(rate.count, rate.per, burst);
+        if gcra.is_none() {
+            self.problems.at(
+                src,
+                &format!("{rp}.rate"),
+                format!("rate `{}` cannot be kept exactly: one request per 1 µs to 285 years", rl.rate.text),
+            );
+        }
+        let key = match rl.key.as_deref() {
+            None | Some("client_ip") => LimitKey::ClientIp,
+            Some("route") => LimitKey::Route,
+            Some("consumer" | "plugin") => {
+                self.not_yet(src, &format!("{rp}.key"), "rate limits keyed by consumer");
+                LimitKey::Route
+            }
+            Some(k) => match k.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
+                Some(Ok(h)) => LimitKey::Header(h),
+                _ => {
+                    self.problems.at(
+                        src,
+                        &format!("{rp}.key"),
+                        format!("invalid key `{k}`: expected `client_ip`, `header:NAME`, `route` or `consumer`"),
+                    );
+                    LimitKey::Route
+                }
+            },
+        };
+        match rl.count.as_deref() {
+            None | Some("all") => {}
+            Some("misses") => self.not_yet(src, &format!("{rp}.count"), "`count: misses` rate limits"),
+            Some(other) => self.problems.at(
+                src,
+                &format!("{rp}.count"),
+                format!("invalid count `{other}`: expected `all` or `misses`"),
+            ),
+        }
+        let fail = match rl.fail.as_deref() {
+            None | Some("local") => LimitFail::Local,
+            Some("open") => LimitFail::Open,
+            Some("closed") => LimitFail::Closed,
+            Some(other) => {
+                self.problems.at(
+                    src,
+                    &format!("{rp}.fail"),
+                    format!("invalid fail mode `{other}`: expected `local`, `open` or `closed`"),
+                );
+                LimitFail::Local
+            }
+        };
+        let gcra = gcra?;
+        (self.problems.0.len() == before).then_some(RateLimit {
+            name,
+            key,
+            rate,
+            burst,
+            algorithm,
+            gcra,
+            fail,
+            headers: rl.headers.unwrap_or(true),
+        })
     }
 
     fn consumer_key(&mut self, src: &Source, path: &str, key: Option<&str>) -> ConsumerKey {

@@ -1,5 +1,467 @@
-//! Rate limiting (issue 11, in progress): the limiter arithmetic lands first, with its tests;
-//! the policy wiring (phase 3 and the upstream function), the bounded local store and the Redis
-//! script follow. `weir run` still refuses `rate_limit` blocks until then.
+//! Rate limits (phase 3): a route's `count: all` policies are checked and consumed together,
+//! all or nothing — a request refused by one policy consumes nothing from the others.
+//!
+//! - **Distributed** (with `redis`): one Lua script call per request does every policy of the
+//!   route for that key atomically, on Redis' own clock (`TIME`, microseconds: exact in Lua's
+//!   doubles), so there is no read-then-increment race between instances. The policies' keys
+//!   are `weir:{rl:<keyed hash of route and key>}:<policy>`: one hash tag, so one call touches
+//!   one Cluster slot; a fixed window's key does not depend on time (it stores `window:count`),
+//!   and every key expires when its state no longer matters (nothing needs a sweeper).
+//! - **Local** (embedded mode, and the `fail: local` fallback while Redis is away): the same
+//!   arithmetic on this instance's clock, in a bounded map (`LOCAL_KEYS`; the
+//!   `weir_ratelimit_keys` gauge). As a fallback it admits `rate / redis.instances`.
+//!   `governor` was the first choice, but it checks each limiter on its own (no all-or-nothing
+//!   across a route's policies) and has no hard cap on keys; one GCRA cell per policy in a moka
+//!   map gives both.
+//!
+//! Keys: `client_ip` walks `X-Forwarded-For` right to left only when the peer is a trusted
+//! proxy (the first address that is not one counts); IPv6 clients are grouped by /64. A
+//! `header:NAME` key without that header falls back to the client address.
 
 pub mod gcra;
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderName, HeaderValue};
+
+use self::gcra::{Decision, Gcra};
+use crate::config::{Algorithm, LimitFail, LimitKey, RateLimit};
+use crate::error::GatewayError;
+use crate::proxy::RequestCtx;
+use crate::redis::Shared;
+
+/// Most keys the local limiter tracks at once (a flood of distinct keys evicts the least used).
+pub const LOCAL_KEYS: u64 = 100_000;
+
+/// Checks every policy (KEYS[i], ARGV[3i-2..3i] = kind, a, b) and consumes all or none.
+/// GCRA (`g`): a = interval µs, b = tolerance µs; the key holds the TAT. Fixed window (`w`):
+/// a = window µs, b = quota; the key holds `window:count`. Returns `{admitted, then remaining,
+/// reset µs, retry µs for each policy}`.
+const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ok = 1
+local out = {0}
+local sets = {}
+for i = 1, #KEYS do
+  local kind, a, b = ARGV[3 * i - 2], tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
+  local v = redis.call('GET', KEYS[i])
+  local remaining, reset, retry = 0, 0, 0
+  if kind == 'g' then
+    local tat = tonumber(v or '0') or 0
+    local start = math.max(tat, now)
+    local horizon = now + b
+    if start > horizon then
+      ok = 0
+      reset = tat - now
+      retry = start - horizon
+    else
+      local nt = start + a
+      if nt <= horizon then remaining = math.floor((horizon - nt) / a) + 1 end
+      reset = nt - now
+      sets[#sets + 1] = {KEYS[i], string.format('%.0f', nt), math.ceil(reset / 1000) + 1, #out + 1, a}
+    end
+  else
+    local w = math.floor(now / a)
+    local count = 0
+    if v then
+      local sw, sc = string.match(v, '^(%d+):(%d+)$')
+      if sw and tonumber(sw) == w then count = tonumber(sc) end
+    end
+    reset = (w + 1) * a - now
+    if count >= b then
+      ok = 0
+      retry = reset
+    else
+      remaining = b - count - 1
+      sets[#sets + 1] = {KEYS[i], string.format('%.0f', w) .. ':' .. (count + 1), math.ceil(reset / 1000) + 1, #out + 1, 0}
+    end
+  end
+  out[#out + 1] = remaining
+  out[#out + 1] = reset
+  out[#out + 1] = retry
+end
+if ok == 1 then
+  for _, s in ipairs(sets) do redis.call('SET', s[1], s[2], 'PX', s[3]) end
+else
+  -- Refused: the policies that would have admitted report their state unconsumed.
+  for _, s in ipairs(sets) do
+    out[s[4]] = out[s[4]] + 1
+    out[s[4] + 1] = out[s[4] + 1] - s[5]
+  end
+end
+out[1] = ok
+return out
+";
+
+/// One policy's state after a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyState {
+    pub remaining: u64,
+    /// Until the policy's quota is whole again.
+    pub reset_us: u64,
+    /// Refused by this policy: a retry this much later is admitted. Zero: it admitted.
+    pub retry_us: u64,
+}
+
+#[derive(Debug)]
+pub struct Limiter {
+    local: moka::sync::Cache<[u8; 16], Arc<Mutex<Vec<u64>>>>,
+    redis: Option<Arc<Shared>>,
+    script: redis::Script,
+    hash_key: [u8; 32],
+    instances: u64,
+}
+
+impl Limiter {
+    pub fn new(redis: Option<Arc<Shared>>, instances: u64) -> Limiter {
+        // Instances on one Redis must agree on key names: the deployment secret, or (as the L2
+        // does without one) a public constant.
+        let secret = redis.as_ref().map(|r| r.key_secret.clone().unwrap_or_else(|| "weir".to_string()));
+        let hash_key = match secret {
+            Some(s) => blake3::derive_key("weir rate-limit keys", s.as_bytes()),
+            None => blake3::derive_key(
+                "weir rate-limit keys (local)",
+                &[crate::random_u64().to_le_bytes(), crate::random_u64().to_le_bytes()].concat(),
+            ),
+        };
+        Limiter {
+            local: moka::sync::Cache::builder()
+                .max_capacity(LOCAL_KEYS)
+                .time_to_idle(Duration::from_secs(86_400 * 31))
+                .build(),
+            redis,
+            script: redis::Script::new(SCRIPT),
+            hash_key,
+            instances: instances.max(1),
+        }
+    }
+
+    /// Keys the local limiter tracks now (`weir_ratelimit_keys`).
+    pub fn local_keys(&self) -> u64 {
+        self.local.run_pending_tasks();
+        self.local.entry_count()
+    }
+
+    /// Phase 3: checks and consumes the route's policies for this request. `Ok` carries the
+    /// headers for an admitted response (empty when no policy asks for them).
+    pub async fn admit(&self, ctx: &RequestCtx) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
+        let route = ctx.route();
+        let policies = &route.route.rate_limit;
+        let mut states = vec![PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; policies.len()];
+        let all: Vec<usize> = (0..policies.len()).collect();
+        let keys: Vec<String> = policies.iter().map(|p| limit_key(ctx, &p.key)).collect();
+        let q = Query { route: &route.route.name, policies, keys: &keys };
+        let admitted = self.check(q, &all, &mut states, ctx).await?;
+        if !admitted {
+            let (i, retry) = states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i, s.retry_us))
+                .max_by_key(|(_, r)| *r)
+                .unwrap_or((0, 1_000_000));
+            route.metrics.ratelimit_rejected(&route.label, &policies[i].name);
+            let mut headers = headers(policies, &states, true);
+            headers.retain(|(k, _)| k != RATELIMIT);
+            if let Some(v) = field(&policies[i].name, 0, retry) {
+                headers.push((RATELIMIT.clone(), v));
+            }
+            return Err(GatewayError::RateLimited {
+                policy: policies[i].name.clone(),
+                retry_after_s: retry.div_ceil(1_000_000).max(1),
+                headers,
+            });
+        }
+        Ok(if policies.iter().any(|p| p.headers) { headers(policies, &states, false) } else { Vec::new() })
+    }
+
+    /// One atomic check of `idx` policies (Redis, else the local map); false: refused.
+    async fn check(
+        &self,
+        q: Query<'_>,
+        idx: &[usize],
+        states: &mut [PolicyState],
+        ctx: &RequestCtx,
+    ) -> Result<bool, GatewayError> {
+        let Query { route, policies, keys } = q;
+        if let Some(redis) = &self.redis {
+            let mut inv = self.script.prepare_invoke();
+            for &i in idx {
+                let p = &policies[i];
+                inv.key(format!("weir:{{rl:{}}}:{}", self.id_hex(route, &keys[i]), p.name));
+                match p.algorithm {
+                    Algorithm::Gcra => inv.arg("g").arg(p.gcra.interval_us).arg(p.gcra.tolerance_us),
+                    Algorithm::FixedWindow => inv.arg("w").arg(window_us(p)).arg(p.rate.count),
+                };
+            }
+            match redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await {
+                Ok(out) if out.len() == 1 + 3 * idx.len() => {
+                    for (n, &i) in idx.iter().enumerate() {
+                        let at = |k: usize| u64::try_from(out[1 + 3 * n + k]).unwrap_or(0);
+                        states[i] = PolicyState { remaining: at(0), reset_us: at(1), retry_us: at(2) };
+                    }
+                    return Ok(out[0] == 1);
+                }
+                other => {
+                    if let Err(e) = &other {
+                        tracing::debug!(error = %e, "rate-limit check without Redis: the policy's fail mode decides");
+                    } else {
+                        tracing::warn!("rate-limit script answered in an unexpected shape");
+                    }
+                    ctx.route().metrics.ratelimit_fallback(&ctx.route().label);
+                    if idx.iter().any(|&i| policies[i].fail == LimitFail::Closed) {
+                        return Err(GatewayError::RateLimitUnavailable);
+                    }
+                    let local: Vec<usize> =
+                        idx.iter().copied().filter(|&i| policies[i].fail == LimitFail::Local).collect();
+                    return Ok(self.check_local(q, &local, states, self.instances));
+                }
+            }
+        }
+        Ok(self.check_local(q, idx, states, 1))
+    }
+
+    /// The same arithmetic on this instance's clock; `share` divides every rate (the fallback).
+    fn check_local(&self, q: Query<'_>, idx: &[usize], states: &mut [PolicyState], share: u64) -> bool {
+        let Query { route, policies, keys } = q;
+        let now = unix_us(SystemTime::now());
+        let mut decided: Vec<(usize, Option<(u64, u64)>)> = Vec::with_capacity(idx.len());
+        let cells: Vec<Arc<Mutex<Vec<u64>>>> = idx
+            .iter()
+            .map(|&i| {
+                let id = self.id(route, &keys[i], &policies[i].name);
+                self.local.get_with(id, || Arc::new(Mutex::new(vec![0, 0])))
+            })
+            .collect();
+        let mut guards: Vec<_> =
+            cells.iter().map(|c| c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).collect();
+        let mut ok = true;
+        for (n, &i) in idx.iter().enumerate() {
+            let p = &policies[i];
+            let cell = &guards[n];
+            match p.algorithm {
+                Algorithm::Gcra => {
+                    let g = shared_gcra(p, share);
+                    match g.check(cell[0], now) {
+                        Decision::Allow { tat, remaining } => {
+                            states[i] = PolicyState { remaining, reset_us: tat - now, retry_us: 0 };
+                            decided.push((n, Some((tat, 0))));
+                        }
+                        Decision::Deny { retry_after_us } => {
+                            ok = false;
+                            states[i] = PolicyState {
+                                remaining: 0,
+                                reset_us: cell[0].saturating_sub(now),
+                                retry_us: retry_after_us,
+                            };
+                        }
+                    }
+                }
+                Algorithm::FixedWindow => {
+                    let w = window_us(p);
+                    let quota = (p.rate.count / share).max(1);
+                    let id = now / w;
+                    let count = if cell[0] == id { cell[1] } else { 0 };
+                    let reset = (id + 1) * w - now;
+                    if count >= quota {
+                        ok = false;
+                        states[i] = PolicyState { remaining: 0, reset_us: reset, retry_us: reset };
+                    } else {
+                        states[i] = PolicyState { remaining: quota - count - 1, reset_us: reset, retry_us: 0 };
+                        decided.push((n, Some((id, count + 1))));
+                    }
+                }
+            }
+        }
+        for (n, v) in decided {
+            let Some((a, b)) = v else { continue };
+            if ok {
+                guards[n][0] = a;
+                guards[n][1] = b;
+            } else {
+                // Refused: the policies that would have admitted report their state unconsumed.
+                let i = idx[n];
+                states[i].remaining += 1;
+                if policies[i].algorithm == Algorithm::Gcra {
+                    states[i].reset_us =
+                        states[i].reset_us.saturating_sub(shared_gcra(&policies[i], share).interval_us);
+                }
+            }
+        }
+        ok
+    }
+
+    fn id(&self, route: &str, key: &str, policy: &str) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_keyed(&self.hash_key);
+        for f in [route, key, policy] {
+            h.update(&(f.len() as u64).to_le_bytes());
+            h.update(f.as_bytes());
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
+    }
+
+    fn id_hex(&self, route: &str, key: &str) -> String {
+        let id = self.id(route, key, "");
+        id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// What one check is about: a route's policies and, for each, the key it counts by.
+#[derive(Clone, Copy)]
+struct Query<'a> {
+    route: &'a str,
+    policies: &'a [RateLimit],
+    keys: &'a [String],
+}
+
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+/// `rate / share` for the local fallback (burst divided too, at least one).
+fn shared_gcra(p: &RateLimit, share: u64) -> Gcra {
+    if share <= 1 {
+        return p.gcra;
+    }
+    let interval_us = p.gcra.interval_us.saturating_mul(share);
+    let burst = (p.burst / share).max(1);
+    Gcra { interval_us, tolerance_us: interval_us.saturating_mul(burst - 1) }
+}
+
+fn window_us(p: &RateLimit) -> u64 {
+    u64::try_from(p.rate.per.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+fn unix_us(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// `RateLimit-Policy` for every policy, and `RateLimit` for the one closest to exhaustion
+/// (draft-ietf-httpapi-ratelimit-headers-11, Structured Field lists). For GCRA the quota is the
+/// burst and the window the time that burst takes to refill (`w = ceil(burst × interval)`), so
+/// `r` never exceeds `q`.
+fn headers(policies: &[RateLimit], states: &[PolicyState], all: bool) -> Vec<(HeaderName, HeaderValue)> {
+    let listed: Vec<usize> = (0..policies.len()).filter(|&i| all || policies[i].headers).collect();
+    let mut out = Vec::new();
+    let policy = listed
+        .iter()
+        .map(|&i| {
+            let p = &policies[i];
+            let (q, w) = match p.algorithm {
+                Algorithm::Gcra => (p.burst, (p.burst.saturating_mul(p.gcra.interval_us)).div_ceil(1_000_000)),
+                Algorithm::FixedWindow => (p.rate.count, window_us(p).div_ceil(1_000_000)),
+            };
+            format!("\"{}\";q={q};w={}", p.name, w.max(1))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(v) = HeaderValue::from_str(&policy) {
+        out.push((RATELIMIT_POLICY.clone(), v));
+    }
+    if let Some(&i) = listed.iter().min_by_key(|&&i| states[i].remaining) {
+        if let Some(v) = field(&policies[i].name, states[i].remaining, states[i].reset_us) {
+            out.push((RATELIMIT.clone(), v));
+        }
+    }
+    out
+}
+
+fn field(name: &str, remaining: u64, reset_us: u64) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("\"{name}\";r={remaining};t={}", reset_us.div_ceil(1_000_000))).ok()
+}
+
+/// What a policy counts by, for this request.
+fn limit_key(ctx: &RequestCtx, key: &LimitKey) -> String {
+    match key {
+        LimitKey::Route => String::new(),
+        LimitKey::ClientIp => format!("ip:{}", client_ip(ctx)),
+        LimitKey::Header(h) => match ctx.canon.headers.get(h) {
+            Some(v) => {
+                let mut s = String::from("h:");
+                s.push_str(&String::from_utf8_lossy(v.as_bytes()));
+                s
+            }
+            None => format!("ip:{}", client_ip(ctx)),
+        },
+    }
+}
+
+/// The client's address: the peer, or through trusted proxies the right-most
+/// `X-Forwarded-For` address that is not one of them; IPv6 grouped by /64.
+fn client_ip(ctx: &RequestCtx) -> String {
+    let peer = ctx.conn.peer.ip().to_canonical();
+    let mut ip = peer;
+    if ctx.trusted {
+        let trusted = &ctx.rt.config.server.trusted_proxies;
+        let hops: Vec<IpAddr> = ctx
+            .canon
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map_while(|s| s.trim().parse::<IpAddr>().ok())
+            .collect();
+        for hop in hops.iter().rev() {
+            let hop = hop.to_canonical();
+            ip = hop;
+            if !trusted.iter().any(|n| n.contains(&hop)) {
+                break;
+            }
+        }
+    }
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn policy(name: &str, rate: u64, per: u64, burst: u64, algorithm: Algorithm) -> RateLimit {
+        RateLimit {
+            name: name.into(),
+            key: LimitKey::Route,
+            rate: crate::config::values::Rate { count: rate, per: Duration::from_secs(per) },
+            burst,
+            algorithm,
+            gcra: Gcra::new(rate, Duration::from_secs(per), burst).unwrap(),
+            fail: LimitFail::Local,
+            headers: true,
+        }
+    }
+
+    #[test]
+    fn a_request_refused_by_one_policy_consumes_nothing_from_the_others() {
+        let l = Limiter::new(None, 1);
+        let ps =
+            [policy("per-second", 1, 1, 2, Algorithm::Gcra), policy("daily", 100, 86_400, 100, Algorithm::FixedWindow)];
+        let keys = [String::new(), String::new()];
+        let mut st = [PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; 2];
+        let admitted = (0..1000)
+            .filter(|_| l.check_local(Query { route: "r", policies: &ps, keys: &keys }, &[0, 1], &mut st, 1))
+            .count();
+        assert_eq!(admitted, 2, "the burst of the tighter policy");
+        assert_eq!(st[1].remaining, 98, "the daily quota only paid for the admitted ones");
+    }
+
+    #[test]
+    fn the_fallback_admits_a_share_of_the_rate() {
+        let l = Limiter::new(None, 1);
+        let ps = [policy("p", 10, 3600, 10, Algorithm::Gcra)];
+        let mut st = [PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; 1];
+        let admitted = (0..100)
+            .filter(|_| l.check_local(Query { route: "r", policies: &ps, keys: &[String::new()] }, &[0], &mut st, 5))
+            .count();
+        assert_eq!(admitted, 2);
+    }
+}

@@ -229,15 +229,31 @@ async fn route_and_serve(
     };
     let ctx = Arc::new(RequestCtx { rt: rt.clone(), conn, trusted, canon, route: idx });
 
-    // Phase 3 (consumer, rate limits) arrives with its issue. Phases 4–8 for cached routes:
-    if let Some(cfg) = &route.route.cache {
-        return Ok((idx, cached::serve(ctx.clone(), cfg, body).await));
+    // Phase 3: `count: all` rate limits, all or nothing, before the cache (a hit counts too).
+    let limit_headers = if route.route.rate_limit.is_empty() {
+        Vec::new()
+    } else {
+        match rt.limits.admit(&ctx).await {
+            Ok(h) => h,
+            Err(e) => return Ok((idx, Err(e))),
+        }
+    };
+    let mut result = if let Some(cfg) = &route.route.cache {
+        // Phases 4–8 for cached routes.
+        cached::serve(ctx.clone(), cfg, body).await
+    } else if route.route.invalidate.is_some() {
+        // A write on an uncached route with `invalidate:` still purges (phase 8).
+        cached::forward_and_invalidate(&ctx, body).await
+    } else {
+        forward(&ctx, body, on_upgrade).await
+    };
+    // Weir's own quota, not the origin's (an origin's RateLimit fields are never stored either).
+    if let Ok(resp) = &mut result {
+        for (k, v) in limit_headers {
+            resp.headers_mut().insert(k, v);
+        }
     }
-    // A write on an uncached route with `invalidate:` still purges (phase 8).
-    if route.route.invalidate.is_some() {
-        return Ok((idx, cached::forward_and_invalidate(&ctx, body).await));
-    }
-    Ok((idx, forward(&ctx, body, on_upgrade).await))
+    Ok((idx, result))
 }
 
 pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -316,6 +316,11 @@ fn build_entry(
     for h in [header::SET_COOKIE, header::AGE] {
         headers.remove(h);
     }
+    // An origin's quota fields describe the request that filled the entry: a hit must not
+    // replay them.
+    for h in ["ratelimit", "ratelimit-policy"] {
+        headers.remove(h);
+    }
     headers.remove(&CACHE_STATUS);
     // Stored as served: our `Via` hop and the exact length (hits then only add `Age`).
     if !headers.get_all(header::VIA).iter().any(|v| v.to_str().is_ok_and(|s| s.ends_with("weir"))) {

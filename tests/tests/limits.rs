@@ -1,0 +1,270 @@
+//! Rate limits end to end: the real binary, a counting origin, and for the distributed cases a
+//! real Redis shared by two instances. Counts are exact; no wall-clock tolerance is needed
+//! because the rates are per hour or per day.
+
+// Test code: a panic is how a failed expectation is reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::Request;
+use weir_e2e::*;
+
+async fn origin() -> (Origin, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let c = n.clone();
+    let o = Origin::start(move |_req| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut r = text(200, "ok");
+            // An origin's own quota fields: Weir's replace them, and they are never stored.
+            r.headers_mut().insert("ratelimit", "\"origin\";r=999;t=1".parse().unwrap());
+            r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+            r
+        }
+    })
+    .await;
+    (o, n)
+}
+
+/// A gateway with one route per `(name, path, rate_limit block, cache)`.
+fn config(origin: &Origin, redis: Option<&str>, routes: &[(&str, &str, &str, bool)]) -> String {
+    let mut y = String::from("listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n");
+    if let Some(r) = redis {
+        y.push_str(r);
+    }
+    y.push_str("routes:\n");
+    for (name, path, limit, cached) in routes {
+        y.push_str(&format!(
+            "  - name: {name}\n    match: {{ path: {path} }}\n    upstream: {}\n    rate_limit:\n{limit}",
+            origin.url()
+        ));
+        if *cached {
+            y.push_str("    cache: { ttl: 60s }\n");
+        }
+    }
+    y
+}
+
+async fn get_path(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Got {
+    let mut b = Request::get(gw.url(path));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(&client(), b.body(full("")).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_limit_admits_its_burst_then_answers_429_with_honest_headers() {
+    let (origin, hits) = origin().await;
+    let gw = Gateway::start(&config(
+        &origin,
+        None,
+        &[("api", "/", "      rate: 1/1h\n      burst: 5\n      key: route\n", false)],
+    ));
+    let mut remaining = Vec::new();
+    for i in 0..5 {
+        let g = get_path(&gw, &format!("/a/{i}"), &[]).await;
+        assert_eq!(g.status, 200, "{}", g.text());
+        assert_eq!(g.header("ratelimit-policy"), Some("\"default\";q=5;w=18000"));
+        remaining.push(g.header("ratelimit").unwrap().to_string());
+    }
+    assert_eq!(remaining[0], "\"default\";r=4;t=3600", "{remaining:?}");
+    assert!(remaining[4].starts_with("\"default\";r=0;t="), "{remaining:?}");
+    for i in 0..20 {
+        let g = get_path(&gw, &format!("/b/{i}"), &[]).await;
+        assert_eq!(g.status, 429, "{}", g.text());
+        assert_eq!(g.json()["error"], "rate_limited");
+        let retry: u64 = g.header("retry-after").unwrap().parse().unwrap();
+        assert!((3590..=3600).contains(&retry), "Retry-After {retry}: one cell comes back in an hour");
+        assert!(g.header("ratelimit").unwrap().starts_with("\"default\";r=0;"));
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 5, "refused requests never reach the origin");
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(m.contains(r#"weir_ratelimit_rejected_total{route="api",policy="default"} 20"#), "{m}");
+}
+
+/// Two instances on one Redis share one quota exactly: 200 concurrent requests spread over
+/// both admit exactly the burst (GCRA) or the quota (fixed window), never more.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_on_one_redis_admit_exactly_the_quota() {
+    let redis = RedisServer::start();
+    let (origin, hits) = origin().await;
+    let block = format!("redis:\n  url: {}\n", redis.url());
+    let yaml = config(
+        &origin,
+        Some(&block),
+        &[
+            ("gcra", "/g", "      rate: 1/1h\n      burst: 10\n      key: route\n", false),
+            ("window", "/w", "      rate: 10/1d\n      algorithm: fixed_window\n      key: route\n", false),
+        ],
+    );
+    let a = Gateway::start(&yaml);
+    let b = Gateway::start(&yaml);
+    for prefix in ["/g", "/w"] {
+        let before = hits.load(Ordering::SeqCst);
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let url = if i % 2 == 0 { a.url(&format!("{prefix}/{i}")) } else { b.url(&format!("{prefix}/{i}")) };
+            set.spawn(async move { send(&client(), Request::get(url).body(full("")).unwrap()).await.status });
+        }
+        let mut ok = 0;
+        let mut limited = 0;
+        while let Some(s) = set.join_next().await {
+            match s.unwrap().as_u16() {
+                200 => ok += 1,
+                429 => limited += 1,
+                other => panic!("{prefix}: status {other}"),
+            }
+        }
+        assert_eq!((ok, limited), (10, 190), "{prefix}: {}", a.log());
+        assert_eq!(hits.load(Ordering::SeqCst) - before, 10, "{prefix}");
+    }
+}
+
+/// A request refused by the tighter policy consumes nothing from the other: after 50 requests
+/// against a burst of 2, the daily quota has paid for exactly 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_by_one_policy_consumes_nothing_from_another() {
+    let limits = "      - name: burst\n        rate: 1/1h\n        burst: 2\n        key: route\n      - name: daily\n        rate: 100/1d\n        algorithm: fixed_window\n        key: route\n";
+    for redis in [None, Some(RedisServer::start())] {
+        let (origin, hits) = origin().await;
+        let block = redis.as_ref().map(|r| format!("redis:\n  url: {}\n", r.url()));
+        let gw = Gateway::start(&config(&origin, block.as_deref(), &[("api", "/", limits, false)]));
+        let mut statuses = Vec::new();
+        for i in 0..50 {
+            statuses.push(get_path(&gw, &format!("/x/{i}"), &[]).await);
+        }
+        assert_eq!(statuses.iter().filter(|g| g.status == 200).count(), 2);
+        let refused = &statuses[49];
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.header("ratelimit-policy"), Some("\"burst\";q=2;w=7200, \"daily\";q=100;w=86400"));
+        assert!(refused.header("ratelimit").unwrap().starts_with("\"burst\";r=0;"), "the refusing policy is named");
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        // The second admitted response named the policy closest to exhaustion: `burst`, r=0.
+        assert!(statuses[1].header("ratelimit").unwrap().starts_with("\"burst\";r=0;"));
+        if let Some(r) = &redis {
+            let daily: Vec<String> = r.keys().into_iter().filter(|k| k.ends_with(":daily")).collect();
+            assert_eq!(daily.len(), 1, "{:?}", r.keys());
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &r.port.to_string(), "--raw", "GET", &daily[0]])
+                .output()
+                .unwrap();
+            let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert!(value.ends_with(":2"), "the daily window paid for {value}");
+        }
+    }
+}
+
+/// Cached hits count too (`count: all` runs before the cache), and a hit never replays the
+/// origin's own `RateLimit` field.
+#[tokio::test(flavor = "multi_thread")]
+async fn hits_are_counted_and_never_replay_the_origins_quota() {
+    let (origin, hits) = origin().await;
+    let gw = Gateway::start(&config(
+        &origin,
+        None,
+        &[("api", "/", "      rate: 1/1h\n      burst: 3\n      key: route\n      headers: false\n", true)],
+    ));
+    let first = get_path(&gw, "/same", &[]).await;
+    assert_eq!(first.status, 200);
+    let hit = get_path(&gw, "/same", &[]).await;
+    assert_eq!(hit.header("cache-status"), Some("weir; hit; detail=l1"));
+    assert_eq!(hit.header("ratelimit"), None, "a hit replayed the origin's quota");
+    assert_eq!(get_path(&gw, "/same", &[]).await.status, 200);
+    assert_eq!(get_path(&gw, "/same", &[]).await.status, 429, "the fourth request, a hit, is over the burst");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+/// `client_ip` from an untrusted peer ignores `X-Forwarded-For`: a spoofed header per request
+/// still lands in the peer's own bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spoofed_forwarded_for_lands_in_the_peers_bucket() {
+    let (origin, _) = origin().await;
+    let gw = Gateway::start(&config(
+        &origin,
+        None,
+        &[("api", "/", "      rate: 1/1h\n      burst: 3\n      key: client_ip\n", false)],
+    ));
+    let admitted = {
+        let mut n = 0;
+        for i in 0..10 {
+            let xff = format!("10.0.0.{i}");
+            if get_path(&gw, "/x", &[("x-forwarded-for", &xff)]).await.status == 200 {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert_eq!(admitted, 3);
+    // A header key counts per value; a request without it falls back to the client address.
+    let gw = Gateway::start(&config(
+        &origin,
+        None,
+        &[("api", "/", "      rate: 1/1h\n      burst: 1\n      key: header:x-api-key\n", false)],
+    ));
+    for k in ["a", "b", "c"] {
+        assert_eq!(get_path(&gw, "/x", &[("x-api-key", k)]).await.status, 200, "{k}");
+        assert_eq!(get_path(&gw, "/x", &[("x-api-key", k)]).await.status, 429, "{k}");
+    }
+}
+
+/// Redis gone: `closed` answers 503 JSON, `open` admits everything, `local` keeps limiting on
+/// this instance at `rate / redis.instances`; every fallback is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_gone_each_fail_mode_does_what_it_says() {
+    let mut redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    let block = format!("redis:\n  url: {}\n  instances: 2\n  op_timeout: 200ms\n", redis.url());
+    let policy = |fail: &str| format!("      rate: 1/1h\n      burst: 4\n      key: route\n      fail: {fail}\n");
+    let (closed, open, local) = (policy("closed"), policy("open"), policy("local"));
+    let gw = Gateway::start(&config(
+        &origin,
+        Some(&block),
+        &[("closed", "/c", &closed, false), ("open", "/o", &open, false), ("local", "/l", &local, false)],
+    ));
+    assert_eq!(get_path(&gw, "/c", &[]).await.status, 200, "shared counters while Redis is up");
+    redis.kill();
+    let g = get_path(&gw, "/c", &[]).await;
+    assert_eq!(g.status, 503, "{}", g.text());
+    assert_eq!(g.json()["error"], "ratelimit_unavailable");
+    for _ in 0..10 {
+        assert_eq!(get_path(&gw, "/o", &[]).await.status, 200);
+    }
+    let mut local_ok = 0;
+    for _ in 0..10 {
+        if get_path(&gw, "/l", &[]).await.status == 200 {
+            local_ok += 1;
+        }
+    }
+    assert_eq!(local_ok, 2, "burst 4 shared by 2 instances");
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(m.contains(r#"weir_ratelimit_fallback_total{route="open"} 10"#), "{m}");
+}
+
+#[test]
+fn bad_limits_are_refused_with_their_position() {
+    let dir = tempfile::tempdir().unwrap();
+    for (limit, want) in [
+        ("    rate_limit: { rate: 0/s }\n", "greater than zero"),
+        ("    rate_limit: { rate: 10/s, burst: 0 }\n", "at least 1"),
+        ("    rate_limit: { rate: 10/s, algorithm: leaky }\n", "unknown algorithm"),
+        ("    rate_limit: { rate: 10/s, key: cookie }\n", "invalid key"),
+        ("    rate_limit: { rate: 10/1d, algorithm: fixed_window, burst: 5 }\n", "no burst"),
+        ("    rate_limit:\n      - { name: a, rate: 1/s }\n      - { name: a, rate: 2/s }\n", "duplicate"),
+        ("    rate_limit:\n      - { rate: 1/s }\n", "needs a `name`"),
+    ] {
+        let path = dir.path().join("weir.yaml");
+        std::fs::write(
+            &path,
+            format!("listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: r\n    upstream: http://127.0.0.1:1\n{limit}"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(weir_bin()).args(["validate", "--config"]).arg(&path).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{limit}: accepted");
+        assert!(text.contains(want), "{limit}: {text}");
+        assert!(text.contains("weir.yaml:"), "{limit}: no position in {text}");
+    }
+}
