@@ -36,7 +36,14 @@ async fn health_is_open_everything_else_needs_the_token() {
         b.body(full(body)).unwrap()
     };
     // Every protected path refuses a missing, wrong, truncated or extended token.
-    let protected = [("POST", "/reload"), ("POST", "/cache/purge"), ("GET", "/metrics"), ("GET", "/nope")];
+    let protected = [
+        ("POST", "/reload"),
+        ("POST", "/cache/purge"),
+        ("GET", "/metrics"),
+        ("GET", "/ratelimits/r/k"),
+        ("DELETE", "/ratelimits/r/k"),
+        ("GET", "/nope"),
+    ];
     let wrong = [
         None,
         Some("Bearer wrong".to_string()),

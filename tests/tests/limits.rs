@@ -268,3 +268,91 @@ fn bad_limits_are_refused_with_their_position() {
         assert!(text.contains("weir.yaml:"), "{limit}: no position in {text}");
     }
 }
+
+/// On a Redis Cluster, the policies of one key share a hash tag: one script call, one slot, no
+/// CROSSSLOT refusal; the quota is exact across two instances. After Redis restarts (empty), the
+/// instances go back to shared counters by themselves.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_on_a_cluster_and_after_a_redis_restart() {
+    let limits = "      - name: burst\n        rate: 1/1h\n        burst: 3\n        key: header:x-k\n      - name: daily\n        rate: 100/1d\n        algorithm: fixed_window\n        key: header:x-k\n";
+    let cluster = RedisCluster::start();
+    let (origin, _) = origin().await;
+    let list: String = cluster.urls().iter().map(|u| format!("    - {u}\n")).collect();
+    let yaml = config(&origin, Some(&format!("redis:\n  cluster:\n{list}")), &[("api", "/", limits, false)]);
+    let (a, b) = (Gateway::start(&yaml), Gateway::start(&yaml));
+    for key in ["k1", "k2", "k3", "k4"] {
+        let mut ok = 0;
+        for i in 0..10 {
+            let gw = if i % 2 == 0 { &a } else { &b };
+            if get_path(gw, "/x", &[("x-k", key)]).await.status == 200 {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 3, "{key}: {}", a.log());
+    }
+    let m = get(&a.admin_url("/metrics")).await.text();
+    assert!(!m.contains("weir_ratelimit_fallback_total"), "a cluster call fell back:\n{m}");
+
+    let mut redis = RedisServer::start();
+    let yaml = config(
+        &origin,
+        Some(&format!("redis:\n  url: {}\n  op_timeout: 200ms\n", redis.url())),
+        &[("api", "/", limits, false)],
+    );
+    let (a, b) = (Gateway::start(&yaml), Gateway::start(&yaml));
+    redis.kill();
+    for gw in [&a, &b] {
+        assert_eq!(get_path(gw, "/x", &[("x-k", "while-down")]).await.status, 200, "fail: local admits");
+    }
+    redis.restart();
+    // Back to shared counters without restarting Weir: once Redis answers again, the two
+    // instances together admit exactly the burst of a fresh key.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while get(&a.admin_url("/health")).await.json()["redis"]["connected"] != serde_json::json!(true)
+        || get(&b.admin_url("/health")).await.json()["redis"]["connected"] != serde_json::json!(true)
+    {
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let before = get(&a.admin_url("/metrics")).await.text();
+    let mut ok = 0;
+    for i in 0..10 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        if get_path(gw, "/x", &[("x-k", "after-restart")]).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3, "shared counters again after the restart ({before})");
+}
+
+/// `GET /ratelimits/{route}/{key}` reads each policy's state without consuming it; `DELETE`
+/// gives the key its full quota back — on every instance sharing the Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_reads_and_resets_a_key() {
+    let limits = "      - name: burst\n        rate: 1/1h\n        burst: 3\n        key: header:x-api-key\n      - name: daily\n        rate: 100/1d\n        algorithm: fixed_window\n        key: header:x-api-key\n";
+    for redis in [None, Some(RedisServer::start())] {
+        let (origin, _) = origin().await;
+        let block = redis.as_ref().map(|r| format!("redis:\n  url: {}\n", r.url()));
+        let gw = Gateway::start(&config(&origin, block.as_deref(), &[("api", "/", limits, false)]));
+        for _ in 0..5 {
+            get_path(&gw, "/x", &[("x-api-key", "alice key")]).await;
+        }
+        let read = || async { get(&gw.admin_url("/ratelimits/api/alice%20key")).await.json() };
+        let v = read().await;
+        assert_eq!(v["policies"][0]["name"], "burst", "{v}");
+        assert_eq!(v["policies"][0]["remaining"], 0, "{v}");
+        assert_eq!(v["policies"][1]["remaining"], 97, "{v}");
+        assert_eq!(read().await, v, "reading consumed something");
+        let del =
+            send(&client(), Request::delete(gw.admin_url("/ratelimits/api/alice%20key")).body(full("")).unwrap()).await;
+        assert_eq!(del.status, 200, "{}", del.text());
+        let v = read().await;
+        assert_eq!(
+            (v["policies"][0]["remaining"].as_u64(), v["policies"][1]["remaining"].as_u64()),
+            (Some(3), Some(100)),
+            "{v}"
+        );
+        assert_eq!(get_path(&gw, "/x", &[("x-api-key", "alice key")]).await.status, 200);
+        assert_eq!(get(&gw.admin_url("/ratelimits/nope/x")).await.status, 404);
+    }
+}

@@ -85,8 +85,43 @@ impl Admin {
             },
             (&Method::POST, "/cache/purge") => self.purge(req).await,
             (&Method::GET, "/metrics") => Ok(self.metrics().await),
+            (m @ (&Method::GET | &Method::DELETE), p) if p.starts_with("/ratelimits/") => {
+                self.ratelimits(m == Method::DELETE, p).await
+            }
             (m, p) => Err(GatewayError::NotFound(format!("no admin endpoint {m} {p}"))),
         }
+    }
+
+    /// `GET /ratelimits/{route}/{key}`: `{"route", "key", "policies": [{name, remaining,
+    /// reset_seconds}]}`, read without consuming; `DELETE` forgets the key in every policy.
+    /// `{key}` is percent-decoded (an IPv6 address, a header value).
+    async fn ratelimits(&self, delete: bool, path: &str) -> Result<Response<Body>, GatewayError> {
+        let rest = path.trim_start_matches("/ratelimits/");
+        let (route_name, key) = rest
+            .split_once('/')
+            .ok_or_else(|| GatewayError::BadRequest("expected /ratelimits/{route}/{key}".into()))?;
+        let key = percent_decode(key)?;
+        let rt = self.gateway.runtime();
+        let route = rt
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == route_name && !r.rate_limit.is_empty())
+            .ok_or_else(|| GatewayError::NotFound(format!("no route `{route_name}` with a rate_limit")))?;
+        if delete {
+            rt.limits.reset(route, &key).await?;
+            return Ok(json_response(StatusCode::OK, &serde_json::json!({"reset": true})));
+        }
+        let policies: Vec<serde_json::Value> = rt
+            .limits
+            .peek(route, &key)
+            .await?
+            .into_iter()
+            .map(|(name, s)| {
+                serde_json::json!({"name": name, "remaining": s.remaining, "reset_seconds": s.reset_us.div_ceil(1_000_000)})
+            })
+            .collect();
+        Ok(json_response(StatusCode::OK, &serde_json::json!({"route": route_name, "key": key, "policies": policies})))
     }
 
     /// `POST /cache/purge` `{"keys": [...], "tags": [...], "prefixes": [...]}` → `{"purged": n}`.
@@ -203,4 +238,23 @@ fn normalize_purge(mut p: Purge) -> Result<Purge, GatewayError> {
         *prefix = n;
     }
     Ok(p)
+}
+
+/// `%XX` escapes decoded (the rest as is); invalid UTF-8 or a bad escape is a 400.
+fn percent_decode(s: &str) -> Result<String, GatewayError> {
+    let bad = || GatewayError::BadRequest(format!("invalid escape in `{s}`"));
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
 }

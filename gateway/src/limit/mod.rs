@@ -35,13 +35,15 @@ use crate::redis::Shared;
 /// Most keys the local limiter tracks at once (a flood of distinct keys evicts the least used).
 pub const LOCAL_KEYS: u64 = 100_000;
 
-/// Checks every policy (KEYS[i], ARGV[3i-2..3i] = kind, a, b) and consumes all or none.
+/// Checks every policy (KEYS[i], ARGV[3i-2..3i] = kind, a, b) and consumes all or none; with
+/// the last ARGV `0` it only reports (the admin read).
 /// GCRA (`g`): a = interval µs, b = tolerance µs; the key holds the TAT. Fixed window (`w`):
 /// a = window µs, b = quota; the key holds `window:count`. Returns `{admitted, then remaining,
 /// reset µs, retry µs for each policy}`.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local commit = ARGV[#ARGV] == '1'
 local ok = 1
 local out = {0}
 local sets = {}
@@ -83,10 +85,10 @@ for i = 1, #KEYS do
   out[#out + 1] = reset
   out[#out + 1] = retry
 end
-if ok == 1 then
+if ok == 1 and commit then
   for _, s in ipairs(sets) do redis.call('SET', s[1], s[2], 'PX', s[3]) end
 else
-  -- Refused: the policies that would have admitted report their state unconsumed.
+  -- Refused (or only read): the policies that would have admitted report their state unconsumed.
   for _, s in ipairs(sets) do
     out[s[4]] = out[s[4]] + 1
     out[s[4] + 1] = out[s[4] + 1] - s[5]
@@ -154,7 +156,7 @@ impl Limiter {
         let all: Vec<usize> = (0..policies.len()).collect();
         let keys: Vec<String> = policies.iter().map(|p| limit_key(ctx, &p.key)).collect();
         let q = Query { route: &route.route.name, policies, keys: &keys };
-        let admitted = self.check(q, &all, &mut states, ctx).await?;
+        let admitted = self.check(q, &all, &mut states, true, Some(ctx)).await?;
         if !admitted {
             let (i, retry) = states
                 .iter()
@@ -183,7 +185,8 @@ impl Limiter {
         q: Query<'_>,
         idx: &[usize],
         states: &mut [PolicyState],
-        ctx: &RequestCtx,
+        commit: bool,
+        ctx: Option<&RequestCtx>,
     ) -> Result<bool, GatewayError> {
         let Query { route, policies, keys } = q;
         if let Some(redis) = &self.redis {
@@ -196,6 +199,7 @@ impl Limiter {
                     Algorithm::FixedWindow => inv.arg("w").arg(window_us(p)).arg(p.rate.count),
                 };
             }
+            inv.arg(if commit { "1" } else { "0" });
             match redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await {
                 Ok(out) if out.len() == 1 + 3 * idx.len() => {
                     for (n, &i) in idx.iter().enumerate() {
@@ -210,21 +214,23 @@ impl Limiter {
                     } else {
                         tracing::warn!("rate-limit script answered in an unexpected shape");
                     }
-                    ctx.route().metrics.ratelimit_fallback(&ctx.route().label);
+                    if let Some(ctx) = ctx {
+                        ctx.route().metrics.ratelimit_fallback(&ctx.route().label);
+                    }
                     if idx.iter().any(|&i| policies[i].fail == LimitFail::Closed) {
                         return Err(GatewayError::RateLimitUnavailable);
                     }
                     let local: Vec<usize> =
                         idx.iter().copied().filter(|&i| policies[i].fail == LimitFail::Local).collect();
-                    return Ok(self.check_local(q, &local, states, self.instances));
+                    return Ok(self.check_local(q, &local, states, self.instances, commit));
                 }
             }
         }
-        Ok(self.check_local(q, idx, states, 1))
+        Ok(self.check_local(q, idx, states, 1, commit))
     }
 
     /// The same arithmetic on this instance's clock; `share` divides every rate (the fallback).
-    fn check_local(&self, q: Query<'_>, idx: &[usize], states: &mut [PolicyState], share: u64) -> bool {
+    fn check_local(&self, q: Query<'_>, idx: &[usize], states: &mut [PolicyState], share: u64, commit: bool) -> bool {
         let Query { route, policies, keys } = q;
         let now = unix_us(SystemTime::now());
         let mut decided: Vec<(usize, Option<(u64, u64)>)> = Vec::with_capacity(idx.len());
@@ -277,11 +283,12 @@ impl Limiter {
         }
         for (n, v) in decided {
             let Some((a, b)) = v else { continue };
-            if ok {
+            if ok && commit {
                 guards[n][0] = a;
                 guards[n][1] = b;
             } else {
-                // Refused: the policies that would have admitted report their state unconsumed.
+                // Refused (or only read): the policies that would have admitted report their
+                // state unconsumed.
                 let i = idx[n];
                 states[i].remaining += 1;
                 if policies[i].algorithm == Algorithm::Gcra {
@@ -291,6 +298,41 @@ impl Limiter {
             }
         }
         ok
+    }
+
+    /// `GET /ratelimits/{route}/{key}`: each policy's state for `key` (the address, header value,
+    /// or anything for a `route` key), without consuming.
+    pub async fn peek(
+        &self,
+        route: &crate::config::Route,
+        key: &str,
+    ) -> Result<Vec<(String, PolicyState)>, GatewayError> {
+        let policies = &route.rate_limit;
+        let keys: Vec<String> = policies.iter().map(|p| admin_key(&p.key, key)).collect();
+        let mut states = vec![PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; policies.len()];
+        let all: Vec<usize> = (0..policies.len()).collect();
+        self.check(Query { route: &route.name, policies, keys: &keys }, &all, &mut states, false, None).await?;
+        Ok(policies.iter().map(|p| p.name.clone()).zip(states).collect())
+    }
+
+    /// `DELETE /ratelimits/{route}/{key}`: forgets `key`'s state in every policy (Redis and here).
+    pub async fn reset(&self, route: &crate::config::Route, key: &str) -> Result<(), GatewayError> {
+        let mut names = Vec::new();
+        for p in &route.rate_limit {
+            let k = admin_key(&p.key, key);
+            self.local.invalidate(&self.id(&route.name, &k, &p.name));
+            names.push(format!("weir:{{rl:{}}}:{}", self.id_hex(&route.name, &k), p.name));
+        }
+        if let Some(redis) = &self.redis {
+            // One DEL per key: keys of different limit kinds may sit in different slots.
+            for name in names {
+                redis
+                    .call(|mut c| async move { redis::cmd("DEL").arg(name).query_async::<i64>(&mut c).await })
+                    .await
+                    .map_err(|_| GatewayError::RateLimitUnavailable)?;
+            }
+        }
+        Ok(())
     }
 
     fn id(&self, route: &str, key: &str, policy: &str) -> [u8; 16] {
@@ -373,6 +415,15 @@ fn field(name: &str, remaining: u64, reset_us: u64) -> Option<HeaderValue> {
     HeaderValue::from_str(&format!("\"{name}\";r={remaining};t={}", reset_us.div_ceil(1_000_000))).ok()
 }
 
+/// The internal key for an admin-given one.
+fn admin_key(kind: &LimitKey, key: &str) -> String {
+    match kind {
+        LimitKey::Route => String::new(),
+        LimitKey::ClientIp => format!("ip:{key}"),
+        LimitKey::Header(_) => format!("h:{key}"),
+    }
+}
+
 /// What a policy counts by, for this request.
 fn limit_key(ctx: &RequestCtx, key: &LimitKey) -> String {
     match key {
@@ -448,7 +499,7 @@ mod tests {
         let keys = [String::new(), String::new()];
         let mut st = [PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; 2];
         let admitted = (0..1000)
-            .filter(|_| l.check_local(Query { route: "r", policies: &ps, keys: &keys }, &[0, 1], &mut st, 1))
+            .filter(|_| l.check_local(Query { route: "r", policies: &ps, keys: &keys }, &[0, 1], &mut st, 1, true))
             .count();
         assert_eq!(admitted, 2, "the burst of the tighter policy");
         assert_eq!(st[1].remaining, 98, "the daily quota only paid for the admitted ones");
@@ -460,7 +511,9 @@ mod tests {
         let ps = [policy("p", 10, 3600, 10, Algorithm::Gcra)];
         let mut st = [PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; 1];
         let admitted = (0..100)
-            .filter(|_| l.check_local(Query { route: "r", policies: &ps, keys: &[String::new()] }, &[0], &mut st, 5))
+            .filter(|_| {
+                l.check_local(Query { route: "r", policies: &ps, keys: &[String::new()] }, &[0], &mut st, 5, true)
+            })
             .count();
         assert_eq!(admitted, 2);
     }
