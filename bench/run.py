@@ -138,9 +138,9 @@ def rounds(targets, args):
     return out
 
 
-def weir_config(tmp, port, origin_port, admin_port, cache=False, redis=None, l1="256MiB", name="weir"):
+def weir_config(tmp, port, origin_port, admin_port, cache=False, redis=None, l1="256MiB", name="weir", limit=""):
     cfg = tmp / f"{name}.yaml"
-    cache_block = "    cache: {}\n" if cache else ""
+    cache_block = ("    cache: {}\n" if cache else "") + limit
     redis_block = f"redis:\n  url: redis://127.0.0.1:{redis}/0\n" if redis else ""
     cfg.write_text(f"""listen:
   - addr: 127.0.0.1:{port}
@@ -218,7 +218,8 @@ def main():
     ap.add_argument("--client-core", type=int, default=1)
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin"], default="proxy",
+    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin", "ratelimit"],
+                    default="proxy",
                     help="proxy: plain reverse proxying; cache: 100 hot cached URLs")
     ap.add_argument("--bytes", type=int, default=1024, help="cache scenario: body size")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per target; medians are reported")
@@ -231,6 +232,8 @@ def main():
         return propagation_scenario(args)
     if args.scenario == "plugin":
         return plugin_scenario(args)
+    if args.scenario == "ratelimit":
+        return ratelimit_scenario(args)
 
     for tool in ["wrk", "nginx", "taskset"]:
         if not shutil.which(tool):
@@ -527,6 +530,69 @@ routes:
     print(f"\nplugin/default rps: median of per-round ratios {statistics.median(ratios):.3f}x "
           f"(rounds {', '.join(f'{x:.3f}' for x in ratios)}); CPU/req "
           f"{med(p, 'cpu_us_per_req') - med(d, 'cpu_us_per_req'):+.1f} us")
+
+
+
+
+def evalsha_calls(port):
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True, text=True).stdout
+    m = re.search(r"cmdstat_evalsha:calls=(\d+)", out)
+    return int(m.group(1)) if m else 0
+
+
+def weir_requests(admin_port):
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("weir_requests_total{"))
+
+
+def ratelimit_scenario(args):
+    """What a rate limit costs an L1 hit, in one run: no limit, a local limit (no Redis) and a
+    Redis limit (one EVALSHA per request), all on the same hot set; the limits never refuse."""
+    target = Path(args.target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    script = tmp / "hot.lua"
+    script.write_text(HOT_SET)
+    servers = Servers(args, tmp)
+    spawn = servers.spawn
+    env = {**os.environ, "WEIR_LOG": "warn"}
+    limit = "    rate_limit: { rate: 1000000/s, burst: 1000000, key: client_ip }\n"
+    try:
+        ports = [free_port() for _ in range(8)]
+        origin_port, redis_port, none_port, local_port, shared_port = ports[:5]
+        spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
+        wait_port(origin_port)
+        start_redis(servers, tmp, redis_port)
+        procs = {}
+        for name, port, admin, redis, lim in [("none", none_port, ports[5], None, ""),
+                                              ("local", local_port, ports[6], None, limit),
+                                              ("redis", shared_port, ports[7], redis_port, limit)]:
+            cfg = weir_config(tmp, port, origin_port, admin, cache=True, redis=redis, name=name, limit=lim)
+            procs[name] = spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
+            wait_port(port)
+        for p in [none_port, local_port, shared_port]:
+            warm(p)
+        print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
+              f"{args.client_core}, servers (and Redis) on core {args.server_core}", flush=True)
+        before = (evalsha_calls(redis_port), weir_requests(ports[7]))
+        results = rounds([
+            ("weir L1 hit, no limit", f"http://127.0.0.1:{none_port}", [procs["none"].pid], script),
+            ("weir L1 hit, local limit", f"http://127.0.0.1:{local_port}", [procs["local"].pid], script),
+            ("weir L1 hit, Redis limit", f"http://127.0.0.1:{shared_port}", [procs["redis"].pid], script),
+        ], args)
+        calls = evalsha_calls(redis_port) - before[0]
+        served = weir_requests(ports[7]) - before[1]
+    finally:
+        servers.stop()
+    none, local, shared = results
+    print_table(results, f"medians of {args.repeat} interleaved rounds (CPU: the weir process only; Redis not counted)",
+                "CPU µs/req")
+    print()
+    print(f"local/no-limit rps {local['rps'] / none['rps']:.3f}x; Redis/no-limit rps {shared['rps'] / none['rps']:.3f}x; "
+          f"Redis round trips (EVALSHA) per request {calls / max(served, 1):.3f}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"ratelimit-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ pub struct RouteRuntime {
     pub metrics: Arc<Metrics>,
     /// `max_upstream_connections`: one permit per upstream request in flight.
     pub upstream_slots: Arc<tokio::sync::Semaphore>,
+    /// `RateLimit-Policy` for admitted responses (policies with `headers: true`) and for a 429
+    /// (every policy), computed once.
+    pub ratelimit_policy: [Option<http::HeaderValue>; 2],
 }
 
 #[derive(Debug)]
@@ -67,6 +70,10 @@ impl Runtime {
                     label,
                     metrics: metrics.clone(),
                     upstream_slots: Arc::new(tokio::sync::Semaphore::new(r.max_upstream_connections)),
+                    ratelimit_policy: [
+                        crate::limit::policy_header(&r.rate_limit, false),
+                        crate::limit::policy_header(&r.rate_limit, true),
+                    ],
                 }
             })
             .collect();

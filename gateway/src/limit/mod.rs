@@ -165,7 +165,7 @@ impl Limiter {
                 .max_by_key(|(_, r)| *r)
                 .unwrap_or((0, 1_000_000));
             route.metrics.ratelimit_rejected(&route.label, &policies[i].name);
-            let mut headers = headers(policies, &states, true);
+            let mut headers = headers(policies, &states, true, route.ratelimit_policy[1].as_ref());
             headers.retain(|(k, _)| k != RATELIMIT);
             if let Some(v) = field(&policies[i].name, 0, retry) {
                 headers.push((RATELIMIT.clone(), v));
@@ -176,7 +176,11 @@ impl Limiter {
                 headers,
             });
         }
-        Ok(if policies.iter().any(|p| p.headers) { headers(policies, &states, false) } else { Vec::new() })
+        Ok(if policies.iter().any(|p| p.headers) {
+            headers(policies, &states, false, route.ratelimit_policy[0].as_ref())
+        } else {
+            Vec::new()
+        })
     }
 
     /// One atomic check of `idx` policies (Redis, else the local map); false: refused.
@@ -385,30 +389,43 @@ fn unix_us(t: SystemTime) -> u64 {
 /// (draft-ietf-httpapi-ratelimit-headers-11, Structured Field lists). For GCRA the quota is the
 /// burst and the window the time that burst takes to refill (`w = ceil(burst × interval)`), so
 /// `r` never exceeds `q`.
-fn headers(policies: &[RateLimit], states: &[PolicyState], all: bool) -> Vec<(HeaderName, HeaderValue)> {
-    let listed: Vec<usize> = (0..policies.len()).filter(|&i| all || policies[i].headers).collect();
-    let mut out = Vec::new();
-    let policy = listed
+fn headers(
+    policies: &[RateLimit],
+    states: &[PolicyState],
+    all: bool,
+    policy: Option<&HeaderValue>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(2);
+    if let Some(v) = policy {
+        out.push((RATELIMIT_POLICY.clone(), v.clone()));
+    }
+    let closest = (0..policies.len()).filter(|&i| all || policies[i].headers).min_by_key(|&i| states[i].remaining);
+    if let Some(i) = closest {
+        if let Some(v) = field(&policies[i].name, states[i].remaining, states[i].reset_us) {
+            out.push((RATELIMIT.clone(), v));
+        }
+    }
+    out
+}
+
+/// `RateLimit-Policy` for a route's policies (all of them, or those with `headers: true`):
+/// computed once per configuration, not per request.
+pub fn policy_header(policies: &[RateLimit], all: bool) -> Option<HeaderValue> {
+    let listed: Vec<String> = policies
         .iter()
-        .map(|&i| {
-            let p = &policies[i];
+        .filter(|p| all || p.headers)
+        .map(|p| {
             let (q, w) = match p.algorithm {
                 Algorithm::Gcra => (p.burst, (p.burst.saturating_mul(p.gcra.interval_us)).div_ceil(1_000_000)),
                 Algorithm::FixedWindow => (p.rate.count, window_us(p).div_ceil(1_000_000)),
             };
             format!("\"{}\";q={q};w={}", p.name, w.max(1))
         })
-        .collect::<Vec<_>>()
-        .join(", ");
-    if let Ok(v) = HeaderValue::from_str(&policy) {
-        out.push((RATELIMIT_POLICY.clone(), v));
+        .collect();
+    if listed.is_empty() {
+        return None;
     }
-    if let Some(&i) = listed.iter().min_by_key(|&&i| states[i].remaining) {
-        if let Some(v) = field(&policies[i].name, states[i].remaining, states[i].reset_us) {
-            out.push((RATELIMIT.clone(), v));
-        }
-    }
-    out
+    HeaderValue::from_str(&listed.join(", ")).ok()
 }
 
 fn field(name: &str, remaining: u64, reset_us: u64) -> Option<HeaderValue> {
@@ -444,6 +461,10 @@ fn limit_key(ctx: &RequestCtx, key: &LimitKey) -> String {
 /// `X-Forwarded-For` address that is not one of them; IPv6 grouped by /64.
 fn client_ip(ctx: &RequestCtx) -> String {
     let peer = ctx.conn.peer.ip().to_canonical();
+    if !ctx.trusted && peer.is_ipv4() {
+        // Formatted once per connection already.
+        return ctx.conn.peer_ip.as_str().to_string();
+    }
     let mut ip = peer;
     if ctx.trusted {
         let trusted = &ctx.rt.config.server.trusted_proxies;
