@@ -5,8 +5,8 @@
 //! 1. **accept** (`server::listener`) — TCP, HTTP/1.1 and HTTP/2, limits; the canonical request
 //!    (`proxy::canonical`) in the per-request context (`proxy::RequestCtx`)
 //! 2. **route** (`router`) — host, longest path prefix, methods; 404 `no_route` otherwise
-//! 3. **consumer** and `count: all` rate limits — `limit` (its GCRA arithmetic so far; the
-//!    wiring is to come)
+//! 3. **consumer** and `count: all` rate limits — `limit` (rate limits, all or nothing, Redis
+//!    or local; consumers are to come)
 //! 4. **cache key and lookup** (`cache`, `proxy::cached`) — L1 → L2 (`cache::l2` on `redis`)
 //! 5. **hit** — served from the entry (`proxy::cached::respond`)
 //! 6. **miss / bypass** — the one upstream function, `proxy::upstream` (budgets attach here)

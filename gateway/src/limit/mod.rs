@@ -110,7 +110,8 @@ pub struct PolicyState {
 
 #[derive(Debug)]
 pub struct Limiter {
-    local: moka::sync::Cache<[u8; 16], Arc<Mutex<Vec<u64>>>>,
+    /// Keys are already keyed hashes: a fast hasher (foldhash), not moka's SipHash.
+    local: moka::sync::Cache<[u8; 16], Arc<Mutex<Vec<u64>>>, foldhash::fast::RandomState>,
     redis: Option<Arc<Shared>>,
     script: redis::Script,
     hash_key: [u8; 32],
@@ -133,7 +134,7 @@ impl Limiter {
             local: moka::sync::Cache::builder()
                 .max_capacity(LOCAL_KEYS)
                 .time_to_idle(Duration::from_secs(86_400 * 31))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             redis,
             script: redis::Script::new(SCRIPT),
             hash_key,
