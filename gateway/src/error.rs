@@ -43,6 +43,9 @@ pub enum GatewayError {
     /// A `count: all` rate-limit policy refused the request (nothing was consumed from any).
     #[error("rate limit `{policy}` exceeded; retry in {retry_after_s} s")]
     RateLimited { policy: String, retry_after_s: u64, headers: Vec<(header::HeaderName, HeaderValue)> },
+    /// A route with `consumer.required` and no known key in the request.
+    #[error("this route needs a known API key in `{header}`")]
+    UnknownConsumer { header: String },
     /// A `fail: closed` rate limit while Redis is away.
     #[error("the rate-limit store is unavailable and this route fails closed; retry shortly")]
     RateLimitUnavailable,
@@ -58,7 +61,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) | GatewayError::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::Unauthorized | GatewayError::UnknownConsumer { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::BudgetUnavailable
             | GatewayError::UpstreamBusy { .. }
             | GatewayError::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -83,6 +86,7 @@ impl GatewayError {
             GatewayError::NotCached => "not_cached",
             GatewayError::BudgetUnavailable => "budget_unavailable",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::UnknownConsumer { .. } => "unknown_consumer",
             GatewayError::RateLimitUnavailable => "ratelimit_unavailable",
         }
     }
@@ -107,6 +111,12 @@ impl GatewayError {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
                 for (k, v) in headers {
                     resp.headers_mut().insert(k.clone(), v.clone());
+                }
+            }
+            GatewayError::UnknownConsumer { header } => {
+                // RFC 9110 §11.6.1: a 401 carries a challenge; API keys have no registered scheme.
+                if let Ok(v) = HeaderValue::from_str(&format!("ApiKey realm=\"weir\", header=\"{header}\"")) {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
                 }
             }
             GatewayError::RateLimitUnavailable => {

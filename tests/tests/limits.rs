@@ -243,9 +243,19 @@ async fn with_redis_gone_each_fail_mode_does_what_it_says() {
     assert!(m.contains(r#"weir_ratelimit_fallback_total{route="open"} 10"#), "{m}");
 }
 
+/// `weir validate` on `yaml`: whether it passed, and what it printed.
+fn validate(yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = std::process::Command::new(weir_bin()).args(["validate", "--config"]).arg(&path).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+const ROUTE: &str = "routes:\n  - name: r\n    upstream: http://127.0.0.1:1\n";
+
 #[test]
 fn bad_limits_are_refused_with_their_position() {
-    let dir = tempfile::tempdir().unwrap();
     for (limit, want) in [
         ("    rate_limit: { rate: 0/s }\n", "greater than zero"),
         ("    rate_limit: { rate: 10/s, burst: 0 }\n", "at least 1"),
@@ -255,15 +265,8 @@ fn bad_limits_are_refused_with_their_position() {
         ("    rate_limit:\n      - { name: a, rate: 1/s }\n      - { name: a, rate: 2/s }\n", "duplicate"),
         ("    rate_limit:\n      - { rate: 1/s }\n", "needs a `name`"),
     ] {
-        let path = dir.path().join("weir.yaml");
-        std::fs::write(
-            &path,
-            format!("listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: r\n    upstream: http://127.0.0.1:1\n{limit}"),
-        )
-        .unwrap();
-        let out = std::process::Command::new(weir_bin()).args(["validate", "--config"]).arg(&path).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{limit}: accepted");
+        let (ok, text) = validate(&format!("listen:\n  - addr: 127.0.0.1:0\n{ROUTE}{limit}"));
+        assert!(!ok, "{limit}: accepted");
         assert!(text.contains(want), "{limit}: {text}");
         assert!(text.contains("weir.yaml:"), "{limit}: no position in {text}");
     }
@@ -355,4 +358,67 @@ async fn admin_reads_and_resets_a_key() {
         assert_eq!(get_path(&gw, "/x", &[("x-api-key", "alice key")]).await.status, 200);
         assert_eq!(get(&gw.admin_url("/ratelimits/nope/x")).await.status, 404);
     }
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Consumers: API keys as SHA-256 digests (or from the environment). On a required route an
+/// unknown or missing key is a 401 with a challenge that never reaches the origin and gets no
+/// quota; a known key is forwarded as `Weir-Consumer` (the key hidden, a client's own
+/// `Weir-Consumer` stripped); a `consumer` limit counts all of a consumer's keys together.
+#[tokio::test(flavor = "multi_thread")]
+async fn consumers_are_identified_by_key_digest_and_limited_together() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let origin = Origin::start(move |req| {
+        let h = req.headers();
+        let v = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+        s2.lock().unwrap().push((v("weir-consumer"), v("x-api-key")));
+        async move { text(200, "ok") }
+    })
+    .await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nconsumers:\n  - id: alice\n    keys_sha256: [\"{}\"]\n    key_env: ALICE_SECOND_KEY\n  - id: bob\n    keys_sha256: [\"{}\"]\nroutes:\n  - name: api\n    upstream: {}\n    consumer: {{ from: header:x-api-key, required: true, hide_credentials: true }}\n    rate_limit: {{ key: consumer, rate: 1/1h, burst: 3 }}\n",
+        sha256_hex("alice-key-1"),
+        sha256_hex("bob-key"),
+        origin.url()
+    );
+    let gw = Gateway::builder().env("ALICE_SECOND_KEY", "alice-key-2").start(&yaml);
+    for headers in [vec![], vec![("x-api-key", "wrong")], vec![("weir-consumer", "alice")]] {
+        let g = get_path(&gw, "/x", &headers).await;
+        assert_eq!(g.status, 401, "{headers:?}: {}", g.text());
+        assert_eq!(g.json()["error"], "unknown_consumer");
+        assert_eq!(g.header("www-authenticate"), Some("ApiKey realm=\"weir\", header=\"x-api-key\""));
+    }
+    assert!(seen.lock().unwrap().is_empty(), "a 401 reached the origin");
+    // Alice's two keys share her burst of 3; Bob has his own.
+    let mut alice = Vec::new();
+    for key in ["alice-key-1", "alice-key-2", "alice-key-1", "alice-key-2"] {
+        alice.push(get_path(&gw, "/x", &[("x-api-key", key), ("weir-consumer", "bob")]).await.status);
+    }
+    assert_eq!(alice, [200, 200, 200, 429]);
+    assert_eq!(get_path(&gw, "/x", &[("x-api-key", "bob-key")]).await.status, 200);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    assert!(seen[..3].iter().all(|(c, k)| c == "alice" && k == "-"), "{seen:?}");
+    assert_eq!(seen[3], ("bob".to_string(), "-".to_string()));
+}
+
+#[test]
+fn consumer_configuration_errors() {
+    for (block, want) in [
+        ("consumers:\n  - id: a\n    keys_sha256: [\"abc\"]\n", "64 hex digits"),
+        ("consumers:\n  - id: a\n    key: plain-text\n", "unknown key `key`"),
+        ("consumers:\n  - id: a\n    key_env: WEIR_TEST_NO_SUCH_VAR\n", "not set"),
+        ("consumers:\n  - id: a\n    keys_sha256: []\n", "needs `keys_sha256` or `key_env`"),
+    ] {
+        let (ok, text) = validate(&format!("listen:\n  - addr: 127.0.0.1:0\n{block}{ROUTE}"));
+        assert!(!ok && text.contains(want), "{block}: {text}");
+    }
+    let (ok, text) =
+        validate(&format!("listen:\n  - addr: 127.0.0.1:0\n{ROUTE}    rate_limit: {{ key: consumer, rate: 1/s }}\n"));
+    assert!(!ok && text.contains("needs the route's `consumer"), "{text}");
 }

@@ -22,6 +22,8 @@ pub struct Config {
     pub cache: CacheSettings,
     pub server: ServerSettings,
     pub routes: Vec<Route>,
+    /// API-key digest (SHA-256) → consumer id.
+    pub consumers: std::sync::Arc<std::collections::HashMap<[u8; 32], String>>,
     /// Blocks that parse and validate but whose feature is not built yet, as `FILE:LINE:COL: message`.
     /// `weir run` logs each at start-up as an error, so nothing is silently ignored.
     pub not_yet_supported: Vec<String>,
@@ -129,6 +131,7 @@ pub struct Route {
     /// Shared (`Arc`) because every cached request holds it for its whole life.
     pub cache: Option<std::sync::Arc<RouteCache>>,
     pub invalidate: Option<Invalidate>,
+    pub consumer: Option<ConsumerFrom>,
     /// The route's `count: all` policies, checked and consumed all or nothing (empty: none).
     pub rate_limit: Vec<RateLimit>,
     pub budget: Option<Budget>,
@@ -214,6 +217,16 @@ pub enum ConsumerKey {
     Plugin,
 }
 
+/// How a route finds its consumer: an API key in a request header, looked up by its digest.
+#[derive(Debug, Clone)]
+pub struct ConsumerFrom {
+    pub header: HeaderName,
+    /// No known key: 401 `unknown_consumer` before anything else happens.
+    pub required: bool,
+    /// The key header is not forwarded upstream.
+    pub hide_credentials: bool,
+}
+
 /// What a rate-limit policy counts by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitKey {
@@ -223,6 +236,8 @@ pub enum LimitKey {
     Header(HeaderName),
     /// One bucket for the whole route.
     Route,
+    /// The identified consumer (a request without one is counted by its client address).
+    Consumer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

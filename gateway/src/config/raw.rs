@@ -18,6 +18,26 @@ pub struct RawConfig {
     pub include: Vec<String>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Known API consumers; keys only as SHA-256 digests or read from the environment.
+    #[serde(default)]
+    pub consumers: Vec<RawConsumer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumer {
+    pub id: String,
+    #[serde(default)]
+    pub keys_sha256: Vec<String>,
+    pub key_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumerRef {
+    pub from: String,
+    pub required: Option<bool>,
+    pub hide_credentials: Option<bool>,
 }
 
 /// A file named by `include:` holds routes (and may include more).
@@ -133,6 +153,7 @@ pub struct RawRoute {
     pub plugin: Option<RawPlugin>,
     pub cache: Option<RawRouteCache>,
     pub invalidate: Option<RawInvalidate>,
+    pub consumer: Option<RawConsumerRef>,
     pub rate_limit: Option<RawRateLimits>,
     pub budget: Option<RawBudget>,
 }

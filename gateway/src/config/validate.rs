@@ -278,6 +278,7 @@ impl Validator {
         };
 
         let server = self.server(src, raw.server.as_ref());
+        let consumers = self.consumers(src, &raw.consumers);
 
         let mut routes = Vec::new();
         let mut declared = Vec::new();
@@ -301,8 +302,65 @@ impl Validator {
             cache,
             server,
             routes,
+            consumers: std::sync::Arc::new(consumers),
             not_yet_supported: Vec::new(),
         }
+    }
+
+    /// `consumers:`: ids unique; keys as SHA-256 digests (64 hex digits) or read from an
+    /// environment variable and hashed here (a key never sits in the file in plain text).
+    fn consumers(&mut self, src: &Source, raw: &[RawConsumer]) -> HashMap<[u8; 32], String> {
+        let mut out: HashMap<[u8; 32], String> = HashMap::new();
+        let mut ids = std::collections::HashSet::new();
+        for (i, c) in raw.iter().enumerate() {
+            let cp = format!("consumers[{i}]");
+            let id_ok = !c.id.is_empty()
+                && c.id.len() <= 256
+                && c.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@:".contains(&b));
+            if !id_ok {
+                self.problems.at(
+                    src,
+                    &format!("{cp}.id"),
+                    format!("invalid consumer id `{}`: 1-256 of A-Z a-z 0-9 . _ - @ :", c.id),
+                );
+            }
+            if !ids.insert(c.id.clone()) {
+                self.problems.at(src, &format!("{cp}.id"), format!("duplicate consumer id `{}`", c.id));
+            }
+            let mut digests = Vec::new();
+            for (k, d) in c.keys_sha256.iter().enumerate() {
+                match hex32(d) {
+                    Some(h) => digests.push(h),
+                    None => self.problems.at(
+                        src,
+                        &format!("{cp}.keys_sha256[{k}]"),
+                        "expected a SHA-256 digest: 64 hex digits (`printf %s KEY | sha256sum`)",
+                    ),
+                }
+            }
+            if let Some(var) = &c.key_env {
+                match std::env::var(var) {
+                    Ok(key) if !key.is_empty() => {
+                        use sha2::Digest as _;
+                        digests.push(sha2::Sha256::digest(key.as_bytes()).into());
+                    }
+                    _ => self.problems.at(
+                        src,
+                        &format!("{cp}.key_env"),
+                        format!("consumer key variable `{var}` is not set"),
+                    ),
+                }
+            }
+            if digests.is_empty() {
+                self.problems.at(src, &cp, "a consumer needs `keys_sha256` or `key_env`");
+            }
+            for d in digests {
+                if out.insert(d, c.id.clone()).is_some_and(|other| other != c.id) {
+                    self.problems.at(src, &cp, "this key already belongs to another consumer");
+                }
+            }
+        }
+        out
     }
 
     fn redis(&mut self, src: &Source, r: &RawRedis) -> Redis {
@@ -639,6 +697,28 @@ impl Validator {
             Invalidate { methods: im, tags: inv.tags.clone() }
         });
 
+        let consumer = r.consumer.as_ref().and_then(|c| {
+            let cp = format!("{p}.consumer");
+            match c.from.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
+                Some(Ok(header)) => Some(ConsumerFrom {
+                    header,
+                    required: c.required.unwrap_or(false),
+                    hide_credentials: c.hide_credentials.unwrap_or(false),
+                }),
+                _ if c.from == "plugin" || c.from == "client_cert" => {
+                    self.not_yet(src, &format!("{cp}.from"), "consumers from a plugin or a client certificate");
+                    None
+                }
+                _ => {
+                    self.problems.at(
+                        src,
+                        &format!("{cp}.from"),
+                        format!("invalid consumer source `{}`: expected `header:NAME`", c.from),
+                    );
+                    None
+                }
+            }
+        });
         let rate_limit = match &r.rate_limit {
             None => Vec::new(),
             Some(RawRateLimits::One(rl)) => {
@@ -666,6 +746,13 @@ impl Validator {
             }
         };
 
+        if consumer.is_none() && rate_limit.iter().any(|l| l.key == LimitKey::Consumer) {
+            self.problems.at(
+                src,
+                &format!("{p}.rate_limit"),
+                "a rate limit keyed by `consumer` needs the route's `consumer: {from: header:NAME}`",
+            );
+        }
         let budget = r.budget.as_ref().map(|b| {
             let bp = format!("{p}.budget");
             self.not_yet(src, &bp, "budgets");
@@ -711,6 +798,7 @@ impl Validator {
             plugin,
             cache,
             invalidate,
+            consumer,
             rate_limit,
             budget,
         })
@@ -824,8 +912,9 @@ impl Validator {
         let key = match rl.key.as_deref() {
             None | Some("client_ip") => LimitKey::ClientIp,
             Some("route") => LimitKey::Route,
-            Some("consumer" | "plugin") => {
-                self.not_yet(src, &format!("{rp}.key"), "rate limits keyed by consumer");
+            Some("consumer") => LimitKey::Consumer,
+            Some("plugin") => {
+                self.not_yet(src, &format!("{rp}.key"), "rate limits keyed by a plugin's consumer");
                 LimitKey::Route
             }
             Some(k) => match k.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
@@ -999,6 +1088,19 @@ impl Validator {
             }
         }
     }
+}
+
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.trim().as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        let hex = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]

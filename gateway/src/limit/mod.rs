@@ -439,6 +439,7 @@ fn admin_key(kind: &LimitKey, key: &str) -> String {
         LimitKey::Route => String::new(),
         LimitKey::ClientIp => format!("ip:{key}"),
         LimitKey::Header(_) => format!("h:{key}"),
+        LimitKey::Consumer => format!("c:{key}"),
     }
 }
 
@@ -447,6 +448,10 @@ fn limit_key(ctx: &RequestCtx, key: &LimitKey) -> String {
     match key {
         LimitKey::Route => String::new(),
         LimitKey::ClientIp => format!("ip:{}", client_ip(ctx)),
+        LimitKey::Consumer => match &ctx.consumer {
+            Some(id) => format!("c:{id}"),
+            None => format!("ip:{}", client_ip(ctx)),
+        },
         LimitKey::Header(h) => match ctx.canon.headers.get(h) {
             Some(v) => {
                 let mut s = String::from("h:");

@@ -99,6 +99,8 @@ pub struct RequestCtx {
     pub canon: Canonical,
     /// Index of the matched route in `rt.routes`.
     pub route: usize,
+    /// The consumer identified in phase 3 (its id), if the route names a source and the key is known.
+    pub consumer: Option<String>,
 }
 
 impl RequestCtx {
@@ -227,9 +229,21 @@ async fn route_and_serve(
         (Some(_), None) => parts.extensions.remove::<OnUpgrade>(),
         _ => None,
     };
-    let ctx = Arc::new(RequestCtx { rt: rt.clone(), conn, trusted, canon, route: idx });
+    // Phase 3: the consumer first (an unknown key on a required route never gets a quota).
+    let mut canon = canon;
+    let consumer = match &route.route.consumer {
+        None => None,
+        Some(from) => match identify(rt, from, &mut canon) {
+            Some(id) => Some(id),
+            None if from.required => {
+                return Ok((idx, Err(GatewayError::UnknownConsumer { header: from.header.to_string() })))
+            }
+            None => None,
+        },
+    };
+    let ctx = Arc::new(RequestCtx { rt: rt.clone(), conn, trusted, canon, route: idx, consumer });
 
-    // Phase 3: `count: all` rate limits, all or nothing, before the cache (a hit counts too).
+    // Then `count: all` rate limits, all or nothing, before the cache (a hit counts too).
     let limit_headers = if route.route.rate_limit.is_empty() {
         Vec::new()
     } else {
@@ -254,6 +268,28 @@ async fn route_and_serve(
         }
     }
     Ok((idx, result))
+}
+
+static WEIR_CONSUMER: http::HeaderName = http::HeaderName::from_static("weir-consumer");
+
+/// Looks the route's key header up by its SHA-256 digest; forwards the verified consumer as
+/// `Weir-Consumer` (a client's own was stripped by the canonical request) and, with
+/// `hide_credentials`, drops the key.
+fn identify(rt: &Runtime, from: &crate::config::ConsumerFrom, canon: &mut Canonical) -> Option<String> {
+    use sha2::Digest as _;
+    let id = canon.headers.get(&from.header).and_then(|v| {
+        let digest: [u8; 32] = sha2::Sha256::digest(v.as_bytes()).into();
+        rt.config.consumers.get(&digest).cloned()
+    });
+    if from.hide_credentials {
+        canon.headers.remove(&from.header);
+    }
+    if let Some(id) = &id {
+        if let Ok(v) = http::HeaderValue::from_str(id) {
+            canon.headers.insert(WEIR_CONSUMER.clone(), v);
+        }
+    }
+    id
 }
 
 pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
