@@ -85,7 +85,6 @@ fn refuses_limits_and_budgets_it_cannot_enforce_yet() {
     let origin = rt.block_on(Origin::hello());
     for (block, what) in [
         ("rate_limit: { key: plugin, rate: 100/s }", "keyed by a plugin"),
-        ("rate_limit: { rate: 100/s, count: misses }", "count: misses"),
         ("budget: { key: client_ip, limit: \"5.00\", per: 1d }", "budgets"),
     ] {
         let yaml = format!(

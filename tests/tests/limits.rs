@@ -422,3 +422,26 @@ fn consumer_configuration_errors() {
         validate(&format!("listen:\n  - addr: 127.0.0.1:0\n{ROUTE}    rate_limit: {{ key: consumer, rate: 1/s }}\n"));
     assert!(!ok && text.contains("needs the route's `consumer"), "{text}");
 }
+
+/// `count: misses`: only requests that reach the origin are charged, so hits keep flowing when
+/// the miss quota is spent; a miss over it gets the 429 and the origin never sees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn miss_limits_charge_only_what_reaches_the_origin() {
+    let (origin, hits) = origin().await;
+    let gw = Gateway::start(&config(
+        &origin,
+        None,
+        &[("api", "/", "      rate: 1/1h\n      burst: 2\n      key: route\n      count: misses\n", true)],
+    ));
+    assert_eq!(get_path(&gw, "/a", &[]).await.status, 200);
+    assert_eq!(get_path(&gw, "/b", &[]).await.status, 200);
+    let over = get_path(&gw, "/c", &[]).await;
+    assert_eq!(over.status, 429, "{}", over.text());
+    assert_eq!(over.json()["error"], "rate_limited");
+    for _ in 0..20 {
+        let g = get_path(&gw, "/a", &[]).await;
+        assert_eq!(g.status, 200);
+        assert_eq!(g.header("cache-status"), Some("weir; hit; detail=l1"));
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}

@@ -134,6 +134,8 @@ pub struct Route {
     pub consumer: Option<ConsumerFrom>,
     /// The route's `count: all` policies, checked and consumed all or nothing (empty: none).
     pub rate_limit: Vec<RateLimit>,
+    /// `count: misses` policies: charged where a request leaves for the origin.
+    pub rate_limit_misses: Vec<RateLimit>,
     pub budget: Option<Budget>,
 }
 
@@ -268,6 +270,8 @@ pub struct RateLimit {
     pub fail: LimitFail,
     /// `RateLimit` / `RateLimit-Policy` on allowed responses too (always on a 429).
     pub headers: bool,
+    /// `count: misses`: only requests that reach the origin are counted.
+    pub misses: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -746,7 +746,9 @@ impl Validator {
             }
         };
 
-        if consumer.is_none() && rate_limit.iter().any(|l| l.key == LimitKey::Consumer) {
+        let (rate_limit_misses, rate_limit): (Vec<RateLimit>, Vec<RateLimit>) =
+            rate_limit.into_iter().partition(|l| l.misses);
+        if consumer.is_none() && rate_limit.iter().chain(&rate_limit_misses).any(|l| l.key == LimitKey::Consumer) {
             self.problems.at(
                 src,
                 &format!("{p}.rate_limit"),
@@ -800,6 +802,7 @@ impl Validator {
             invalidate,
             consumer,
             rate_limit,
+            rate_limit_misses,
             budget,
         })
     }
@@ -929,15 +932,18 @@ impl Validator {
                 }
             },
         };
-        match rl.count.as_deref() {
-            None | Some("all") => {}
-            Some("misses") => self.not_yet(src, &format!("{rp}.count"), "`count: misses` rate limits"),
-            Some(other) => self.problems.at(
-                src,
-                &format!("{rp}.count"),
-                format!("invalid count `{other}`: expected `all` or `misses`"),
-            ),
-        }
+        let misses = match rl.count.as_deref() {
+            None | Some("all") => false,
+            Some("misses") => true,
+            Some(other) => {
+                self.problems.at(
+                    src,
+                    &format!("{rp}.count"),
+                    format!("invalid count `{other}`: expected `all` or `misses`"),
+                );
+                false
+            }
+        };
         let fail = match rl.fail.as_deref() {
             None | Some("local") => LimitFail::Local,
             Some("open") => LimitFail::Open,
@@ -961,6 +967,7 @@ impl Validator {
             gcra,
             fail,
             headers: rl.headers.unwrap_or(true),
+            misses,
         })
     }
 

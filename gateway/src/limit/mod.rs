@@ -152,7 +152,24 @@ impl Limiter {
     /// headers for an admitted response (empty when no policy asks for them).
     pub async fn admit(&self, ctx: &RequestCtx) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
         let route = ctx.route();
-        let policies = &route.route.rate_limit;
+        self.admit_policies(ctx, &route.route.rate_limit, &route.ratelimit_policy).await
+    }
+
+    /// The `count: misses` policies, where a request leaves for the origin (phase 6). Refused:
+    /// the request gets the 429 instead of an upstream answer; a hit never gets here.
+    pub async fn admit_miss(&self, ctx: &RequestCtx) -> Result<(), GatewayError> {
+        let misses = &ctx.route().route.rate_limit_misses;
+        let policy = [policy_header(misses, false), policy_header(misses, true)];
+        self.admit_policies(ctx, misses, &policy).await.map(|_| ())
+    }
+
+    async fn admit_policies(
+        &self,
+        ctx: &RequestCtx,
+        policies: &[RateLimit],
+        policy_header: &[Option<HeaderValue>; 2],
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
+        let route = ctx.route();
         let mut states = vec![PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; policies.len()];
         let all: Vec<usize> = (0..policies.len()).collect();
         let keys: Vec<String> = policies.iter().map(|p| limit_key(ctx, &p.key)).collect();
@@ -166,7 +183,7 @@ impl Limiter {
                 .max_by_key(|(_, r)| *r)
                 .unwrap_or((0, 1_000_000));
             route.metrics.ratelimit_rejected(&route.label, &policies[i].name);
-            let mut headers = headers(policies, &states, true, route.ratelimit_policy[1].as_ref());
+            let mut headers = headers(policies, &states, true, policy_header[1].as_ref());
             headers.retain(|(k, _)| k != RATELIMIT);
             if let Some(v) = field(&policies[i].name, 0, retry) {
                 headers.push((RATELIMIT.clone(), v));
@@ -178,7 +195,7 @@ impl Limiter {
             });
         }
         Ok(if policies.iter().any(|p| p.headers) {
-            headers(policies, &states, false, route.ratelimit_policy[0].as_ref())
+            headers(policies, &states, false, policy_header[0].as_ref())
         } else {
             Vec::new()
         })
@@ -515,6 +532,7 @@ mod tests {
             gcra: Gcra::new(rate, Duration::from_secs(per), burst).unwrap(),
             fail: LimitFail::Local,
             headers: true,
+            misses: false,
         }
     }
 

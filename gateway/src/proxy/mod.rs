@@ -414,6 +414,13 @@ pub(crate) async fn upstream(
     body: Option<Body>,
 ) -> Result<Response<Body>, GatewayError> {
     let route = ctx.route();
+    // `count: misses` limits: charged for requests that reach the origin on a client's behalf
+    // (a background refresh is Weir's own; a tunnel was charged as the request that opened it).
+    if !route.route.rate_limit_misses.is_empty()
+        && matches!(purpose, Purpose::Forward | Purpose::Miss | Purpose::PassThrough | Purpose::Revalidate)
+    {
+        ctx.rt.limits.admit_miss(ctx).await?;
+    }
     // The route's connection slots (`max_upstream_connections`): a slot is held until the
     // response body ends, so a slow origin cannot take every socket the process has.
     let slots = route.upstream_slots.clone();
