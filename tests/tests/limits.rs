@@ -445,3 +445,30 @@ async fn miss_limits_charge_only_what_reaches_the_origin() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 2);
 }
+
+/// `consumers[].limits` gives one consumer its own rate for a policy of that name; the others
+/// keep the route's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_can_have_its_own_rate() {
+    let (origin, _) = origin().await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nconsumers:\n  - id: gold\n    keys_sha256: [\"{}\"]\n    limits:\n      default: {{ rate: 1/1h, burst: 5 }}\n  - id: basic\n    keys_sha256: [\"{}\"]\nroutes:\n  - name: api\n    upstream: {}\n    consumer: {{ from: header:x-api-key, required: true }}\n    rate_limit: {{ key: consumer, rate: 1/1h, burst: 2 }}\n",
+        sha256_hex("gold-key"),
+        sha256_hex("basic-key"),
+        origin.url()
+    );
+    let gw = Gateway::start(&yaml);
+    for (key, admitted, q) in [("gold-key", 5, "q=5"), ("basic-key", 2, "q=2")] {
+        let mut ok = 0;
+        let mut policy = String::new();
+        for _ in 0..10 {
+            let g = get_path(&gw, "/x", &[("x-api-key", key)]).await;
+            if g.status == 200 {
+                ok += 1;
+                policy = g.header("ratelimit-policy").unwrap_or("").to_string();
+            }
+        }
+        assert_eq!(ok, admitted, "{key}");
+        assert!(policy.contains(q), "{key}: {policy}");
+    }
+}

@@ -24,6 +24,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// API-key digest (SHA-256) → consumer id.
     pub consumers: std::sync::Arc<std::collections::HashMap<[u8; 32], String>>,
+    /// Consumer id → policy name → its own rate and burst (`consumers[].limits`).
+    pub consumer_limits: std::sync::Arc<std::collections::HashMap<String, Vec<LimitOverride>>>,
     /// Blocks that parse and validate but whose feature is not built yet, as `FILE:LINE:COL: message`.
     /// `weir run` logs each at start-up as an error, so nothing is silently ignored.
     pub not_yet_supported: Vec<String>,
@@ -227,6 +229,15 @@ pub struct ConsumerFrom {
     pub required: bool,
     /// The key header is not forwarded upstream.
     pub hide_credentials: bool,
+}
+
+/// A consumer's own rate for the policies of one name.
+#[derive(Debug, Clone)]
+pub struct LimitOverride {
+    pub policy: String,
+    pub rate: Rate,
+    pub burst: u64,
+    pub gcra: crate::limit::gcra::Gcra,
 }
 
 /// What a rate-limit policy counts by.

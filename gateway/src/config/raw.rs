@@ -30,6 +30,16 @@ pub struct RawConsumer {
     #[serde(default)]
     pub keys_sha256: Vec<String>,
     pub key_env: Option<String>,
+    /// Per-policy overrides of a route's limits, by policy name.
+    #[serde(default)]
+    pub limits: std::collections::BTreeMap<String, RawLimitOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimitOverride {
+    pub rate: Text,
+    pub burst: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -279,6 +279,7 @@ impl Validator {
 
         let server = self.server(src, raw.server.as_ref());
         let consumers = self.consumers(src, &raw.consumers);
+        let consumer_limits = self.consumer_limits(src, &raw.consumers);
 
         let mut routes = Vec::new();
         let mut declared = Vec::new();
@@ -303,8 +304,37 @@ impl Validator {
             server,
             routes,
             consumers: std::sync::Arc::new(consumers),
+            consumer_limits: std::sync::Arc::new(consumer_limits),
             not_yet_supported: Vec::new(),
         }
+    }
+
+    /// `consumers[].limits`: a consumer's own rate (and burst) for the policies of a name.
+    fn consumer_limits(&mut self, src: &Source, raw: &[RawConsumer]) -> HashMap<String, Vec<LimitOverride>> {
+        let mut out = HashMap::new();
+        for (i, c) in raw.iter().enumerate() {
+            let mut list = Vec::new();
+            for (name, o) in &c.limits {
+                let lp = format!("consumers[{i}].limits.{name}");
+                let Ok(rate) = parse_rate(&o.rate.text).map_err(|e| self.problems.at(src, &format!("{lp}.rate"), e))
+                else {
+                    continue;
+                };
+                let burst = self.count(src, &format!("{lp}.burst"), o.burst.as_ref(), rate.count, 1, u64::MAX);
+                match crate::limit::gcra::Gcra::new(rate.count, rate.per, burst) {
+                    Some(gcra) => list.push(LimitOverride { policy: name.clone(), rate, burst, gcra }),
+                    None => self.problems.at(
+                        src,
+                        &format!("{lp}.rate"),
+                        format!("rate `{}` cannot be kept exactly: one request per 1 µs to 285 years", o.rate.text),
+                    ),
+                }
+            }
+            if !list.is_empty() {
+                out.insert(c.id.clone(), list);
+            }
+        }
+        out
     }
 
     /// `consumers:`: ids unique; keys as SHA-256 digests (64 hex digits) or read from an

@@ -152,13 +152,19 @@ impl Limiter {
     /// headers for an admitted response (empty when no policy asks for them).
     pub async fn admit(&self, ctx: &RequestCtx) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
         let route = ctx.route();
+        if let Some(own) = overridden(ctx, &route.route.rate_limit) {
+            let policy = [policy_header(&own, false), policy_header(&own, true)];
+            return self.admit_policies(ctx, &own, &policy).await;
+        }
         self.admit_policies(ctx, &route.route.rate_limit, &route.ratelimit_policy).await
     }
 
     /// The `count: misses` policies, where a request leaves for the origin (phase 6). Refused:
     /// the request gets the 429 instead of an upstream answer; a hit never gets here.
     pub async fn admit_miss(&self, ctx: &RequestCtx) -> Result<(), GatewayError> {
-        let misses = &ctx.route().route.rate_limit_misses;
+        let route = &ctx.route().route;
+        let own = overridden(ctx, &route.rate_limit_misses);
+        let misses = own.as_deref().unwrap_or(&route.rate_limit_misses);
         let policy = [policy_header(misses, false), policy_header(misses, true)];
         self.admit_policies(ctx, misses, &policy).await.map(|_| ())
     }
@@ -384,6 +390,24 @@ struct Query<'a> {
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+/// The route's policies with the consumer's own rates (`consumers[].limits`), when it has any
+/// for these policies' names.
+fn overridden(ctx: &RequestCtx, policies: &[RateLimit]) -> Option<Vec<RateLimit>> {
+    let own = ctx.rt.config.consumer_limits.get(ctx.consumer.as_deref()?)?;
+    if !policies.iter().any(|p| own.iter().any(|o| o.policy == p.name)) {
+        return None;
+    }
+    Some(
+        policies
+            .iter()
+            .map(|p| match own.iter().find(|o| o.policy == p.name) {
+                Some(o) => RateLimit { rate: o.rate, burst: o.burst, gcra: o.gcra, ..p.clone() },
+                None => p.clone(),
+            })
+            .collect(),
+    )
+}
 
 /// `rate / share` for the local fallback (burst divided too, at least one).
 fn shared_gcra(p: &RateLimit, share: u64) -> Gcra {
