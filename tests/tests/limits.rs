@@ -414,6 +414,10 @@ fn consumer_configuration_errors() {
         ("consumers:\n  - id: a\n    key: plain-text\n", "unknown key `key`"),
         ("consumers:\n  - id: a\n    key_env: WEIR_TEST_NO_SUCH_VAR\n", "not set"),
         ("consumers:\n  - id: a\n    keys_sha256: []\n", "needs `keys_sha256` or `key_env`"),
+        (
+            "consumers:\n  - id: a\n    key_env: PATH\n    limits:\n      per-secnod: { rate: 1/s }\n",
+            "no route has a rate_limit policy named `per-secnod`",
+        ),
     ] {
         let (ok, text) = validate(&format!("listen:\n  - addr: 127.0.0.1:0\n{block}{ROUTE}"));
         assert!(!ok && text.contains(want), "{block}: {text}");

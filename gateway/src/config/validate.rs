@@ -294,6 +294,19 @@ impl Validator {
             );
         }
         self.cross_route_checks(&routes, &declared);
+        for (i, c) in raw.consumers.iter().enumerate() {
+            for name in c.limits.keys() {
+                let known =
+                    routes.iter().any(|r| r.rate_limit.iter().chain(&r.rate_limit_misses).any(|l| &l.name == name));
+                if !known {
+                    self.problems.at(
+                        src,
+                        &format!("consumers[{i}].limits.{name}"),
+                        format!("no route has a rate_limit policy named `{name}`"),
+                    );
+                }
+            }
+        }
 
         Config {
             source: src.path.clone(),
