@@ -346,6 +346,17 @@ def start_redis(servers, tmp, port):
     wait_port(port)
 
 
+def start_weirs(servers, target, tmp, origin_port, env, specs):
+    """One cached Weir process per (name, port, admin port, weir_config options), each waited
+    for; returns name -> process."""
+    procs = {}
+    for name, port, admin, opts in specs:
+        cfg = weir_config(tmp, port, origin_port, admin, cache=True, name=name, **opts)
+        procs[name] = servers.spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
+        wait_port(port)
+    return procs
+
+
 def shared_scenario(args):
     """The Redis tier's cost, hot set of 100 URLs in one run: Weir L1-only (no Redis), Weir tiered
     (Redis configured; hits come from L1), Weir L2-only (`l1_max_bytes: 0`: every hit is a Redis
@@ -363,13 +374,11 @@ def shared_scenario(args):
         spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
         wait_port(origin_port)
         start_redis(servers, tmp, redis_port)
-        procs = {}
-        for name, port, admin, redis, l1 in [("l1", l1_port, ports[6], None, "256MiB"),
-                                             ("tiered", tiered_port, ports[7], redis_port, "256MiB"),
-                                             ("l2", l2_port, ports[8], redis_port, "0")]:
-            cfg = weir_config(tmp, port, origin_port, admin, cache=True, redis=redis, l1=l1, name=name)
-            procs[name] = spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
-            wait_port(port)
+        procs = start_weirs(servers, target, tmp, origin_port, env, [
+            ("l1", l1_port, ports[6], {"l1": "256MiB"}),
+            ("tiered", tiered_port, ports[7], {"redis": redis_port, "l1": "256MiB"}),
+            ("l2", l2_port, ports[8], {"redis": redis_port, "l1": "0"}),
+        ])
         nginx = spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port, cache=True)), "-p", str(tmp)])
         wait_port(nginx_port)
         workers = nginx_workers(nginx.pid)
@@ -563,13 +572,11 @@ def ratelimit_scenario(args):
         spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
         wait_port(origin_port)
         start_redis(servers, tmp, redis_port)
-        procs = {}
-        for name, port, admin, redis, lim in [("none", none_port, ports[5], None, ""),
-                                              ("local", local_port, ports[6], None, limit),
-                                              ("redis", shared_port, ports[7], redis_port, limit)]:
-            cfg = weir_config(tmp, port, origin_port, admin, cache=True, redis=redis, name=name, limit=lim)
-            procs[name] = spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
-            wait_port(port)
+        procs = start_weirs(servers, target, tmp, origin_port, env, [
+            ("none", none_port, ports[5], {}),
+            ("local", local_port, ports[6], {"limit": limit}),
+            ("redis", shared_port, ports[7], {"redis": redis_port, "limit": limit}),
+        ])
         for p in [none_port, local_port, shared_port]:
             warm(p)
         print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "

@@ -25,9 +25,10 @@ pub struct RouteRuntime {
     pub metrics: Arc<Metrics>,
     /// `max_upstream_connections`: one permit per upstream request in flight.
     pub upstream_slots: Arc<tokio::sync::Semaphore>,
-    /// `RateLimit-Policy` for admitted responses (policies with `headers: true`) and for a 429
-    /// (every policy), computed once.
-    pub ratelimit_policy: [Option<http::HeaderValue>; 2],
+    /// `RateLimit-Policy`, computed once, for the `count: all` policies (`[0]`) and the
+    /// `count: misses` ones (`[1]`): each for admitted responses (policies with `headers: true`)
+    /// and for a 429 (every policy).
+    pub ratelimit_policy: [[Option<http::HeaderValue>; 2]; 2],
 }
 
 #[derive(Debug)]
@@ -70,10 +71,8 @@ impl Runtime {
                     label,
                     metrics: metrics.clone(),
                     upstream_slots: Arc::new(tokio::sync::Semaphore::new(r.max_upstream_connections)),
-                    ratelimit_policy: [
-                        crate::limit::policy_header(&r.rate_limit, false),
-                        crate::limit::policy_header(&r.rate_limit, true),
-                    ],
+                    ratelimit_policy: [&r.rate_limit, &r.rate_limit_misses]
+                        .map(|p| [crate::limit::policy_header(p, false), crate::limit::policy_header(p, true)]),
                 }
             })
             .collect();

@@ -200,7 +200,6 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Option<Object>, DecodeError> {
                 HeaderValue::from_bytes(v).map_err(|_| DecodeError("header value"))?;
                 pairs.push((k, v));
             }
-            let pairs: Vec<_> = pairs.iter().map(|(k, v)| (k, *v)).collect();
             let headers = super::entry::compact_headers(&pairs);
             let body = Bytes::copy_from_slice(r.bytes()?);
             Ok(Some(Object::Response(Arc::new(Entry {

@@ -119,7 +119,7 @@ pub fn headers_weight(h: &HeaderMap) -> usize {
 /// The same headers in a map of exactly their size, every value a slice of one buffer: one
 /// allocation for all values, owned (never a slice of a connection's read buffer, which would
 /// keep that whole buffer alive while the entry lives).
-pub fn compact_headers(pairs: &[(&HeaderName, &[u8])]) -> HeaderMap {
+pub fn compact_headers<N: std::borrow::Borrow<HeaderName>>(pairs: &[(N, &[u8])]) -> HeaderMap {
     let mut buf = bytes::BytesMut::with_capacity(pairs.iter().map(|(_, v)| v.len()).sum());
     for (_, v) in pairs {
         buf.extend_from_slice(v);
@@ -131,7 +131,7 @@ pub fn compact_headers(pairs: &[(&HeaderName, &[u8])]) -> HeaderMap {
         let bytes = buf.slice(at..at + v.len());
         at += v.len();
         if let Ok(v) = HeaderValue::from_maybe_shared(bytes) {
-            out.append((*name).clone(), v);
+            out.append(name.borrow().clone(), v);
         }
     }
     out

@@ -97,7 +97,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2 * #KEYS])
 return n
 ";
 
-fn hex(h: &[u8; 16]) -> String {
+pub(crate) fn hex(h: &[u8; 16]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(32);
     for b in h {

@@ -156,17 +156,19 @@ impl Limiter {
             let policy = [policy_header(&own, false), policy_header(&own, true)];
             return self.admit_policies(ctx, &own, &policy).await;
         }
-        self.admit_policies(ctx, &route.route.rate_limit, &route.ratelimit_policy).await
+        self.admit_policies(ctx, &route.route.rate_limit, &route.ratelimit_policy[0]).await
     }
 
     /// The `count: misses` policies, where a request leaves for the origin (phase 6). Refused:
     /// the request gets the 429 instead of an upstream answer; a hit never gets here.
     pub async fn admit_miss(&self, ctx: &RequestCtx) -> Result<(), GatewayError> {
-        let route = &ctx.route().route;
-        let own = overridden(ctx, &route.rate_limit_misses);
-        let misses = own.as_deref().unwrap_or(&route.rate_limit_misses);
-        let policy = [policy_header(misses, false), policy_header(misses, true)];
-        self.admit_policies(ctx, misses, &policy).await.map(|_| ())
+        let route = ctx.route();
+        let misses = &route.route.rate_limit_misses;
+        if let Some(own) = overridden(ctx, misses) {
+            let policy = [policy_header(&own, false), policy_header(&own, true)];
+            return self.admit_policies(ctx, &own, &policy).await.map(|_| ());
+        }
+        self.admit_policies(ctx, misses, &route.ratelimit_policy[1]).await.map(|_| ())
     }
 
     async fn admit_policies(
@@ -189,11 +191,12 @@ impl Limiter {
                 .max_by_key(|(_, r)| *r)
                 .unwrap_or((0, 1_000_000));
             route.metrics.ratelimit_rejected(&route.label, &policies[i].name);
-            let mut headers = headers(policies, &states, true, policy_header[1].as_ref());
-            headers.retain(|(k, _)| k != RATELIMIT);
-            if let Some(v) = field(&policies[i].name, 0, retry) {
-                headers.push((RATELIMIT.clone(), v));
-            }
+            // The refusing policy, with the wait until a retry is admitted.
+            let headers =
+                [(&RATELIMIT_POLICY, policy_header[1].clone()), (&RATELIMIT, field(&policies[i].name, 0, retry))]
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v?)))
+                    .collect();
             return Err(GatewayError::RateLimited {
                 policy: policies[i].name.clone(),
                 retry_after_s: retry.div_ceil(1_000_000).max(1),
@@ -201,7 +204,7 @@ impl Limiter {
             });
         }
         Ok(if policies.iter().any(|p| p.headers) {
-            headers(policies, &states, false, policy_header[0].as_ref())
+            headers(policies, &states, policy_header[0].as_ref())
         } else {
             Vec::new()
         })
@@ -261,7 +264,8 @@ impl Limiter {
     fn check_local(&self, q: Query<'_>, idx: &[usize], states: &mut [PolicyState], share: u64, commit: bool) -> bool {
         let Query { route, policies, keys } = q;
         let now = unix_us(SystemTime::now());
-        let mut decided: Vec<(usize, Option<(u64, u64)>)> = Vec::with_capacity(idx.len());
+        // Per admitting policy: its position in `idx` and the state it would store.
+        let mut decided: Vec<(usize, (u64, u64))> = Vec::with_capacity(idx.len());
         let cells: Vec<Arc<Mutex<Vec<u64>>>> = idx
             .iter()
             .map(|&i| {
@@ -281,7 +285,7 @@ impl Limiter {
                     match g.check(cell[0], now) {
                         Decision::Allow { tat, remaining } => {
                             states[i] = PolicyState { remaining, reset_us: tat - now, retry_us: 0 };
-                            decided.push((n, Some((tat, 0))));
+                            decided.push((n, (tat, 0)));
                         }
                         Decision::Deny { retry_after_us } => {
                             ok = false;
@@ -304,13 +308,12 @@ impl Limiter {
                         states[i] = PolicyState { remaining: 0, reset_us: reset, retry_us: reset };
                     } else {
                         states[i] = PolicyState { remaining: quota - count - 1, reset_us: reset, retry_us: 0 };
-                        decided.push((n, Some((id, count + 1))));
+                        decided.push((n, (id, count + 1)));
                     }
                 }
             }
         }
-        for (n, v) in decided {
-            let Some((a, b)) = v else { continue };
+        for (n, (a, b)) in decided {
             if ok && commit {
                 guards[n][0] = a;
                 guards[n][1] = b;
@@ -375,8 +378,7 @@ impl Limiter {
     }
 
     fn id_hex(&self, route: &str, key: &str) -> String {
-        let id = self.id(route, key, "");
-        id.iter().map(|b| format!("{b:02x}")).collect()
+        crate::cache::l2::hex(&self.id(route, key, ""))
     }
 }
 
@@ -424,24 +426,24 @@ fn window_us(p: &RateLimit) -> u64 {
 }
 
 fn unix_us(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_micros()).unwrap_or(u64::MAX)
+    u64::try_from(crate::redis::unix_us(t)).unwrap_or(0)
 }
 
-/// `RateLimit-Policy` for every policy, and `RateLimit` for the one closest to exhaustion
+/// `RateLimit-Policy` for the policies with `headers: true`, and `RateLimit` for the one of them
+/// closest to exhaustion
 /// (draft-ietf-httpapi-ratelimit-headers-11, Structured Field lists). For GCRA the quota is the
 /// burst and the window the time that burst takes to refill (`w = ceil(burst × interval)`), so
 /// `r` never exceeds `q`.
 fn headers(
     policies: &[RateLimit],
     states: &[PolicyState],
-    all: bool,
     policy: Option<&HeaderValue>,
 ) -> Vec<(HeaderName, HeaderValue)> {
     let mut out = Vec::with_capacity(2);
     if let Some(v) = policy {
         out.push((RATELIMIT_POLICY.clone(), v.clone()));
     }
-    let closest = (0..policies.len()).filter(|&i| all || policies[i].headers).min_by_key(|&i| states[i].remaining);
+    let closest = (0..policies.len()).filter(|&i| policies[i].headers).min_by_key(|&i| states[i].remaining);
     if let Some(i) = closest {
         if let Some(v) = field(&policies[i].name, states[i].remaining, states[i].reset_us) {
             out.push((RATELIMIT.clone(), v));

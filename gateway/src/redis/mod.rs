@@ -370,6 +370,6 @@ impl Shared {
     }
 }
 
-fn unix_us(t: SystemTime) -> i64 {
+pub(crate) fn unix_us(t: SystemTime) -> i64 {
     i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros()).unwrap_or(i64::MAX)
 }
