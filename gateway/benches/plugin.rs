@@ -78,7 +78,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| llm.cost(black_box(&plain), &llm_resp).unwrap())
     });
     c.bench_function("plugin/identify default (no opinion), warm", |b| {
-        b.iter(|| fixture.identify(black_box(&plain)).unwrap())
+        b.iter(|| fixture.identify(black_box(&plain), std::time::SystemTime::now()).unwrap())
     });
 }
 

@@ -43,9 +43,17 @@ pub enum GatewayError {
     /// A `count: all` rate-limit policy refused the request (nothing was consumed from any).
     #[error("rate limit `{policy}` exceeded; retry in {retry_after_s} s")]
     RateLimited { policy: String, retry_after_s: u64, headers: Vec<(header::HeaderName, HeaderValue)> },
-    /// A route with `consumer.required` and no known key in the request.
-    #[error("this route needs a known API key in `{header}`")]
-    UnknownConsumer { header: String },
+    /// A route with `consumer.required` and no known key in the request (`header`), or no
+    /// consumer its plugin's `identify` accepted (`None`: a missing, invalid or expired token).
+    #[error("{}", match header {
+        Some(h) => format!("this route needs a known API key in `{h}`"),
+        None => "this route needs a credential its plugin accepts (missing, invalid or expired)".to_string(),
+    })]
+    UnknownConsumer { header: Option<String> },
+    /// A route with `consumer: {from: plugin, required: true}` whose `identify` hook failed
+    /// (trap, timeout, no free instance): the caller is not refused as unknown, nor let in.
+    #[error("the consumer could not be identified right now (plugin {outcome}); retry shortly")]
+    IdentifyUnavailable { outcome: &'static str },
     /// A `fail: closed` rate limit while Redis is away.
     #[error("the rate-limit store is unavailable and this route fails closed; retry shortly")]
     RateLimitUnavailable,
@@ -64,7 +72,8 @@ impl GatewayError {
             GatewayError::Unauthorized | GatewayError::UnknownConsumer { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::BudgetUnavailable
             | GatewayError::UpstreamBusy { .. }
-            | GatewayError::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::RateLimitUnavailable
+            | GatewayError::IdentifyUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -88,6 +97,7 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::UnknownConsumer { .. } => "unknown_consumer",
             GatewayError::RateLimitUnavailable => "ratelimit_unavailable",
+            GatewayError::IdentifyUnavailable { .. } => "consumer_unavailable",
         }
     }
 
@@ -114,10 +124,18 @@ impl GatewayError {
                 }
             }
             GatewayError::UnknownConsumer { header } => {
-                // RFC 9110 §11.6.1: a 401 carries a challenge; API keys have no registered scheme.
-                if let Ok(v) = HeaderValue::from_str(&format!("ApiKey realm=\"weir\", header=\"{header}\"")) {
+                // RFC 9110 §11.6.1: a 401 carries a challenge. API keys have no registered scheme;
+                // a plugin's credential is a bearer token (RFC 6750 §3's `invalid_token`).
+                let challenge = match header {
+                    Some(h) => HeaderValue::from_str(&format!("ApiKey realm=\"weir\", header=\"{h}\"")).ok(),
+                    None => Some(HeaderValue::from_static("Bearer realm=\"weir\", error=\"invalid_token\"")),
+                };
+                if let Some(v) = challenge {
                     resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
                 }
+            }
+            GatewayError::IdentifyUnavailable { .. } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             GatewayError::RateLimitUnavailable => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

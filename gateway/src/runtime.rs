@@ -110,7 +110,7 @@ impl Gateway {
             l2::spawn_subscriber(Arc::downgrade(&cache), l2);
         }
         let instances = config.redis.as_ref().map_or(1, |r| r.instances);
-        let limits = Arc::new(crate::limit::Limiter::new(redis.clone(), instances));
+        let limits = Arc::new(crate::limit::Limiter::new(redis.clone(), instances, config.server.rate_limit_keys));
         let runtime = Runtime::build(config, cache, metrics, limits);
         Arc::new(Gateway { runtime: ArcSwap::from_pointee(runtime), started: Instant::now(), redis })
     }

@@ -84,7 +84,7 @@ fn refuses_limits_and_budgets_it_cannot_enforce_yet() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let origin = rt.block_on(Origin::hello());
     for (block, what) in [
-        ("rate_limit: { key: plugin, rate: 100/s }", "keyed by a plugin"),
+        ("consumer: { from: client_cert }", "client certificate"),
         ("budget: { key: client_ip, limit: \"5.00\", per: 1d }", "budgets"),
     ] {
         let yaml = format!(

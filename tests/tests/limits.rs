@@ -210,6 +210,62 @@ async fn a_spoofed_forwarded_for_lands_in_the_peers_bucket() {
     }
 }
 
+/// 50,000 distinct client addresses through a trusted proxy: the local limiter holds at most
+/// `server.rate_limit_keys` of them (`weir_ratelimit_keys`), and a client it tracks is still
+/// limited after the flood.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_distinct_keys_stays_within_the_key_cap() {
+    let (origin, hits) = origin().await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nserver:\n  trusted_proxies: [127.0.0.1/32]\n  rate_limit_keys: 1000\nroutes:\n  - name: api\n    upstream: {}\n    rate_limit: {{ key: client_ip, rate: 1/1h, burst: 2 }}\n",
+        origin.url()
+    );
+    let gw = Arc::new(Gateway::start(&yaml));
+    const TASKS: u32 = 16;
+    const EACH: u32 = 50_000 / TASKS;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut ok = 0u32;
+            for i in 0..EACH {
+                let n = t * EACH + i;
+                let xff = format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255);
+                let req = Request::get(gw.url("/x")).header("x-forwarded-for", xff).body(full("")).unwrap();
+                if send(&c, req).await.status == 200 {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    assert_eq!(admitted, TASKS * EACH, "every new address has its own burst");
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    let keys: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_ratelimit_keys "))
+        .expect("weir_ratelimit_keys gauge")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1..=1000).contains(&keys), "{keys} keys tracked, cap 1000");
+    // A client seen after the flood is tracked and limited like any other.
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(get_path(&gw, "/x", &[("x-forwarded-for", "192.0.2.7")]).await.status.as_u16());
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(hits.load(Ordering::SeqCst), TASKS as usize * EACH as usize + 2);
+}
+
 /// Redis gone: `closed` answers 503 JSON, `open` admits everything, `local` keeps limiting on
 /// this instance at `rate / redis.instances`; every fallback is counted.
 #[tokio::test(flavor = "multi_thread")]

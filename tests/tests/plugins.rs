@@ -279,7 +279,14 @@ async fn broken_plugins_are_refused_at_load_with_a_clear_error() {
     let empty = dir.path().join("empty.wasm");
     std::fs::write(&empty, wat::parse_str("(component)").unwrap()).unwrap();
     let (ok, err) = validate(&config(&origin, &block(&empty, "{}"), ""));
-    assert!(!ok && err.contains("does not export the weir:plugin@0.1.0"), "{err}");
+    assert!(!ok && err.contains("does not export the weir:plugin@0.2.0"), "{err}");
+
+    // One built against the previous interface is told to rebuild.
+    let old = dir.path().join("old.wasm");
+    std::fs::write(&old, wat::parse_str(r#"(component (import "weir:plugin/types@0.1.0" (instance)))"#).unwrap())
+        .unwrap();
+    let (ok, err) = validate(&config(&origin, &block(&old, "{}"), ""));
+    assert!(!ok && err.contains("built against `weir:plugin/types@0.1.0`") && err.contains("rebuild"), "{err}");
 
     // init refuses its config.
     let (ok, err) = validate(&config(&origin, &block(&plugin("fixtures"), "{mode: init-error}"), ""));
@@ -402,4 +409,104 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_runs() {
     assert!(ok && out.contains("ttl: Some(42)") && out.contains(r#"tags: ["docs"]"#), "{out}");
     let (ok, out) = weir(&["new", "hello"]);
     assert!(!ok && out.contains("already exists"), "{out}");
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// `consumer: {from: plugin}`: the tenant-key plugin's `identify` turns a verified, unexpired
+/// JWT into the consumer (checked against the time Weir gives the hook), before the cache and
+/// before any quota; the consumer keys the rate limit and travels upstream as `Weir-Consumer`.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_identify_checks_exp_before_the_cache_and_keys_the_limit() {
+    let hits = Arc::new(AtomicU32::new(0));
+    let h = hits.clone();
+    let origin = Origin::start(move |req| {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            let who = req.headers().get("weir-consumer").map(|v| v.to_str().unwrap().to_string());
+            let mut r = text(200, &format!("consumer={}", who.unwrap_or_else(|| "-".into())));
+            r.headers_mut().insert("cache-control", "public, max-age=60".parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let secret = "s3cret-for-tests";
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    plugin:\n{}    consumer: {{ from: plugin, required: true }}\n    rate_limit: {{ key: plugin, rate: 1/1h, burst: 3 }}\n    cache:\n      ttl: 60s\n      share_private: true\n",
+        origin.url(),
+        block(&plugin("tenant-key"), &format!("{{jwt_secret: {secret}}}"))
+    );
+    let gw = Gateway::start(&yaml);
+    let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
+    let now = unix_now();
+    let token = |claims: String| format!("Bearer {}", jwt(secret, hs, &claims));
+    let alice = token(format!(r#"{{"tenant":"acme","sub":"alice","exp":{}}}"#, now + 3600));
+    let bob = token(format!(r#"{{"tenant":"acme","sub":"bob","exp":{}}}"#, now + 3600));
+
+    // Alice's first call fills the tenant's entry; the origin saw her as the consumer.
+    let g = call(&gw, Method::GET, "/orders", &[("authorization", &alice)]).await;
+    assert_eq!((g.status.as_u16(), g.text()), (200, "consumer=alice".to_string()));
+    assert_eq!(cs(&g), "weir; fwd=miss; stored");
+
+    // Refused before the cache (the tenant's entry is there) and before the origin: expired,
+    // not yet valid, no `exp`, forged, none; a client's own `Weir-Consumer` counts for nothing.
+    let refused = [
+        token(format!(r#"{{"tenant":"acme","sub":"carol","exp":{}}}"#, now - 5)),
+        token(format!(r#"{{"tenant":"acme","sub":"carol","exp":{},"nbf":{}}}"#, now + 7200, now + 3600)),
+        token(r#"{"tenant":"acme","sub":"carol"}"#.to_string()),
+        format!(
+            "Bearer {}",
+            jwt("not-the-secret", hs, &format!(r#"{{"tenant":"acme","sub":"alice","exp":{}}}"#, now + 3600))
+        ),
+    ];
+    for auth in &refused {
+        let g = call(&gw, Method::GET, "/orders", &[("authorization", auth), ("weir-consumer", "alice")]).await;
+        assert_eq!(g.status, 401, "{auth}: {}", g.text());
+        assert!(g.text().contains(r#""error":"unknown_consumer""#), "{}", g.text());
+        assert_eq!(g.header("www-authenticate"), Some(r#"Bearer realm="weir", error="invalid_token""#));
+        assert!(g.header("cache-status").is_none(), "a refused request never reached the cache");
+    }
+    let g = call(&gw, Method::GET, "/orders", &[("weir-consumer", "alice")]).await;
+    assert_eq!(g.status, 401);
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "no refused request reached the origin");
+
+    // The quota is the consumer's: alice has 2 left of 3 (hits count: `count: all`), bob his own.
+    for _ in 0..2 {
+        let g = call(&gw, Method::GET, "/orders", &[("authorization", &alice)]).await;
+        assert_eq!(g.status, 200, "{}", g.text());
+        assert_eq!(cs(&g), "weir; hit; detail=l1");
+    }
+    let g = call(&gw, Method::GET, "/orders", &[("authorization", &alice)]).await;
+    assert_eq!(g.status, 429, "{}", g.text());
+    let g = call(&gw, Method::GET, "/other", &[("authorization", &bob), ("weir-consumer", "alice")]).await;
+    assert_eq!((g.status.as_u16(), g.text()), (200, "consumer=bob".to_string()), "bob's own bucket, his own name");
+    let m = metrics(&gw).await;
+    assert!(m.contains(r#"weir_plugin_calls_total{plugin="tenant-key",hook="identify",outcome="ok"}"#), "{m}");
+}
+
+/// A required plugin consumer whose `identify` fails is neither let in nor told it is unknown:
+/// 503 `consumer_unavailable` (retry); where the consumer is optional the request goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_identify_is_503_where_a_consumer_is_required() {
+    let (origin, hits) = origin().await;
+    for (required, status) in [(true, 503), (false, 200)] {
+        let yaml = format!(
+            "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    plugin:\n{}    consumer: {{ from: plugin, required: {required} }}\n",
+            origin.url(),
+            block(&plugin("fixtures"), "{mode: trap}")
+        );
+        let gw = Gateway::start(&yaml);
+        let g = call(&gw, Method::GET, "/x", &[]).await;
+        assert_eq!(g.status, status, "required {required}: {}", g.text());
+        if required {
+            assert!(g.text().contains(r#""error":"consumer_unavailable""#), "{}", g.text());
+            assert_eq!(g.header("retry-after"), Some("1"));
+        }
+        let m = metrics(&gw).await;
+        assert!(m.contains(r#"weir_plugin_calls_total{plugin="fixtures",hook="identify",outcome="trap"}"#), "{m}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "only the optional route reached the origin");
 }

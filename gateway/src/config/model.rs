@@ -99,6 +99,9 @@ pub struct ServerSettings {
     /// Client connections open at once, over every listener; beyond it new ones wait in the
     /// kernel's accept queue.
     pub max_connections: usize,
+    /// Keys the local rate limiter tracks at once (a flood of distinct keys evicts the least
+    /// used); read at start.
+    pub rate_limit_keys: u64,
     /// `Upgrade` protocols that are tunnelled (lower-case); any other is removed.
     pub upgrade_protocols: Vec<String>,
     /// Bytes one upgraded (WebSocket) connection may carry, both directions together.
@@ -221,14 +224,22 @@ pub enum ConsumerKey {
     Plugin,
 }
 
-/// How a route finds its consumer: an API key in a request header, looked up by its digest.
+/// How a route finds its consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerFrom {
-    pub header: HeaderName,
-    /// No known key: 401 `unknown_consumer` before anything else happens.
+    pub source: ConsumerSource,
+    /// No consumer found: 401 `unknown_consumer` before anything else happens.
     pub required: bool,
-    /// The key header is not forwarded upstream.
+    /// The key header is not forwarded upstream (`header:` sources only).
     pub hide_credentials: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerSource {
+    /// An API key in this request header, looked up by its SHA-256 digest in `consumers:`.
+    Header(HeaderName),
+    /// The route plugin's `identify` hook (a verified token's claim, say).
+    Plugin,
 }
 
 /// A consumer's own rate for the policies of one name.

@@ -134,6 +134,7 @@ pub struct RawServer {
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     pub max_connections: Option<Text>,
+    pub rate_limit_keys: Option<Text>,
     pub upgrade_protocols: Option<Vec<String>>,
     pub max_tunnel_bytes: Option<Text>,
     pub http2: Option<RawHttp2>,

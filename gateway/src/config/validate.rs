@@ -522,6 +522,14 @@ impl Validator {
                 1 << 20,
             ))
             .unwrap_or(10_000),
+            rate_limit_keys: self.count(
+                src,
+                "server.rate_limit_keys",
+                s.and_then(|s| s.rate_limit_keys.as_ref()),
+                crate::limit::LOCAL_KEYS,
+                100,
+                100_000_000,
+            ),
             upgrade_protocols: s
                 .and_then(|s| s.upgrade_protocols.clone())
                 .unwrap_or_else(|| vec!["websocket".into()])
@@ -742,25 +750,43 @@ impl Validator {
 
         let consumer = r.consumer.as_ref().and_then(|c| {
             let cp = format!("{p}.consumer");
-            match c.from.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
-                Some(Ok(header)) => Some(ConsumerFrom {
-                    header,
-                    required: c.required.unwrap_or(false),
-                    hide_credentials: c.hide_credentials.unwrap_or(false),
-                }),
-                _ if c.from == "plugin" || c.from == "client_cert" => {
-                    self.not_yet(src, &format!("{cp}.from"), "consumers from a plugin or a client certificate");
-                    None
+            let source = match c.from.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
+                Some(Ok(header)) => ConsumerSource::Header(header),
+                _ if c.from == "plugin" => {
+                    if plugin.is_none() {
+                        self.problems.at(
+                            src,
+                            &format!("{cp}.from"),
+                            "`from: plugin` needs the route's `plugin:` (its `identify` hook finds the consumer)",
+                        );
+                    }
+                    if c.hide_credentials == Some(true) {
+                        self.problems.at(
+                            src,
+                            &format!("{cp}.hide_credentials"),
+                            "hide_credentials needs `from: header:NAME` (a plugin's credential has no one header)",
+                        );
+                    }
+                    ConsumerSource::Plugin
+                }
+                _ if c.from == "client_cert" => {
+                    self.not_yet(src, &format!("{cp}.from"), "consumers from a client certificate");
+                    return None;
                 }
                 _ => {
                     self.problems.at(
                         src,
                         &format!("{cp}.from"),
-                        format!("invalid consumer source `{}`: expected `header:NAME`", c.from),
+                        format!("invalid consumer source `{}`: expected `header:NAME` or `plugin`", c.from),
                     );
-                    None
+                    return None;
                 }
-            }
+            };
+            Some(ConsumerFrom {
+                source,
+                required: c.required.unwrap_or(false),
+                hide_credentials: c.hide_credentials.unwrap_or(false),
+            })
         });
         let rate_limit = match &r.rate_limit {
             None => Vec::new(),
@@ -795,8 +821,26 @@ impl Validator {
             self.problems.at(
                 src,
                 &format!("{p}.rate_limit"),
-                "a rate limit keyed by `consumer` needs the route's `consumer: {from: header:NAME}`",
+                "a rate limit keyed by `consumer` needs the route's `consumer: {from: header:NAME | plugin}`",
             );
+        }
+        // `key: plugin` is `consumer` where the plugin finds the consumer.
+        let raw_limits: Vec<(String, &RawRateLimit)> = match &r.rate_limit {
+            None => Vec::new(),
+            Some(RawRateLimits::One(rl)) => vec![(format!("{p}.rate_limit"), rl)],
+            Some(RawRateLimits::Many(list)) => {
+                list.iter().enumerate().map(|(i, rl)| (format!("{p}.rate_limit[{i}]"), rl)).collect()
+            }
+        };
+        for (rp, rl) in raw_limits {
+            let from_plugin = consumer.as_ref().is_some_and(|c| c.source == ConsumerSource::Plugin);
+            if rl.key.as_deref() == Some("plugin") && !from_plugin {
+                self.problems.at(
+                    src,
+                    &format!("{rp}.key"),
+                    "a rate limit keyed by `plugin` needs the route's `consumer: {from: plugin}`",
+                );
+            }
         }
         let budget = r.budget.as_ref().map(|b| {
             let bp = format!("{p}.budget");
@@ -958,22 +1002,21 @@ impl Validator {
         let key = match rl.key.as_deref() {
             None | Some("client_ip") => LimitKey::ClientIp,
             Some("route") => LimitKey::Route,
-            Some("consumer") => LimitKey::Consumer,
-            Some("plugin") => {
-                self.not_yet(src, &format!("{rp}.key"), "rate limits keyed by a plugin's consumer");
-                LimitKey::Route
-            }
-            Some(k) => match k.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
-                Some(Ok(h)) => LimitKey::Header(h),
-                _ => {
-                    self.problems.at(
+            // `plugin`: the consumer the route plugin's `identify` found (checked by the route).
+            Some("consumer" | "plugin") => LimitKey::Consumer,
+            Some(k) => {
+                match k.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
+                    Some(Ok(h)) => LimitKey::Header(h),
+                    _ => {
+                        self.problems.at(
                         src,
                         &format!("{rp}.key"),
-                        format!("invalid key `{k}`: expected `client_ip`, `header:NAME`, `route` or `consumer`"),
+                        format!("invalid key `{k}`: expected `client_ip`, `header:NAME`, `route`, `consumer` or `plugin`"),
                     );
-                    LimitKey::Route
+                        LimitKey::Route
+                    }
                 }
-            },
+            }
         };
         let misses = match rl.count.as_deref() {
             None | Some("all") => false,

@@ -8,7 +8,7 @@
 //!   one Cluster slot; a fixed window's key does not depend on time (it stores `window:count`),
 //!   and every key expires when its state no longer matters (nothing needs a sweeper).
 //! - **Local** (embedded mode, and the `fail: local` fallback while Redis is away): the same
-//!   arithmetic on this instance's clock, in a bounded map (`LOCAL_KEYS`; the
+//!   arithmetic on this instance's clock, in a bounded map (`server.rate_limit_keys`; the
 //!   `weir_ratelimit_keys` gauge). As a fallback it admits `rate / redis.instances`.
 //!   `governor` was the first choice, but it checks each limiter on its own (no all-or-nothing
 //!   across a route's policies) and has no hard cap on keys; one GCRA cell per policy in a moka
@@ -32,7 +32,8 @@ use crate::error::GatewayError;
 use crate::proxy::RequestCtx;
 use crate::redis::Shared;
 
-/// Most keys the local limiter tracks at once (a flood of distinct keys evicts the least used).
+/// Most keys the local limiter tracks at once by default (`server.rate_limit_keys`; a flood of
+/// distinct keys evicts the least used).
 pub const LOCAL_KEYS: u64 = 100_000;
 
 /// Checks every policy (KEYS[i], ARGV[3i-2..3i] = kind, a, b) and consumes all or none; with
@@ -119,7 +120,7 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    pub fn new(redis: Option<Arc<Shared>>, instances: u64) -> Limiter {
+    pub fn new(redis: Option<Arc<Shared>>, instances: u64, max_keys: u64) -> Limiter {
         // Instances on one Redis must agree on key names: the deployment secret, or (as the L2
         // does without one) a public constant.
         let secret = redis.as_ref().map(|r| r.key_secret.clone().unwrap_or_else(|| "weir".to_string()));
@@ -132,7 +133,7 @@ impl Limiter {
         };
         Limiter {
             local: moka::sync::Cache::builder()
-                .max_capacity(LOCAL_KEYS)
+                .max_capacity(max_keys)
                 .time_to_idle(Duration::from_secs(86_400 * 31))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             redis,
@@ -564,7 +565,7 @@ mod tests {
 
     #[test]
     fn a_request_refused_by_one_policy_consumes_nothing_from_the_others() {
-        let l = Limiter::new(None, 1);
+        let l = Limiter::new(None, 1, LOCAL_KEYS);
         let ps =
             [policy("per-second", 1, 1, 2, Algorithm::Gcra), policy("daily", 100, 86_400, 100, Algorithm::FixedWindow)];
         let keys = [String::new(), String::new()];
@@ -578,7 +579,7 @@ mod tests {
 
     #[test]
     fn the_fallback_admits_a_share_of_the_rate() {
-        let l = Limiter::new(None, 1);
+        let l = Limiter::new(None, 1, LOCAL_KEYS);
         let ps = [policy("p", 10, 3600, 10, Algorithm::Gcra)];
         let mut st = [PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; 1];
         let admitted = (0..100)

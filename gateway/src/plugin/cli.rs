@@ -114,8 +114,9 @@ pub fn check(file: &Path, config: &serde_json::Value) -> Result<String, String> 
     let t = Instant::now();
     let p = load(file, config, Duration::from_millis(100), 64 << 20)?;
     Ok(format!(
-        "{}: ok — exports weir:plugin@0.1.0, imports nothing, init ok in {:.1} ms; needs headers {:?}, request body {}, response body {}",
+        "{}: ok — exports weir:plugin@{}, imports nothing, init ok in {:.1} ms; needs headers {:?}, request body {}, response body {}",
         file.display(),
+        super::WIT_VERSION,
         t.elapsed().as_secs_f64() * 1000.0,
         p.needs.headers,
         p.needs.request_body,
@@ -175,7 +176,7 @@ pub fn run(
         "ttl" => p.ttl(&req, &resp).map(|d| format!("{d:?}")),
         "invalidate" => p.invalidate(&req, &resp).map(|d| format!("{d:?}")),
         "cost" => p.cost(&req, &resp).map(|d| format!("{d:?}")),
-        "identify" => p.identify(&req).map(|d| format!("{d:?}")),
+        "identify" => p.identify(&req, std::time::SystemTime::now()).map(|d| format!("{d:?}")),
         other => return Err(format!("unknown hook `{other}`: cache-key, ttl, invalidate, cost or identify")),
     };
     let took = t.elapsed();

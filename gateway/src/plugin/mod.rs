@@ -35,10 +35,13 @@ mod bindings {
 }
 
 pub use self::bindings::weir::plugin::types::{
-    Header, Invalidation, KeyDecision, Needs, Request as PluginRequest, Response as PluginResponse, TtlDecision,
+    Datetime, Header, Invalidation, KeyDecision, Needs, Request as PluginRequest, Response as PluginResponse,
+    TtlDecision,
 };
 use self::bindings::{Plugin, PluginPre};
 
+/// The version of the `weir:plugin` package in `wit/` (components built against another are refused).
+pub const WIT_VERSION: &str = "0.2.0";
 /// Epoch tick: the granularity of `plugin.timeout`.
 const TICK: Duration = Duration::from_millis(1);
 /// Deadline for instantiation + `init`.
@@ -238,6 +241,11 @@ pub fn load_bytes(
     let (component, digest) = compile(bytes)?;
     let mut linker: Linker<State> = Linker::new(&host.engine);
     for (name, item) in component.component_type().imports(&host.engine) {
+        if name.starts_with("weir:plugin/") && !name.ends_with(&format!("@{WIT_VERSION}")) {
+            return Err(format!(
+                "was built against `{name}`; this Weir speaks weir:plugin@{WIT_VERSION}: rebuild it with the current SDK (`weir plugin build`)"
+            ));
+        }
         if types_only(&host.engine, &item.ty) {
             linker.instance(name).map_err(|e| format!("cannot link `{name}`: {}", root_cause(&e)))?;
         }
@@ -248,7 +256,7 @@ pub fn load_bytes(
         .and_then(|p| {
             PluginPre::new(p).map_err(|e| {
                 format!(
-                    "does not export the weir:plugin@0.1.0 `plugin` world (wit/weir-plugin.wit): {}",
+                    "does not export the weir:plugin@{WIT_VERSION} `plugin` world (wit/weir-plugin.wit): {}",
                     root_cause(&e)
                 )
             })
@@ -462,6 +470,7 @@ impl Loaded {
         field(r.authority.as_bytes());
         field(r.path.as_bytes());
         field(r.query.unwrap_or("\0none").as_bytes());
+        field(r.consumer.unwrap_or("\0none").as_bytes());
         if !self.needs.headers.is_empty() {
             for (k, v) in r.headers.iter().filter(|(k, _)| self.wants_header(k.as_str())) {
                 field(k.as_str().as_bytes());
@@ -485,7 +494,7 @@ impl Loaded {
             path: r.path.to_string(),
             query: r.query.map(str::to_string),
             headers: self.headers_for(r.headers),
-            consumer: None,
+            consumer: r.consumer.map(str::to_string),
             body: if self.needs.request_body { r.body.map(<[u8]>::to_vec) } else { None },
         }
     }
@@ -541,8 +550,12 @@ impl Loaded {
         }
     }
 
-    pub fn identify(&self, req: &PluginRequest) -> Result<Option<String>, Failure> {
-        let d = self.call("identify", |p, s| p.call_identify(s, req))?;
+    /// `identify` at `now` (the request's arrival). Not memoised: its answer may depend on the
+    /// time (a token's `exp`), and a consumer decides quotas.
+    pub fn identify(&self, req: &PluginRequest, now: std::time::SystemTime) -> Result<Option<String>, Failure> {
+        let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = Datetime { seconds: since.as_secs(), nanoseconds: since.subsec_nanos() };
+        let d = self.call("identify", |p, s| p.call_identify(s, req, now))?;
         match d {
             Some(c) if c.is_empty() || c.len() > MAX_CONSUMER_BYTES || c.chars().any(char::is_control) => {
                 Err(self.invalid("identify", "consumer empty, over 256 bytes or with control characters"))
@@ -607,6 +620,8 @@ pub struct RequestParts<'a> {
     pub query: Option<&'a str>,
     pub headers: &'a http::HeaderMap,
     pub body: Option<&'a [u8]>,
+    /// The consumer phase 3 identified, if the route has one.
+    pub consumer: Option<&'a str>,
 }
 
 impl<'a> RequestParts<'a> {
@@ -623,7 +638,11 @@ impl<'a> RequestParts<'a> {
             Some((p, q)) => (p, Some(q)),
             None => (path_query, None),
         };
-        RequestParts { method, scheme, authority, path, query, headers, body }
+        RequestParts { method, scheme, authority, path, query, headers, body, consumer: None }
+    }
+
+    pub fn with_consumer(self, consumer: Option<&'a str>) -> RequestParts<'a> {
+        RequestParts { consumer, ..self }
     }
 }
 

@@ -38,6 +38,7 @@ use hyper_util::rt::TokioIo;
 use self::body::{IdleTimeout, IdleTimeoutError, WithPermit};
 use self::canonical::Canonical;
 use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop};
+use crate::config::{ConsumerFrom, ConsumerSource};
 use crate::error::GatewayError;
 use crate::router::RouteMatch;
 use crate::runtime::{Gateway, RouteRuntime, Runtime};
@@ -233,12 +234,19 @@ async fn route_and_serve(
     let mut canon = canon;
     let consumer = match &route.route.consumer {
         None => None,
-        Some(from) => match identify(rt, from, &mut canon) {
-            Some(id) => Some(id),
-            None if from.required => {
-                return Ok((idx, Err(GatewayError::UnknownConsumer { header: from.header.to_string() })))
+        Some(from) => match identify(rt, route, from, &mut canon) {
+            Ok(Some(id)) => Some(id),
+            Ok(None) if from.required => {
+                let header = match &from.source {
+                    ConsumerSource::Header(h) => Some(h.to_string()),
+                    ConsumerSource::Plugin => None,
+                };
+                return Ok((idx, Err(GatewayError::UnknownConsumer { header })));
             }
-            None => None,
+            Err(outcome) if from.required => {
+                return Ok((idx, Err(GatewayError::IdentifyUnavailable { outcome })));
+            }
+            Ok(None) | Err(_) => None,
         },
     };
     let ctx = Arc::new(RequestCtx { rt: rt.clone(), conn, trusted, canon, route: idx, consumer });
@@ -272,24 +280,50 @@ async fn route_and_serve(
 
 static WEIR_CONSUMER: http::HeaderName = http::HeaderName::from_static("weir-consumer");
 
-/// Looks the route's key header up by its SHA-256 digest; forwards the verified consumer as
-/// `Weir-Consumer` (a client's own was stripped by the canonical request) and, with
-/// `hide_credentials`, drops the key.
-fn identify(rt: &Runtime, from: &crate::config::ConsumerFrom, canon: &mut Canonical) -> Option<String> {
+/// Finds the consumer: an API key header looked up by its SHA-256 digest, or the route plugin's
+/// `identify` at the request's arrival time. Forwards the verified consumer as `Weir-Consumer` (a
+/// client's own was stripped by the canonical request) and, with `hide_credentials`, drops the
+/// key. `Err`: the plugin gave no answer (its failure outcome).
+fn identify(
+    rt: &Runtime,
+    route: &RouteRuntime,
+    from: &ConsumerFrom,
+    canon: &mut Canonical,
+) -> Result<Option<String>, &'static str> {
     use sha2::Digest as _;
-    let id = canon.headers.get(&from.header).and_then(|v| {
-        let digest: [u8; 32] = sha2::Sha256::digest(v.as_bytes()).into();
-        rt.config.consumers.get(&digest).cloned()
-    });
-    if from.hide_credentials {
-        canon.headers.remove(&from.header);
-    }
+    let id = match &from.source {
+        ConsumerSource::Header(h) => {
+            let id = canon.headers.get(h).and_then(|v| {
+                let digest: [u8; 32] = sha2::Sha256::digest(v.as_bytes()).into();
+                rt.config.consumers.get(&digest).cloned()
+            });
+            if from.hide_credentials {
+                canon.headers.remove(h);
+            }
+            id
+        }
+        ConsumerSource::Plugin => {
+            // Validation makes `from: plugin` need a loaded plugin.
+            let Some(plugin) = route.route.plugin.as_ref().and_then(|p| p.loaded.as_ref()) else {
+                return Err("missing");
+            };
+            let parts = crate::plugin::RequestParts::new(
+                canon.method.as_str(),
+                canon.scheme,
+                &canon.authority,
+                &canon.path_query,
+                &canon.headers,
+                None,
+            );
+            plugin.identify(&plugin.request(&parts), std::time::SystemTime::now()).map_err(|f| f.as_str())?
+        }
+    };
     if let Some(id) = &id {
         if let Ok(v) = http::HeaderValue::from_str(id) {
             canon.headers.insert(WEIR_CONSUMER.clone(), v);
         }
     }
-    id
+    Ok(id)
 }
 
 pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {

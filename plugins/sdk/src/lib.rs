@@ -27,7 +27,9 @@ pub mod bindings {
     });
 }
 
-pub use bindings::weir::plugin::types::{Header, Invalidation, KeyDecision, Needs, Request, Response, TtlDecision};
+pub use bindings::weir::plugin::types::{
+    Datetime, Header, Invalidation, KeyDecision, Needs, Request, Response, TtlDecision,
+};
 #[doc(hidden)]
 pub use bindings::Guest;
 
@@ -86,6 +88,13 @@ impl Request {
     }
 }
 
+impl Datetime {
+    /// Whole seconds since the Unix epoch (what JWT `exp`, `nbf` and `iat` count).
+    pub fn unix_seconds(&self) -> u64 {
+        self.seconds
+    }
+}
+
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|h| h.name == name).map(|h| h.value.as_str())
@@ -139,7 +148,9 @@ pub trait Plugin: Sized + 'static {
         None
     }
 
-    fn identify(&self, _req: &Request) -> Option<String> {
+    /// The consumer of a request on a route with `consumer: {from: plugin}` (a verified token's
+    /// claim, say); `now` is the gateway's clock when the request arrived, for `exp` / `nbf`.
+    fn identify(&self, _req: &Request, _now: Datetime) -> Option<String> {
         None
     }
 }
@@ -182,8 +193,8 @@ macro_rules! export_plugin {
             fn cost(req: $crate::Request, resp: $crate::Response) -> ::std::option::Option<::std::string::String> {
                 __weir_with(|p| $crate::Plugin::cost(p, &req, &resp), ::std::option::Option::None)
             }
-            fn identify(req: $crate::Request) -> ::std::option::Option<::std::string::String> {
-                __weir_with(|p| $crate::Plugin::identify(p, &req), ::std::option::Option::None)
+            fn identify(req: $crate::Request, now: $crate::Datetime) -> ::std::option::Option<::std::string::String> {
+                __weir_with(|p| $crate::Plugin::identify(p, &req, now), ::std::option::Option::None)
             }
         }
 

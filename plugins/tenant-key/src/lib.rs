@@ -3,8 +3,15 @@
 //! key is tenant + normalised path + the query parameters named in `params` (all, sorted, when
 //! `params` is absent). No token, a bad signature, another algorithm or no secret: `bypass`.
 //!
-//! Verification is pure computation in the sandbox. `exp` is not checked: a plugin has no clock
-//! (the origin still authorises every request that is not a cache hit).
+//! `identify` (routes with `consumer: {from: plugin}`) answers the verified token's
+//! `consumer_claim` (default `sub`) as the consumer, only while the token is valid at the time
+//! Weir gives it: `exp` is required (unless `require_exp: false`) and must be in the future, `nbf`
+//! in the past, each within `leeway_s` (default 0). An expired token has no consumer, so a
+//! `required` route answers 401 before the cache or any quota.
+//!
+//! `cache-key` has no clock (its answers are memoised by the request): it checks the signature,
+//! not `exp`. Put `consumer: {from: plugin, required: true}` on the route to refuse expired
+//! tokens before the cache.
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -13,6 +20,9 @@ use weir_plugin_sdk::*;
 struct TenantKey {
     secret: Option<Vec<u8>>,
     claim: String,
+    consumer_claim: String,
+    require_exp: bool,
+    leeway_s: u64,
     params: Option<Vec<String>>,
 }
 
@@ -21,8 +31,8 @@ fn b64(s: &str) -> Option<Vec<u8>> {
 }
 
 impl TenantKey {
-    /// The verified tenant claim of the request's bearer token.
-    fn tenant(&self, req: &Request) -> Result<String, &'static str> {
+    /// The verified payload of the request's bearer token.
+    fn claims(&self, req: &Request) -> Result<serde_json::Value, &'static str> {
         let secret = self.secret.as_deref().ok_or("no-secret")?;
         let auth = req.header("authorization").ok_or("no-token")?;
         let token = auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer ")).ok_or("no-token")?;
@@ -41,12 +51,31 @@ impl TenantKey {
         mac.update(b".");
         mac.update(p.as_bytes());
         mac.verify_slice(&sig).map_err(|_| "bad-signature")?;
-        let payload: serde_json::Value =
-            serde_json::from_slice(&b64(p).ok_or("malformed-token")?).map_err(|_| "malformed-token")?;
-        match payload.get(&self.claim) {
+        serde_json::from_slice(&b64(p).ok_or("malformed-token")?).map_err(|_| "malformed-token")
+    }
+
+    /// The verified tenant claim of the request's bearer token.
+    fn tenant(&self, req: &Request) -> Result<String, &'static str> {
+        match self.claims(req)?.get(&self.claim) {
             Some(serde_json::Value::String(t)) if !t.is_empty() && t.len() <= 128 => Ok(t.clone()),
             _ => Err("no-tenant-claim"),
         }
+    }
+
+    /// Whether the token's `exp` / `nbf` admit it at `now` (seconds since the epoch).
+    fn valid_at(&self, claims: &serde_json::Value, now: u64) -> bool {
+        let time = |name: &str| claims.get(name).map(|v| v.as_u64());
+        let exp_ok = match time("exp") {
+            Some(Some(exp)) => now < exp.saturating_add(self.leeway_s),
+            Some(None) => false,
+            None => !self.require_exp,
+        };
+        let nbf_ok = match time("nbf") {
+            Some(Some(nbf)) => now.saturating_add(self.leeway_s) >= nbf,
+            Some(None) => false,
+            None => true,
+        };
+        exp_ok && nbf_ok
     }
 }
 
@@ -56,6 +85,12 @@ impl Plugin for TenantKey {
         Ok(TenantKey {
             secret: config.str("jwt_secret").filter(|s| !s.is_empty()).map(String::into_bytes),
             claim: config.str("claim").unwrap_or_else(|| "tenant".into()),
+            consumer_claim: config.str("consumer_claim").unwrap_or_else(|| "sub".into()),
+            require_exp: config.str("require_exp").is_none_or(|v| v != "false"),
+            leeway_s: match config.str("leeway_s") {
+                None => 0,
+                Some(v) => v.parse().map_err(|_| format!("leeway_s: `{v}` is not a number of seconds"))?,
+            },
             params,
         })
     }
@@ -82,6 +117,17 @@ impl Plugin for TenantKey {
             key.push_str(v);
         }
         KeyDecision::Key(key)
+    }
+
+    fn identify(&self, req: &Request, now: Datetime) -> Option<String> {
+        let claims = self.claims(req).ok()?;
+        if !self.valid_at(&claims, now.unix_seconds()) {
+            return None;
+        }
+        match claims.get(&self.consumer_claim) {
+            Some(serde_json::Value::String(c)) if !c.is_empty() && c.len() <= 256 => Some(c.clone()),
+            _ => None,
+        }
     }
 }
 

@@ -265,7 +265,8 @@ pub(super) fn decide(
     let resp = crate::plugin::response_for(plugin, status.as_u16(), headers, None);
     let c = &ctx.req.canon;
     let parts =
-        RequestParts::new(c.method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, ctx.body.as_deref());
+        RequestParts::new(c.method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, ctx.body.as_deref())
+            .with_consumer(ctx.req.consumer.as_deref());
     let d = match plugin.ttl(&plugin.request(&parts), &resp) {
         Ok(Some(d)) => d,
         // No opinion, or a failed call: the policy's decision.

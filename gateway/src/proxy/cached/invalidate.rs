@@ -31,7 +31,10 @@ pub(in crate::proxy) async fn forward_and_invalidate(
     let method = c.method.clone();
     let plugin = route_plugin(route).filter(|_| is_unsafe(&method));
     let preq = plugin.map(|p| {
-        p.request(&RequestParts::new(method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, None))
+        p.request(
+            &RequestParts::new(method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, None)
+                .with_consumer(req.consumer.as_deref()),
+        )
     });
     let resp = upstream(req, Purpose::Forward, req.upstream_head(), request_body(route, body)).await?;
     let resp = finish_response(resp);
@@ -102,7 +105,8 @@ fn get_keys(req: &RequestCtx, path_query: &str) -> Vec<String> {
     let name = &route.route.name;
     let mut keys = vec![key::primary(name, "GET", c.scheme, &c.authority, path_query, None)];
     if let Some(p) = route_plugin(route) {
-        let parts = RequestParts::new("GET", c.scheme, &c.authority, path_query, &c.headers, None);
+        let parts = RequestParts::new("GET", c.scheme, &c.authority, path_query, &c.headers, None)
+            .with_consumer(req.consumer.as_deref());
         if let Ok(KeyDecision::Key(k)) = p.cache_key(&parts) {
             keys.push(key::plugin(name, "GET", &k));
         }

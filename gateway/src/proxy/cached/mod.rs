@@ -181,7 +181,8 @@ async fn serve_inner(
     let mut plugin_bypass = None;
     if let (Some(plugin), None) = (route_plugin(route), &bypass) {
         let parts =
-            RequestParts::new(method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, post_body.as_deref());
+            RequestParts::new(method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, post_body.as_deref())
+                .with_consumer(req.consumer.as_deref());
         match plugin.cache_key(&parts) {
             Ok(KeyDecision::Key(k)) => primary = key::plugin(&route.route.name, class, &k),
             Ok(KeyDecision::Bypass(reason)) => plugin_bypass = Some(reason),
