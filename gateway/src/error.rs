@@ -43,20 +43,36 @@ pub enum GatewayError {
     /// A `count: all` rate-limit policy refused the request (nothing was consumed from any).
     #[error("rate limit `{policy}` exceeded; retry in {retry_after_s} s")]
     RateLimited { policy: String, retry_after_s: u64, headers: Vec<(header::HeaderName, HeaderValue)> },
-    /// A route with `consumer.required` and no known key in the request (`header`), or no
-    /// consumer its plugin's `identify` accepted (`None`: a missing, invalid or expired token).
-    #[error("{}", match header {
-        Some(h) => format!("this route needs a known API key in `{h}`"),
-        None => "this route needs a credential its plugin accepts (missing, invalid or expired)".to_string(),
+    /// A route with `consumer.required` and no consumer found by its source.
+    #[error("{}", match missing {
+        ConsumerMissing::Header(h) => format!("this route needs a known API key in `{h}`"),
+        ConsumerMissing::Plugin => "this route needs a credential its plugin accepts (missing, invalid or expired)".to_string(),
+        ConsumerMissing::ClientCert => "this route needs a client certificate (mTLS) that names a consumer".to_string(),
     })]
-    UnknownConsumer { header: Option<String> },
+    UnknownConsumer { missing: ConsumerMissing },
     /// A route with `consumer: {from: plugin, required: true}` whose `identify` hook failed
     /// (trap, timeout, no free instance): the caller is not refused as unknown, nor let in.
     #[error("the consumer could not be identified right now (plugin {outcome}); retry shortly")]
     IdentifyUnavailable { outcome: &'static str },
+    /// HTTP/2 connection reuse (or an SNI / Host mismatch) sent a request for a host the
+    /// connection's certificate does not cover (RFC 9110 §15.5.20).
+    #[error("this connection's certificate does not cover `{host}`: open a new connection for it")]
+    Misdirected { host: String },
+    /// A `match.scheme: https` route asked on a plain listener. Not redirected: an API client
+    /// has already sent its credentials in clear, and a redirect would teach it that works.
+    #[error("this route is served over HTTPS only")]
+    HttpsRequired,
     /// A `fail: closed` rate limit while Redis is away.
     #[error("the rate-limit store is unavailable and this route fails closed; retry shortly")]
     RateLimitUnavailable,
+}
+
+/// Which consumer source found nothing (it decides the 401's challenge).
+#[derive(Debug, Clone)]
+pub enum ConsumerMissing {
+    Header(String),
+    Plugin,
+    ClientCert,
 }
 
 impl GatewayError {
@@ -70,6 +86,8 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized | GatewayError::UnknownConsumer { .. } => StatusCode::UNAUTHORIZED,
+            GatewayError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            GatewayError::HttpsRequired => StatusCode::FORBIDDEN,
             GatewayError::BudgetUnavailable
             | GatewayError::UpstreamBusy { .. }
             | GatewayError::RateLimitUnavailable
@@ -98,6 +116,8 @@ impl GatewayError {
             GatewayError::UnknownConsumer { .. } => "unknown_consumer",
             GatewayError::RateLimitUnavailable => "ratelimit_unavailable",
             GatewayError::IdentifyUnavailable { .. } => "consumer_unavailable",
+            GatewayError::Misdirected { .. } => "misdirected_request",
+            GatewayError::HttpsRequired => "https_required",
         }
     }
 
@@ -123,12 +143,18 @@ impl GatewayError {
                     resp.headers_mut().insert(k.clone(), v.clone());
                 }
             }
-            GatewayError::UnknownConsumer { header } => {
-                // RFC 9110 §11.6.1: a 401 carries a challenge. API keys have no registered scheme;
-                // a plugin's credential is a bearer token (RFC 6750 §3's `invalid_token`).
-                let challenge = match header {
-                    Some(h) => HeaderValue::from_str(&format!("ApiKey realm=\"weir\", header=\"{h}\"")).ok(),
-                    None => Some(HeaderValue::from_static("Bearer realm=\"weir\", error=\"invalid_token\"")),
+            GatewayError::UnknownConsumer { missing } => {
+                // RFC 9110 §11.6.1: a 401 carries a challenge. API keys and client certificates
+                // have no registered scheme; a plugin's credential is a bearer token (RFC 6750
+                // §3's `invalid_token`).
+                let challenge = match missing {
+                    ConsumerMissing::Header(h) => {
+                        HeaderValue::from_str(&format!("ApiKey realm=\"weir\", header=\"{h}\"")).ok()
+                    }
+                    ConsumerMissing::Plugin => {
+                        Some(HeaderValue::from_static("Bearer realm=\"weir\", error=\"invalid_token\""))
+                    }
+                    ConsumerMissing::ClientCert => Some(HeaderValue::from_static("ClientCertificate realm=\"weir\"")),
                 };
                 if let Some(v) = challenge {
                     resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);

@@ -32,6 +32,7 @@ pub mod redis;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 
 /// 64 random bits for process-wide secrets and identities (std's randomly keyed SipHash seed,
 /// mixed with the time and PID): the Redis instance id, the plugin memo key.

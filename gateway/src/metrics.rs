@@ -61,6 +61,26 @@ pub struct PluginLabel {
     pub plugin: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -80,6 +100,10 @@ pub struct Metrics {
     ratelimit_rejected: Family<RoutePolicy, Counter>,
     ratelimit_fallback: Family<RouteLabel, Counter>,
     ratelimit_keys: Gauge,
+    tls_handshakes: Family<KindLabel, Counter>,
+    tls_handshake_errors: Family<ReasonLabel, Counter>,
+    tls_cert_expiry: Family<NameLabel, Gauge>,
+    config_reloads: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -134,6 +158,26 @@ impl Metrics {
             ratelimit_fallback.clone(),
         );
         registry.register("weir_ratelimit_keys", "Keys the local rate limiter tracks", ratelimit_keys.clone());
+        let tls_handshakes = Family::<KindLabel, Counter>::default();
+        let tls_handshake_errors = Family::<ReasonLabel, Counter>::default();
+        let tls_cert_expiry = Family::<NameLabel, Gauge>::default();
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register("weir_tls_handshakes", "TLS handshakes completed, full or resumed", tls_handshakes.clone());
+        registry.register(
+            "weir_tls_handshake_errors",
+            "TLS handshakes that failed, by reason",
+            tls_handshake_errors.clone(),
+        );
+        registry.register(
+            "weir_tls_cert_expiry_seconds",
+            "Seconds until each served certificate expires (negative: expired)",
+            tls_cert_expiry.clone(),
+        );
+        registry.register(
+            "weir_config_reloads",
+            "Configuration reloads (SIGHUP, POST /reload, a certificate file change), by result",
+            config_reloads.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -152,6 +196,10 @@ impl Metrics {
             ratelimit_rejected,
             ratelimit_fallback,
             ratelimit_keys,
+            tls_handshakes,
+            tls_handshake_errors,
+            tls_cert_expiry,
+            config_reloads,
         })
     }
 
@@ -189,6 +237,26 @@ impl Metrics {
     /// The Prometheus text exposition, with gauges read now.
     pub fn ratelimit_rejected(&self, route: &Arc<String>, policy: &str) {
         self.ratelimit_rejected.get_or_create(&RoutePolicy { route: route.clone(), policy: policy.to_string() }).inc();
+    }
+
+    pub fn tls_handshake(&self, kind: &'static str) {
+        self.tls_handshakes.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn tls_handshake_error(&self, reason: &'static str) {
+        self.tls_handshake_errors.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads.get_or_create(&ResultLabel { result: if ok { "ok" } else { "error" } }).inc();
+    }
+
+    /// `weir_tls_cert_expiry_seconds{name}` for the certificates served now.
+    pub fn tls_expiry(&self, certs: &[(String, i64)]) {
+        self.tls_cert_expiry.clear();
+        for (name, left) in certs {
+            self.tls_cert_expiry.get_or_create(&NameLabel { name: name.clone() }).set(*left);
+        }
     }
 
     pub fn ratelimit_fallback(&self, route: &Arc<String>) {

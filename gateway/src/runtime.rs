@@ -89,6 +89,12 @@ pub struct Gateway {
     pub started: Instant,
     /// The shared tier's connection, when `redis` is configured (it needs a restart to change).
     pub redis: Option<Arc<Shared>>,
+    /// Each TLS listener's acceptor, by listener index (set once the listeners are bound);
+    /// a reload hands them the new certificates.
+    tls: std::sync::OnceLock<Vec<(usize, Arc<crate::tls::Acceptor>)>>,
+    /// One reload at a time, whatever asked for it (SIGHUP, `POST /reload`, a certificate
+    /// file change).
+    reloading: std::sync::Mutex<()>,
 }
 
 impl Gateway {
@@ -112,7 +118,13 @@ impl Gateway {
         let instances = config.redis.as_ref().map_or(1, |r| r.instances);
         let limits = Arc::new(crate::limit::Limiter::new(redis.clone(), instances, config.server.rate_limit_keys));
         let runtime = Runtime::build(config, cache, metrics, limits);
-        Arc::new(Gateway { runtime: ArcSwap::from_pointee(runtime), started: Instant::now(), redis })
+        Arc::new(Gateway {
+            runtime: ArcSwap::from_pointee(runtime),
+            started: Instant::now(),
+            redis,
+            tls: std::sync::OnceLock::new(),
+            reloading: std::sync::Mutex::new(()),
+        })
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -134,9 +146,35 @@ impl Gateway {
         }
     }
 
+    /// The TLS listeners' acceptors (once, at start).
+    pub fn set_tls(&self, acceptors: Vec<(usize, Arc<crate::tls::Acceptor>)>) {
+        let _ = self.tls.set(acceptors);
+    }
+
+    /// Every TLS listener's certificates now: name and seconds until expiry.
+    pub fn tls_expiry(&self) -> Vec<(String, i64)> {
+        let now = crate::tls::unix(std::time::SystemTime::now());
+        let mut out: Vec<(String, i64)> = Vec::new();
+        for (_, a) in self.tls.get().map_or(&[][..], Vec::as_slice) {
+            for c in a.certs().all().iter() {
+                if !out.iter().any(|(n, _)| n == &c.name) {
+                    out.push((c.name.clone(), c.not_after - now));
+                }
+            }
+        }
+        out
+    }
+
     /// Reads the configuration file again, validates it whole and swaps it in. On error the old
     /// configuration keeps serving. Listener and admin addresses need a restart to change.
     pub fn reload(&self) -> Result<(), ConfigError> {
+        let _one = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = self.reload_now();
+        self.runtime().metrics.config_reload(result.is_ok());
+        result
+    }
+
+    fn reload_now(&self) -> Result<(), ConfigError> {
         let current = self.runtime();
         let next = config::load(&current.config.source)?;
         let old_addrs: Vec<_> = current.config.listeners.iter().map(|l| l.addr).collect();
@@ -162,6 +200,31 @@ impl Gateway {
                     })
                     .collect(),
             });
+        }
+        for w in &next.warnings {
+            tracing::warn!("{w}");
+        }
+        // New certificates for new handshakes; open connections keep theirs.
+        for (i, acceptor) in self.tls.get().map_or(&[][..], Vec::as_slice) {
+            match next.listeners.get(*i).and_then(|l| l.tls.as_ref()) {
+                Some(s) => match acceptor.update(s) {
+                    Ok(true) => tracing::info!(
+                        listener = *i,
+                        "client CA or client_auth changed: TLS ticket keys and session cache replaced"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        return Err(ConfigError {
+                            problems: vec![crate::config::Problem {
+                                file: next.source.clone(),
+                                pos: crate::config::Pos { line: 1, col: 1 },
+                                message: format!("listen[{i}].tls: {e}"),
+                            }],
+                        })
+                    }
+                },
+                None => tracing::warn!(listener = *i, "TLS removed from a listener: that takes effect after a restart"),
+            }
         }
         let routes = next.routes.len();
         self.runtime.store(Arc::new(Runtime::build(

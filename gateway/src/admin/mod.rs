@@ -163,6 +163,7 @@ impl Admin {
             .filter_map(|r| r.plugin.as_ref()?.loaded.as_ref())
             .map(|p| (p.name.clone(), p.live_instances()))
             .collect();
+        rt.metrics.tls_expiry(&self.gateway.tls_expiry());
         let text = rt.metrics.render(rt.cache.stats(), up, &plugins, rt.limits.local_keys());
         let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
         resp.headers_mut().insert(

@@ -29,18 +29,16 @@ pub struct Config {
     /// Blocks that parse and validate but whose feature is not built yet, as `FILE:LINE:COL: message`.
     /// `weir run` logs each at start-up as an error, so nothing is silently ignored.
     pub not_yet_supported: Vec<String>,
+    /// What is accepted but deserves attention (a certificate about to expire), as
+    /// `FILE:LINE:COL: message`; logged at start and reload, printed by `weir validate`.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Listener {
     pub addr: SocketAddr,
-    pub tls: Option<Vec<CertPair>>,
-}
-
-#[derive(Debug, Clone)]
-pub struct CertPair {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// Certificates loaded and checked at validation.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +125,8 @@ pub struct Route {
     /// Segment-aware path prefix, always starting with `/`.
     pub path: String,
     pub methods: Option<Vec<Method>>,
+    /// `match.scheme: https`: a request on a plain listener gets 403 `https_required`.
+    pub https_only: bool,
     pub upstreams: Vec<UpstreamUrl>,
     pub timeouts: Timeouts,
     pub max_request_body: Option<u64>,
@@ -240,6 +240,9 @@ pub enum ConsumerSource {
     Header(HeaderName),
     /// The route plugin's `identify` hook (a verified token's claim, say).
     Plugin,
+    /// The verified client certificate (mTLS): its subject's common name, else its first
+    /// subjectAltName.
+    ClientCert,
 }
 
 /// A consumer's own rate for the policies of one name.

@@ -71,6 +71,11 @@ pub struct RawListen {
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub certs: Vec<RawCert>,
+    pub client_ca: Option<String>,
+    /// `required` (default with `client_ca`) | `optional`.
+    pub client_auth: Option<String>,
+    pub min_version: Option<String>,
+    pub handshake_timeout: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +204,8 @@ pub struct RawMatch {
     pub host: Option<String>,
     pub path: Option<String>,
     pub methods: Option<Vec<String>>,
+    /// `https`: the route answers only on TLS listeners.
+    pub scheme: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -114,11 +114,12 @@ pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
     let Some((src, raw)) = parse_file::<RawConfig>(root, &mut problems) else {
         return Err(ConfigError { problems: problems.0 });
     };
-    let mut v = Validator { problems, not_yet: Vec::new() };
+    let mut v = Validator { problems, not_yet: Vec::new(), warnings: Vec::new() };
     let cfg = v.config(&src, raw);
     if v.problems.0.is_empty() {
         let mut cfg = cfg;
         cfg.not_yet_supported = v.not_yet.iter().map(ToString::to_string).collect();
+        cfg.warnings = v.warnings.iter().map(ToString::to_string).collect();
         Ok(cfg)
     } else {
         Err(ConfigError { problems: v.problems.0 })
@@ -128,6 +129,7 @@ pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
 struct Validator {
     problems: Problems,
     not_yet: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 /// Where a route was declared, for cross-route messages.
@@ -210,6 +212,124 @@ impl Validator {
         full
     }
 
+    /// One of a few words (`None`: the default).
+    fn keyword<T: Copy>(
+        &mut self,
+        src: &Source,
+        path: &str,
+        what: &str,
+        value: Option<&str>,
+        options: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(v) = value else { return default };
+        match options.iter().find(|(w, _)| *w == v) {
+            Some((_, t)) => *t,
+            None => {
+                let words: Vec<String> = options.iter().map(|(w, _)| format!("`{w}`")).collect();
+                self.problems.at(src, path, format!("invalid {what} `{v}`: expected {}", words.join(" or ")));
+                default
+            }
+        }
+    }
+
+    /// A listener's `tls:`: every certificate and the client CA loaded and checked now, so a
+    /// bad file is reported at its entry (and a reload with one keeps the old certificates).
+    fn tls(&mut self, src: &Source, p: &str, t: &RawTls) -> Option<crate::tls::TlsSettings> {
+        use crate::tls::{ClientAuth, MinVersion};
+        if t.certs.is_empty() {
+            self.problems.at(src, &format!("{p}.certs"), "tls needs at least one certificate");
+        }
+        let mut certs = Vec::new();
+        let mut files = Vec::new();
+        let mut ok = true;
+        for (j, c) in t.certs.iter().enumerate() {
+            let cp = format!("{p}.certs[{j}]");
+            let cert = self.file_exists(src, &format!("{cp}.cert"), &c.cert, "certificate file");
+            let key = self.file_exists(src, &format!("{cp}.key"), &c.key, "key file");
+            if !cert.is_file() || !key.is_file() {
+                ok = false;
+                continue;
+            }
+            match crate::tls::load_cert(&cert, &key) {
+                Ok(served) => {
+                    let left = served.not_after - crate::tls::unix(std::time::SystemTime::now());
+                    if left < i64::try_from(crate::tls::EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX) {
+                        let when = if left <= 0 {
+                            format!("expired {} days ago", -left / 86_400)
+                        } else {
+                            format!("expires in {} days", left / 86_400)
+                        };
+                        self.warnings.push(Problem {
+                            file: src.path.clone(),
+                            pos: src.spans.value(&format!("{cp}.cert")),
+                            message: format!("certificate `{}` ({}) {when}; it is still served", c.cert, served.name),
+                        });
+                    }
+                    certs.push(std::sync::Arc::new(served));
+                }
+                Err(e) => {
+                    ok = false;
+                    self.problems.at(src, &cp, e);
+                }
+            }
+            files.push(cert);
+            files.push(key);
+        }
+        let client_ca = t.client_ca.as_ref().and_then(|ca| {
+            let path = self.file_exists(src, &format!("{p}.client_ca"), ca, "client CA file");
+            files.push(path.clone());
+            match crate::tls::load_client_ca(&path) {
+                Ok(c) => Some(std::sync::Arc::new(c)),
+                Err(e) => {
+                    ok = false;
+                    if path.is_file() {
+                        self.problems.at(src, &format!("{p}.client_ca"), e);
+                    }
+                    None
+                }
+            }
+        });
+        let client_auth = self.keyword(
+            src,
+            &format!("{p}.client_auth"),
+            "client_auth",
+            t.client_auth.as_deref(),
+            &[("required", ClientAuth::Required), ("optional", ClientAuth::Optional)],
+            ClientAuth::Required,
+        );
+        if t.client_auth.is_some() && t.client_ca.is_none() {
+            self.problems.at(
+                src,
+                &format!("{p}.client_auth"),
+                "client_auth needs `client_ca` (the CA that signs client certificates)",
+            );
+        }
+        // Older versions are not offered at all.
+        let min_version = self.keyword(
+            src,
+            &format!("{p}.min_version"),
+            "min_version",
+            t.min_version.as_deref(),
+            &[("1.2", MinVersion::Tls12), ("1.3", MinVersion::Tls13)],
+            MinVersion::Tls12,
+        );
+        let handshake_timeout = self.duration(
+            src,
+            &format!("{p}.handshake_timeout"),
+            t.handshake_timeout.as_ref(),
+            std::time::Duration::from_secs(10),
+        );
+        (ok && !certs.is_empty()).then(|| crate::tls::TlsSettings {
+            certs: std::sync::Arc::new(certs),
+            client_ca,
+            client_auth,
+            min_version,
+            handshake_timeout,
+            files,
+        })
+    }
+
     fn config(&mut self, src: &Source, raw: RawConfig) -> Config {
         let mut listeners = Vec::new();
         if raw.listen.is_empty() {
@@ -218,20 +338,7 @@ impl Validator {
         for (i, l) in raw.listen.iter().enumerate() {
             let p = format!("listen[{i}]");
             let addr = self.addr(src, &format!("{p}.addr"), &l.addr);
-            let tls = l.tls.as_ref().map(|t| {
-                if t.certs.is_empty() {
-                    self.problems.at(src, &format!("{p}.tls.certs"), "tls needs at least one certificate");
-                }
-                self.not_yet(src, &format!("{p}.tls"), "TLS termination");
-                t.certs
-                    .iter()
-                    .enumerate()
-                    .map(|(j, c)| CertPair {
-                        cert: self.file_exists(src, &format!("{p}.tls.certs[{j}].cert"), &c.cert, "certificate file"),
-                        key: self.file_exists(src, &format!("{p}.tls.certs[{j}].key"), &c.key, "key file"),
-                    })
-                    .collect()
-            });
+            let tls = l.tls.as_ref().and_then(|t| self.tls(src, &format!("{p}.tls"), t));
             if let Some(addr) = addr {
                 listeners.push(Listener { addr, tls });
             }
@@ -319,6 +426,7 @@ impl Validator {
             consumers: std::sync::Arc::new(consumers),
             consumer_limits: std::sync::Arc::new(consumer_limits),
             not_yet_supported: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -648,6 +756,15 @@ impl Validator {
             );
         }
         let methods = r.match_.methods.as_ref().map(|m| self.methods(src, &format!("{p}.match.methods"), m));
+        // `https`: TLS listeners only; `http`: any.
+        let https_only = self.keyword(
+            src,
+            &format!("{p}.match.scheme"),
+            "scheme",
+            r.match_.scheme.as_deref(),
+            &[("http", false), ("https", true)],
+            false,
+        );
 
         let mut upstreams = Vec::new();
         let ups = r.upstream.as_slice();
@@ -770,14 +887,23 @@ impl Validator {
                     ConsumerSource::Plugin
                 }
                 _ if c.from == "client_cert" => {
-                    self.not_yet(src, &format!("{cp}.from"), "consumers from a client certificate");
-                    return None;
+                    if c.hide_credentials == Some(true) {
+                        self.problems.at(
+                            src,
+                            &format!("{cp}.hide_credentials"),
+                            "hide_credentials needs `from: header:NAME` (a client certificate is not a header)",
+                        );
+                    }
+                    ConsumerSource::ClientCert
                 }
                 _ => {
                     self.problems.at(
                         src,
                         &format!("{cp}.from"),
-                        format!("invalid consumer source `{}`: expected `header:NAME` or `plugin`", c.from),
+                        format!(
+                            "invalid consumer source `{}`: expected `header:NAME`, `plugin` or `client_cert`",
+                            c.from
+                        ),
                     );
                     return None;
                 }
@@ -821,7 +947,7 @@ impl Validator {
             self.problems.at(
                 src,
                 &format!("{p}.rate_limit"),
-                "a rate limit keyed by `consumer` needs the route's `consumer: {from: header:NAME | plugin}`",
+                "a rate limit keyed by `consumer` needs the route's `consumer: {from: header:NAME | plugin | client_cert}`",
             );
         }
         // `key: plugin` is `consumer` where the plugin finds the consumer.
@@ -880,6 +1006,7 @@ impl Validator {
             host: host.flatten(),
             path,
             methods,
+            https_only,
             upstreams,
             timeouts,
             max_request_body,

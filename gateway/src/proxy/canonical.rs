@@ -60,6 +60,8 @@ static TARGET_OVERRIDES: [HeaderName; 6] = [
 /// Identity headers only Weir sets; a client's copy is always removed.
 static WEIR_CONSUMER: HeaderName = HeaderName::from_static("weir-consumer");
 static CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// The verified client certificate (mTLS), as Weir forwards it.
+pub static WEIR_CLIENT_CERT: HeaderName = HeaderName::from_static("weir-client-cert");
 
 /// The one view of a request every phase reads.
 #[derive(Debug, Clone)]
@@ -114,6 +116,7 @@ impl Canonical {
         }
         headers.remove(&WEIR_CONSUMER);
         headers.remove(&CLIENT_CERT);
+        headers.remove(&WEIR_CLIENT_CERT);
         if headers.keys().any(|k| k.as_str().starts_with("x-consumer-")) {
             let names: Vec<HeaderName> =
                 headers.keys().filter(|k| k.as_str().starts_with("x-consumer-")).cloned().collect();

@@ -39,17 +39,19 @@ use self::body::{IdleTimeout, IdleTimeoutError, WithPermit};
 use self::canonical::Canonical;
 use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop};
 use crate::config::{ConsumerFrom, ConsumerSource};
-use crate::error::GatewayError;
+use crate::error::{ConsumerMissing, GatewayError};
 use crate::router::RouteMatch;
 use crate::runtime::{Gateway, RouteRuntime, Runtime};
 use crate::Body;
 
 /// What the listener knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub scheme: &'static str,
+    /// How the connection's TLS was set up (`None`: plain HTTP).
+    pub tls: Option<Arc<crate::tls::TlsConn>>,
     /// The peer's address as text, formatted once per connection (forwarding headers need it
     /// on every request; formatting it each time was a measurable share of proxying).
     pub peer_ip: PeerText,
@@ -57,7 +59,11 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, local: SocketAddr, scheme: &'static str) -> ConnInfo {
-        ConnInfo { peer, local, scheme, peer_ip: PeerText::of(peer.ip().to_canonical()) }
+        ConnInfo { peer, local, scheme, tls: None, peer_ip: PeerText::of(peer.ip().to_canonical()) }
+    }
+
+    pub fn with_tls(self, tls: crate::tls::TlsConn) -> ConnInfo {
+        ConnInfo { scheme: "https", tls: Some(Arc::new(tls)), ..self }
     }
 }
 
@@ -163,11 +169,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     // Cheap clones (no allocation), kept for the error log.
     let method = req.method().clone();
     let uri = req.uri().clone();
+    let peer = conn.peer;
     let (route, result) = proxy(&rt, req, conn).await;
     let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
-            tracing::debug!(%method, path = uri.path(), peer = %conn.peer, error = %e, "request failed");
+            tracing::debug!(%method, path = uri.path(), %peer, error = %e, "request failed");
             e.into_response()
         }
     };
@@ -203,7 +210,18 @@ async fn route_and_serve(
     }
     let (mut parts, body) = req.into_parts();
     let trusted = server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
-    let canon = Canonical::from_head(&mut parts, conn.scheme, trusted, &server.upgrade_protocols)?;
+    let mut canon = Canonical::from_head(&mut parts, conn.scheme, trusted, &server.upgrade_protocols)?;
+    if let Some(tls) = &conn.tls {
+        // A connection opened for one name carries requests for the names its certificate
+        // covers (HTTP/2 coalescing), no others. Without SNI (an IP address) there is no name
+        // to hold the request to.
+        if tls.sni.is_some() && !tls.cert.covers(canon.host()) {
+            return Err(GatewayError::Misdirected { host: canon.host().to_string() });
+        }
+        if let Some(v) = tls.client.as_ref().and_then(|c| c.header.clone()) {
+            canon.headers.insert(canonical::WEIR_CLIENT_CERT.clone(), v);
+        }
+    }
 
     // Phase 2: route, and the route's body limit.
     let idx = match rt.router.route(Some(canon.host()), canon.path(), &canon.method) {
@@ -220,6 +238,9 @@ async fn route_and_serve(
         }
     };
     let route = &rt.routes[idx];
+    if route.route.https_only && conn.tls.is_none() {
+        return Ok((idx, Err(GatewayError::HttpsRequired)));
+    }
     if let (Some(limit), Some(len)) = (route.route.max_request_body, content_length(&canon.headers)) {
         if len > limit {
             return Ok((idx, Err(GatewayError::PayloadTooLarge { limit })));
@@ -234,14 +255,15 @@ async fn route_and_serve(
     let mut canon = canon;
     let consumer = match &route.route.consumer {
         None => None,
-        Some(from) => match identify(rt, route, from, &mut canon) {
+        Some(from) => match identify(rt, route, &conn, from, &mut canon) {
             Ok(Some(id)) => Some(id),
             Ok(None) if from.required => {
-                let header = match &from.source {
-                    ConsumerSource::Header(h) => Some(h.to_string()),
-                    ConsumerSource::Plugin => None,
+                let missing = match &from.source {
+                    ConsumerSource::Header(h) => ConsumerMissing::Header(h.to_string()),
+                    ConsumerSource::Plugin => ConsumerMissing::Plugin,
+                    ConsumerSource::ClientCert => ConsumerMissing::ClientCert,
                 };
-                return Ok((idx, Err(GatewayError::UnknownConsumer { header })));
+                return Ok((idx, Err(GatewayError::UnknownConsumer { missing })));
             }
             Err(outcome) if from.required => {
                 return Ok((idx, Err(GatewayError::IdentifyUnavailable { outcome })));
@@ -287,6 +309,7 @@ static WEIR_CONSUMER: http::HeaderName = http::HeaderName::from_static("weir-con
 fn identify(
     rt: &Runtime,
     route: &RouteRuntime,
+    conn: &ConnInfo,
     from: &ConsumerFrom,
     canon: &mut Canonical,
 ) -> Result<Option<String>, &'static str> {
@@ -317,6 +340,7 @@ fn identify(
             );
             plugin.identify(&plugin.request(&parts), std::time::SystemTime::now()).map_err(|f| f.as_str())?
         }
+        ConsumerSource::ClientCert => conn.tls.as_ref().and_then(|t| t.client.as_ref()).and_then(|c| c.id.clone()),
     };
     if let Some(id) = &id {
         if let Ok(v) = http::HeaderValue::from_str(id) {

@@ -17,6 +17,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::ServerSettings;
 use crate::proxy::ConnInfo;
+use crate::tls::Acceptor;
 use crate::Body;
 
 /// hyper's own read buffer: Weir's JSON 431 (`server.max_header_bytes`, ≤ 60 KiB) triggers first.
@@ -43,9 +44,11 @@ pub fn http_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
 
 /// Accepts until `shutdown` flips, then lets open connections finish for up to `drain`. A
 /// connection is accepted only with a permit of `slots` (`server.max_connections`, shared by
-/// every listener): beyond it new connections wait in the kernel's accept queue.
+/// every listener): beyond it new connections wait in the kernel's accept queue. With `tls`, the
+/// handshake runs in the connection's own task (a slow client never holds up `accept`).
 pub async fn serve<H, F>(
     listener: TcpListener,
+    tls: Option<Arc<Acceptor>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
@@ -84,19 +87,38 @@ pub async fn serve<H, F>(
                 };
                 let _ = stream.set_nodelay(true);
                 let info = ConnInfo::new(peer, local, "http");
-                let h = handler.clone();
-                let svc = service_fn(move |req| {
-                    let fut = h(req, info);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                let fut = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = fut.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let (h, b, watcher) = (handler.clone(), builder.clone(), graceful.watcher());
+                match &tls {
+                    None => {
+                        // Watched at once: a plain connection is drained like any other.
+                        let fut = watcher.watch(connection(&b, TokioIo::new(stream), info, h));
+                        tokio::spawn(async move {
+                            if let Err(e) = fut.await {
+                                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                            }
+                            drop(permit);
+                        });
                     }
-                    drop(permit);
-                });
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            match acceptor.accept(stream).await {
+                                Ok((tls_stream, conn)) => {
+                                    let io = TokioIo::new(tls_stream);
+                                    let fut = watcher.watch(connection(&b, io, info.with_tls(conn), h));
+                                    if let Err(e) = fut.await {
+                                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                                    }
+                                }
+                                Err((why, detail)) => {
+                                    acceptor.failed(why);
+                                    tracing::debug!(%peer, reason = why.as_str(), "TLS handshake failed: {detail}");
+                                }
+                            }
+                            drop(permit);
+                        });
+                    }
+                }
             }
             _ = shutdown.changed() => break,
         }
@@ -106,4 +128,23 @@ pub async fn serve<H, F>(
         _ = graceful.shutdown() => tracing::debug!(%local, "all connections drained"),
         _ = tokio::time::sleep(drain) => tracing::warn!(%local, "drain timeout reached; closing remaining connections"),
     }
+}
+
+/// One connection's HTTP/1.1 or HTTP/2 (by preface; over TLS, ALPN offers both) with upgrades.
+fn connection<I, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: TokioIo<I>,
+    info: ConnInfo,
+    handler: H,
+) -> impl hyper_util::server::graceful::GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>> + Send + 'static
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let fut = handler(req, info.clone());
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    builder.serve_connection_with_upgrades(io, svc).into_owned()
 }

@@ -29,6 +29,8 @@ pub enum StartError {
     Signal(std::io::Error),
     #[error("{0}")]
     Redis(#[from] crate::redis::RedisStartError),
+    #[error("listen[{index}].tls: {message}")]
+    Tls { index: usize, message: String },
     #[error("cannot write ready file {path}: {source}")]
     ReadyFile { path: PathBuf, source: std::io::Error },
 }
@@ -77,17 +79,35 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         Some(r) => Some(crate::redis::Shared::connect(r.clone()).await?),
         None => None,
     };
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let settings = config.server.clone();
+    let tls_settings: Vec<Option<crate::tls::TlsSettings>> = config.listeners.iter().map(|l| l.tls.clone()).collect();
     let gateway = Gateway::new(config, redis);
+    let mut acceptors = Vec::new();
+    for (index, s) in tls_settings.iter().enumerate() {
+        if let Some(s) = s {
+            let a = crate::tls::Acceptor::new(s, gateway.runtime().metrics.clone())
+                .map_err(|message| StartError::Tls { index, message })?;
+            acceptors.push((index, Arc::new(a)));
+        }
+    }
+    gateway.set_tls(acceptors.clone());
+    if !acceptors.is_empty() {
+        tokio::spawn(watch_tls_files(gateway.clone()));
+    }
     let builder = Arc::new(listener::http_builder(&settings));
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     let mut tasks = Vec::new();
-    for tcp in bound {
+    for (i, tcp) in bound.into_iter().enumerate() {
         let gw = gateway.clone();
         let handler = move |req, conn| crate::proxy::handle(gw.clone(), req, conn);
+        let tls = acceptors.iter().find(|(j, _)| *j == i).map(|(_, a)| a.clone());
         tasks.push(tokio::spawn(listener::serve(
             tcp,
+            tls,
             builder.clone(),
             stop_rx.clone(),
             settings.shutdown_timeout,
@@ -100,6 +120,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         let handler = move |req, _conn| admin.clone().handle(req);
         tasks.push(tokio::spawn(listener::serve(
             tcp,
+            None,
             builder.clone(),
             stop_rx.clone(),
             settings.shutdown_timeout,
@@ -135,4 +156,53 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often certificate files are looked at.
+const TLS_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads when a certificate, key or client CA file changes. Each path is `stat`ed through its
+/// symlinks, so an atomic symlink swap (cert-manager, Kubernetes secrets: `..data` pointed at a
+/// new directory) is seen as a new inode even though the path never changed; an in-place
+/// rewrite changes the size or the modification time. Polling costs a few `stat`s a second
+/// and, unlike inotify on each directory, needs no re-arming when the directory itself is
+/// replaced. A broken file is reported once (the reload is rejected and the old certificates
+/// serve); the next change is tried again.
+async fn watch_tls_files(gateway: Arc<Gateway>) {
+    let mut seen = tls_fingerprint(&gateway);
+    let mut tick = tokio::time::interval(TLS_WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = tls_fingerprint(&gateway);
+        if now == seen {
+            continue;
+        }
+        tracing::info!("a certificate file changed: reloading");
+        match gateway.reload_off_thread().await {
+            Ok(()) => {}
+            Err(e) => tracing::error!("reload rejected, the previous certificates keep serving:\n{e}"),
+        }
+        // The files as they were before the reload read them: a file that changed again while
+        // it ran (a half-written one finished, say) differs next time and is read again. A
+        // reload that changed the list of files costs one more, idempotent, reload.
+        seen = now;
+    }
+}
+
+/// (size, mtime, device, inode) of every TLS file of the running configuration.
+fn tls_fingerprint(gateway: &Gateway) -> Vec<Option<(u64, std::time::SystemTime, u64, u64)>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let rt = gateway.runtime();
+    rt.config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .flat_map(|t| t.files.iter())
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH), m.dev(), m.ino()))
+        })
+        .collect()
 }
