@@ -54,6 +54,10 @@ pub enum GatewayError {
     /// (trap, timeout, no free instance): the caller is not refused as unknown, nor let in.
     #[error("the consumer could not be identified right now (plugin {outcome}); retry shortly")]
     IdentifyUnavailable { outcome: &'static str },
+    /// The TLS handshake with an `https://` upstream failed (its certificate did not verify,
+    /// say); the reason is logged, not sent to the client.
+    #[error("the TLS connection to upstream {upstream} failed (the gateway log has the reason)")]
+    UpstreamTls { upstream: String },
     /// HTTP/2 connection reuse (or an SNI / Host mismatch) sent a request for a host the
     /// connection's certificate does not cover (RFC 9110 §15.5.20).
     #[error("this connection's certificate does not cover `{host}`: open a new connection for it")]
@@ -83,7 +87,7 @@ impl GatewayError {
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BadRequest(_) | GatewayError::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
-            GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamUnavailable { .. } | GatewayError::UpstreamTls { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized | GatewayError::UnknownConsumer { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
@@ -105,6 +109,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            GatewayError::UpstreamTls { .. } => "upstream_tls",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamBusy { .. } => "upstream_busy",
             GatewayError::Unauthorized => "unauthorized",

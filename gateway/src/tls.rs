@@ -520,3 +520,118 @@ impl Acceptor {
         Ok((stream, TlsConn { version, sni, cert, client, resumed }))
     }
 }
+
+/// A route's TLS to its `https://` upstreams, built at validation: whom to trust, what to
+/// present, which name to verify (and send as SNI).
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// Overrides the upstream's host for SNI and verification.
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+    pub verify: bool,
+    /// Offer `h2` by ALPN (`upstream_http2`).
+    pub http2: bool,
+}
+
+/// Builds an upstream client configuration. `ca`: trust only this bundle (else the web PKI
+/// roots); `client`: a certificate and key to present (mTLS to the upstream); `verify: false`
+/// accepts any certificate (handshake signatures are still checked).
+pub fn upstream_tls(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+    server_name: Option<&str>,
+    verify: bool,
+    http2: bool,
+) -> Result<UpstreamTls, String> {
+    let roots = match ca {
+        Some(path) => load_client_ca(path).map_err(|e| e.replace("client CA", "upstream CA"))?.roots,
+        None => Arc::new(RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }),
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?;
+    let builder = if verify {
+        builder.with_root_certificates(roots)
+    } else {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+    };
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let served = load_cert_chain(cert, key)?;
+            builder
+                .with_client_auth_cert(served.0, served.1)
+                .map_err(|e| format!("client certificate `{}`: {e}", cert.display()))?
+        }
+    };
+    // ALPN is set by the connector (`h2, http/1.1` with `http2`, none without).
+    config.alpn_protocols = Vec::new();
+    let server_name = match server_name {
+        None => None,
+        Some(n) => Some(
+            rustls::pki_types::ServerName::try_from(n.to_string())
+                .map_err(|_| format!("server_name `{n}` is not a DNS name or IP address"))?,
+        ),
+    };
+    Ok(UpstreamTls { config: Arc::new(config), server_name, verify, http2 })
+}
+
+/// A chain and its key for a client certificate, with the key checked against the chain.
+fn load_cert_chain(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read certificate `{}`: {}", cert.display(), pem_error(&e)))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate `{}` is not valid PEM: {}", cert.display(), pem_error(&e)))?;
+    if chain.is_empty() {
+        return Err(format!("`{}` holds no CERTIFICATE block", cert.display()));
+    }
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read private key `{}`: {}", key.display(), pem_error(&e)))?;
+    CertifiedKey::from_der(chain.clone(), der.clone_key(), &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            format!("private key `{}` does not match certificate `{}`", key.display(), cert.display())
+        }
+        other => format!("cannot use key `{}` with `{}`: {other}", key.display(), cert.display()),
+    })?;
+    Ok((chain, der))
+}
+
+/// `upstream_tls.verify: false`: any certificate is accepted; the handshake's signatures are
+/// still verified (the peer holds the key of the certificate it sent).
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -213,3 +213,55 @@ impl Conn {
         tokio::time::timeout(Duration::from_secs(30), fut).await.map_err(|_| "request timed out".to_string())?
     }
 }
+
+/// An HTTPS origin: serves `leaf` (HTTP/1.1 or HTTP/2 by ALPN) and answers with what it saw as
+/// JSON: `host`, `version`, `sni`, and whether the client presented a certificate (`client_ca`:
+/// verified against it and required).
+pub async fn https_origin(leaf: &Leaf, client_ca: Option<&Ca>) -> SocketAddr {
+    use hyper::service::service_fn;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let b = match client_ca {
+        None => b.with_no_client_auth(),
+        Some(ca) => b.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()), provider)
+                .build()
+                .expect("verifier"),
+        ),
+    };
+    let mut cfg = b
+        .with_single_cert(vec![leaf.der.clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der.clone())))
+        .expect("origin cert");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let (_, c) = tls.get_ref();
+                let sni = c.server_name().map(str::to_string);
+                let client_cert = c.peer_certificates().is_some_and(|p| !p.is_empty());
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let body = serde_json::json!({
+                        "host": req.headers().get("host").and_then(|v| v.to_str().ok()),
+                        "authority": req.uri().authority().map(|a| a.to_string()),
+                        "version": format!("{:?}", req.version()),
+                        "sni": sni,
+                        "client_cert": client_cert,
+                    });
+                    async move { Ok::<_, std::convert::Infallible>(crate::text(200, &body.to_string())) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}

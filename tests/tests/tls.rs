@@ -418,3 +418,111 @@ fn validate_reports_certificate_problems_at_their_entry() {
     assert!(ok, "{out}");
     assert!(out.contains("warning:") && out.contains("expired") && out.contains("weir.yaml:5:"), "{out}");
 }
+
+fn upstream_yaml(origin: std::net::SocketAddr, route_extra: &str) -> String {
+    format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: up\n    upstream: https://localhost:{}\n{route_extra}",
+        origin.port()
+    )
+}
+
+/// `https://` upstreams: a private CA is trusted through `upstream_tls.ca`, a client certificate
+/// is presented, `server_name` and `upstream_host` pick the names, HTTP/2 is negotiated on
+/// request; a certificate that does not verify is 502 `upstream_tls` (the reason in the log).
+#[tokio::test(flavor = "multi_thread")]
+async fn https_upstreams_verify_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Upstream CA");
+    let origin_leaf = ca.server(&["localhost", "backend.internal"]);
+    let origin = weir_e2e::tls::https_origin(&origin_leaf, None).await;
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+
+    // Without the CA: the web PKI does not know it, so 502 upstream_tls, reason logged only.
+    let gw = Gateway::start(&upstream_yaml(origin, ""));
+    let g = get(&gw.url("/x")).await;
+    assert_eq!(g.status, 502, "{}", g.text());
+    assert_eq!(g.json()["error"], "upstream_tls", "{}", gw.log());
+    assert!(!g.text().contains("UnknownIssuer"), "the reason stays in the log: {}\n{}", g.text(), gw.log());
+    assert!(gw.log().contains("TLS to the upstream failed"), "{}", gw.log());
+    drop(gw);
+
+    // With it: served; Host is the client's by default, the upstream's own with `upstream`.
+    let tls = format!("    upstream_tls: {{ ca: {} }}\n", ca_file.display());
+    let gw = Gateway::start(&upstream_yaml(origin, &tls));
+    let g = get(&gw.url("/x")).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    assert_eq!(g.json()["host"].as_str(), Some(gw.addr().to_string().as_str()));
+    assert_eq!(g.json()["version"], "HTTP/1.1");
+    assert_eq!(g.json()["sni"], "localhost");
+    drop(gw);
+    let gw = Gateway::start(&upstream_yaml(
+        origin,
+        &format!("{tls}    upstream_host: upstream\n    upstream_http2: true\n"),
+    ));
+    let g = get(&gw.url("/x")).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    assert_eq!(g.json()["version"], "HTTP/2.0");
+    let own = format!("localhost:{}", origin.port());
+    assert!(
+        g.json()["host"].as_str() == Some(own.as_str()) || g.json()["authority"].as_str() == Some(own.as_str()),
+        "{}",
+        g.text()
+    );
+    drop(gw);
+
+    // server_name: SNI and verification use it (the certificate names backend.internal).
+    let gw = Gateway::start(&upstream_yaml(
+        origin,
+        &format!("    upstream_tls: {{ ca: {}, server_name: backend.internal }}\n", ca_file.display()),
+    ));
+    let g = get(&gw.url("/x")).await;
+    assert_eq!((g.status.as_u16(), g.json()["sni"].as_str()), (200, Some("backend.internal")));
+    drop(gw);
+    // ... and a name it does not cover fails verification.
+    let gw = Gateway::start(&upstream_yaml(
+        origin,
+        &format!("    upstream_tls: {{ ca: {}, server_name: elsewhere.test }}\n", ca_file.display()),
+    ));
+    assert_eq!(get(&gw.url("/x")).await.json()["error"], "upstream_tls");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_requires_a_client_certificate_gets_the_configured_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Upstream CA");
+    let clients = Ca::new("Gateway client CA");
+    let origin = weir_e2e::tls::https_origin(&ca.server(&["localhost"]), Some(&clients)).await;
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (cc, ck) = clients.client("weir-gateway").write(dir.path(), "gw-client");
+    // Without a client certificate the upstream refuses the handshake.
+    let gw = Gateway::start(&upstream_yaml(origin, &format!("    upstream_tls: {{ ca: {} }}\n", ca_file.display())));
+    assert_eq!(get(&gw.url("/x")).await.status, 502);
+    drop(gw);
+    let gw = Gateway::start(&upstream_yaml(
+        origin,
+        &format!(
+            "    upstream_tls: {{ ca: {}, client_cert: {}, client_key: {} }}\n",
+            ca_file.display(),
+            cc.display(),
+            ck.display()
+        ),
+    ));
+    let g = get(&gw.url("/x")).await;
+    assert_eq!((g.status.as_u16(), g.json()["client_cert"].as_bool()), (200, Some(true)), "{}", g.text());
+
+    // `verify: false` is a warning in `weir validate`; a key that is not the certificate's is
+    // an error.
+    let (other_c, _) = clients.client("other").write(dir.path(), "other");
+    let (ok, out) = validate(
+        &upstream_yaml(
+            origin,
+            &format!("    upstream_tls: {{ client_cert: {}, client_key: {} }}\n", other_c.display(), ck.display()),
+        ),
+        dir.path(),
+    );
+    assert!(!ok && out.contains("does not match"), "{out}");
+    let (ok, out) = validate(&upstream_yaml(origin, "    upstream_tls: { verify: false }\n"), dir.path());
+    assert!(ok && out.contains("warning:") && out.contains("verify: false"), "{out}");
+}

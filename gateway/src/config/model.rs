@@ -132,6 +132,10 @@ pub struct Route {
     pub max_request_body: Option<u64>,
     /// Upstream requests of this route in flight at once (each holds a connection).
     pub max_upstream_connections: usize,
+    /// TLS to `https://` upstreams (trust, client certificate, name, ALPN).
+    pub upstream_tls: crate::tls::UpstreamTls,
+    /// Send the upstream's own host as `Host` instead of the client's.
+    pub upstream_host_own: bool,
     pub plugin: Option<PluginRef>,
     /// Shared (`Arc`) because every cached request holds it for its whole life.
     pub cache: Option<std::sync::Arc<RouteCache>>,

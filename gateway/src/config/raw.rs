@@ -166,12 +166,27 @@ pub struct RawRoute {
     pub timeouts: Option<RawTimeouts>,
     pub max_request_body: Option<Text>,
     pub max_upstream_connections: Option<Text>,
+    pub upstream_tls: Option<RawUpstreamTls>,
+    /// Offer HTTP/2 (ALPN `h2`) to `https://` upstreams.
+    pub upstream_http2: Option<bool>,
+    /// `client` (the Host the client sent, default) | `upstream` (the upstream's own name).
+    pub upstream_host: Option<String>,
     pub plugin: Option<RawPlugin>,
     pub cache: Option<RawRouteCache>,
     pub invalidate: Option<RawInvalidate>,
     pub consumer: Option<RawConsumerRef>,
     pub rate_limit: Option<RawRateLimits>,
     pub budget: Option<RawBudget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub server_name: Option<String>,
+    pub verify: Option<bool>,
 }
 
 /// One policy (a map, named `default`) or several (a list).

@@ -212,6 +212,48 @@ impl Validator {
         full
     }
 
+    /// `upstream_tls:` and `upstream_http2:`, built into the route's client configuration now
+    /// (a missing or mismatched file is a configuration error). `verify: false` is a warning.
+    fn upstream_tls(&mut self, src: &Source, p: &str, r: &RawRoute) -> Option<crate::tls::UpstreamTls> {
+        let up = format!("{p}.upstream_tls");
+        let t = r.upstream_tls.as_ref();
+        let file = |v: &mut Self, key: &str, rel: Option<&String>, what: &str| {
+            rel.map(|rel| v.file_exists(src, &format!("{up}.{key}"), rel, what))
+        };
+        let ca = file(self, "ca", t.and_then(|t| t.ca.as_ref()), "upstream CA file");
+        let cert = file(self, "client_cert", t.and_then(|t| t.client_cert.as_ref()), "client certificate file");
+        let key = file(self, "client_key", t.and_then(|t| t.client_key.as_ref()), "client key file");
+        if cert.is_some() != key.is_some() {
+            self.problems.at(src, &up, "upstream_tls needs both `client_cert` and `client_key`, or neither");
+        }
+        let verify = t.and_then(|t| t.verify).unwrap_or(true);
+        if !verify {
+            self.warnings.push(Problem {
+                file: src.path.clone(),
+                pos: src.spans.value(&format!("{up}.verify")),
+                message: "upstream_tls.verify: false accepts any certificate from the upstream: anyone on the path can impersonate it".into(),
+            });
+        }
+        let missing = [&ca, &cert, &key].iter().any(|f| f.as_ref().is_some_and(|f| !f.is_file()));
+        if missing {
+            return None;
+        }
+        let client = cert.as_deref().zip(key.as_deref());
+        match crate::tls::upstream_tls(
+            ca.as_deref(),
+            client,
+            t.and_then(|t| t.server_name.as_deref()),
+            verify,
+            r.upstream_http2.unwrap_or(false),
+        ) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.problems.at(src, &up, e);
+                None
+            }
+        }
+    }
+
     /// One of a few words (`None`: the default).
     fn keyword<T: Copy>(
         &mut self,
@@ -801,6 +843,15 @@ impl Validator {
         };
         let max_request_body =
             r.max_request_body.as_ref().map(|b| self.size(src, &format!("{p}.max_request_body"), Some(b), 0));
+        let upstream_tls = self.upstream_tls(src, p, &r);
+        let upstream_host_own = self.keyword(
+            src,
+            &format!("{p}.upstream_host"),
+            "upstream_host",
+            r.upstream_host.as_deref(),
+            &[("client", false), ("upstream", true)],
+            false,
+        );
         let max_upstream_connections = usize::try_from(self.count(
             src,
             &format!("{p}.max_upstream_connections"),
@@ -1001,6 +1052,8 @@ impl Validator {
             }
         });
 
+        // `None` only with a problem recorded.
+        let upstream_tls = upstream_tls?;
         (self.problems.0.len() == before).then(|| Route {
             name: r.name,
             host: host.flatten(),
@@ -1011,6 +1064,8 @@ impl Validator {
             timeouts,
             max_request_body,
             max_upstream_connections,
+            upstream_tls,
+            upstream_host_own,
             plugin,
             cache,
             invalidate,

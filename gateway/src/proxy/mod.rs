@@ -373,6 +373,12 @@ enum SendError {
 
 async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> Result<Response<Incoming>, SendError> {
     parts.uri = upstream_uri(route, i, &parts).map_err(SendError::Other)?;
+    if route.route.upstream_host_own {
+        // A SaaS upstream routes by its own name, not the gateway's.
+        if let Ok(v) = http::HeaderValue::from_str(route.upstreams.url(i).authority.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
     let req = Request::from_parts(parts, body);
     let after = route.route.timeouts.response;
     // The upstream's name is formatted only for an error: it is not free on the hot path.
@@ -385,9 +391,31 @@ async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> R
             route.upstreams.mark_up(i);
             Ok(resp)
         }
+        Ok(Err(e)) if e.is_connect() && tls_failure(&e) => {
+            // The reason is for the operator, not the client.
+            tracing::warn!(upstream = %upstream(), "TLS to the upstream failed: {}", error_chain(&e));
+            Err(SendError::Other(GatewayError::UpstreamTls { upstream: upstream() }))
+        }
         Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(error_chain(&e))),
         Ok(Err(e)) => Err(SendError::Other(classify_send_error(&e, route, upstream()))),
     }
+}
+
+/// Whether a connect error came from the TLS handshake (a certificate problem, say).
+/// `io::Error::source` skips the error it wraps (and hyper-rustls wraps tokio-rustls' io::Error
+/// in another), so io errors are looked into with `get_ref`.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        cur = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// A failure while sending: the client's body broke a limit or stalled, or the upstream failed.

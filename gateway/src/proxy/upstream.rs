@@ -38,11 +38,17 @@ impl UpstreamPool {
         http.set_connect_timeout(Some(route.timeouts.connect));
         http.set_nodelay(true);
         http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let tls = &route.upstream_tls;
+        let b = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((*tls.config).clone()).https_or_http();
+        let b = match &tls.server_name {
+            Some(n) => b.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(n.clone())),
+            None => b,
+        };
+        let https = if tls.http2 {
+            b.enable_all_versions().wrap_connector(http)
+        } else {
+            b.enable_http1().wrap_connector(http)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
