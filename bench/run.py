@@ -138,13 +138,15 @@ def rounds(targets, args):
     return out
 
 
-def weir_config(tmp, port, origin_port, admin_port, cache=False, redis=None, l1="256MiB", name="weir", limit=""):
+def weir_config(tmp, port, origin_port, admin_port, cache=False, redis=None, l1="256MiB", name="weir", limit="",
+                tls=None):
     cfg = tmp / f"{name}.yaml"
+    tls_block = f"    tls:\n      certs:\n        - {{ cert: {tls[0]}, key: {tls[1]} }}\n" if tls else ""
     cache_block = ("    cache: {}\n" if cache else "") + limit
     redis_block = f"redis:\n  url: redis://127.0.0.1:{redis}/0\n" if redis else ""
     cfg.write_text(f"""listen:
   - addr: 127.0.0.1:{port}
-admin:
+{tls_block}admin:
   addr: 127.0.0.1:{admin_port}
 cache:
   l1_max_bytes: {l1}
@@ -169,7 +171,7 @@ def warm(port):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/hot/{i}").read()
 
 
-def nginx_config(tmp, port, origin_port, cache=False):
+def nginx_config(tmp, port, origin_port, cache=False, tls=None):
     cfg = tmp / "nginx.conf"
     cache_dir = Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}"
     zone = (f"proxy_cache_path {cache_dir} levels=1:2 keys_zone=hot:10m max_size=256m inactive=10m use_temp_path=off;"
@@ -178,6 +180,9 @@ def nginx_config(tmp, port, origin_port, cache=False):
                       "add_header X-Cache-Status $upstream_cache_status;" if cache else "")
     for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"]:
         (tmp / d).mkdir(exist_ok=True)
+    # The same resumption Weir offers: TLS 1.3 tickets and a session cache.
+    tls_directives = (f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]}; ssl_protocols TLSv1.2 TLSv1.3; "
+                      "ssl_session_cache shared:SSL:10m; ssl_session_tickets on;") if tls else ""
     cfg.write_text(f"""daemon off;
 master_process on;
 worker_processes 1;
@@ -194,7 +199,8 @@ http {{
   {zone}
   upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 128; }}
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{" ssl" if tls else ""};
+    {tls_directives}
     location / {{
       proxy_pass http://origin;
       proxy_http_version 1.1;
@@ -218,7 +224,7 @@ def main():
     ap.add_argument("--client-core", type=int, default=1)
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin", "ratelimit"],
+    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin", "ratelimit", "tls"],
                     default="proxy",
                     help="proxy: plain reverse proxying; cache: 100 hot cached URLs")
     ap.add_argument("--bytes", type=int, default=1024, help="cache scenario: body size")
@@ -234,6 +240,8 @@ def main():
         return plugin_scenario(args)
     if args.scenario == "ratelimit":
         return ratelimit_scenario(args)
+    if args.scenario == "tls":
+        return tls_scenario(args)
 
     for tool in ["wrk", "nginx", "taskset"]:
         if not shutil.which(tool):
@@ -492,7 +500,7 @@ def plugin_scenario(args):
             cfg = tmp / f"{name}.yaml"
             cfg.write_text(f"""listen:
   - addr: 127.0.0.1:{port}
-admin:
+{tls_block}admin:
   addr: 127.0.0.1:{admin}
 routes:
   - name: bench
@@ -600,6 +608,99 @@ def ratelimit_scenario(args):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"ratelimit-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps(results, indent=2))
+
+
+def handshakes(target, addr_port, ca, mode, pids, args):
+    """New TLS connections per second (one request each), full or resumed, with the server's CPU
+    per connection."""
+    cmd = ["taskset", "-c", str(args.client_core), str(target / "weir-bench-tls"), "--addr", f"127.0.0.1:{addr_port}",
+           "--ca", str(ca), "--mode", mode, "--seconds", str(args.seconds), "--concurrency", "16"]
+    subprocess.run(cmd[:-4] + ["--seconds", "1", "--concurrency", "16"], capture_output=True, check=True)  # warm-up
+    before = cpu_seconds(pids)
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    out["cpu_us_per_conn"] = (cpu_seconds(pids) - before) / max(out["connections"], 1) * 1e6
+    return out
+
+
+def tls_scenario(args):
+    """TLS, Weir against nginx with the same ECDSA P-256 certificate in one run: new connections
+    per second with full and with resumed handshakes (one request each, `weir-bench-tls`), and
+    L1-hit rps over keep-alive TLS (wrk, hot set of 100 URLs; nginx proxy_cache on tmpfs)."""
+    import statistics
+    for tool in ["wrk", "nginx", "taskset", "openssl"]:
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found: run `make bench` (it installs it)")
+    target = Path(args.target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    # A CA and a leaf it signs (a self-signed CA certificate is not a valid server certificate).
+    cert, key, ca = tmp / "cert.pem", tmp / "key.pem", tmp / "ca.pem"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    (tmp / "leaf.ext").write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n")
+    for cmd in [["openssl", "req", "-x509", *ec, "-keyout", str(tmp / "ca.key"), "-out", str(ca), "-subj", "/CN=bench-ca",
+                 "-days", "2"],
+                ["openssl", "req", *ec, "-keyout", str(key), "-out", str(tmp / "leaf.csr"), "-subj", "/CN=localhost"],
+                ["openssl", "x509", "-req", "-in", str(tmp / "leaf.csr"), "-CA", str(ca), "-CAkey", str(tmp / "ca.key"),
+                 "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(tmp / "leaf.ext")]]:
+        subprocess.run(cmd, capture_output=True, check=True)
+    script = tmp / "hot.lua"
+    script.write_text(HOT_SET)
+    servers = Servers(args, tmp)
+    spawn = servers.spawn
+    env = {**os.environ, "WEIR_LOG": "warn"}
+    try:
+        origin_port, weir_port, admin_port, nginx_port = (free_port() for _ in range(4))
+        spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
+        wait_port(origin_port)
+        weir = spawn([str(target / "weir"), "run", "--config",
+                      str(weir_config(tmp, weir_port, origin_port, admin_port, cache=True, tls=(cert, key)))], env=env)
+        wait_port(weir_port)
+        nginx = spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port, cache=True, tls=(cert, key))),
+                       "-p", str(tmp)])
+        wait_port(nginx_port)
+        workers = nginx_workers(nginx.pid)
+        print(f"TLS 1.3, ECDSA P-256; client on core {args.client_core}, servers on core {args.server_core}", flush=True)
+        targets = [("weir", weir_port, [weir.pid]), ("nginx", nginx_port, workers)]
+        hs = {(n, m): [] for n, _, _ in targets for m in ["full", "resumed"]}
+        for i in range(args.repeat):
+            print(f"handshakes, round {i + 1}/{args.repeat}", flush=True)
+            for name, port, pids in targets:
+                for mode in ["full", "resumed"]:
+                    r = handshakes(target, port, ca, mode, pids, args)
+                    hs[(name, mode)].append(r)
+                    print(f"  {name:<6} {mode:<8} {r['per_sec']:>8.0f} conn/s  server CPU {r['cpu_us_per_conn']:.0f} us/conn"
+                          f"  ({r['resumed']} resumed, {r['failed']} failed)", flush=True)
+        for port in [weir_port, nginx_port]:
+            subprocess.run(["curl", "-sk"] + [f"https://127.0.0.1:{port}/hot/{i}" for i in range(100)],
+                           stdout=subprocess.DEVNULL, check=False)
+        results = rounds([
+            ("weir L1 hit over TLS", f"https://127.0.0.1:{weir_port}", [weir.pid], script),
+            ("nginx proxy_cache over TLS", f"https://127.0.0.1:{nginx_port}", workers, script),
+        ], args)
+    finally:
+        servers.stop()
+    print()
+    print(f"medians of {args.repeat} interleaved rounds")
+    print("| target | full conn/s | server CPU µs/full | resumed conn/s | server CPU µs/resumed |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    med = {}
+    for name, _, _ in targets:
+        row = []
+        for mode in ["full", "resumed"]:
+            rs = hs[(name, mode)]
+            med[(name, mode)] = (statistics.median(r["per_sec"] for r in rs), statistics.median(r["cpu_us_per_conn"] for r in rs))
+            row += [f"{med[(name, mode)][0]:.0f}", f"{med[(name, mode)][1]:.0f}"]
+        print(f"| {name} | " + " | ".join(row) + " |")
+    print_table(results, "keep-alive L1 hits over TLS", "server CPU µs/req")
+    w, n = results
+    print()
+    for mode in ["full", "resumed"]:
+        (wr, wc), (nr, nc) = med[("weir", mode)], med[("nginx", mode)]
+        print(f"{mode} handshakes: weir/nginx conn/s {wr / nr:.2f}x, server CPU per connection {wc / nc:.2f}x")
+    print(f"keep-alive hits: weir/nginx rps {w['rps'] / n['rps']:.2f}x, CPU per request "
+          f"{w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"tls-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(
+        {"handshakes": {f"{k[0]}/{k[1]}": v for k, v in hs.items()}, "keepalive": results}, indent=2))
 
 
 if __name__ == "__main__":
