@@ -99,9 +99,9 @@ class Servers:
     def __init__(self, args, tmp):
         self.args, self.tmp, self.procs = args, tmp, []
 
-    def spawn(self, cmd, **kw):
+    def spawn(self, cmd, core=None, **kw):
         log = open(self.tmp / f"{Path(cmd[0]).name}.log", "w")
-        p = subprocess.Popen(["taskset", "-c", str(self.args.server_core)] + cmd,
+        p = subprocess.Popen(["taskset", "-c", str(self.args.server_core if core is None else core)] + cmd,
                              stdout=subprocess.DEVNULL, stderr=log, **kw)
         self.procs.append(p)
         return p
@@ -222,6 +222,8 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--server-core", type=int, default=0)
     ap.add_argument("--client-core", type=int, default=1)
+    ap.add_argument("--redis-core", type=int, default=None,
+                    help="core for Redis (default: the server core, sharing it with Weir and the origin)")
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin", "ratelimit", "tls"],
@@ -350,7 +352,7 @@ def cache_scenario(args):
 
 def start_redis(servers, tmp, port):
     servers.spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", str(tmp)])
+                   "--dir", str(tmp)], core=servers.args.redis_core)
     wait_port(port)
 
 
@@ -393,7 +395,8 @@ def shared_scenario(args):
         for p in [l1_port, tiered_port, l2_port, nginx_port]:
             warm(p)
         print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
-              f"{args.client_core}, servers (and Redis) on core {args.server_core}", flush=True)
+              f"{args.client_core}, servers on core {args.server_core}, Redis on core "
+              f"{args.server_core if args.redis_core is None else args.redis_core}", flush=True)
         results = rounds([
             ("weir L1 only (no Redis)", f"http://127.0.0.1:{l1_port}", [procs["l1"].pid], script),
             ("weir tiered (L1 hit)", f"http://127.0.0.1:{tiered_port}", [procs["tiered"].pid], script),
@@ -588,7 +591,8 @@ def ratelimit_scenario(args):
         for p in [none_port, local_port, shared_port]:
             warm(p)
         print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
-              f"{args.client_core}, servers (and Redis) on core {args.server_core}", flush=True)
+              f"{args.client_core}, servers on core {args.server_core}, Redis on core "
+              f"{args.server_core if args.redis_core is None else args.redis_core}", flush=True)
         before = (evalsha_calls(redis_port), weir_requests(ports[7]))
         results = rounds([
             ("weir L1 hit, no limit", f"http://127.0.0.1:{none_port}", [procs["none"].pid], script),
