@@ -176,6 +176,8 @@ pub struct TlsSettings {
     pub client_auth: ClientAuth,
     pub min_version: MinVersion,
     pub handshake_timeout: Duration,
+    /// `Strict-Transport-Security` for this listener's responses.
+    pub hsts: Option<http::HeaderValue>,
     /// Every file the settings were read from (watched for changes).
     pub files: Vec<PathBuf>,
 }
@@ -247,6 +249,8 @@ pub struct TlsConn {
     /// The verified client certificate (mTLS), if one was presented.
     pub client: Option<ClientIdentity>,
     pub resumed: bool,
+    /// `Strict-Transport-Security` to add to responses on this connection.
+    pub hsts: Option<http::HeaderValue>,
 }
 
 /// A verified client certificate: who it names.
@@ -393,6 +397,7 @@ pub struct Acceptor {
     config: ArcSwap<ServerConfig>,
     state: Mutex<(AuthKey, Resumption)>,
     timeout: ArcSwap<Duration>,
+    hsts: ArcSwap<Option<http::HeaderValue>>,
 }
 
 fn server_config(s: &TlsSettings, certs: &Arc<Certs>, resumption: &Resumption) -> Result<ServerConfig, String> {
@@ -433,6 +438,7 @@ impl Acceptor {
             config: ArcSwap::from_pointee(cfg),
             state: Mutex::new((key, resumption)),
             timeout: ArcSwap::from_pointee(s.handshake_timeout),
+            hsts: ArcSwap::from_pointee(s.hsts.clone()),
         })
     }
 
@@ -452,6 +458,7 @@ impl Acceptor {
                 self.config.store(Arc::new(cfg));
                 *state = (key, resumption);
                 self.timeout.store(Arc::new(s.handshake_timeout));
+                self.hsts.store(Arc::new(s.hsts.clone()));
                 Ok(replace)
             }
             Err(e) => {
@@ -517,7 +524,8 @@ impl Acceptor {
         let Some(cert) = self.certs.pick(sni.as_deref()) else {
             return Err((HandshakeFailure::Other, "no certificate".into()));
         };
-        Ok((stream, TlsConn { version, sni, cert, client, resumed }))
+        let hsts = (**self.hsts.load()).clone();
+        Ok((stream, TlsConn { version, sni, cert, client, resumed, hsts }))
     }
 }
 

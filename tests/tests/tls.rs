@@ -526,3 +526,33 @@ async fn an_upstream_that_requires_a_client_certificate_gets_the_configured_one(
     let (ok, out) = validate(&upstream_yaml(origin, "    upstream_tls: { verify: false }\n"), dir.path());
     assert!(ok && out.contains("warning:") && out.contains("verify: false"), "{out}");
 }
+
+/// A client that connects and then says nothing, or stops inside its ClientHello, is closed
+/// after `handshake_timeout` (not the default 10 s), counted; HSTS goes on TLS responses only.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_clients_are_cut_at_the_handshake_timeout_and_hsts_is_tls_only() {
+    let (origin, _) = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Weir Test CA");
+    let (c, k) = ca.server(&["api.test"]).write(dir.path(), "api");
+    let tls = format!("{}      handshake_timeout: 1s\n      hsts: 365d\n", certs_block(&[(&c, &k)]));
+    let gw = Gateway::start(&yaml(&origin, &tls, ""));
+    let addr = gw.listen[1];
+    for first in [&b""[..], &[0x16, 0x03, 0x01][..]] {
+        let t = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(first).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "still open after 8 s (sent {first:?})");
+        assert!(t.elapsed() < Duration::from_secs(5), "closed after {:?}, not at the 1 s timeout", t.elapsed());
+    }
+    let m = metrics(&gw).await;
+    assert_eq!(metric(&m, r#"weir_tls_handshake_errors_total{reason="timeout"} "#), 2, "{m}");
+
+    let mut conn = connect(addr, "api.test", &client_config(ca.roots(), &["h2"], None)).await.unwrap();
+    let g = conn.get("api.test", "/", &[]).await.unwrap();
+    assert_eq!(g.header("strict-transport-security"), Some("max-age=31536000"));
+    let g = get(&format!("http://{}/", gw.listen[0])).await;
+    assert_eq!(g.header("strict-transport-security"), None, "never over plain HTTP");
+}

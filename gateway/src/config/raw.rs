@@ -76,6 +76,8 @@ pub struct RawTls {
     pub client_auth: Option<String>,
     pub min_version: Option<String>,
     pub handshake_timeout: Option<Text>,
+    /// `Strict-Transport-Security: max-age` on this listener's responses (e.g. `365d`).
+    pub hsts: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -362,12 +362,18 @@ impl Validator {
             t.handshake_timeout.as_ref(),
             std::time::Duration::from_secs(10),
         );
+        // HSTS: only on the TLS listener (RFC 6797 §7.2: never over plain HTTP).
+        let hsts = t.hsts.as_ref().and_then(|h| {
+            let max_age = self.duration(src, &format!("{p}.hsts"), Some(h), std::time::Duration::ZERO).as_secs();
+            http::HeaderValue::from_str(&format!("max-age={max_age}")).ok()
+        });
         (ok && !certs.is_empty()).then(|| crate::tls::TlsSettings {
             certs: std::sync::Arc::new(certs),
             client_ca,
             client_auth,
             min_version,
             handshake_timeout,
+            hsts,
             files,
         })
     }

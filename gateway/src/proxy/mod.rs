@@ -170,6 +170,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let method = req.method().clone();
     let uri = req.uri().clone();
     let peer = conn.peer;
+    let hsts = conn.tls.as_ref().and_then(|t| t.hsts.clone());
     let (route, result) = proxy(&rt, req, conn).await;
     let resp = match result {
         Ok(resp) => resp,
@@ -178,6 +179,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
             e.into_response()
         }
     };
+    let mut resp = resp;
+    if let Some(v) = hsts {
+        resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
+    }
     let counters = route.map_or(&rt.no_route_requests, |i| &rt.routes[i].requests);
     counters.inc(resp.status().as_u16());
     resp
