@@ -66,6 +66,9 @@ pub enum GatewayError {
     /// has already sent its credentials in clear, and a redirect would teach it that works.
     #[error("this route is served over HTTPS only")]
     HttpsRequired,
+    /// A budgeted call that would take the consumer's spend over the limit (nothing reserved).
+    #[error("budget `{budget}` is spent for this window; retry in {retry_after_s} s")]
+    BudgetExhausted { budget: String, retry_after_s: u64 },
     /// A `fail: closed` rate limit while Redis is away.
     #[error("the rate-limit store is unavailable and this route fails closed; retry shortly")]
     RateLimitUnavailable,
@@ -96,7 +99,7 @@ impl GatewayError {
             | GatewayError::UpstreamBusy { .. }
             | GatewayError::RateLimitUnavailable
             | GatewayError::IdentifyUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -118,6 +121,7 @@ impl GatewayError {
             GatewayError::NotCached => "not_cached",
             GatewayError::BudgetUnavailable => "budget_unavailable",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::BudgetExhausted { .. } => "budget_exhausted",
             GatewayError::UnknownConsumer { .. } => "unknown_consumer",
             GatewayError::RateLimitUnavailable => "ratelimit_unavailable",
             GatewayError::IdentifyUnavailable { .. } => "consumer_unavailable",
@@ -164,6 +168,9 @@ impl GatewayError {
                 if let Some(v) = challenge {
                     resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
                 }
+            }
+            GatewayError::BudgetExhausted { retry_after_s, .. } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
             }
             GatewayError::IdentifyUnavailable { .. } => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod error;

@@ -104,6 +104,14 @@ pub struct Metrics {
     tls_handshake_errors: Family<ReasonLabel, Counter>,
     tls_cert_expiry: Family<NameLabel, Gauge>,
     config_reloads: Family<ResultLabel, Counter>,
+    budget_rejected: Family<RouteLabel, Counter>,
+    budget_unmetered: Family<RouteLabel, Counter>,
+    budget_spent: Family<BudgetLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabel {
+    pub budget: String,
 }
 
 impl Metrics {
@@ -178,8 +186,25 @@ impl Metrics {
             "Configuration reloads (SIGHUP, POST /reload, a certificate file change), by result",
             config_reloads.clone(),
         );
+        let budget_rejected = Family::<RouteLabel, Counter>::default();
+        let budget_unmetered = Family::<RouteLabel, Counter>::default();
+        let budget_spent = Family::<BudgetLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register("weir_budget_rejected", "Calls refused because a budget was spent", budget_rejected.clone());
+        registry.register(
+            "weir_budget_unmetered",
+            "Budgeted calls let through unmetered (Redis away, `fail: open`)",
+            budget_unmetered.clone(),
+        );
+        registry.register(
+            "weir_budget_spent",
+            "Money settled per budget, as a float for dashboards (the admin API has the exact amount)",
+            budget_spent.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            budget_rejected,
+            budget_unmetered,
+            budget_spent,
             requests,
             cache_hits,
             cache_misses,
@@ -245,6 +270,21 @@ impl Metrics {
 
     pub fn tls_handshake_error(&self, reason: &'static str) {
         self.tls_handshake_errors.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn budget_rejected(&self, route: &Arc<String>) {
+        self.budget_rejected.get_or_create(&RouteLabel { route: route.clone() }).inc();
+    }
+
+    pub fn budget_unmetered(&self, route: &Arc<String>) {
+        self.budget_unmetered.get_or_create(&RouteLabel { route: route.clone() }).inc();
+    }
+
+    pub fn budget_spent(&self, budget: &str, units: i64) {
+        // Float for dashboards only: precision loss is acceptable here, never in the stores.
+        #[allow(clippy::cast_precision_loss)]
+        let amount = units as f64 / 1e6;
+        self.budget_spent.get_or_create(&BudgetLabel { budget: budget.to_string() }).inc_by(amount);
     }
 
     pub fn config_reload(&self, ok: bool) {

@@ -42,6 +42,8 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     /// Rate-limit state, shared by every configuration generation (a reload keeps the counts).
     pub limits: Arc<crate::limit::Limiter>,
+    /// Budget state (embedded mode) and scripts, shared by every configuration generation.
+    pub budgets: Arc<crate::budget::Budgets>,
     /// Label for requests that matched no route, and for admin actions.
     pub no_route: Arc<String>,
     pub no_route_requests: RouteRequests,
@@ -53,6 +55,7 @@ impl Runtime {
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         limits: Arc<crate::limit::Limiter>,
+        budgets: Arc<crate::budget::Budgets>,
     ) -> Runtime {
         let router = Router::new(&config.routes);
         for p in config.routes.iter().filter_map(|r| r.plugin.as_ref()?.loaded.as_ref()) {
@@ -78,7 +81,17 @@ impl Runtime {
             .collect();
         let no_route = Arc::new(String::new());
         let no_route_requests = metrics.route_requests(&no_route);
-        Runtime { config: Arc::new(config), router, routes, cache, metrics, limits, no_route, no_route_requests }
+        Runtime {
+            config: Arc::new(config),
+            router,
+            routes,
+            cache,
+            metrics,
+            limits,
+            budgets,
+            no_route,
+            no_route_requests,
+        }
     }
 }
 
@@ -117,7 +130,13 @@ impl Gateway {
         }
         let instances = config.redis.as_ref().map_or(1, |r| r.instances);
         let limits = Arc::new(crate::limit::Limiter::new(redis.clone(), instances, config.server.rate_limit_keys));
-        let runtime = Runtime::build(config, cache, metrics, limits);
+        let budgets = Arc::new(crate::budget::Budgets::new(redis.clone()));
+        if budgets.embedded() && !config.budgets.is_empty() {
+            tracing::warn!(
+                "budgets are kept in memory (no `redis`): spend is lost on restart and not shared between instances"
+            );
+        }
+        let runtime = Runtime::build(config, cache, metrics, limits, budgets);
         Arc::new(Gateway {
             runtime: ArcSwap::from_pointee(runtime),
             started: Instant::now(),
@@ -232,6 +251,7 @@ impl Gateway {
             current.cache.clone(),
             current.metrics.clone(),
             current.limits.clone(),
+            current.budgets.clone(),
         )));
         tracing::info!(routes, "configuration reloaded");
         Ok(())

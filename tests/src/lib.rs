@@ -58,6 +58,22 @@ pub fn text(status: u16, body: &str) -> Response<Body> {
 
 impl Origin {
     /// Starts an origin answering every request with `f(request)`.
+    /// `start`, with a count of the requests it answered.
+    pub async fn counting<F, Fut>(f: F) -> (Origin, Arc<std::sync::atomic::AtomicUsize>)
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = n.clone();
+        let o = Origin::start(move |req| {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            f(req)
+        })
+        .await;
+        (o, n)
+    }
+
     pub async fn start<F, Fut>(f: F) -> Origin
     where
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -396,6 +412,27 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `weir validate` on `yaml` written as `dir/weir.yaml`: whether it passed, and everything it
+/// printed.
+pub fn validate_in(yaml: &str, dir: &Path) -> (bool, String) {
+    let path = dir.join("weir.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    let out = Command::new(weir_bin()).args(["validate", "--config"]).arg(&path).output().expect("run weir validate");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// `validate_in` a fresh temporary folder.
+pub fn validate(yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    validate_in(yaml, dir.path())
+}
+
+/// Lower-case hex SHA-256 of `s` (how `consumers[].keys_sha256` holds an API key).
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A port the OS just handed out (released for the child to take).

@@ -12,20 +12,14 @@ use http::Request;
 use weir_e2e::*;
 
 async fn origin() -> (Origin, Arc<AtomicUsize>) {
-    let n = Arc::new(AtomicUsize::new(0));
-    let c = n.clone();
-    let o = Origin::start(move |_req| {
-        c.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let mut r = text(200, "ok");
-            // An origin's own quota fields: Weir's replace them, and they are never stored.
-            r.headers_mut().insert("ratelimit", "\"origin\";r=999;t=1".parse().unwrap());
-            r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
-            r
-        }
+    Origin::counting(|_req| async move {
+        let mut r = text(200, "ok");
+        // An origin's own quota fields: Weir's replace them, and they are never stored.
+        r.headers_mut().insert("ratelimit", "\"origin\";r=999;t=1".parse().unwrap());
+        r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+        r
     })
-    .await;
-    (o, n)
+    .await
 }
 
 /// A gateway with one route per `(name, path, rate_limit block, cache)`.
@@ -300,14 +294,6 @@ async fn with_redis_gone_each_fail_mode_does_what_it_says() {
 }
 
 /// `weir validate` on `yaml`: whether it passed, and what it printed.
-fn validate(yaml: &str) -> (bool, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("weir.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(weir_bin()).args(["validate", "--config"]).arg(&path).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
-}
-
 const ROUTE: &str = "routes:\n  - name: r\n    upstream: http://127.0.0.1:1\n";
 
 #[test]
@@ -414,11 +400,6 @@ async fn admin_reads_and_resets_a_key() {
         assert_eq!(get_path(&gw, "/x", &[("x-api-key", "alice key")]).await.status, 200);
         assert_eq!(get(&gw.admin_url("/ratelimits/nope/x")).await.status, 404);
     }
-}
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Consumers: API keys as SHA-256 digests (or from the environment). On a required route an

@@ -247,14 +247,6 @@ async fn a_failed_key_hook_on_a_share_private_route_bypasses_the_cache() {
     assert_eq!(hits.load(Ordering::SeqCst), 2);
 }
 
-fn validate(yaml: &str) -> (bool, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("weir.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(weir_bin()).args(["validate", "--config"]).arg(&path).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_plugins_are_refused_at_load_with_a_clear_error() {
     let (origin, _) = origin().await;

@@ -376,13 +376,6 @@ async fn optional_client_auth_and_https_only_routes() {
     assert_eq!(get(&format!("http://{}/open", gw.listen[0])).await.status, 200);
 }
 
-fn validate(yaml: &str, dir: &Path) -> (bool, String) {
-    let path = dir.join("weir.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(weir_bin()).args(["validate", "--config"]).arg(&path).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
-}
-
 #[test]
 fn validate_reports_certificate_problems_at_their_entry() {
     let dir = tempfile::tempdir().unwrap();
@@ -396,25 +389,25 @@ fn validate_reports_certificate_problems_at_their_entry() {
         )
     };
     let missing = dir.path().join("nope.key");
-    let (ok, out) = validate(&doc(&certs_block(&[(&c, &missing)])), dir.path());
+    let (ok, out) = validate_in(&doc(&certs_block(&[(&c, &missing)])), dir.path());
     assert!(!ok && out.contains("weir.yaml:5:") && out.contains("key file") && out.contains("nope.key"), "{out}");
     // b.test's key with api.test's certificate.
-    let (ok, out) = validate(&doc(&certs_block(&[(&c, &k), (&c2, &k)])), dir.path());
+    let (ok, out) = validate_in(&doc(&certs_block(&[(&c, &k), (&c2, &k)])), dir.path());
     assert!(!ok && out.contains("weir.yaml:6:") && out.contains("does not match"), "{out}");
     let _ = k2;
     // Not a certificate at all.
     let junk = dir.path().join("junk.pem");
     std::fs::write(&junk, "hello").unwrap();
-    let (ok, out) = validate(&doc(&certs_block(&[(&junk, &k)])), dir.path());
+    let (ok, out) = validate_in(&doc(&certs_block(&[(&junk, &k)])), dir.path());
     assert!(!ok && out.contains("junk.pem"), "{out}");
     // TLS 1.1 is not offered; client_auth needs a CA.
-    let (ok, out) = validate(
+    let (ok, out) = validate_in(
         &doc(&format!("{}      min_version: \"1.1\"\n      client_auth: optional\n", certs_block(&[(&c, &k)]))),
         dir.path(),
     );
     assert!(!ok && out.contains("min_version") && out.contains("client_auth needs `client_ca`"), "{out}");
     // Expired: a warning (the certificate still serves), not a refusal.
-    let (ok, out) = validate(&doc(&certs_block(&[(&ec, &ek)])), dir.path());
+    let (ok, out) = validate_in(&doc(&certs_block(&[(&ec, &ek)])), dir.path());
     assert!(ok, "{out}");
     assert!(out.contains("warning:") && out.contains("expired") && out.contains("weir.yaml:5:"), "{out}");
 }
@@ -515,7 +508,7 @@ async fn an_upstream_that_requires_a_client_certificate_gets_the_configured_one(
     // `verify: false` is a warning in `weir validate`; a key that is not the certificate's is
     // an error.
     let (other_c, _) = clients.client("other").write(dir.path(), "other");
-    let (ok, out) = validate(
+    let (ok, out) = validate_in(
         &upstream_yaml(
             origin,
             &format!("    upstream_tls: {{ client_cert: {}, client_key: {} }}\n", other_c.display(), ck.display()),
@@ -523,7 +516,7 @@ async fn an_upstream_that_requires_a_client_certificate_gets_the_configured_one(
         dir.path(),
     );
     assert!(!ok && out.contains("does not match"), "{out}");
-    let (ok, out) = validate(&upstream_yaml(origin, "    upstream_tls: { verify: false }\n"), dir.path());
+    let (ok, out) = validate_in(&upstream_yaml(origin, "    upstream_tls: { verify: false }\n"), dir.path());
     assert!(ok && out.contains("warning:") && out.contains("verify: false"), "{out}");
 }
 

@@ -88,8 +88,77 @@ impl Admin {
             (m @ (&Method::GET | &Method::DELETE), p) if p.starts_with("/ratelimits/") => {
                 self.ratelimits(m == Method::DELETE, p).await
             }
+            (m @ (&Method::GET | &Method::DELETE), p) if p.starts_with("/budgets/") => {
+                let query = req.uri().query().unwrap_or("").to_string();
+                self.budgets(m == Method::DELETE, p, &query).await
+            }
             (m, p) => Err(GatewayError::NotFound(format!("no admin endpoint {m} {p}"))),
         }
+    }
+
+    /// `GET /budgets/{consumer}?budget=NAME&from=&to=&by=hour|day` (Unix seconds; default the
+    /// last 24 hours by hour): the current window's `spent`, `reserved`, `remaining`, `reset_at`
+    /// and the settled `series`, amounts as decimal strings. `DELETE` forgets the current
+    /// window's spend.
+    async fn budgets(&self, delete: bool, path: &str, query: &str) -> Result<Response<Body>, GatewayError> {
+        let consumer = percent_decode(path.trim_start_matches("/budgets/"))?;
+        let mut params = std::collections::HashMap::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            params.insert(k.to_string(), percent_decode(v)?);
+        }
+        let rt = self.gateway.runtime();
+        let name = params.get("budget").ok_or_else(|| GatewayError::BadRequest("expected ?budget=NAME".into()))?;
+        let def = rt
+            .config
+            .budgets
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GatewayError::NotFound(format!("no budget `{name}`")))?;
+        let unavailable = |_| GatewayError::BudgetUnavailable;
+        if delete {
+            rt.budgets.reset(&def, &consumer).await.map_err(unavailable)?;
+            return Ok(json_response(StatusCode::OK, &serde_json::json!({"reset": true})));
+        }
+        let now = crate::budget::now_s();
+        let time = |k: &str, default: i64| -> Result<i64, GatewayError> {
+            match params.get(k) {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|_| GatewayError::BadRequest(format!("`{k}` is Unix seconds, got `{v}`"))),
+            }
+        };
+        let (from, to) = (time("from", now - 86_400)?, time("to", now)?);
+        let by_hour = match params.get("by").map(String::as_str) {
+            None | Some("hour") => true,
+            Some("day") => false,
+            Some(o) => return Err(GatewayError::BadRequest(format!("`by` is hour or day, got `{o}`"))),
+        };
+        let s = rt.budgets.status(&def, &consumer, from, to, by_hour).await.map_err(unavailable)?;
+        let money = |u: i64| crate::budget::amount(u).to_string();
+        let series: Vec<serde_json::Value> = s
+            .series
+            .iter()
+            .map(|(start, spent, n)| {
+                serde_json::json!({"start": crate::budget::rfc3339(*start), "spent": money(*spent), "requests": n})
+            })
+            .collect();
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "consumer": consumer,
+                "budget": def.name,
+                "limit": def.limit.normalize().to_string(),
+                "window": {"start": crate::budget::rfc3339(s.window.0), "end": crate::budget::rfc3339(s.window.1)},
+                "spent": money(s.spent),
+                "reserved": money(s.reserved),
+                "remaining": money((def.limit_units - s.spent - s.reserved).max(0)),
+                "requests": s.requests,
+                "reset_at": crate::budget::rfc3339(s.window.1),
+                "by": if by_hour { "hour" } else { "day" },
+                "series": series,
+                "store": if rt.budgets.embedded() { "memory" } else { "redis" },
+            }),
+        ))
     }
 
     /// `GET /ratelimits/{route}/{key}`: `{"route", "key", "policies": [{name, remaining,
@@ -203,6 +272,8 @@ impl Admin {
                 "routes": rt.routes.len(),
                 "l1": {"entries": stats.entries, "bytes": stats.bytes},
                 "redis": redis,
+                // Embedded budgets are lost on restart; say so where operators look.
+                "budgets": if rt.config.budgets.is_empty() { "none" } else if rt.budgets.embedded() { "memory" } else { "redis" },
             }),
         )
     }

@@ -26,6 +26,8 @@ pub struct Config {
     pub consumers: std::sync::Arc<std::collections::HashMap<[u8; 32], String>>,
     /// Consumer id → policy name → its own rate and burst (`consumers[].limits`).
     pub consumer_limits: std::sync::Arc<std::collections::HashMap<String, Vec<LimitOverride>>>,
+    /// Named budgets (`budgets:`), by name.
+    pub budgets: std::sync::Arc<std::collections::BTreeMap<String, std::sync::Arc<BudgetDef>>>,
     /// Blocks that parse and validate but whose feature is not built yet, as `FILE:LINE:COL: message`.
     /// `weir run` logs each at start-up as an error, so nothing is silently ignored.
     pub not_yet_supported: Vec<String>,
@@ -145,7 +147,7 @@ pub struct Route {
     pub rate_limit: Vec<RateLimit>,
     /// `count: misses` policies: charged where a request leaves for the origin.
     pub rate_limit_misses: Vec<RateLimit>,
-    pub budget: Option<Budget>,
+    pub budget: Option<RouteBudget>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,14 +220,6 @@ pub struct RouteCache {
 pub struct Invalidate {
     pub methods: Vec<Method>,
     pub tags: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsumerKey {
-    Header(HeaderName),
-    ClientIp,
-    /// Decided by the route plugin's `identify` hook.
-    Plugin,
 }
 
 /// How a route finds its consumer.
@@ -309,11 +303,44 @@ pub enum FailMode {
     Closed,
 }
 
+/// A budget's window: fixed lengths from the epoch, or calendar months (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetWindow {
+    Hour,
+    Day,
+    Days30,
+    Month,
+}
+
+/// A named budget (`budgets:`): a spend limit per consumer per window.
 #[derive(Debug, Clone)]
-pub struct Budget {
-    pub key: ConsumerKey,
-    pub cost: Decimal,
+pub struct BudgetDef {
+    pub name: String,
     pub limit: Decimal,
-    pub per: Duration,
+    /// `limit` in money units (`crate::budget::UNIT`).
+    pub limit_units: i64,
+    pub per: BudgetWindow,
     pub fail: FailMode,
+    /// A reservation's lifetime: an instance killed mid-call gives the money back after it.
+    pub lease_ttl: Duration,
+}
+
+/// A route's use of a budget.
+#[derive(Debug, Clone)]
+pub struct RouteBudget {
+    pub def: std::sync::Arc<BudgetDef>,
+    /// What one call costs, in units (fixed costs; `cost: plugin` is not built yet).
+    pub cost_units: i64,
+    /// Held before forwarding (the cost, for a fixed cost).
+    pub reserve_units: i64,
+    /// Upstream statuses that cost money, as inclusive ranges (`2xx` = 200..=299).
+    pub charge_status: Vec<(u16, u16)>,
+    /// `Weir-Budget-Remaining` on budgeted responses.
+    pub headers: bool,
+}
+
+impl RouteBudget {
+    pub fn charges(&self, status: u16) -> bool {
+        self.charge_status.iter().any(|(a, b)| (*a..=*b).contains(&status))
+    }
 }

@@ -21,6 +21,19 @@ pub struct RawConfig {
     /// Known API consumers; keys only as SHA-256 digests or read from the environment.
     #[serde(default)]
     pub consumers: Vec<RawConsumer>,
+    /// Named spend budgets; routes refer to them by name.
+    #[serde(default)]
+    pub budgets: std::collections::BTreeMap<String, RawBudgetDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudgetDef {
+    pub limit: Text,
+    pub per: Text,
+    pub fail: Option<String>,
+    /// How long a reservation outlives an instance that died holding it (default 5m).
+    pub lease_ttl: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,9 +292,14 @@ pub struct RawRateLimit {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBudget {
-    pub key: Option<String>,
-    pub cost: Option<Text>,
-    pub limit: Text,
-    pub per: Text,
-    pub fail: Option<String>,
+    pub name: String,
+    /// A fixed decimal string, or `plugin`.
+    pub cost: Text,
+    pub reserve: Option<Text>,
+    pub max_cost: Option<Text>,
+    /// `2xx` (default), or a list of classes / codes: `[2xx, 4xx]`, `[200, 201]`.
+    pub charge_status: Option<OneOrMany>,
+    pub charge_hits: Option<bool>,
+    /// `Weir-Budget-Remaining` on budgeted responses.
+    pub headers: Option<bool>,
 }

@@ -114,7 +114,7 @@ pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
     let Some((src, raw)) = parse_file::<RawConfig>(root, &mut problems) else {
         return Err(ConfigError { problems: problems.0 });
     };
-    let mut v = Validator { problems, not_yet: Vec::new(), warnings: Vec::new() };
+    let mut v = Validator { problems, not_yet: Vec::new(), warnings: Vec::new(), budgets: Default::default() };
     let cfg = v.config(&src, raw);
     if v.problems.0.is_empty() {
         let mut cfg = cfg;
@@ -130,6 +130,8 @@ struct Validator {
     problems: Problems,
     not_yet: Vec<Problem>,
     warnings: Vec<Problem>,
+    /// `budgets:`, read before the routes that name them.
+    budgets: std::collections::BTreeMap<String, std::sync::Arc<BudgetDef>>,
 }
 
 /// Where a route was declared, for cross-route messages.
@@ -252,6 +254,173 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// `budgets:`: each a limit (money, at most `budget::MAX_AMOUNT`), a window and a fail mode.
+    fn budgets(&mut self, src: &Source, raw: &std::collections::BTreeMap<String, RawBudgetDef>) {
+        for (name, b) in raw {
+            let bp = format!("budgets.{name}");
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                self.problems.at_key(src, &bp, format!("invalid budget name `{name}`: 1-64 of A-Z a-z 0-9 - _ ."));
+            }
+            let limit = match parse_money(&b.limit) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.problems.at(src, &format!("{bp}.limit"), e);
+                    continue;
+                }
+            };
+            let Some(limit_units) = crate::budget::units_exact(limit) else {
+                self.problems.at(
+                    src,
+                    &format!("{bp}.limit"),
+                    format!("limit {limit} is above {}, the largest amount kept exactly", crate::budget::MAX_AMOUNT),
+                );
+                continue;
+            };
+            let per = match b.per.text.trim() {
+                "1h" => BudgetWindow::Hour,
+                "1d" => BudgetWindow::Day,
+                "30d" => BudgetWindow::Days30,
+                "month" => BudgetWindow::Month,
+                other => {
+                    self.problems.at(
+                        src,
+                        &format!("{bp}.per"),
+                        format!("invalid budget window `{other}`: expected 1h, 1d, 30d or month (calendar, UTC)"),
+                    );
+                    BudgetWindow::Day
+                }
+            };
+            let fail = self.keyword(
+                src,
+                &format!("{bp}.fail"),
+                "fail mode",
+                b.fail.as_deref(),
+                &[("closed", FailMode::Closed), ("open", FailMode::Open)],
+                FailMode::Closed,
+            );
+            let lease_ttl =
+                self.duration(src, &format!("{bp}.lease_ttl"), b.lease_ttl.as_ref(), crate::budget::LEASE_TTL);
+            if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&lease_ttl) {
+                self.problems.at(src, &format!("{bp}.lease_ttl"), "lease_ttl must be between 1s and 1d");
+            }
+            self.budgets.insert(
+                name.clone(),
+                std::sync::Arc::new(BudgetDef { name: name.clone(), limit, limit_units, per, fail, lease_ttl }),
+            );
+        }
+    }
+
+    /// A route's `budget:` (after `budgets:` are known).
+    fn route_budget(
+        &mut self,
+        src: &Source,
+        p: &str,
+        b: &RawBudget,
+        consumer: Option<&ConsumerFrom>,
+        has_plugin: bool,
+    ) -> Option<RouteBudget> {
+        let bp = format!("{p}.budget");
+        let def = self.budgets.get(&b.name).cloned();
+        if def.is_none() {
+            let known: Vec<&str> = self.budgets.keys().map(String::as_str).collect();
+            self.problems.at(
+                src,
+                &format!("{bp}.name"),
+                format!(
+                    "unknown budget `{}` (budgets: {})",
+                    b.name,
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                ),
+            );
+        }
+        if !consumer.is_some_and(|c| c.required) {
+            self.problems.at(
+                src,
+                &bp,
+                "a budget needs the route's `consumer: {..., required: true}` (an unknown caller must never get a budget)",
+            );
+        }
+        let units = |v: &mut Self, field: &str, t: &Text| -> Option<i64> {
+            match parse_money(t) {
+                Ok(d) => crate::budget::units_exact(d).or_else(|| {
+                    v.problems.at(src, &format!("{bp}.{field}"), format!("{d} is above {}", crate::budget::MAX_AMOUNT));
+                    None
+                }),
+                Err(e) => {
+                    v.problems.at(src, &format!("{bp}.{field}"), e);
+                    None
+                }
+            }
+        };
+        let cost = if b.cost.text.trim() == "plugin" {
+            if !has_plugin {
+                self.problems.at(
+                    src,
+                    &format!("{bp}.cost"),
+                    "`cost: plugin` needs the route's `plugin:` (its cost hook)",
+                );
+            }
+            if b.reserve.is_none() {
+                self.problems.at(
+                    src,
+                    &bp,
+                    "`cost: plugin` needs `reserve` (held before forwarding, while the cost is unknown)",
+                );
+            }
+            self.not_yet(src, &format!("{bp}.cost"), "budgets with `cost: plugin`");
+            0
+        } else {
+            units(self, "cost", &b.cost)?
+        };
+        let reserve = match &b.reserve {
+            Some(t) => units(self, "reserve", t)?,
+            None => cost,
+        };
+        if b.cost.text.trim() != "plugin" && reserve < cost {
+            self.problems.at(
+                src,
+                &format!("{bp}.reserve"),
+                "reserve is below the fixed cost: every call would overshoot",
+            );
+        }
+        if let Some(t) = &b.max_cost {
+            units(self, "max_cost", t)?;
+        }
+        let mut charge_status = Vec::new();
+        let default = ["2xx".to_string()];
+        let classes = b.charge_status.as_ref().map_or(&default[..], OneOrMany::as_slice);
+        for c in classes {
+            let range = match c.trim() {
+                "any" => Some((100, 599)),
+                x if x.len() == 3 && x.ends_with("xx") => {
+                    x[..1].parse::<u16>().ok().filter(|d| (1..=5).contains(d)).map(|d| (d * 100, d * 100 + 99))
+                }
+                x => x.parse::<u16>().ok().filter(|s| (100..=599).contains(s)).map(|s| (s, s)),
+            };
+            match range {
+                Some(r) => charge_status.push(r),
+                None => self.problems.at(
+                    src,
+                    &format!("{bp}.charge_status"),
+                    format!("invalid charge_status `{c}`: expected a class (`2xx`), a code (`201`) or `any`"),
+                ),
+            }
+        }
+        if b.charge_hits == Some(true) {
+            self.not_yet(src, &format!("{bp}.charge_hits"), "budgets that charge cache hits");
+        }
+        Some(RouteBudget {
+            def: def?,
+            cost_units: cost,
+            reserve_units: reserve,
+            charge_status,
+            headers: b.headers.unwrap_or(false),
+        })
     }
 
     /// One of a few words (`None`: the default).
@@ -435,6 +604,7 @@ impl Validator {
         let server = self.server(src, raw.server.as_ref());
         let consumers = self.consumers(src, &raw.consumers);
         let consumer_limits = self.consumer_limits(src, &raw.consumers);
+        self.budgets(src, &raw.budgets);
 
         let mut routes = Vec::new();
         let mut declared = Vec::new();
@@ -473,6 +643,7 @@ impl Validator {
             routes,
             consumers: std::sync::Arc::new(consumers),
             consumer_limits: std::sync::Arc::new(consumer_limits),
+            budgets: std::sync::Arc::new(std::mem::take(&mut self.budgets)),
             not_yet_supported: Vec::new(),
             warnings: Vec::new(),
         }
@@ -1025,38 +1196,7 @@ impl Validator {
                 );
             }
         }
-        let budget = r.budget.as_ref().map(|b| {
-            let bp = format!("{p}.budget");
-            self.not_yet(src, &bp, "budgets");
-            let mut money = |field: &str, t: Option<&Text>| match t {
-                None => rust_decimal::Decimal::ZERO,
-                Some(t) => parse_money(t).unwrap_or_else(|e| {
-                    self.problems.at(src, &format!("{bp}.{field}"), e);
-                    rust_decimal::Decimal::ZERO
-                }),
-            };
-            let cost = money("cost", b.cost.as_ref());
-            let limit = money("limit", Some(&b.limit));
-            let fail = match b.fail.as_deref() {
-                None | Some("closed") => FailMode::Closed,
-                Some("open") => FailMode::Open,
-                Some(other) => {
-                    self.problems.at(
-                        src,
-                        &format!("{bp}.fail"),
-                        format!("invalid fail mode `{other}`: expected `closed` or `open`"),
-                    );
-                    FailMode::Closed
-                }
-            };
-            Budget {
-                key: self.consumer_key(src, &format!("{bp}.key"), b.key.as_deref()),
-                cost,
-                limit,
-                per: self.duration(src, &format!("{bp}.per"), Some(&b.per), Duration::from_secs(86_400)),
-                fail,
-            }
-        });
+        let budget = r.budget.as_ref().and_then(|b| self.route_budget(src, p, b, consumer.as_ref(), plugin.is_some()));
 
         // `None` only with a problem recorded.
         let upstream_tls = upstream_tls?;
@@ -1243,24 +1383,6 @@ impl Validator {
             headers: rl.headers.unwrap_or(true),
             misses,
         })
-    }
-
-    fn consumer_key(&mut self, src: &Source, path: &str, key: Option<&str>) -> ConsumerKey {
-        match key {
-            None | Some("client_ip") => ConsumerKey::ClientIp,
-            Some("plugin") => ConsumerKey::Plugin,
-            Some(k) => match k.strip_prefix("header:").map(|h| HeaderName::from_bytes(h.trim().as_bytes())) {
-                Some(Ok(h)) => ConsumerKey::Header(h),
-                _ => {
-                    self.problems.at(
-                        src,
-                        path,
-                        format!("invalid consumer key `{k}`: expected `header:NAME`, `client_ip` or `plugin`"),
-                    );
-                    ConsumerKey::ClientIp
-                }
-            },
-        }
     }
 
     fn host(&mut self, src: &Source, path: &str, h: &str) -> Option<HostMatch> {

@@ -108,6 +108,8 @@ pub struct RequestCtx {
     pub route: usize,
     /// The consumer identified in phase 3 (its id), if the route names a source and the key is known.
     pub consumer: Option<String>,
+    /// What the consumer's budget had left after this request's call (`Weir-Budget-Remaining`).
+    pub budget_remaining: std::sync::OnceLock<i64>,
 }
 
 impl RequestCtx {
@@ -276,7 +278,15 @@ async fn route_and_serve(
             Ok(None) | Err(_) => None,
         },
     };
-    let ctx = Arc::new(RequestCtx { rt: rt.clone(), conn, trusted, canon, route: idx, consumer });
+    let ctx = Arc::new(RequestCtx {
+        rt: rt.clone(),
+        conn,
+        trusted,
+        canon,
+        route: idx,
+        consumer,
+        budget_remaining: std::sync::OnceLock::new(),
+    });
 
     // Then `count: all` rate limits, all or nothing, before the cache (a hit counts too).
     let limit_headers = if route.route.rate_limit.is_empty() {
@@ -301,11 +311,20 @@ async fn route_and_serve(
         for (k, v) in limit_headers {
             resp.headers_mut().insert(k, v);
         }
+        // Added after the cache: a stored entry never carries one consumer's balance.
+        if let (Some(b), Some(units)) = (&route.route.budget, ctx.budget_remaining.get()) {
+            if b.headers {
+                if let Ok(v) = http::HeaderValue::from_str(&crate::budget::amount(*units).to_string()) {
+                    resp.headers_mut().insert(WEIR_BUDGET_REMAINING.clone(), v);
+                }
+            }
+        }
     }
     Ok((idx, result))
 }
 
 static WEIR_CONSUMER: http::HeaderName = http::HeaderName::from_static("weir-consumer");
+static WEIR_BUDGET_REMAINING: http::HeaderName = http::HeaderName::from_static("weir-budget-remaining");
 
 /// Finds the consumer: an API key header looked up by its SHA-256 digest, or the route plugin's
 /// `identify` at the request's arrival time. Forwards the verified consumer as `Weir-Consumer` (a
@@ -527,7 +546,23 @@ pub(crate) async fn upstream(
             }
         },
     };
-    match send_with_retry(route, parts, body).await {
+    // The budget (phase 6): reserved before the call leaves, settled once its status is known.
+    let lease = match &route.route.budget {
+        Some(b) => reserve(ctx, b, purpose).await?,
+        None => None,
+    };
+    let sent = send_with_retry(route, parts, body).await;
+    if let (Some(b), Some(lease)) = (&route.route.budget, &lease) {
+        // A fixed cost is known at the response head; a failed call costs nothing.
+        let charged = sent.as_ref().is_ok_and(|r| b.charges(r.status().as_u16()));
+        ctx.rt.budgets.settle(lease, b.cost_units, charged).await;
+        if charged {
+            ctx.rt.metrics.budget_spent(&b.def.name, b.cost_units);
+        }
+        let back = if charged { lease.units - b.cost_units } else { lease.units };
+        let _ = ctx.budget_remaining.set(lease.remaining_units + back);
+    }
+    match sent {
         Ok(resp) => {
             let idle = route.route.timeouts.idle;
             Ok(resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed()))
@@ -536,6 +571,33 @@ pub(crate) async fn upstream(
             tracing::debug!(route = %route.route.name, purpose = purpose.as_str(), error = %e, "upstream request failed");
             Err(e)
         }
+    }
+}
+
+/// Reserves the call's cost: the client's consumer pays for what it asked for; Weir's own
+/// refreshes are charged to `_system`. `Ok(None)`: let through unmetered (`fail: open`).
+async fn reserve(
+    ctx: &RequestCtx,
+    b: &crate::config::RouteBudget,
+    purpose: Purpose,
+) -> Result<Option<crate::budget::Lease>, GatewayError> {
+    let route = ctx.route();
+    let consumer = match purpose {
+        Purpose::Refresh | Purpose::Revalidate => crate::budget::SYSTEM,
+        // Validation makes a budgeted route's consumer required, so it is known here.
+        _ => ctx.consumer.as_deref().unwrap_or(crate::budget::SYSTEM),
+    };
+    match ctx.rt.budgets.reserve(&b.def, consumer, b.reserve_units).await {
+        Ok(lease) => Ok(Some(lease)),
+        Err(crate::budget::Refusal::Exhausted { retry_after_s }) => {
+            route.metrics.budget_rejected(&route.label);
+            Err(GatewayError::BudgetExhausted { budget: b.def.name.clone(), retry_after_s })
+        }
+        Err(crate::budget::Refusal::Unavailable) if b.def.fail == crate::config::FailMode::Open => {
+            route.metrics.budget_unmetered(&route.label);
+            Ok(None)
+        }
+        Err(crate::budget::Refusal::Unavailable) => Err(GatewayError::BudgetUnavailable),
     }
 }
 

@@ -1,0 +1,494 @@
+//! Spend budgets: exact decimal money per consumer and window, reserved before a call goes
+//! upstream and settled when its answer is known.
+//!
+//! - **Money**: amounts are `rust_decimal` in configuration and on the wire; stores hold
+//!   integers of micro-units (`UNIT` = 0.000001, DESIGN.md), so every sum is exact. Lua numbers
+//!   are doubles, exact below 2^53: the largest amount is `MAX_AMOUNT` (9,007,199,254.740991) and
+//!   validation refuses limits beyond it. A computed cost is rounded *up* to the unit.
+//! - **Reserve, then settle** (one upstream function, phase 6). `reserve` is one Lua call that
+//!   first drops expired leases, then admits only if `spent + reserved + amount <= limit`, and
+//!   records a lease (amount, expiry on Redis' clock). `settle` is one Lua call, idempotent by
+//!   the lease id (instance id + counter, never a client's header): it releases the lease and,
+//!   when the upstream status is charged, adds the cost to the window and to its hourly and
+//!   daily history buckets. A lease whose instance died expires and gives its money back.
+//! - **Windows** are computed from this instance's clock (NTP-synced hosts agree; skew moves a
+//!   call at a boundary into the neighbouring window, never counts it twice): fixed lengths from
+//!   the epoch (`1h`, `1d`, `30d`) or the calendar month (UTC). A call is charged to the window,
+//!   hour and day it was reserved in, so the series of a window add up to its total.
+//! - **Keys**: `weir:{bg:<keyed hash of budget and consumer>}:...` — one hash tag per consumer
+//!   and budget, so the window, its leases and its history share one Cluster slot.
+//! - **Embedded mode** (no Redis): the same arithmetic in memory; spend is lost on restart
+//!   (warned at start, said in `/health`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rust_decimal::Decimal;
+
+use crate::config::{BudgetDef, BudgetWindow};
+use crate::redis::Shared;
+
+/// Decimal places of the money unit (micro-units).
+pub const SCALE: u32 = 6;
+/// The largest integer Lua (a double) keeps exactly: 2^53 - 1 units.
+pub const MAX_UNITS: i64 = (1 << 53) - 1;
+/// `MAX_UNITS` as an amount.
+pub const MAX_AMOUNT: &str = "9007199254.740991";
+/// A lease's default lifetime (`budgets.NAME.lease_ttl`): a fixed cost settles at the response
+/// head, so this only matters when an instance dies holding one.
+pub const LEASE_TTL: Duration = Duration::from_secs(300);
+/// History retention: hourly buckets 48 h, daily buckets 35 days.
+pub const HOURLY_TTL: Duration = Duration::from_secs(48 * 3600);
+pub const DAILY_TTL: Duration = Duration::from_secs(35 * 86_400);
+/// The consumer charged for calls no client asked for (background refreshes).
+pub const SYSTEM: &str = "_system";
+
+/// An amount with at most `SCALE` decimals as units; `None` beyond `MAX_UNITS` or below zero.
+pub fn units_exact(d: Decimal) -> Option<i64> {
+    units_ceil(d).filter(|_| d.normalize().scale() <= SCALE)
+}
+
+/// An amount as units, rounded up to the unit.
+pub fn units_ceil(d: Decimal) -> Option<i64> {
+    if d.is_sign_negative() {
+        return None;
+    }
+    let scaled = (d * Decimal::from(1_000_000u32)).ceil();
+    i64::try_from(scaled).ok().filter(|u| *u <= MAX_UNITS)
+}
+
+/// Units as an amount (`4.998`, `0`).
+pub fn amount(units: i64) -> Decimal {
+    Decimal::new(units, SCALE).normalize()
+}
+
+/// The window holding `now` (Unix seconds): `(start, end)`.
+pub fn window(per: BudgetWindow, now: i64) -> (i64, i64) {
+    let fixed = |len: i64| {
+        let start = now.div_euclid(len) * len;
+        (start, start + len)
+    };
+    match per {
+        BudgetWindow::Hour => fixed(3600),
+        BudgetWindow::Day => fixed(86_400),
+        BudgetWindow::Days30 => fixed(30 * 86_400),
+        BudgetWindow::Month => {
+            let (y, m, _) = civil_from_days(now.div_euclid(86_400));
+            let start = days_from_civil(y, m, 1) * 86_400;
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            (start, days_from_civil(ny, nm, 1) * 86_400)
+        }
+    }
+}
+
+/// Howard Hinnant's `days_from_civil`: days since 1970-01-01 of a proleptic Gregorian date.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The inverse: `(year, month, day)` of a day number.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// RFC 3339 UTC text of Unix seconds (`2026-12-02T13:00:00Z`).
+pub fn rfc3339(t: i64) -> String {
+    let (y, m, d) = civil_from_days(t.div_euclid(86_400));
+    let s = t.rem_euclid(86_400);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
+}
+
+pub fn now_s() -> i64 {
+    crate::tls::unix(SystemTime::now())
+}
+
+/// A reservation held while a call is upstream.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub budget: Arc<BudgetDef>,
+    pub consumer: String,
+    pub id: String,
+    pub units: i64,
+    /// The window, hour and day it was taken in (its charge goes there).
+    pub window: i64,
+    pub hour: i64,
+    pub day: i64,
+    /// What was left after this reservation (for `Weir-Budget-Remaining`).
+    pub remaining_units: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the limit: retry when the window resets (seconds).
+    Exhausted { retry_after_s: u64 },
+    /// The store (Redis) cannot be reached.
+    Unavailable,
+}
+
+/// One window's figures and its history, for the admin API.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub window: (i64, i64),
+    pub spent: i64,
+    pub reserved: i64,
+    pub requests: i64,
+    /// `(bucket start, spent, requests)`, oldest first.
+    pub series: Vec<(i64, i64, i64)>,
+}
+
+/// Checks reserve against the limit and records a lease (KEYS: window hash, lease amounts,
+/// lease expiries; ARGV: limit, amount, lease id (empty: only read), lease TTL µs, key TTL s).
+/// Expired leases are released first, on Redis' clock. Returns `{admitted, spent, reserved}`.
+const RESERVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, id in ipairs(dead) do
+  local a = redis.call('HGET', KEYS[2], id)
+  if a then
+    redis.call('HINCRBY', KEYS[1], 'r', -tonumber(a))
+    redis.call('HDEL', KEYS[2], id)
+  end
+  redis.call('ZREM', KEYS[3], id)
+end
+local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+if ARGV[3] == '' then return {1, s, r, n} end
+local amount = tonumber(ARGV[2])
+if s + r + amount > tonumber(ARGV[1]) then return {0, s, r, n} end
+redis.call('HINCRBY', KEYS[1], 'r', amount)
+redis.call('HSET', KEYS[2], ARGV[3], amount)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+return {1, s, r + amount, n}
+";
+
+/// Settles a lease once (KEYS: window hash, lease amounts, lease expiries, hour bucket, day
+/// bucket, done marker; ARGV: lease id, cost, charged 0/1, hour TTL s, day TTL s, marker TTL s).
+/// Returns 0 when it was settled before.
+const SETTLE: &str = r"
+if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[6]) then return 0 end
+local a = redis.call('HGET', KEYS[2], ARGV[1])
+if a then
+  redis.call('HINCRBY', KEYS[1], 'r', -tonumber(a))
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+if ARGV[3] == '1' then
+  local c = tonumber(ARGV[2])
+  for _, k in ipairs({KEYS[1], KEYS[4], KEYS[5]}) do
+    redis.call('HINCRBY', k, 's', c)
+    redis.call('HINCRBY', k, 'n', 1)
+  end
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+  redis.call('EXPIRE', KEYS[5], ARGV[5])
+end
+return 1
+";
+
+#[derive(Debug, Default)]
+struct LocalWindow {
+    spent: i64,
+    requests: i64,
+    /// Lease id -> (units, expiry as Unix seconds).
+    leases: BTreeMap<String, (i64, i64)>,
+}
+
+impl LocalWindow {
+    fn reserved(&mut self, now: i64) -> i64 {
+        self.leases.retain(|_, (_, exp)| *exp > now);
+        self.leases.values().map(|(u, _)| u).sum()
+    }
+}
+
+/// Embedded mode's store: windows and history buckets by (budget, consumer, start).
+#[derive(Debug, Default)]
+struct Local {
+    windows: BTreeMap<(String, String, i64), LocalWindow>,
+    /// (budget, consumer, 'h' | 'd', start) -> (spent, requests)
+    history: BTreeMap<(String, String, char, i64), (i64, i64)>,
+    settled: BTreeMap<String, i64>,
+}
+
+#[derive(Debug)]
+pub struct Budgets {
+    redis: Option<Arc<Shared>>,
+    reserve_script: redis::Script,
+    settle_script: redis::Script,
+    hash_key: [u8; 32],
+    instance: u64,
+    counter: AtomicU64,
+    local: Mutex<Local>,
+}
+
+impl Budgets {
+    pub fn new(redis: Option<Arc<Shared>>) -> Budgets {
+        let secret = redis.as_ref().map(|r| r.key_secret.clone().unwrap_or_else(|| "weir".to_string()));
+        let hash_key = blake3::derive_key("weir budget keys", secret.as_deref().unwrap_or("weir").as_bytes());
+        Budgets {
+            redis,
+            reserve_script: redis::Script::new(RESERVE),
+            settle_script: redis::Script::new(SETTLE),
+            hash_key,
+            instance: crate::random_u64(),
+            counter: AtomicU64::new(0),
+            local: Mutex::new(Local::default()),
+        }
+    }
+
+    pub fn embedded(&self) -> bool {
+        self.redis.is_none()
+    }
+
+    fn tag(&self, budget: &str, consumer: &str) -> String {
+        let mut buf = Vec::with_capacity(16 + budget.len() + consumer.len());
+        for f in [budget, consumer] {
+            buf.extend_from_slice(&(f.len() as u64).to_le_bytes());
+            buf.extend_from_slice(f.as_bytes());
+        }
+        let h = blake3::keyed_hash(&self.hash_key, &buf);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h.as_bytes()[..16]);
+        format!("weir:{{bg:{}}}", crate::cache::l2::hex(&id))
+    }
+
+    fn window_keys(&self, tag: &str, window: i64) -> [String; 3] {
+        [format!("{tag}:w:{window}"), format!("{tag}:la:{window}"), format!("{tag}:lz:{window}")]
+    }
+
+    /// Holds `units` against `def`'s limit for `consumer` in the current window.
+    pub async fn reserve(&self, def: &Arc<BudgetDef>, consumer: &str, units: i64) -> Result<Lease, Refusal> {
+        let now = now_s();
+        let (window, end) = window(def.per, now);
+        let id = format!("{:016x}-{}", self.instance, self.counter.fetch_add(1, Ordering::Relaxed));
+        let retry = Refusal::Exhausted { retry_after_s: u64::try_from(end - now).unwrap_or(1).max(1) };
+        let lease = |spent: i64, reserved: i64| Lease {
+            budget: def.clone(),
+            consumer: consumer.to_string(),
+            id: id.clone(),
+            units,
+            window,
+            hour: now.div_euclid(3600) * 3600,
+            day: now.div_euclid(86_400) * 86_400,
+            remaining_units: (def.limit_units - spent - reserved).max(0),
+        };
+        let Some(redis) = &self.redis else {
+            let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let w = local.windows.entry((def.name.clone(), consumer.to_string(), window)).or_default();
+            let reserved = w.reserved(now);
+            if w.spent + reserved + units > def.limit_units {
+                return Err(retry);
+            }
+            let expiry = now + i64::try_from(def.lease_ttl.as_secs()).unwrap_or(300);
+            w.leases.insert(id.clone(), (units, expiry));
+            let spent = w.spent;
+            // Windows that ended hold nothing a reservation can use.
+            local.windows.retain(|(_, _, start), _| *start >= window - 40 * 86_400);
+            return Ok(lease(spent, reserved + units));
+        };
+        let tag = self.tag(&def.name, consumer);
+        let keys = self.window_keys(&tag, window);
+        let key_ttl = end - now + 2 * 86_400;
+        let mut inv = self.reserve_script.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        let ttl_us = u64::try_from(def.lease_ttl.as_micros()).unwrap_or(u64::MAX);
+        inv.arg(def.limit_units).arg(units).arg(&id).arg(ttl_us).arg(key_ttl);
+        match redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await {
+            Ok(v) if v.len() == 4 && v[0] == 1 => Ok(lease(v[1], v[2])),
+            Ok(v) if v.len() == 4 => Err(retry),
+            Ok(_) => Err(Refusal::Unavailable),
+            Err(e) => {
+                tracing::debug!(error = ?e, budget = %def.name, "budget reservation without Redis");
+                Err(Refusal::Unavailable)
+            }
+        }
+    }
+
+    /// Settles `lease`: releases it and, when `charged`, adds `units` to its window and history.
+    /// A failure is logged: the lease then expires and its money comes back.
+    pub async fn settle(&self, lease: &Lease, units: i64, charged: bool) {
+        let Some(redis) = &self.redis else {
+            let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if local.settled.insert(lease.id.clone(), lease.window).is_some() {
+                return;
+            }
+            let (b, c) = (lease.budget.name.clone(), lease.consumer.clone());
+            if let Some(w) = local.windows.get_mut(&(b.clone(), c.clone(), lease.window)) {
+                w.leases.remove(&lease.id);
+                if charged {
+                    w.spent += units;
+                    w.requests += 1;
+                }
+            }
+            if charged {
+                for (kind, start) in [('h', lease.hour), ('d', lease.day)] {
+                    let e = local.history.entry((b.clone(), c.clone(), kind, start)).or_default();
+                    e.0 += units;
+                    e.1 += 1;
+                }
+            }
+            let horizon = now_s() - i64::try_from(DAILY_TTL.as_secs()).unwrap_or(0);
+            local.history.retain(|(_, _, kind, start), _| {
+                *start
+                    >= if *kind == 'h' { now_s() - i64::try_from(HOURLY_TTL.as_secs()).unwrap_or(0) } else { horizon }
+            });
+            let window = lease.window;
+            local.settled.retain(|_, w| *w >= window - 40 * 86_400);
+            return;
+        };
+        let tag = self.tag(&lease.budget.name, &lease.consumer);
+        let [w, la, lz] = self.window_keys(&tag, lease.window);
+        let mut inv = self.settle_script.prepare_invoke();
+        inv.key(w).key(la).key(lz);
+        inv.key(format!("{tag}:h:{}", lease.hour)).key(format!("{tag}:d:{}", lease.day));
+        inv.key(format!("{tag}:done:{}", lease.id));
+        inv.arg(&lease.id).arg(units).arg(if charged { "1" } else { "0" });
+        inv.arg(HOURLY_TTL.as_secs()).arg(DAILY_TTL.as_secs()).arg(lease.budget.lease_ttl.as_secs().max(60) * 2);
+        if let Err(e) = redis.call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await {
+            tracing::warn!(error = ?e, budget = %lease.budget.name, "budget settlement failed; the lease expires and its money comes back");
+        }
+    }
+
+    /// The current window and the history buckets (`by_hour`, else daily) from `from` to `to`.
+    pub async fn status(
+        &self,
+        def: &Arc<BudgetDef>,
+        consumer: &str,
+        from: i64,
+        to: i64,
+        by_hour: bool,
+    ) -> Result<Status, Refusal> {
+        let now = now_s();
+        let win = window(def.per, now);
+        let step = if by_hour { 3600 } else { 86_400 };
+        let retention = i64::try_from(if by_hour { HOURLY_TTL } else { DAILY_TTL }.as_secs()).unwrap_or(0);
+        let first = from.max(now - retention).div_euclid(step) * step;
+        let starts: Vec<i64> = (0..).map(|i| first + i * step).take_while(|s| *s <= to).take(1000).collect();
+        let kind = if by_hour { 'h' } else { 'd' };
+        let Some(redis) = &self.redis else {
+            let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (spent, reserved, requests) =
+                match local.windows.get_mut(&(def.name.clone(), consumer.to_string(), win.0)) {
+                    Some(w) => {
+                        let r = w.reserved(now);
+                        (w.spent, r, w.requests)
+                    }
+                    None => (0, 0, 0),
+                };
+            let series = starts
+                .iter()
+                .map(|s| {
+                    let (sp, n) = local
+                        .history
+                        .get(&(def.name.clone(), consumer.to_string(), kind, *s))
+                        .copied()
+                        .unwrap_or((0, 0));
+                    (*s, sp, n)
+                })
+                .collect();
+            return Ok(Status { window: win, spent, reserved, requests, series });
+        };
+        let tag = self.tag(&def.name, consumer);
+        let keys = self.window_keys(&tag, win.0);
+        let mut inv = self.reserve_script.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(def.limit_units).arg(0).arg("").arg(0).arg(0);
+        let head = redis
+            .call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await })
+            .await
+            .map_err(|_| Refusal::Unavailable)?;
+        let mut pipe = redis::pipe();
+        for s in &starts {
+            pipe.cmd("HMGET").arg(format!("{tag}:{kind}:{s}")).arg("s").arg("n");
+        }
+        let buckets: Vec<(Option<i64>, Option<i64>)> = if starts.is_empty() {
+            Vec::new()
+        } else {
+            redis.call(|mut c| async move { pipe.query_async(&mut c).await }).await.map_err(|_| Refusal::Unavailable)?
+        };
+        let series = starts.iter().zip(buckets).map(|(s, (sp, n))| (*s, sp.unwrap_or(0), n.unwrap_or(0))).collect();
+        let at = |i: usize| head.get(i).copied().unwrap_or(0);
+        Ok(Status { window: win, spent: at(1), reserved: at(2), requests: at(3), series })
+    }
+
+    /// Forgets the current window's spend (leases in flight stay held).
+    pub async fn reset(&self, def: &Arc<BudgetDef>, consumer: &str) -> Result<(), Refusal> {
+        let win = window(def.per, now_s()).0;
+        let Some(redis) = &self.redis else {
+            let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(w) = local.windows.get_mut(&(def.name.clone(), consumer.to_string(), win)) {
+                w.spent = 0;
+                w.requests = 0;
+            }
+            return Ok(());
+        };
+        let key = self.window_keys(&self.tag(&def.name, consumer), win)[0].clone();
+        redis
+            .call(|mut c| async move { redis::cmd("HDEL").arg(key).arg("s").arg("n").query_async::<i64>(&mut c).await })
+            .await
+            .map(|_| ())
+            .map_err(|_| Refusal::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn units_are_exact_and_computed_costs_round_up() {
+        assert_eq!(units_exact(Decimal::from_str("7.500").unwrap()), Some(7_500_000));
+        assert_eq!(units_exact(Decimal::from_str("0.000001").unwrap()), Some(1));
+        assert_eq!(units_exact(Decimal::from_str("0.0000001").unwrap()), None, "finer than the unit");
+        assert_eq!(units_exact(Decimal::from_str(MAX_AMOUNT).unwrap()), Some(MAX_UNITS));
+        assert_eq!(units_exact(Decimal::from_str("9007199254.740992").unwrap()), None, "2^53 is not exact");
+        // 0.00000015 per token: 3 tokens cost 0.00000045, charged as one unit; 1000 exactly 150.
+        let per_token = Decimal::from_str("0.00000015").unwrap();
+        assert_eq!(units_ceil(per_token * Decimal::from(3)), Some(1));
+        assert_eq!(units_ceil(per_token * Decimal::from(1000)), Some(150));
+        assert_eq!(units_ceil(Decimal::from_str("-1").unwrap()), None);
+        assert_eq!(amount(4_998_000).to_string(), "4.998");
+        assert_eq!(amount(0).to_string(), "0");
+    }
+
+    #[test]
+    fn windows_are_fixed_lengths_or_calendar_months() {
+        let t = days_from_civil(2026, 12, 2) * 86_400 + 13 * 3600 + 5 * 60;
+        assert_eq!(window(BudgetWindow::Hour, t), (t - 5 * 60, t - 5 * 60 + 3600));
+        assert_eq!(window(BudgetWindow::Day, t).0, days_from_civil(2026, 12, 2) * 86_400);
+        let (s, e) = window(BudgetWindow::Month, t);
+        assert_eq!((s, e), (days_from_civil(2026, 12, 1) * 86_400, days_from_civil(2027, 1, 1) * 86_400));
+        // February of a leap year, and the last second of a month.
+        let feb = days_from_civil(2028, 2, 29) * 86_400;
+        assert_eq!(window(BudgetWindow::Month, feb).1, days_from_civil(2028, 3, 1) * 86_400);
+        assert_eq!(window(BudgetWindow::Month, s - 1).1, s);
+        for z in [-1000, 0, 19_000, 20_424, 100_000] {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z);
+        }
+        assert_eq!(rfc3339(t), "2026-12-02T13:05:00Z");
+    }
+}

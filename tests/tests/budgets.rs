@@ -1,0 +1,245 @@
+//! Spend budgets end to end: the real binary, a counting origin, and a real Redis shared by two
+//! instances. Amounts are compared as exact decimal strings.
+
+// Test code: a panic is how a failed expectation is reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Request;
+use weir_e2e::*;
+
+const KEY: &str = "key-of-acme";
+
+/// Counts calls; `/fail` answers 500, `/slow` takes 30 s, everything else 200.
+async fn origin() -> (Origin, Arc<AtomicUsize>) {
+    Origin::counting(|req| async move {
+        match req.uri().path() {
+            "/fail" => text(500, "broken"),
+            "/slow" => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                text(200, "late")
+            }
+            _ => text(200, "ok"),
+        }
+    })
+    .await
+}
+
+fn config(origin: &Origin, redis: Option<u16>, budget: &str, route_budget: &str) -> String {
+    let redis = redis.map_or(String::new(), |p| format!("redis:\n  url: redis://127.0.0.1:{p}/0\n"));
+    format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n{redis}consumers:\n  - id: acme\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ {budget} }}\nroutes:\n  - name: paid\n    upstream: {}\n    consumer: {{ from: header:x-api-key, required: true }}\n    budget: {{ name: api, {route_budget} }}\n",
+        sha256_hex(KEY),
+        origin.url()
+    )
+}
+
+async fn call(
+    c: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+    gw: &Gateway,
+    path: &str,
+) -> Got {
+    send(c, Request::get(gw.url(path)).header("x-api-key", KEY).body(full("")).unwrap()).await
+}
+
+async fn status(gw: &Gateway, query: &str) -> serde_json::Value {
+    get(&gw.admin_url(&format!("/budgets/acme?budget=api{query}"))).await.json()
+}
+
+/// 10,000 calls costing 0.001 through two instances at 64 connections each against a limit of
+/// 7.500: exactly 7,500 are admitted and reach the origin, the spend is exactly 7.5, and the
+/// hourly series adds up to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_admit_exactly_the_budget() {
+    let (origin, hits) = origin().await;
+    let redis = RedisServer::start();
+    let yaml = config(&origin, Some(redis.port), "limit: \"7.500\", per: 1d", "cost: \"0.001\"");
+    let gws = [Arc::new(Gateway::start(&yaml)), Arc::new(Gateway::start(&yaml))];
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..128 {
+        let gw = gws[t % 2].clone();
+        let (admitted, refused) = (admitted.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for i in 0..(10_000 / 128 + usize::from(t < 10_000 % 128)) {
+                let g = call(&c, &gw, &format!("/c/{t}/{i}")).await;
+                match g.status.as_u16() {
+                    200 => admitted.fetch_add(1, Ordering::SeqCst),
+                    429 => {
+                        assert_eq!(g.json()["error"], "budget_exhausted");
+                        assert!(g.header("retry-after").is_some());
+                        refused.fetch_add(1, Ordering::SeqCst)
+                    }
+                    other => panic!("unexpected {other}: {}", g.text()),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::SeqCst), 7_500);
+    assert_eq!(refused.load(Ordering::SeqCst), 2_500);
+    assert_eq!(hits.load(Ordering::SeqCst), 7_500, "a refused call never reaches the origin");
+    for gw in &gws {
+        let s = status(gw, "").await;
+        assert_eq!(
+            (s["spent"].as_str(), s["reserved"].as_str(), s["remaining"].as_str()),
+            (Some("7.5"), Some("0"), Some("0")),
+            "{s}"
+        );
+        assert_eq!(s["requests"], 7_500);
+        assert_eq!(s["store"], "redis");
+        let sum: rust_decimal::Decimal = s["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["spent"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+            .sum();
+        assert_eq!(sum.normalize().to_string(), "7.5", "the hourly series adds up to the total: {s}");
+        let m = get(&gw.admin_url("/metrics")).await.text();
+        assert!(m.contains("weir_budget_rejected_total{route=\"paid\"}"), "{m}");
+    }
+}
+
+/// Embedded mode (no Redis): the same arithmetic in memory. A status that is not charged
+/// (`charge_status: 2xx`) costs nothing; `Weir-Budget-Remaining` tells what is left; a reset
+/// gives the window back.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_charged_statuses_cost_money_and_the_balance_is_exact() {
+    let (origin, hits) = origin().await;
+    let gw = Gateway::start(&config(&origin, None, "limit: \"0.003\", per: month", "cost: \"0.001\", headers: true"));
+    let c = client();
+    for _ in 0..10 {
+        let g = call(&c, &gw, "/fail").await;
+        assert_eq!(g.status, 500, "{}", g.text());
+        assert_eq!(g.header("weir-budget-remaining"), Some("0.003"), "a 500 is not charged");
+    }
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        let g = call(&c, &gw, "/ok").await;
+        assert_eq!(g.status, 200);
+        left.push(g.header("weir-budget-remaining").unwrap().to_string());
+    }
+    assert_eq!(left, ["0.002", "0.001", "0"]);
+    let g = call(&c, &gw, "/ok").await;
+    assert_eq!(g.status, 429);
+    assert_eq!(hits.load(Ordering::SeqCst), 13);
+    let s = status(&gw, "&by=day").await;
+    assert_eq!(
+        (s["spent"].as_str(), s["requests"].as_u64(), s["store"].as_str()),
+        (Some("0.003"), Some(3), Some("memory")),
+        "{s}"
+    );
+    let h = get(&gw.admin_url("/health")).await.json();
+    assert_eq!(h["budgets"], "memory");
+    // Unknown or missing key: 401 before any budget is looked at.
+    let g = send(&c, Request::get(gw.url("/ok")).body(full("")).unwrap()).await;
+    assert_eq!(g.status, 401);
+    // A reset gives the window back; the admin API needs its token like every path.
+    let r = send(&c, Request::delete(gw.admin_url("/budgets/acme?budget=api")).body(full("")).unwrap()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(call(&c, &gw, "/ok").await.status, 200);
+}
+
+/// Redis killed: `fail: closed` answers 503 `budget_unavailable` at once (the breaker, not a
+/// timeout per call); `fail: open` lets calls through and counts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_gone_closed_refuses_and_open_admits_unmetered() {
+    let (origin, _) = origin().await;
+    let mut redis = RedisServer::start();
+    let closed = Gateway::start(&config(&origin, Some(redis.port), "limit: \"1\", per: 1d", "cost: \"0.001\""));
+    let open =
+        Gateway::start(&config(&origin, Some(redis.port), "limit: \"1\", per: 1d, fail: open", "cost: \"0.001\""));
+    let c = client();
+    assert_eq!(call(&c, &closed, "/ok").await.status, 200);
+    redis.kill();
+    let t = Instant::now();
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(call(&c, &closed, "/ok").await.status.as_u16());
+    }
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "20 refusals took {:?}", t.elapsed());
+    let g = call(&c, &closed, "/ok").await;
+    assert_eq!((g.json()["error"].as_str(), g.header("retry-after").is_some()), (Some("budget_unavailable"), true));
+    for _ in 0..5 {
+        assert_eq!(call(&c, &open, "/ok").await.status, 200);
+    }
+    let m = get(&open.admin_url("/metrics")).await.text();
+    assert!(m.contains("weir_budget_unmetered_total{route=\"paid\"} 5"), "{m}");
+}
+
+/// An instance killed with calls in flight leaves leases that expire (`lease_ttl`): the money
+/// comes back without anyone settling it.
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_of_a_killed_instance_expire() {
+    let (origin, _) = origin().await;
+    let redis = RedisServer::start();
+    let yaml = config(&origin, Some(redis.port), "limit: \"0.002\", per: 1d, lease_ttl: 2s", "cost: \"0.001\"");
+    let mut a = Gateway::start(&yaml);
+    let b = Gateway::start(&yaml);
+    let url = a.url("/slow");
+    for _ in 0..2 {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let _ = client().request(Request::get(url).header("x-api-key", KEY).body(full("")).unwrap()).await;
+        });
+    }
+    // Both reservations are held (the whole budget): B is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&b, "").await["reserved"] != "0.002" {
+        assert!(Instant::now() < deadline, "A's reservations never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = client();
+    assert_eq!(call(&c, &b, "/ok").await.status, 429);
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let g = call(&c, &b, "/ok").await;
+        if g.status == 200 {
+            break;
+        }
+        assert_eq!(g.status, 429, "{}", g.text());
+        assert!(Instant::now() < deadline, "the dead instance's leases never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = status(&b, "").await;
+    assert_eq!(s["spent"], "0.001", "only B's call was charged: {s}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_budgets_are_refused_with_their_position() {
+    let (origin, _) = origin().await;
+    let cases = [
+        ("limit: \"-1\", per: 1d", "cost: \"0.001\"", "must not be negative"),
+        ("limit: \"1\", per: 7m", "cost: \"0.001\"", "invalid budget window `7m`"),
+        ("limit: \"1\", per: 1d", "cost: \"abc\"", "invalid money amount `abc`"),
+        ("limit: \"1\", per: 1d", "cost: \"0.0000001\"", "at most 6 decimal places"),
+        ("limit: \"9007199254.740992\", per: 1d", "cost: \"0.001\"", "largest amount kept exactly"),
+        ("limit: 5.00, per: 1d", "cost: \"0.001\"", "quoted decimal string"),
+        ("limit: \"1\", per: 1d", "cost: plugin", "needs the route's `plugin:`"),
+        ("limit: \"1\", per: 1d", "cost: plugin", "needs `reserve`"),
+        ("limit: \"1\", per: 1d", "cost: \"0.01\", reserve: \"0.001\"", "reserve is below the fixed cost"),
+        ("limit: \"1\", per: 1d", "cost: \"0.01\", charge_status: 2yy", "invalid charge_status `2yy`"),
+    ];
+    for (budget, route_budget, want) in cases {
+        let (ok, out) = validate(&config(&origin, None, budget, route_budget));
+        assert!(!ok && out.contains(want) && out.contains("weir.yaml:"), "{budget} / {route_budget}: {out}");
+    }
+    // Unknown name; a route whose consumer is not required.
+    let yaml = config(&origin, None, "limit: \"1\", per: 1d", "cost: \"0.001\"").replace("name: api,", "name: apu,");
+    let (ok, out) = validate(&yaml);
+    assert!(!ok && out.contains("unknown budget `apu` (budgets: api)"), "{out}");
+    let yaml =
+        config(&origin, None, "limit: \"1\", per: 1d", "cost: \"0.001\"").replace("required: true", "required: false");
+    let (ok, out) = validate(&yaml);
+    assert!(!ok && out.contains("a budget needs the route's `consumer"), "{out}");
+}
