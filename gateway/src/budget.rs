@@ -153,8 +153,10 @@ pub struct Status {
 }
 
 /// Checks reserve against the limit and records a lease (KEYS: window hash, lease amounts,
-/// lease expiries; ARGV: limit, amount, lease id (empty: only read), lease TTL µs, key TTL s).
-/// Expired leases are released first, on Redis' clock. Returns `{admitted, spent, reserved}`.
+/// lease expiries; ARGV: limit, amount, lease id (empty: only read), lease TTL µs, key TTL s,
+/// partial 0/1). Expired leases are released first, on Redis' clock. With `partial` (a cost
+/// the plugin computes later) a call is admitted while anything is left, holding at most what
+/// is left. Returns `{admitted, spent, reserved, requests, held}`.
 const RESERVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -170,14 +172,16 @@ end
 local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
 local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
 local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-if ARGV[3] == '' then return {1, s, r, n} end
+if ARGV[3] == '' then return {1, s, r, n, 0} end
 local amount = tonumber(ARGV[2])
-if s + r + amount > tonumber(ARGV[1]) then return {0, s, r, n} end
+local left = tonumber(ARGV[1]) - s - r
+if ARGV[6] == '1' and left > 0 and amount > left then amount = left end
+if amount > left then return {0, s, r, n, 0} end
 redis.call('HINCRBY', KEYS[1], 'r', amount)
 redis.call('HSET', KEYS[2], ARGV[3], amount)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
-return {1, s, r + amount, n}
+return {1, s, r + amount, n, amount}
 ";
 
 /// Settles a lease once (KEYS: window hash, lease amounts, lease expiries, hour bucket, day
@@ -200,6 +204,16 @@ if ARGV[3] == '1' then
   redis.call('EXPIRE', KEYS[4], ARGV[4])
   redis.call('EXPIRE', KEYS[5], ARGV[5])
 end
+return 1
+";
+
+/// Extends a lease that is still held (KEYS: lease expiries; ARGV: lease id, TTL µs), on
+/// Redis' clock: a long stream keeps its reservation without being charged twice.
+const RENEW: &str = r"
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
 return 1
 ";
 
@@ -232,6 +246,7 @@ pub struct Budgets {
     redis: Option<Arc<Shared>>,
     reserve_script: redis::Script,
     settle_script: redis::Script,
+    renew_script: redis::Script,
     hash_key: [u8; 32],
     instance: u64,
     counter: AtomicU64,
@@ -246,6 +261,7 @@ impl Budgets {
             redis,
             reserve_script: redis::Script::new(RESERVE),
             settle_script: redis::Script::new(SETTLE),
+            renew_script: redis::Script::new(RENEW),
             hash_key,
             instance: crate::random_u64(),
             counter: AtomicU64::new(0),
@@ -273,13 +289,20 @@ impl Budgets {
         [format!("{tag}:w:{window}"), format!("{tag}:la:{window}"), format!("{tag}:lz:{window}")]
     }
 
-    /// Holds `units` against `def`'s limit for `consumer` in the current window.
-    pub async fn reserve(&self, def: &Arc<BudgetDef>, consumer: &str, units: i64) -> Result<Lease, Refusal> {
+    /// Holds `units` against `def`'s limit for `consumer` in the current window; with
+    /// `partial`, at most what is left (while anything is).
+    pub async fn reserve(
+        &self,
+        def: &Arc<BudgetDef>,
+        consumer: &str,
+        units: i64,
+        partial: bool,
+    ) -> Result<Lease, Refusal> {
         let now = now_s();
         let (window, end) = window(def.per, now);
         let id = format!("{:016x}-{}", self.instance, self.counter.fetch_add(1, Ordering::Relaxed));
         let retry = Refusal::Exhausted { retry_after_s: u64::try_from(end - now).unwrap_or(1).max(1) };
-        let lease = |spent: i64, reserved: i64| Lease {
+        let lease = |spent: i64, reserved: i64, units: i64| Lease {
             budget: def.clone(),
             consumer: consumer.to_string(),
             id: id.clone(),
@@ -293,7 +316,9 @@ impl Budgets {
             let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let w = local.windows.entry((def.name.clone(), consumer.to_string(), window)).or_default();
             let reserved = w.reserved(now);
-            if w.spent + reserved + units > def.limit_units {
+            let left = def.limit_units - w.spent - reserved;
+            let units = if partial && left > 0 { units.min(left) } else { units };
+            if units > left {
                 return Err(retry);
             }
             let expiry = now + i64::try_from(def.lease_ttl.as_secs()).unwrap_or(300);
@@ -301,7 +326,7 @@ impl Budgets {
             let spent = w.spent;
             // Windows that ended hold nothing a reservation can use.
             local.windows.retain(|(_, _, start), _| *start >= window - 40 * 86_400);
-            return Ok(lease(spent, reserved + units));
+            return Ok(lease(spent, reserved + units, units));
         };
         let tag = self.tag(&def.name, consumer);
         let keys = self.window_keys(&tag, window);
@@ -311,10 +336,10 @@ impl Budgets {
             inv.key(k);
         }
         let ttl_us = u64::try_from(def.lease_ttl.as_micros()).unwrap_or(u64::MAX);
-        inv.arg(def.limit_units).arg(units).arg(&id).arg(ttl_us).arg(key_ttl);
+        inv.arg(def.limit_units).arg(units).arg(&id).arg(ttl_us).arg(key_ttl).arg(if partial { "1" } else { "0" });
         match redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await {
-            Ok(v) if v.len() == 4 && v[0] == 1 => Ok(lease(v[1], v[2])),
-            Ok(v) if v.len() == 4 => Err(retry),
+            Ok(v) if v.len() == 5 && v[0] == 1 => Ok(lease(v[1], v[2], v[4])),
+            Ok(v) if v.len() == 5 => Err(retry),
             Ok(_) => Err(Refusal::Unavailable),
             Err(e) => {
                 tracing::debug!(error = ?e, budget = %def.name, "budget reservation without Redis");
@@ -368,6 +393,25 @@ impl Budgets {
         }
     }
 
+    /// Extends `lease` by its budget's `lease_ttl` while its call is still streaming.
+    pub async fn renew(&self, lease: &Lease) {
+        let ttl = lease.budget.lease_ttl;
+        let Some(redis) = &self.redis else {
+            let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = (lease.budget.name.clone(), lease.consumer.clone(), lease.window);
+            if let Some((_, exp)) = local.windows.get_mut(&key).and_then(|w| w.leases.get_mut(&lease.id)) {
+                *exp = now_s() + i64::try_from(ttl.as_secs()).unwrap_or(300);
+            }
+            return;
+        };
+        let lz = self.window_keys(&self.tag(&lease.budget.name, &lease.consumer), lease.window)[2].clone();
+        let mut inv = self.renew_script.prepare_invoke();
+        inv.key(lz).arg(&lease.id).arg(u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX));
+        if let Err(e) = redis.call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await {
+            tracing::debug!(error = ?e, "budget lease renewal failed");
+        }
+    }
+
     /// The current window and the history buckets (`by_hour`, else daily) from `from` to `to`.
     pub async fn status(
         &self,
@@ -413,7 +457,7 @@ impl Budgets {
         for k in &keys {
             inv.key(k);
         }
-        inv.arg(def.limit_units).arg(0).arg("").arg(0).arg(0);
+        inv.arg(def.limit_units).arg(0).arg("").arg(0).arg(0).arg("0");
         let head = redis
             .call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await })
             .await

@@ -107,6 +107,8 @@ pub struct Metrics {
     budget_rejected: Family<RouteLabel, Counter>,
     budget_unmetered: Family<RouteLabel, Counter>,
     budget_spent: Family<BudgetLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    budget_unsettled: Family<ReasonLabel, Counter>,
+    budget_clamped: Family<BudgetLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -200,8 +202,22 @@ impl Metrics {
             "Money settled per budget, as a float for dashboards (the admin API has the exact amount)",
             budget_spent.clone(),
         );
+        let budget_unsettled = Family::<ReasonLabel, Counter>::default();
+        let budget_clamped = Family::<BudgetLabel, Counter>::default();
+        registry.register(
+            "weir_budget_unsettled",
+            "Calls settled at their reservation because the cost could not be computed, by reason",
+            budget_unsettled.clone(),
+        );
+        registry.register(
+            "weir_budget_clamped",
+            "Calls whose computed cost was capped at max_cost",
+            budget_clamped.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            budget_unsettled,
+            budget_clamped,
             budget_rejected,
             budget_unmetered,
             budget_spent,
@@ -285,6 +301,14 @@ impl Metrics {
         #[allow(clippy::cast_precision_loss)]
         let amount = units as f64 / 1e6;
         self.budget_spent.get_or_create(&BudgetLabel { budget: budget.to_string() }).inc_by(amount);
+    }
+
+    pub fn budget_unsettled(&self, reason: &'static str) {
+        self.budget_unsettled.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn budget_clamped(&self, budget: &str) {
+        self.budget_clamped.get_or_create(&BudgetLabel { budget: budget.to_string() }).inc();
     }
 
     pub fn config_reload(&self, ok: bool) {

@@ -226,6 +226,7 @@ async fn bad_budgets_are_refused_with_their_position() {
         ("limit: \"9007199254.740992\", per: 1d", "cost: \"0.001\"", "largest amount kept exactly"),
         ("limit: 5.00, per: 1d", "cost: \"0.001\"", "quoted decimal string"),
         ("limit: \"1\", per: 1d", "cost: plugin", "needs the route's `plugin:`"),
+        ("limit: \"1\", per: 1d", "cost: \"0.01\", max_cost: \"0.001\"", "max_cost is below the reservation"),
         ("limit: \"1\", per: 1d", "cost: plugin", "needs `reserve`"),
         ("limit: \"1\", per: 1d", "cost: \"0.01\", reserve: \"0.001\"", "reserve is below the fixed cost"),
         ("limit: \"1\", per: 1d", "cost: \"0.01\", charge_status: 2yy", "invalid charge_status `2yy`"),
@@ -242,4 +243,137 @@ async fn bad_budgets_are_refused_with_their_position() {
         config(&origin, None, "limit: \"1\", per: 1d", "cost: \"0.001\"").replace("required: true", "required: false");
     let (ok, out) = validate(&yaml);
     assert!(!ok && out.contains("a budget needs the route's `consumer"), "{out}");
+}
+
+/// An LLM-like origin: `/chat?i=N&o=M` answers `{"usage": {"prompt_tokens": N,
+/// "completion_tokens": M}}`; `/plain` answers without usage.
+async fn llm_origin() -> Origin {
+    Origin::start(|req| async move {
+        let q = req.uri().query().unwrap_or("").to_string();
+        let get = |k: &str| {
+            q.split('&').find_map(|p| p.strip_prefix(&format!("{k}="))).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        };
+        if req.uri().path() == "/plain" {
+            return text(200, "no usage here");
+        }
+        let body = serde_json::json!({"usage": {"prompt_tokens": get("i"), "completion_tokens": get("o")}});
+        text(200, &body.to_string())
+    })
+    .await
+}
+
+fn plugin_config(
+    origin: &Origin,
+    redis: Option<u16>,
+    plugin: &str,
+    plugin_cfg: &str,
+    budget: &str,
+    route_budget: &str,
+) -> String {
+    let path = repo_root().join("plugins").join(format!("{plugin}.wasm"));
+    config(origin, redis, budget, route_budget).replace(
+        "    budget:",
+        &format!("    plugin: {{ path: {}, config: {plugin_cfg} }}\n    budget:", path.display()),
+    )
+}
+
+/// `cost: plugin` with the `llm-cost` plugin: each call settles at its exact usage price,
+/// rounded up to the micro-unit (0.00000015 per token); a cost above `max_cost` is capped and
+/// counted; a response without usage settles at the reservation, never at zero.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_costs_settle_exactly_from_the_response() {
+    let origin = llm_origin().await;
+    let redis = RedisServer::start();
+    let yaml = plugin_config(
+        &origin,
+        Some(redis.port),
+        "llm-cost",
+        "{ input_per_1k: \"0.00015\", output_per_1k: \"0.01\" }",
+        "limit: \"1\", per: 1d",
+        "cost: plugin, reserve: \"0.05\", max_cost: \"0.10\"",
+    );
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    // 3 input tokens: 0.00000045, charged as one unit; 1000 in + 2 out: 0.00017; 100 out: 0.001.
+    for q in ["i=3", "i=1000&o=2", "o=100"] {
+        let g = call(&c, &gw, &format!("/chat?{q}")).await;
+        assert_eq!(g.status, 200, "{}", g.text());
+    }
+    let spent = |s: &serde_json::Value| s["spent"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = status(&gw, "").await;
+    while spent(&s) != "0.001171" {
+        assert!(Instant::now() < deadline, "settled {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = status(&gw, "").await;
+    }
+    assert_eq!(s["reserved"], "0");
+    // 20,000 output tokens cost 0.20: capped at max_cost 0.10. No usage: the reservation, 0.05.
+    assert_eq!(call(&c, &gw, "/chat?o=20000").await.status, 200);
+    assert_eq!(call(&c, &gw, "/plain").await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spent(&status(&gw, "").await) != "0.151171" {
+        assert!(Instant::now() < deadline, "settled {}", status(&gw, "").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(m.contains("weir_budget_clamped_total{budget=\"api\"} 1"), "{m}");
+    assert!(m.contains("weir_budget_unsettled_total{reason=\"no_usage\"} 1"), "{m}");
+}
+
+/// Refunds: `reserve: "0.10"` for calls that cost 0.01 against a limit of 1.00 — the
+/// difference comes back at every settlement, and the last calls hold only what is left, so
+/// exactly 100 sequential calls are admitted and the spend is exactly 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn reservations_are_refunded_to_the_actual_cost() {
+    let origin = llm_origin().await;
+    let yaml = plugin_config(
+        &origin,
+        None,
+        "llm-cost",
+        "{ input_per_1k: \"0\", output_per_1k: \"0.01\" }",
+        "limit: \"1.00\", per: 1d",
+        "cost: plugin, reserve: \"0.10\"",
+    );
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    for i in 0..100 {
+        let g = call(&c, &gw, "/chat?o=1000").await;
+        assert_eq!(g.status, 200, "call {i}: {}", g.text());
+        // Settled as the body ends; wait for it so the next reservation sees the refund.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status(&gw, "").await["reserved"] != "0" {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(call(&c, &gw, "/chat?o=1000").await.status, 429);
+    let s = status(&gw, "").await;
+    assert_eq!((s["spent"].as_str(), s["requests"].as_u64()), (Some("1"), Some(100)), "{s}");
+}
+
+/// A cost hook that traps settles at the reservation (never at zero) and is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_cost_hook_settles_at_the_reservation() {
+    let origin = llm_origin().await;
+    let yaml = plugin_config(
+        &origin,
+        None,
+        "fixtures",
+        "{ mode: trap }",
+        "limit: \"1\", per: 1d",
+        "cost: plugin, reserve: \"0.05\"",
+    );
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(call(&c, &gw, "/chat?o=1").await.status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&gw, "").await["spent"] != "0.15" {
+        assert!(Instant::now() < deadline, "{}", status(&gw, "").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(m.contains("weir_budget_unsettled_total{reason=\"trap\"} 3"), "{m}");
 }

@@ -329,10 +329,13 @@ pub struct BudgetDef {
 #[derive(Debug, Clone)]
 pub struct RouteBudget {
     pub def: std::sync::Arc<BudgetDef>,
-    /// What one call costs, in units (fixed costs; `cost: plugin` is not built yet).
-    pub cost_units: i64,
+    /// What one call costs, in units, or `None`: the route plugin's `cost` hook decides from
+    /// the response (`cost: plugin`).
+    pub cost_units: Option<i64>,
     /// Held before forwarding (the cost, for a fixed cost).
     pub reserve_units: i64,
+    /// One call never settles above this (`max_cost`; `None`: no cap).
+    pub max_cost_units: Option<i64>,
     /// Upstream statuses that cost money, as inclusive ranges (`2xx` = 200..=299).
     pub charge_status: Vec<(u16, u16)>,
     /// `Weir-Budget-Remaining` on budgeted responses.

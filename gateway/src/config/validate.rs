@@ -372,24 +372,27 @@ impl Validator {
                     "`cost: plugin` needs `reserve` (held before forwarding, while the cost is unknown)",
                 );
             }
-            self.not_yet(src, &format!("{bp}.cost"), "budgets with `cost: plugin`");
-            0
+            None
         } else {
-            units(self, "cost", &b.cost)?
+            Some(units(self, "cost", &b.cost)?)
         };
         let reserve = match &b.reserve {
             Some(t) => units(self, "reserve", t)?,
-            None => cost,
+            None => cost.unwrap_or(0),
         };
-        if b.cost.text.trim() != "plugin" && reserve < cost {
+        if cost.is_some_and(|c| reserve < c) {
             self.problems.at(
                 src,
                 &format!("{bp}.reserve"),
                 "reserve is below the fixed cost: every call would overshoot",
             );
         }
-        if let Some(t) = &b.max_cost {
-            units(self, "max_cost", t)?;
+        let max_cost = match &b.max_cost {
+            Some(t) => Some(units(self, "max_cost", t)?),
+            None => None,
+        };
+        if max_cost.is_some_and(|m| m < reserve) {
+            self.problems.at(src, &format!("{bp}.max_cost"), "max_cost is below the reservation");
         }
         let mut charge_status = Vec::new();
         let default = ["2xx".to_string()];
@@ -418,6 +421,7 @@ impl Validator {
             def: def?,
             cost_units: cost,
             reserve_units: reserve,
+            max_cost_units: max_cost,
             charge_status,
             headers: b.headers.unwrap_or(false),
         })

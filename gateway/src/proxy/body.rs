@@ -114,3 +114,118 @@ impl<B: Body<Data = Bytes>> Body for WithPermit<B> {
         self.inner.size_hint()
     }
 }
+
+/// How a metered body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every frame was read and fit in the cap.
+    Complete,
+    /// Read to the end, but longer than the cap: what was kept is a prefix.
+    Truncated,
+    /// The upstream failed mid-body.
+    Failed,
+}
+
+/// What a metered body calls once, with the bytes it kept, when it ends.
+pub type OnEnd = Box<dyn FnOnce(Vec<u8>, Ended) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// A body that streams through and keeps a copy of its first `cap` bytes, then hands them to
+/// `on_end` (a budget's settlement from the response). Dropped before its end (the client went
+/// away), it keeps reading the rest in a task of its own — the origin bills the whole call — and
+/// settles then.
+pub struct Metered {
+    inner: Option<crate::Body>,
+    kept: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+    on_end: Option<OnEnd>,
+}
+
+impl std::fmt::Debug for Metered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metered").field("kept", &self.kept.len()).field("cap", &self.cap).finish_non_exhaustive()
+    }
+}
+
+impl Metered {
+    pub fn new(inner: crate::Body, cap: usize, on_end: OnEnd) -> Metered {
+        Metered { inner: Some(inner), kept: Vec::new(), cap, truncated: false, on_end: Some(on_end) }
+    }
+
+    fn keep(kept: &mut Vec<u8>, truncated: &mut bool, cap: usize, data: &[u8]) {
+        let room = cap.saturating_sub(kept.len());
+        if data.len() > room {
+            *truncated = true;
+        }
+        kept.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    fn finish(&mut self, how: Ended) {
+        if let Some(f) = self.on_end.take() {
+            let how = if how == Ended::Complete && self.truncated { Ended::Truncated } else { how };
+            let fut = f(std::mem::take(&mut self.kept), how);
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(fut);
+            }
+        }
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        let polled = Pin::new(inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    Metered::keep(&mut this.kept, &mut this.truncated, this.cap, d);
+                }
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                this.finish(Ended::Complete);
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.inner = None;
+                this.finish(Ended::Failed);
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        let (Some(mut inner), Some(on_end)) = (self.inner.take(), self.on_end.take()) else { return };
+        let (mut kept, mut truncated, cap) = (std::mem::take(&mut self.kept), self.truncated, self.cap);
+        let Ok(h) = tokio::runtime::Handle::try_current() else { return };
+        h.spawn(async move {
+            use http_body_util::BodyExt as _;
+            let how = loop {
+                match inner.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(d) = frame.data_ref() {
+                            Metered::keep(&mut kept, &mut truncated, cap, d);
+                        }
+                    }
+                    Some(Err(_)) => break Ended::Failed,
+                    None => break if truncated { Ended::Truncated } else { Ended::Complete },
+                }
+            };
+            on_end(kept, how).await;
+        });
+    }
+}

@@ -552,26 +552,112 @@ pub(crate) async fn upstream(
         None => None,
     };
     let sent = send_with_retry(route, parts, body).await;
-    if let (Some(b), Some(lease)) = (&route.route.budget, &lease) {
-        // A fixed cost is known at the response head; a failed call costs nothing.
+    let mut metered = None;
+    if let (Some(b), Some(lease)) = (&route.route.budget, lease) {
+        // A failed call, or a status that is not charged, costs nothing.
         let charged = sent.as_ref().is_ok_and(|r| b.charges(r.status().as_u16()));
-        ctx.rt.budgets.settle(lease, b.cost_units, charged).await;
-        if charged {
-            ctx.rt.metrics.budget_spent(&b.def.name, b.cost_units);
+        match (b.cost_units, charged) {
+            (Some(cost), true) => {
+                // A fixed cost is known at the response head.
+                ctx.rt.budgets.settle(&lease, cost, true).await;
+                ctx.rt.metrics.budget_spent(&b.def.name, cost);
+                let _ = ctx.budget_remaining.set(lease.remaining_units + lease.units - cost);
+            }
+            (None, true) => {
+                // The plugin prices the call from its response, once the body has streamed.
+                let _ = ctx.budget_remaining.set(lease.remaining_units);
+                metered = Some(lease);
+            }
+            (_, false) => {
+                ctx.rt.budgets.settle(&lease, 0, false).await;
+                let _ = ctx.budget_remaining.set(lease.remaining_units + lease.units);
+            }
         }
-        let back = if charged { lease.units - b.cost_units } else { lease.units };
-        let _ = ctx.budget_remaining.set(lease.remaining_units + back);
     }
     match sent {
         Ok(resp) => {
             let idle = route.route.timeouts.idle;
-            Ok(resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed()))
+            let resp = resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed());
+            Ok(match metered {
+                Some(lease) => meter(ctx, lease, resp),
+                None => resp,
+            })
         }
         Err(e) => {
             tracing::debug!(route = %route.route.name, purpose = purpose.as_str(), error = %e, "upstream request failed");
             Err(e)
         }
     }
+}
+
+/// `cost: plugin`: the body streams through while its first `plugin.max_body_bytes` are kept;
+/// at its end the plugin's `cost` hook prices the call from the response, and the lease is
+/// settled at that (rounded up to the unit, capped at `max_cost`) — or at the reservation when
+/// no cost can be computed (a failed hook, a truncated body, no usage), never at zero. The lease
+/// is renewed while the body streams, so a long stream neither frees its money nor is charged
+/// twice.
+fn meter(ctx: &RequestCtx, lease: crate::budget::Lease, resp: Response<Body>) -> Response<Body> {
+    let route = ctx.route();
+    let (Some(b), Some(plugin_ref)) = (&route.route.budget, &route.route.plugin) else { return resp };
+    let Some(plugin) = plugin_ref.loaded.clone() else { return resp };
+    let c = &ctx.canon;
+    let preq = plugin.request(
+        &crate::plugin::RequestParts::new(c.method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, None)
+            .with_consumer(ctx.consumer.as_deref()),
+    );
+    let (parts, body) = resp.into_parts();
+    let (status, headers) = (parts.status.as_u16(), parts.headers.clone());
+    let (budgets, metrics) = (ctx.rt.budgets.clone(), ctx.rt.metrics.clone());
+    let max_cost = b.max_cost_units;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        // Renewal, until settled.
+        let (budgets, lease, done) = (budgets.clone(), lease.clone(), done.clone());
+        let every = lease.budget.lease_ttl / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                budgets.renew(&lease).await;
+            }
+        });
+    }
+    let cap = usize::try_from(plugin_ref.max_body_bytes).unwrap_or(usize::MAX);
+    let on_end: body::OnEnd = Box::new(move |kept, how| {
+        Box::pin(async move {
+            let priced = match how {
+                body::Ended::Complete => {
+                    let presp = crate::plugin::response_for(&plugin, status, &headers, Some(&kept));
+                    match plugin.cost(&preq, &presp) {
+                        Ok(Some(d)) => crate::budget::units_ceil(d).ok_or("invalid"),
+                        Ok(None) => Err("no_usage"),
+                        Err(f) => Err(f.as_str()),
+                    }
+                }
+                body::Ended::Truncated => Err("truncated"),
+                body::Ended::Failed => Err("failed"),
+            };
+            let units = match priced {
+                Ok(u) => match max_cost {
+                    Some(m) if u > m => {
+                        metrics.budget_clamped(&lease.budget.name);
+                        m
+                    }
+                    _ => u,
+                },
+                Err(reason) => {
+                    metrics.budget_unsettled(reason);
+                    lease.units
+                }
+            };
+            budgets.settle(&lease, units, true).await;
+            done.store(true, std::sync::atomic::Ordering::Release);
+            metrics.budget_spent(&lease.budget.name, units);
+        })
+    });
+    Response::from_parts(parts, body::Metered::new(body, cap, on_end).boxed())
 }
 
 /// Reserves the call's cost: the client's consumer pays for what it asked for; Weir's own
@@ -587,7 +673,7 @@ async fn reserve(
         // Validation makes a budgeted route's consumer required, so it is known here.
         _ => ctx.consumer.as_deref().unwrap_or(crate::budget::SYSTEM),
     };
-    match ctx.rt.budgets.reserve(&b.def, consumer, b.reserve_units).await {
+    match ctx.rt.budgets.reserve(&b.def, consumer, b.reserve_units, b.cost_units.is_none()).await {
         Ok(lease) => Ok(Some(lease)),
         Err(crate::budget::Refusal::Exhausted { retry_after_s }) => {
             route.metrics.budget_rejected(&route.label);
