@@ -50,6 +50,18 @@ pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
+/// A 200 whose body arrives as `parts`, one frame each, `gap` apart.
+pub fn trickle(parts: Vec<String>, gap: Duration) -> Response<Body> {
+    use futures_util::StreamExt as _;
+    let frames = futures_util::stream::iter(parts.into_iter().enumerate()).then(move |(i, p)| async move {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(p)))
+    });
+    Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+}
+
 pub fn text(status: u16, body: &str) -> Response<Body> {
     let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -377,3 +377,77 @@ async fn a_failing_cost_hook_settles_at_the_reservation() {
     let m = get(&gw.admin_url("/metrics")).await.text();
     assert!(m.contains("weir_budget_unsettled_total{reason=\"trap\"} 3"), "{m}");
 }
+
+/// `/stream`: usage JSON in four frames, 700 ms apart (about 2 s in all).
+async fn streaming_llm_origin() -> Origin {
+    Origin::start(|_req| async move {
+        let parts = ["{\"usage\": ", "{\"prompt_tokens\": 0, ", "\"completion_tokens\": 1000", "}}"];
+        trickle(parts.iter().map(|p| p.to_string()).collect(), Duration::from_millis(700))
+    })
+    .await
+}
+
+/// A stream longer than `lease_ttl` keeps its reservation (renewed while it streams) and is
+/// charged exactly once, at its price.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_longer_than_its_lease_is_held_and_charged_once() {
+    let origin = streaming_llm_origin().await;
+    let redis = RedisServer::start();
+    let yaml = plugin_config(
+        &origin,
+        Some(redis.port),
+        "llm-cost",
+        "{ input_per_1k: \"0\", output_per_1k: \"0.01\" }",
+        "limit: \"1\", per: 1d, lease_ttl: 1s",
+        "cost: plugin, reserve: \"0.10\"",
+    );
+    let gw = Arc::new(Gateway::start(&yaml));
+    let g2 = gw.clone();
+    let streaming = tokio::spawn(async move { call(&client(), &g2, "/stream").await });
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let s = status(&gw, "").await;
+    assert_eq!(s["reserved"], "0.1", "the lease outlived its 1 s TTL while streaming: {s}");
+    let g = streaming.await.unwrap();
+    assert_eq!(g.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&gw, "").await["spent"] != "0.01" {
+        assert!(Instant::now() < deadline, "{}", status(&gw, "").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = status(&gw, "").await;
+    assert_eq!(
+        (s["spent"].as_str(), s["reserved"].as_str(), s["requests"].as_u64()),
+        (Some("0.01"), Some("0"), Some(1)),
+        "{s}"
+    );
+}
+
+/// A client that goes away mid-stream does not stop the settlement: the rest of the upstream
+/// body is read and the call settles at its full price, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_mid_stream_is_still_charged_the_full_call() {
+    let origin = streaming_llm_origin().await;
+    let yaml = plugin_config(
+        &origin,
+        None,
+        "llm-cost",
+        "{ input_per_1k: \"0\", output_per_1k: \"0.01\" }",
+        "limit: \"1\", per: 1d",
+        "cost: plugin, reserve: \"0.10\"",
+    );
+    let gw = Gateway::start(&yaml);
+    let resp = client()
+        .request(Request::get(gw.url("/stream")).header("x-api-key", KEY).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp); // the head only: the client hangs up
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&gw, "").await["spent"] != "0.01" {
+        assert!(Instant::now() < deadline, "{}", status(&gw, "").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = status(&gw, "").await;
+    assert_eq!((s["reserved"].as_str(), s["requests"].as_u64()), (Some("0"), Some(1)), "{s}");
+}
