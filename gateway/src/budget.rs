@@ -294,6 +294,7 @@ impl Budgets {
     pub async fn reserve(
         &self,
         def: &Arc<BudgetDef>,
+        limit_units: i64,
         consumer: &str,
         units: i64,
         partial: bool,
@@ -310,13 +311,13 @@ impl Budgets {
             window,
             hour: now.div_euclid(3600) * 3600,
             day: now.div_euclid(86_400) * 86_400,
-            remaining_units: (def.limit_units - spent - reserved).max(0),
+            remaining_units: (limit_units - spent - reserved).max(0),
         };
         let Some(redis) = &self.redis else {
             let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let w = local.windows.entry((def.name.clone(), consumer.to_string(), window)).or_default();
             let reserved = w.reserved(now);
-            let left = def.limit_units - w.spent - reserved;
+            let left = limit_units - w.spent - reserved;
             let units = if partial && left > 0 { units.min(left) } else { units };
             if units > left {
                 return Err(retry);
@@ -336,7 +337,7 @@ impl Budgets {
             inv.key(k);
         }
         let ttl_us = u64::try_from(def.lease_ttl.as_micros()).unwrap_or(u64::MAX);
-        inv.arg(def.limit_units).arg(units).arg(&id).arg(ttl_us).arg(key_ttl).arg(if partial { "1" } else { "0" });
+        inv.arg(limit_units).arg(units).arg(&id).arg(ttl_us).arg(key_ttl).arg(if partial { "1" } else { "0" });
         match redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await {
             Ok(v) if v.len() == 5 && v[0] == 1 => Ok(lease(v[1], v[2], v[4])),
             Ok(v) if v.len() == 5 => Err(retry),

@@ -451,3 +451,21 @@ async fn a_client_that_leaves_mid_stream_is_still_charged_the_full_call() {
     let s = status(&gw, "").await;
     assert_eq!((s["reserved"].as_str(), s["requests"].as_u64()), (Some("0"), Some(1)), "{s}");
 }
+
+/// A consumer's own limit (`consumers[].budgets`) replaces the budget's for that consumer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_can_have_its_own_limit() {
+    let (origin, _) = origin().await;
+    let yaml = config(&origin, None, "limit: \"0.003\", per: 1d", "cost: \"0.001\"");
+    let own = yaml.replacen("\nbudgets:", "\n    budgets: { api: \"0.002\" }\nbudgets:", 1);
+    let gw = Gateway::start(&own);
+    let c = client();
+    assert_eq!(call(&c, &gw, "/a").await.status, 200);
+    assert_eq!(call(&c, &gw, "/b").await.status, 200);
+    assert_eq!(call(&c, &gw, "/c").await.status, 429);
+    let s = status(&gw, "").await;
+    assert_eq!((s["limit"].as_str(), s["remaining"].as_str()), (Some("0.002"), Some("0")), "{s}");
+    let bad = yaml.replacen("\nbudgets:", "\n    budgets: { apx: \"0.002\" }\nbudgets:", 1);
+    let (ok, out) = validate(&bad);
+    assert!(!ok && out.contains("no budget named `apx`"), "{out}");
+}

@@ -134,6 +134,7 @@ impl Admin {
             Some(o) => return Err(GatewayError::BadRequest(format!("`by` is hour or day, got `{o}`"))),
         };
         let s = rt.budgets.status(&def, &consumer, from, to, by_hour).await.map_err(unavailable)?;
+        let limit = rt.config.budget_limit(&def, &consumer);
         let money = |u: i64| crate::budget::amount(u).to_string();
         let series: Vec<serde_json::Value> = s
             .series
@@ -147,11 +148,11 @@ impl Admin {
             &serde_json::json!({
                 "consumer": consumer,
                 "budget": def.name,
-                "limit": def.limit.normalize().to_string(),
+                "limit": crate::budget::amount(limit).to_string(),
                 "window": {"start": crate::budget::rfc3339(s.window.0), "end": crate::budget::rfc3339(s.window.1)},
                 "spent": money(s.spent),
                 "reserved": money(s.reserved),
-                "remaining": money((def.limit_units - s.spent - s.reserved).max(0)),
+                "remaining": money((limit - s.spent - s.reserved).max(0)),
                 "requests": s.requests,
                 "reset_at": crate::budget::rfc3339(s.window.1),
                 "by": if by_hour { "hour" } else { "day" },

@@ -26,6 +26,8 @@ pub struct Config {
     pub consumers: std::sync::Arc<std::collections::HashMap<[u8; 32], String>>,
     /// Consumer id → policy name → its own rate and burst (`consumers[].limits`).
     pub consumer_limits: std::sync::Arc<std::collections::HashMap<String, Vec<LimitOverride>>>,
+    /// Consumer id -> budget name -> the consumer's own limit in units (`consumers[].budgets`).
+    pub consumer_budgets: std::sync::Arc<std::collections::HashMap<String, std::collections::HashMap<String, i64>>>,
     /// Named budgets (`budgets:`), by name.
     pub budgets: std::sync::Arc<std::collections::BTreeMap<String, std::sync::Arc<BudgetDef>>>,
     /// Blocks that parse and validate but whose feature is not built yet, as `FILE:LINE:COL: message`.
@@ -34,6 +36,13 @@ pub struct Config {
     /// What is accepted but deserves attention (a certificate about to expire), as
     /// `FILE:LINE:COL: message`; logged at start and reload, printed by `weir validate`.
     pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// `consumer`'s limit for budget `def`: its own (`consumers[].budgets`), else the budget's.
+    pub fn budget_limit(&self, def: &BudgetDef, consumer: &str) -> i64 {
+        self.consumer_budgets.get(consumer).and_then(|m| m.get(&def.name)).copied().unwrap_or(def.limit_units)
+    }
 }
 
 #[derive(Debug, Clone)]

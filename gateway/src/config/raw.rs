@@ -46,6 +46,9 @@ pub struct RawConsumer {
     /// Per-policy overrides of a route's limits, by policy name.
     #[serde(default)]
     pub limits: std::collections::BTreeMap<String, RawLimitOverride>,
+    /// The consumer's own limit for budgets of a name (`{llm-daily: "20.00"}`).
+    #[serde(default)]
+    pub budgets: std::collections::BTreeMap<String, Text>,
 }
 
 #[derive(Debug, Deserialize)]

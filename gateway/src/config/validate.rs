@@ -647,6 +647,7 @@ impl Validator {
             routes,
             consumers: std::sync::Arc::new(consumers),
             consumer_limits: std::sync::Arc::new(consumer_limits),
+            consumer_budgets: std::sync::Arc::new(self.consumer_budgets(src, &raw.consumers)),
             budgets: std::sync::Arc::new(std::mem::take(&mut self.budgets)),
             not_yet_supported: Vec::new(),
             warnings: Vec::new(),
@@ -654,6 +655,40 @@ impl Validator {
     }
 
     /// `consumers[].limits`: a consumer's own rate (and burst) for the policies of a name.
+    /// `consumers[].budgets`: a consumer's own limit for a named budget (after `budgets:`).
+    fn consumer_budgets(&mut self, src: &Source, raw: &[RawConsumer]) -> HashMap<String, HashMap<String, i64>> {
+        let mut out = HashMap::new();
+        for (i, c) in raw.iter().enumerate() {
+            let mut own = HashMap::new();
+            for (name, limit) in &c.budgets {
+                let bp = format!("consumers[{i}].budgets.{name}");
+                if !self.budgets.contains_key(name) {
+                    self.problems.at_key(src, &bp, format!("no budget named `{name}` in `budgets:`"));
+                    continue;
+                }
+                match parse_money(limit).map(crate::budget::units_exact) {
+                    Ok(Some(u)) => {
+                        own.insert(name.clone(), u);
+                    }
+                    Ok(None) => self.problems.at(
+                        src,
+                        &bp,
+                        format!(
+                            "limit {} is above {}, the largest amount kept exactly",
+                            limit.text,
+                            crate::budget::MAX_AMOUNT
+                        ),
+                    ),
+                    Err(e) => self.problems.at(src, &bp, e),
+                }
+            }
+            if !own.is_empty() {
+                out.insert(c.id.clone(), own);
+            }
+        }
+        out
+    }
+
     fn consumer_limits(&mut self, src: &Source, raw: &[RawConsumer]) -> HashMap<String, Vec<LimitOverride>> {
         let mut out = HashMap::new();
         for (i, c) in raw.iter().enumerate() {

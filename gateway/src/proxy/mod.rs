@@ -673,7 +673,8 @@ async fn reserve(
         // Validation makes a budgeted route's consumer required, so it is known here.
         _ => ctx.consumer.as_deref().unwrap_or(crate::budget::SYSTEM),
     };
-    match ctx.rt.budgets.reserve(&b.def, consumer, b.reserve_units, b.cost_units.is_none()).await {
+    let limit = ctx.rt.config.budget_limit(&b.def, consumer);
+    match ctx.rt.budgets.reserve(&b.def, limit, consumer, b.reserve_units, b.cost_units.is_none()).await {
         Ok(lease) => Ok(Some(lease)),
         Err(crate::budget::Refusal::Exhausted { retry_after_s }) => {
             route.metrics.budget_rejected(&route.label);
