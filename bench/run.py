@@ -139,7 +139,7 @@ def rounds(targets, args):
 
 
 def weir_config(tmp, port, origin_port, admin_port, cache=False, redis=None, l1="256MiB", name="weir", limit="",
-                tls=None):
+                tls=None, top=""):
     cfg = tmp / f"{name}.yaml"
     tls_block = f"    tls:\n      certs:\n        - {{ cert: {tls[0]}, key: {tls[1]} }}\n" if tls else ""
     cache_block = ("    cache: {}\n" if cache else "") + limit
@@ -150,7 +150,7 @@ def weir_config(tmp, port, origin_port, admin_port, cache=False, redis=None, l1=
   addr: 127.0.0.1:{admin_port}
 cache:
   l1_max_bytes: {l1}
-{redis_block}routes:
+{redis_block}{top}routes:
   - name: bench
     upstream: http://127.0.0.1:{origin_port}
 {cache_block}""")
@@ -226,7 +226,8 @@ def main():
                     help="core for Redis (default: the server core, sharing it with Weir and the origin)")
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin", "ratelimit", "tls"],
+    ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin", "ratelimit", "tls",
+                                           "budget"],
                     default="proxy",
                     help="proxy: plain reverse proxying; cache: 100 hot cached URLs")
     ap.add_argument("--bytes", type=int, default=1024, help="cache scenario: body size")
@@ -244,6 +245,8 @@ def main():
         return ratelimit_scenario(args)
     if args.scenario == "tls":
         return tls_scenario(args)
+    if args.scenario == "budget":
+        return budget_scenario(args)
 
     for tool in ["wrk", "nginx", "taskset"]:
         if not shutil.which(tool):
@@ -705,6 +708,60 @@ def tls_scenario(args):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"tls-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(
         {"handshakes": {f"{k[0]}/{k[1]}": v for k, v in hs.items()}, "keepalive": results}, indent=2))
+
+
+def budget_scenario(args):
+    """What a budget costs the miss path (every request proxied, no cache), in one run: no
+    budget · a budget in memory (no Redis) · a budget on Redis (a reserve and a settle script per
+    request; Redis on its own core unless --redis-core says otherwise); the budget never runs out."""
+    import hashlib
+    target = Path(args.target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    script = tmp / "key.lua"
+    script.write_text('wrk.headers["x-api-key"] = "bench-key"\n')
+    servers = Servers(args, tmp)
+    env = {**os.environ, "WEIR_LOG": "warn"}
+    digest = hashlib.sha256(b"bench-key").hexdigest()
+    top = (f"consumers:\n  - id: bench\n    keys_sha256: [\"{digest}\"]\n"
+           "budgets:\n  b: { limit: \"1000000000\", per: 1d }\n")
+    route = "    consumer: { from: header:x-api-key, required: true }\n"
+    budget = route + "    budget: { name: b, cost: \"0.000001\" }\n"
+    try:
+        ports = [free_port() for _ in range(8)]
+        origin_port, redis_port, none_port, mem_port, shared_port = ports[:5]
+        servers.spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
+        wait_port(origin_port)
+        start_redis(servers, tmp, redis_port)
+        procs = {}
+        for name, port, admin, opts in [("none", none_port, ports[5], {"top": top, "limit": route}),
+                                        ("memory", mem_port, ports[6], {"top": top, "limit": budget}),
+                                        ("redis", shared_port, ports[7], {"top": top, "limit": budget, "redis": redis_port})]:
+            cfg = weir_config(tmp, port, origin_port, admin, name=name, **opts)
+            procs[name] = servers.spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
+            wait_port(port)
+        print(f"miss path (proxied, {args.bytes} B), wrk -c{args.connections} -d{args.seconds}s; client on core "
+              f"{args.client_core}, servers on core {args.server_core}, Redis on core "
+              f"{args.server_core if args.redis_core is None else args.redis_core}", flush=True)
+        before = (evalsha_calls(redis_port), weir_requests(ports[7]))
+        results = rounds([
+            ("weir miss, no budget", f"http://127.0.0.1:{none_port}/x", [procs["none"].pid], script),
+            ("weir miss, budget in memory", f"http://127.0.0.1:{mem_port}/x", [procs["memory"].pid], script),
+            ("weir miss, budget on Redis", f"http://127.0.0.1:{shared_port}/x", [procs["redis"].pid], script),
+        ], args)
+        calls = evalsha_calls(redis_port) - before[0]
+        served = weir_requests(ports[7]) - before[1]
+    finally:
+        servers.stop()
+    none, mem, shared = results
+    print_table(results, f"medians of {args.repeat} interleaved rounds (CPU: the weir process only; Redis not counted)",
+                "CPU µs/req")
+    print()
+    print(f"memory/no-budget rps {mem['rps'] / none['rps']:.3f}x; Redis/no-budget rps {shared['rps'] / none['rps']:.3f}x; "
+          f"Redis script calls per request {calls / max(served, 1):.3f}; settles per second on Redis "
+          f"{shared['rps']:.0f} (each with its reserve)")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"budget-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

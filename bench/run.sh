@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmarks: release build, then (without arguments) the scenarios of bench/README.md:
 # plain proxying, 1 KiB and 64 KiB cache hits, the Redis tier, invalidation propagation, plugins,
-# rate limits, TLS. With arguments: one run of bench/run.py.
+# rate limits, TLS, budgets. With arguments: one run of bench/run.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -j2 --bins
@@ -17,3 +17,4 @@ python3 bench/run.py --target-dir "$bin" --scenario propagation
 python3 bench/run.py --target-dir "$bin" --scenario plugin
 python3 bench/run.py --target-dir "$bin" --scenario ratelimit
 python3 bench/run.py --target-dir "$bin" --scenario tls
+python3 bench/run.py --target-dir "$bin" --scenario budget

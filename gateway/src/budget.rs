@@ -39,7 +39,7 @@ pub const MAX_AMOUNT: &str = "9007199254.740991";
 /// A lease's default lifetime (`budgets.NAME.lease_ttl`): a fixed cost settles at the response
 /// head, so this only matters when an instance dies holding one.
 pub const LEASE_TTL: Duration = Duration::from_secs(300);
-/// History retention: hourly buckets 48 h, daily buckets 35 days.
+/// History retention by default (`budgets.NAME.history`): hourly buckets 48 h, daily 35 days.
 pub const HOURLY_TTL: Duration = Duration::from_secs(48 * 3600);
 pub const DAILY_TTL: Duration = Duration::from_secs(35 * 86_400);
 /// The consumer charged for calls no client asked for (background refreshes).
@@ -372,10 +372,10 @@ impl Budgets {
                     e.1 += 1;
                 }
             }
-            let horizon = now_s() - i64::try_from(DAILY_TTL.as_secs()).unwrap_or(0);
-            local.history.retain(|(_, _, kind, start), _| {
-                *start
-                    >= if *kind == 'h' { now_s() - i64::try_from(HOURLY_TTL.as_secs()).unwrap_or(0) } else { horizon }
+            let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            let (hourly, daily) = (now_s() - secs(lease.budget.hourly_ttl), now_s() - secs(lease.budget.daily_ttl));
+            local.history.retain(|(budget, _, kind, start), _| {
+                *budget != lease.budget.name || *start >= if *kind == 'h' { hourly } else { daily }
             });
             let window = lease.window;
             local.settled.retain(|_, w| *w >= window - 40 * 86_400);
@@ -388,7 +388,9 @@ impl Budgets {
         inv.key(format!("{tag}:h:{}", lease.hour)).key(format!("{tag}:d:{}", lease.day));
         inv.key(format!("{tag}:done:{}", lease.id));
         inv.arg(&lease.id).arg(units).arg(if charged { "1" } else { "0" });
-        inv.arg(HOURLY_TTL.as_secs()).arg(DAILY_TTL.as_secs()).arg(lease.budget.lease_ttl.as_secs().max(60) * 2);
+        inv.arg(lease.budget.hourly_ttl.as_secs())
+            .arg(lease.budget.daily_ttl.as_secs())
+            .arg(lease.budget.lease_ttl.as_secs().max(60) * 2);
         if let Err(e) = redis.call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await {
             tracing::warn!(error = ?e, budget = %lease.budget.name, "budget settlement failed; the lease expires and its money comes back");
         }
@@ -425,7 +427,7 @@ impl Budgets {
         let now = now_s();
         let win = window(def.per, now);
         let step = if by_hour { 3600 } else { 86_400 };
-        let retention = i64::try_from(if by_hour { HOURLY_TTL } else { DAILY_TTL }.as_secs()).unwrap_or(0);
+        let retention = i64::try_from(if by_hour { def.hourly_ttl } else { def.daily_ttl }.as_secs()).unwrap_or(0);
         let first = from.max(now - retention).div_euclid(step) * step;
         let starts: Vec<i64> = (0..).map(|i| first + i * step).take_while(|s| *s <= to).take(1000).collect();
         let kind = if by_hour { 'h' } else { 'd' };

@@ -469,3 +469,32 @@ async fn a_consumer_can_have_its_own_limit() {
     let (ok, out) = validate(&bad);
     assert!(!ok && out.contains("no budget named `apx`"), "{out}");
 }
+
+/// On a cached route a miss is charged once, to the consumer whose request went upstream:
+/// requests that waited on it (coalesced) and later hits pay nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coalesced_miss_is_charged_once_and_hits_are_free() {
+    let origin = Origin::start(|_req| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut r = text(200, "slow and cacheable");
+        r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+        r
+    })
+    .await;
+    let yaml = config(&origin, None, "limit: \"1\", per: 1d", "cost: \"0.01\"")
+        .replace("    budget:", "    cache: { ttl: 60s, share_private: true }\n    budget:");
+    let gw = Arc::new(Gateway::start(&yaml));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(async move { call(&client(), &gw, "/same").await.status.as_u16() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(call(&client(), &gw, "/same").await.status, 200);
+    }
+    let s = status(&gw, "").await;
+    assert_eq!((s["spent"].as_str(), s["requests"].as_u64()), (Some("0.01"), Some(1)), "{s}");
+}

@@ -332,6 +332,9 @@ pub struct BudgetDef {
     pub fail: FailMode,
     /// A reservation's lifetime: an instance killed mid-call gives the money back after it.
     pub lease_ttl: Duration,
+    /// How long hourly and daily history buckets are kept.
+    pub hourly_ttl: Duration,
+    pub daily_ttl: Duration,
 }
 
 /// A route's use of a budget.

@@ -34,6 +34,15 @@ pub struct RawBudgetDef {
     pub fail: Option<String>,
     /// How long a reservation outlives an instance that died holding it (default 5m).
     pub lease_ttl: Option<Text>,
+    /// How long hourly (default 48h) and daily (default 35d) history buckets are kept.
+    pub history: Option<RawBudgetHistory>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudgetHistory {
+    pub hourly: Option<Text>,
+    pub daily: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

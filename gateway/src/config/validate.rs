@@ -308,10 +308,21 @@ impl Validator {
             if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&lease_ttl) {
                 self.problems.at(src, &format!("{bp}.lease_ttl"), "lease_ttl must be between 1s and 1d");
             }
-            self.budgets.insert(
-                name.clone(),
-                std::sync::Arc::new(BudgetDef { name: name.clone(), limit, limit_units, per, fail, lease_ttl }),
+            let history = b.history.as_ref();
+            let hourly_ttl = self.duration(
+                src,
+                &format!("{bp}.history.hourly"),
+                history.and_then(|h| h.hourly.as_ref()),
+                crate::budget::HOURLY_TTL,
             );
+            let daily_ttl = self.duration(
+                src,
+                &format!("{bp}.history.daily"),
+                history.and_then(|h| h.daily.as_ref()),
+                crate::budget::DAILY_TTL,
+            );
+            let def = BudgetDef { name: name.clone(), limit, limit_units, per, fail, lease_ttl, hourly_ttl, daily_ttl };
+            self.budgets.insert(name.clone(), std::sync::Arc::new(def));
         }
     }
 
