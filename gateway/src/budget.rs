@@ -238,7 +238,6 @@ struct Local {
     windows: BTreeMap<(String, String, i64), LocalWindow>,
     /// (budget, consumer, 'h' | 'd', start) -> (spent, requests)
     history: BTreeMap<(String, String, char, i64), (i64, i64)>,
-    settled: BTreeMap<String, i64>,
 }
 
 #[derive(Debug)]
@@ -315,7 +314,13 @@ impl Budgets {
         };
         let Some(redis) = &self.redis else {
             let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let w = local.windows.entry((def.name.clone(), consumer.to_string(), window)).or_default();
+            let key = (def.name.clone(), consumer.to_string(), window);
+            if !local.windows.contains_key(&key) {
+                // A new window: the ones that ended hold nothing a reservation can use (pruned
+                // here, once per window and consumer, not on every call).
+                local.windows.retain(|(_, _, start), _| *start >= window - 40 * 86_400);
+            }
+            let w = local.windows.entry(key).or_default();
             let reserved = w.reserved(now);
             let left = limit_units - w.spent - reserved;
             let units = if partial && left > 0 { units.min(left) } else { units };
@@ -324,10 +329,7 @@ impl Budgets {
             }
             let expiry = now + i64::try_from(def.lease_ttl.as_secs()).unwrap_or(300);
             w.leases.insert(id.clone(), (units, expiry));
-            let spent = w.spent;
-            // Windows that ended hold nothing a reservation can use.
-            local.windows.retain(|(_, _, start), _| *start >= window - 40 * 86_400);
-            return Ok(lease(spent, reserved + units, units));
+            return Ok(lease(w.spent, reserved + units, units));
         };
         let tag = self.tag(&def.name, consumer);
         let keys = self.window_keys(&tag, window);
@@ -353,10 +355,9 @@ impl Budgets {
     /// A failure is logged: the lease then expires and its money comes back.
     pub async fn settle(&self, lease: &Lease, units: i64, charged: bool) {
         let Some(redis) = &self.redis else {
+            // In process each lease is settled once by construction (its one caller); a lease
+            // that expired meanwhile is still charged, as in Redis.
             let mut local = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if local.settled.insert(lease.id.clone(), lease.window).is_some() {
-                return;
-            }
             let (b, c) = (lease.budget.name.clone(), lease.consumer.clone());
             if let Some(w) = local.windows.get_mut(&(b.clone(), c.clone(), lease.window)) {
                 w.leases.remove(&lease.id);
@@ -367,18 +368,21 @@ impl Budgets {
             }
             if charged {
                 for (kind, start) in [('h', lease.hour), ('d', lease.day)] {
-                    let e = local.history.entry((b.clone(), c.clone(), kind, start)).or_default();
+                    let key = (b.clone(), c.clone(), kind, start);
+                    if !local.history.contains_key(&key) {
+                        // A new bucket (once an hour per consumer): drop the expired ones.
+                        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+                        let now = now_s();
+                        let (hourly, daily) = (now - secs(lease.budget.hourly_ttl), now - secs(lease.budget.daily_ttl));
+                        local.history.retain(|(budget, _, k, s), _| {
+                            *budget != lease.budget.name || *s >= if *k == 'h' { hourly } else { daily }
+                        });
+                    }
+                    let e = local.history.entry(key).or_default();
                     e.0 += units;
                     e.1 += 1;
                 }
             }
-            let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-            let (hourly, daily) = (now_s() - secs(lease.budget.hourly_ttl), now_s() - secs(lease.budget.daily_ttl));
-            local.history.retain(|(budget, _, kind, start), _| {
-                *budget != lease.budget.name || *start >= if *kind == 'h' { hourly } else { daily }
-            });
-            let window = lease.window;
-            local.settled.retain(|_, w| *w >= window - 40 * 86_400);
             return;
         };
         let tag = self.tag(&lease.budget.name, &lease.consumer);

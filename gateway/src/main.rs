@@ -119,7 +119,7 @@ fn main() -> ExitCode {
         },
         Command::Validate { config } => match weir::config::load(&config) {
             Ok(cfg) => {
-                for w in cfg.not_yet_supported.iter().chain(&cfg.warnings) {
+                for w in &cfg.warnings {
                     eprintln!("warning: {w}");
                 }
                 println!("{}: ok ({} routes)", config.display(), cfg.routes.len());

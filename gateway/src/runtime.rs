@@ -206,20 +206,6 @@ impl Gateway {
         if current.config.redis.as_ref().map(|r| &r.urls) != next.redis.as_ref().map(|r| &r.urls) {
             tracing::warn!("redis settings changed: they take effect after a restart");
         }
-        if !next.not_yet_supported.is_empty() {
-            // Asking for a limit this build cannot enforce is refused, not ignored.
-            return Err(ConfigError {
-                problems: next
-                    .not_yet_supported
-                    .iter()
-                    .map(|m| crate::config::Problem {
-                        file: next.source.clone(),
-                        pos: crate::config::Pos { line: 1, col: 1 },
-                        message: format!("refused: {m}"),
-                    })
-                    .collect(),
-            });
-        }
         for w in &next.warnings {
             tracing::warn!("{w}");
         }

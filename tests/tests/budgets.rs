@@ -498,3 +498,37 @@ async fn a_coalesced_miss_is_charged_once_and_hits_are_free() {
     let s = status(&gw, "").await;
     assert_eq!((s["spent"].as_str(), s["requests"].as_u64()), (Some("0.01"), Some(1)), "{s}");
 }
+
+/// `charge_hits: true`: a hit costs the fixed cost too, and is refused once the budget is spent.
+#[tokio::test(flavor = "multi_thread")]
+async fn charged_hits_cost_money_too() {
+    let (origin, hits) = Origin::counting(|_req| async move {
+        let mut r = text(200, "cacheable");
+        r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+        r
+    })
+    .await;
+    let yaml = config(&origin, None, "limit: \"0.03\", per: 1d", "cost: \"0.01\", charge_hits: true, headers: true")
+        .replace("    budget:", "    cache: { ttl: 60s }\n    budget:");
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        let g = call(&c, &gw, "/same").await;
+        assert_eq!(g.status, 200);
+        left.push((
+            g.header("cache-status").unwrap().to_string(),
+            g.header("weir-budget-remaining").unwrap().to_string(),
+        ));
+    }
+    assert_eq!(left[0], ("weir; fwd=miss; stored".to_string(), "0.02".to_string()));
+    assert_eq!(left[1], ("weir; hit; detail=l1".to_string(), "0.01".to_string()));
+    assert_eq!(left[2].1, "0");
+    let g = call(&c, &gw, "/same").await;
+    assert_eq!((g.status.as_u16(), g.json()["error"].as_str()), (429, Some("budget_exhausted")));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // With a plugin cost a hit has nothing to price: refused at validation.
+    let bad = config(&origin, None, "limit: \"1\", per: 1d", "cost: plugin, reserve: \"0.1\", charge_hits: true");
+    let (ok, out) = validate(&bad);
+    assert!(!ok && out.contains("charge_hits needs a fixed cost"), "{out}");
+}

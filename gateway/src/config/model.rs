@@ -30,9 +30,6 @@ pub struct Config {
     pub consumer_budgets: std::sync::Arc<std::collections::HashMap<String, std::collections::HashMap<String, i64>>>,
     /// Named budgets (`budgets:`), by name.
     pub budgets: std::sync::Arc<std::collections::BTreeMap<String, std::sync::Arc<BudgetDef>>>,
-    /// Blocks that parse and validate but whose feature is not built yet, as `FILE:LINE:COL: message`.
-    /// `weir run` logs each at start-up as an error, so nothing is silently ignored.
-    pub not_yet_supported: Vec<String>,
     /// What is accepted but deserves attention (a certificate about to expire), as
     /// `FILE:LINE:COL: message`; logged at start and reload, printed by `weir validate`.
     pub warnings: Vec<String>,
@@ -352,6 +349,8 @@ pub struct RouteBudget {
     pub charge_status: Vec<(u16, u16)>,
     /// `Weir-Budget-Remaining` on budgeted responses.
     pub headers: bool,
+    /// Cache hits cost the fixed cost too (default: a hit costs nothing).
+    pub charge_hits: bool,
 }
 
 impl RouteBudget {

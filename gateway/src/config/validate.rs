@@ -114,11 +114,10 @@ pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
     let Some((src, raw)) = parse_file::<RawConfig>(root, &mut problems) else {
         return Err(ConfigError { problems: problems.0 });
     };
-    let mut v = Validator { problems, not_yet: Vec::new(), warnings: Vec::new(), budgets: Default::default() };
+    let mut v = Validator { problems, warnings: Vec::new(), budgets: Default::default() };
     let cfg = v.config(&src, raw);
     if v.problems.0.is_empty() {
         let mut cfg = cfg;
-        cfg.not_yet_supported = v.not_yet.iter().map(ToString::to_string).collect();
         cfg.warnings = v.warnings.iter().map(ToString::to_string).collect();
         Ok(cfg)
     } else {
@@ -128,7 +127,6 @@ pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
 
 struct Validator {
     problems: Problems,
-    not_yet: Vec<Problem>,
     warnings: Vec<Problem>,
     /// `budgets:`, read before the routes that name them.
     budgets: std::collections::BTreeMap<String, std::sync::Arc<BudgetDef>>,
@@ -141,14 +139,6 @@ struct Declared {
 }
 
 impl Validator {
-    fn not_yet(&mut self, src: &Source, path: &str, what: &str) {
-        self.not_yet.push(Problem {
-            file: src.path.clone(),
-            pos: src.spans.key(path),
-            message: format!("{what} is not yet supported in this build; the block is validated but has no effect"),
-        });
-    }
-
     fn duration(&mut self, src: &Source, path: &str, t: Option<&Text>, default: Duration) -> Duration {
         match t {
             None => default,
@@ -425,8 +415,12 @@ impl Validator {
                 ),
             }
         }
-        if b.charge_hits == Some(true) {
-            self.not_yet(src, &format!("{bp}.charge_hits"), "budgets that charge cache hits");
+        if b.charge_hits == Some(true) && cost.is_none() {
+            self.problems.at(
+                src,
+                &format!("{bp}.charge_hits"),
+                "charge_hits needs a fixed cost: a hit has no usage of its own for the plugin to price",
+            );
         }
         Some(RouteBudget {
             def: def?,
@@ -435,6 +429,7 @@ impl Validator {
             max_cost_units: max_cost,
             charge_status,
             headers: b.headers.unwrap_or(false),
+            charge_hits: b.charge_hits.unwrap_or(false),
         })
     }
 
@@ -660,7 +655,6 @@ impl Validator {
             consumer_limits: std::sync::Arc::new(consumer_limits),
             consumer_budgets: std::sync::Arc::new(self.consumer_budgets(src, &raw.consumers)),
             budgets: std::sync::Arc::new(std::mem::take(&mut self.budgets)),
-            not_yet_supported: Vec::new(),
             warnings: Vec::new(),
         }
     }

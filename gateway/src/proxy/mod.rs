@@ -660,6 +660,20 @@ fn meter(ctx: &RequestCtx, lease: crate::budget::Lease, resp: Response<Body>) ->
     Response::from_parts(parts, body::Metered::new(body, cap, on_end).boxed())
 }
 
+/// `charge_hits: true`: a hit costs the route's fixed cost (reserved and settled at once), or is
+/// refused like a call when the budget is spent.
+pub(crate) async fn charge_hit(ctx: &RequestCtx) -> Result<(), GatewayError> {
+    let route = ctx.route();
+    let Some(b) = route.route.budget.as_ref().filter(|b| b.charge_hits) else { return Ok(()) };
+    let Some(cost) = b.cost_units else { return Ok(()) };
+    if let Some(lease) = reserve(ctx, b, Purpose::Forward).await? {
+        ctx.rt.budgets.settle(&lease, cost, true).await;
+        ctx.rt.metrics.budget_spent(&b.def.name, cost);
+        let _ = ctx.budget_remaining.set(lease.remaining_units + lease.units - cost);
+    }
+    Ok(())
+}
+
 /// Reserves the call's cost: the client's consumer pays for what it asked for; Weir's own
 /// refreshes are charged to `_system`. `Ok(None)`: let through unmetered (`fail: open`).
 async fn reserve(

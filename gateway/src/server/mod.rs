@@ -23,8 +23,6 @@ pub enum StartError {
     TokenUnset { var: String },
     #[error("the admin token in `{var}` is {len} bytes: use at least {MIN_TOKEN_BYTES} (e.g. `openssl rand -hex 32`)")]
     TokenTooShort { var: String, len: usize },
-    #[error("the configuration asks for what this build does not do yet; refusing to start rather than ignore it (a policy that says \"100/s\" and enforces nothing is worse than none):\n{0}")]
-    Unsupported(String),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
     #[error("{0}")]
@@ -45,9 +43,6 @@ pub struct RunOptions {
 pub const MIN_TOKEN_BYTES: usize = 32;
 
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
-    if !config.not_yet_supported.is_empty() {
-        return Err(StartError::Unsupported(config.not_yet_supported.join("\n")));
-    }
     let token = match config.admin.as_ref().and_then(|a| a.token_env.clone()) {
         Some(var) => match std::env::var(&var) {
             Ok(t) if t.len() >= MIN_TOKEN_BYTES => Some(crate::admin::Token::new(&t)),

@@ -230,6 +230,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     let req = &ctx.req.canon;
     let route = ctx.req.route();
     let head_or_range = req.method == Method::HEAD || req.headers.contains_key(header::RANGE);
+    let charges_hits = route.route.budget.as_ref().is_some_and(|b| b.charge_hits);
 
     if let Some((e, level)) = found {
         let age = e.age(now);
@@ -237,16 +238,28 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
             d.max_age.is_none_or(|m| age <= m) && d.min_fresh.is_none_or(|mf| e.fresh_for.saturating_sub(age) >= mf);
         let fresh = e.is_fresh(now);
         if fresh && meets_request && !d.no_cache {
+            if charges_hits {
+                // Boxed: a hit's future stays small on routes that do not charge hits.
+                Box::pin(crate::proxy::charge_hit(&ctx.req)).await?;
+            }
             return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::Hit { level }));
         }
         let staleness = e.staleness(now);
         let may_be_stale = !fresh && !d.no_cache && !e.stale_forbidden && !e.revalidate_always;
         // The client accepts staleness explicitly (max-stale).
         if may_be_stale && d.max_stale.is_some_and(|ms| ms.is_none_or(|m| staleness <= m)) {
+            if charges_hits {
+                // Boxed: a hit's future stays small on routes that do not charge hits.
+                Box::pin(crate::proxy::charge_hit(&ctx.req)).await?;
+            }
             return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
         }
         // stale-while-revalidate: answer now, refresh once in the background.
         if may_be_stale && staleness < e.stale_while_revalidate && d.max_age.is_none() && d.min_fresh.is_none() {
+            if charges_hits {
+                // Boxed: a hit's future stays small on routes that do not charge hits.
+                Box::pin(crate::proxy::charge_hit(&ctx.req)).await?;
+            }
             spawn_refresh(ctx, &full_key, &e);
             return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
         }
