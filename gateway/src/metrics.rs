@@ -106,7 +106,7 @@ pub struct Metrics {
     config_reloads: Family<ResultLabel, Counter>,
     budget_rejected: Family<RouteLabel, Counter>,
     budget_unmetered: Family<RouteLabel, Counter>,
-    budget_spent: Family<BudgetLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    budget_spent: Family<BudgetLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     budget_unsettled: Family<ReasonLabel, Counter>,
     budget_clamped: Family<BudgetLabel, Counter>,
 }
@@ -190,7 +190,8 @@ impl Metrics {
         );
         let budget_rejected = Family::<RouteLabel, Counter>::default();
         let budget_unmetered = Family::<RouteLabel, Counter>::default();
-        let budget_spent = Family::<BudgetLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        // A gauge, as DESIGN.md names it (`weir_budget_spent`, no `_total`): money settled since start.
+        let budget_spent = Family::<BudgetLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register("weir_budget_rejected", "Calls refused because a budget was spent", budget_rejected.clone());
         registry.register(
             "weir_budget_unmetered",

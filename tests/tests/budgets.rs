@@ -104,6 +104,13 @@ async fn two_instances_admit_exactly_the_budget() {
         assert_eq!(sum.normalize().to_string(), "7.5", "the hourly series adds up to the total: {s}");
         let m = get(&gw.admin_url("/metrics")).await.text();
         assert!(m.contains("weir_budget_rejected_total{route=\"paid\"}"), "{m}");
+        let spent: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("weir_budget_spent{budget=\"api\"} "))
+            .expect("weir_budget_spent gauge")
+            .parse()
+            .unwrap();
+        assert!(spent > 0.0 && spent < 7.6, "{spent}");
     }
 }
 
