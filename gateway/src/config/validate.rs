@@ -256,21 +256,20 @@ impl Validator {
             {
                 self.problems.at_key(src, &bp, format!("invalid budget name `{name}`: 1-64 of A-Z a-z 0-9 - _ ."));
             }
-            let limit = match parse_money(&b.limit) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.problems.at(src, &format!("{bp}.limit"), e);
-                    continue;
-                }
-            };
-            let Some(limit_units) = crate::budget::units_exact(limit) else {
+            // A bad limit is reported once; the budget is still known, so routes naming it do
+            // not add "unknown budget" errors on top.
+            let limit = parse_money(&b.limit).unwrap_or_else(|e| {
+                self.problems.at(src, &format!("{bp}.limit"), e);
+                rust_decimal::Decimal::ZERO
+            });
+            let limit_units = crate::budget::units_exact(limit).unwrap_or_else(|| {
                 self.problems.at(
                     src,
                     &format!("{bp}.limit"),
                     format!("limit {limit} is above {}, the largest amount kept exactly", crate::budget::MAX_AMOUNT),
                 );
-                continue;
-            };
+                0
+            });
             let per = match b.per.text.trim() {
                 "1h" => BudgetWindow::Hour,
                 "1d" => BudgetWindow::Day,
