@@ -539,3 +539,35 @@ async fn charged_hits_cost_money_too() {
     let (ok, out) = validate(&bad);
     assert!(!ok && out.contains("charge_hits needs a fixed cost"), "{out}");
 }
+
+/// A background refresh (stale-while-revalidate) is Weir's own call: charged to `_system`,
+/// never to the client whose request found the stale entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_refreshes_are_charged_to_system() {
+    let (origin, hits) = Origin::counting(|_req| async move {
+        let mut r = text(200, "soon stale");
+        r.headers_mut().insert("cache-control", "max-age=1, stale-while-revalidate=60".parse().unwrap());
+        r
+    })
+    .await;
+    let yaml = config(&origin, None, "limit: \"1\", per: 1d", "cost: \"0.01\"")
+        .replace("    budget:", "    cache: { ttl: 60s }\n    budget:");
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    assert_eq!(call(&c, &gw, "/page").await.header("cache-status"), Some("weir; fwd=miss; stored"));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let g = call(&c, &gw, "/page").await;
+    assert!(g.header("cache-status").unwrap().starts_with("weir; hit; ttl=-"), "{:?}", g.header("cache-status"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no background refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let system = gw.admin_url("/budgets/_system?budget=api");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&system).await.json()["spent"] != "0.01" {
+        assert!(Instant::now() < deadline, "{}", get(&system).await.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&gw, "").await["spent"], "0.01", "the client paid for its own miss only");
+}
