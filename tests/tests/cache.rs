@@ -685,3 +685,62 @@ async fn metrics_count_requests_and_cache_outcomes() {
     }
     assert!(text.lines().any(|l| l.starts_with("weir_l1_bytes ")), "{text}");
 }
+
+/// RFC 9110 §5.6.7 HTTP-date forms for `Expires` (IMF-fixdate, RFC 850, asctime, any case).
+fn date_forms(t: std::time::SystemTime) -> [String; 4] {
+    let imf = httpdate(t); // "Sun, 06 Nov 1994 08:49:37 GMT"
+    let p: Vec<&str> = imf.split(' ').collect();
+    let (wd, d, mon, y, hms) = (p[0].trim_end_matches(','), p[1], p[2], p[3], p[4]);
+    let full = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+        .into_iter()
+        .find(|f| f.starts_with(wd))
+        .unwrap();
+    let rfc850 = format!("{full}, {d}-{mon}-{} {hms} GMT", &y[2..]);
+    let asctime = format!("{wd} {mon} {:>2} {hms} {y}", d.trim_start_matches('0'));
+    [imf.clone(), rfc850, asctime, imf.to_lowercase()]
+}
+
+/// Conformance edge cases (RFC 9111): `Age` lists and repeated lines, any status with explicit
+/// freshness, and `Expires` in every HTTP-date form.
+#[tokio::test(flavor = "multi_thread")]
+async fn age_lists_any_status_and_every_expires_form() {
+    let (origin, counts) = scripted_origin().await;
+    let gw = Gateway::start(&config(&origin, "{}", ""));
+    let n = |p: &str| counts.lock().unwrap().get(p).copied().unwrap_or(0);
+    // `Age: 7200, 0`: 7200 s old, so max-age=3600 is already stale (a list counts by its first
+    // member); two Age lines: the first counts; an invalid Age is ignored.
+    call(&gw, Method::GET, "/age-list", &[(CC, "max-age=3600"), ("x-respond-age", "7200, 0")]).await;
+    call(&gw, Method::GET, "/age-list", &[]).await;
+    assert_eq!(n("/age-list"), 2, "a stale entry is not a hit");
+    call(&gw, Method::GET, "/age-lines", &[(CC, "max-age=3600"), ("x-respond-age", "7200"), ("x-respond-age", "0")])
+        .await;
+    call(&gw, Method::GET, "/age-lines", &[]).await;
+    assert_eq!(n("/age-lines"), 2);
+    for bad in ["abc", "-5", "1.5"] {
+        let p = format!("/age-bad{}", bad.len());
+        call(&gw, Method::GET, &p, &[(CC, "max-age=3600"), ("x-respond-age", bad)]).await;
+        assert_eq!(status(&call(&gw, Method::GET, &p, &[]).await), "weir; hit; detail=l1", "Age `{bad}` is ignored");
+    }
+    // Any final status with explicit freshness is reused (200 is not special); without it, a
+    // status that is not heuristically cacheable is not stored.
+    for code in ["299", "400", "500", "503"] {
+        let p = format!("/status-{code}");
+        call(&gw, Method::GET, &p, &[(CC, "max-age=60"), ("x-respond-status", code)]).await;
+        let g = call(&gw, Method::GET, &p, &[]).await;
+        assert_eq!((g.status.as_u16().to_string(), status(&g)), (code.to_string(), "weir; hit; detail=l1"), "{code}");
+    }
+    call(&gw, Method::GET, "/status-500-bare", &[("x-respond-status", "500")]).await;
+    call(&gw, Method::GET, "/status-500-bare", &[]).await;
+    assert_eq!(n("/status-500-bare"), 2);
+    // Expires in each form, a minute ahead: fresh. An invalid Expires means already expired.
+    let now = std::time::SystemTime::now();
+    let date = httpdate(now);
+    for (i, exp) in date_forms(now + Duration::from_secs(60)).iter().enumerate() {
+        let p = format!("/expires-{i}");
+        call(&gw, Method::GET, &p, &[("x-respond-date", &date), ("x-respond-expires", exp)]).await;
+        assert_eq!(status(&call(&gw, Method::GET, &p, &[]).await), "weir; hit; detail=l1", "Expires: {exp}");
+    }
+    call(&gw, Method::GET, "/expires-bad", &[("x-respond-date", &date), ("x-respond-expires", "tomorrow")]).await;
+    call(&gw, Method::GET, "/expires-bad", &[]).await;
+    assert_eq!(n("/expires-bad"), 2);
+}

@@ -90,8 +90,28 @@ pub fn heuristically_cacheable(s: StatusCode) -> bool {
 /// Heuristic freshness: 10 % of the time since Last-Modified, at most a day (RFC 9111 §4.2.2).
 const HEURISTIC_CAP: Duration = Duration::from_secs(86_400);
 
+/// An HTTP-date in any of its three forms (IMF-fixdate, RFC 850, asctime; RFC 9110 §5.6.7),
+/// day and month names in any case.
 fn http_date(headers: &HeaderMap, name: http::header::HeaderName) -> Option<SystemTime> {
-    httpdate::parse_http_date(headers.get(name)?.to_str().ok()?).ok()
+    let text = headers.get(name)?.to_str().ok()?.trim();
+    httpdate::parse_http_date(text).ok().or_else(|| httpdate::parse_http_date(&canonical_case(text)).ok())
+}
+
+/// `mon, 06 NOV 1994 08:49:37 gmt` as `Mon, 06 Nov 1994 08:49:37 GMT`: each word capitalised,
+/// `GMT` upper-case (the parser knows the names only in their canonical case).
+fn canonical_case(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word_start = true;
+    for c in text.chars() {
+        if c.is_ascii_alphabetic() {
+            out.push(if word_start { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() });
+            word_start = false;
+        } else {
+            out.push(c);
+            word_start = true;
+        }
+    }
+    out.replace("Gmt", "GMT")
 }
 
 /// Decides whether (and for how long) a response to `req` may be stored by this shared cache.
@@ -131,11 +151,12 @@ pub fn decide(
     }
 
     let date = http_date(headers, DATE).unwrap_or(now);
+    // RFC 9111 §5.1: a list counts by its first member, and of several lines the first counts.
     let age_header = headers
         .get(AGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
-            let v = v.trim();
+            let v = v.split(',').next().unwrap_or("").trim();
             // Delta-seconds (RFC 9111 §1.2.2): digits only, and at most 2^31 before any arithmetic.
             (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| v.parse::<u64>().unwrap_or(u64::MAX).min(1 << 31))
@@ -157,8 +178,9 @@ pub fn decide(
         None
     };
     let fresh_for = match explicit {
+        // RFC 9111 §3: any final status may be stored when its freshness is explicit.
         Some(d) => {
-            if !(heuristically_cacheable(status) || matches!(status.as_u16(), 302 | 307)) {
+            if !(200..=599).contains(&status.as_u16()) {
                 return Err(NotStored::Status);
             }
             d
