@@ -743,4 +743,14 @@ async fn age_lists_any_status_and_every_expires_form() {
     call(&gw, Method::GET, "/expires-bad", &[("x-respond-date", &date), ("x-respond-expires", "tomorrow")]).await;
     call(&gw, Method::GET, "/expires-bad", &[]).await;
     assert_eq!(n("/expires-bad"), 2);
+
+    // If-Modified-Since on a fresh entry without Last-Modified is judged by its Date (§4.3.2).
+    let then = httpdate(now - Duration::from_secs(10));
+    call(&gw, Method::GET, "/no-lm", &[(CC, "max-age=60"), ("x-respond-date", &then)]).await;
+    let g = call(&gw, Method::GET, "/no-lm", &[("if-modified-since", &date)]).await;
+    assert_eq!((g.status.as_u16(), status(&g)), (304, "weir; hit; detail=l1"));
+    let earlier = httpdate(now - Duration::from_secs(3600));
+    let g = call(&gw, Method::GET, "/no-lm", &[("if-modified-since", &earlier)]).await;
+    assert_eq!(g.status, 200, "changed since then, as far as the cache knows");
+    assert_eq!(n("/no-lm"), 1);
 }

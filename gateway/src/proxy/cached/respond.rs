@@ -80,8 +80,13 @@ fn not_modified(method: &Method, ch: &HeaderMap, e: &Entry) -> bool {
             .get(header::IF_MODIFIED_SINCE)
             .and_then(|v| v.to_str().ok())
             .and_then(|s| httpdate::parse_http_date(s).ok());
-        let lm = e.last_modified().and_then(|v| v.to_str().ok()).and_then(|s| httpdate::parse_http_date(s).ok());
-        if let (Some(ims), Some(lm)) = (ims, lm) {
+        // RFC 9111 §4.3.2: without Last-Modified, the stored response's Date (else the time it
+        // was received) is when it last changed, as far as the cache knows.
+        let date = |v: Option<&http::HeaderValue>| {
+            v.and_then(|v| v.to_str().ok()).and_then(|s| httpdate::parse_http_date(s).ok())
+        };
+        let lm = date(e.last_modified()).or_else(|| date(e.headers.get(header::DATE))).unwrap_or(e.stored_at);
+        if let Some(ims) = ims {
             return lm <= ims;
         }
     }
