@@ -353,6 +353,12 @@ def cache_scenario(args):
     (Path(args.out) / f"cache-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))
 
 
+def cores(args):
+    """Where the servers and Redis run, for the run's header line."""
+    redis = args.server_core if args.redis_core is None else args.redis_core
+    return f"servers on core {args.server_core}, Redis on core {redis}"
+
+
 def start_redis(servers, tmp, port):
     servers.spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                    "--dir", str(tmp)], core=servers.args.redis_core)
@@ -360,11 +366,11 @@ def start_redis(servers, tmp, port):
 
 
 def start_weirs(servers, target, tmp, origin_port, env, specs):
-    """One cached Weir process per (name, port, admin port, weir_config options), each waited
-    for; returns name -> process."""
+    """One Weir process per (name, port, admin port, weir_config options; cached unless the options
+    say `cache: False`), each waited for; returns name -> process."""
     procs = {}
     for name, port, admin, opts in specs:
-        cfg = weir_config(tmp, port, origin_port, admin, cache=True, name=name, **opts)
+        cfg = weir_config(tmp, port, origin_port, admin, name=name, **{"cache": True, **opts})
         procs[name] = servers.spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
         wait_port(port)
     return procs
@@ -398,8 +404,7 @@ def shared_scenario(args):
         for p in [l1_port, tiered_port, l2_port, nginx_port]:
             warm(p)
         print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
-              f"{args.client_core}, servers on core {args.server_core}, Redis on core "
-              f"{args.server_core if args.redis_core is None else args.redis_core}", flush=True)
+              f"{args.client_core}, {cores(args)}", flush=True)
         results = rounds([
             ("weir L1 only (no Redis)", f"http://127.0.0.1:{l1_port}", [procs["l1"].pid], script),
             ("weir tiered (L1 hit)", f"http://127.0.0.1:{tiered_port}", [procs["tiered"].pid], script),
@@ -594,8 +599,7 @@ def ratelimit_scenario(args):
         for p in [none_port, local_port, shared_port]:
             warm(p)
         print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
-              f"{args.client_core}, servers on core {args.server_core}, Redis on core "
-              f"{args.server_core if args.redis_core is None else args.redis_core}", flush=True)
+              f"{args.client_core}, {cores(args)}", flush=True)
         before = (evalsha_calls(redis_port), weir_requests(ports[7]))
         results = rounds([
             ("weir L1 hit, no limit", f"http://127.0.0.1:{none_port}", [procs["none"].pid], script),
@@ -732,16 +736,14 @@ def budget_scenario(args):
         servers.spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
         wait_port(origin_port)
         start_redis(servers, tmp, redis_port)
-        procs = {}
-        for name, port, admin, opts in [("none", none_port, ports[5], {"top": top, "limit": route}),
-                                        ("memory", mem_port, ports[6], {"top": top, "limit": budget}),
-                                        ("redis", shared_port, ports[7], {"top": top, "limit": budget, "redis": redis_port})]:
-            cfg = weir_config(tmp, port, origin_port, admin, name=name, **opts)
-            procs[name] = servers.spawn([str(target / "weir"), "run", "--config", str(cfg)], env=env)
-            wait_port(port)
+        uncached = {"top": top, "cache": False}
+        procs = start_weirs(servers, target, tmp, origin_port, env, [
+            ("none", none_port, ports[5], {**uncached, "limit": route}),
+            ("memory", mem_port, ports[6], {**uncached, "limit": budget}),
+            ("redis", shared_port, ports[7], {**uncached, "limit": budget, "redis": redis_port}),
+        ])
         print(f"miss path (proxied, {args.bytes} B), wrk -c{args.connections} -d{args.seconds}s; client on core "
-              f"{args.client_core}, servers on core {args.server_core}, Redis on core "
-              f"{args.server_core if args.redis_core is None else args.redis_core}", flush=True)
+              f"{args.client_core}, {cores(args)}", flush=True)
         before = (evalsha_calls(redis_port), weir_requests(ports[7]))
         results = rounds([
             ("weir miss, no budget", f"http://127.0.0.1:{none_port}/x", [procs["none"].pid], script),

@@ -254,8 +254,9 @@ pub struct Budgets {
 
 impl Budgets {
     pub fn new(redis: Option<Arc<Shared>>) -> Budgets {
-        let secret = redis.as_ref().map(|r| r.key_secret.clone().unwrap_or_else(|| "weir".to_string()));
-        let hash_key = blake3::derive_key("weir budget keys", secret.as_deref().unwrap_or("weir").as_bytes());
+        // Instances on one Redis agree on key names: the deployment secret, else a constant.
+        let secret = redis.as_ref().and_then(|r| r.key_secret.as_deref()).unwrap_or("weir");
+        let hash_key = blake3::derive_key("weir budget keys", secret.as_bytes());
         Budgets {
             redis,
             reserve_script: redis::Script::new(RESERVE),

@@ -69,9 +69,12 @@ impl Served {
     }
 }
 
-/// Loads and checks one certificate chain and its key; the error is for the configuration
+/// A PEM chain and its key, the key checked against the chain's first certificate (served
+/// certificates and upstream client certificates alike); the error is for the configuration
 /// report.
-pub fn load_cert(cert: &Path, key: &Path) -> Result<Served, String> {
+type Chain = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, CertifiedKey);
+
+fn load_chain(cert: &Path, key: &Path) -> Result<Chain, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("cannot read certificate `{}`: {}", cert.display(), pem_error(&e)))?
         .collect::<Result<_, _>>()
@@ -81,12 +84,18 @@ pub fn load_cert(cert: &Path, key: &Path) -> Result<Served, String> {
     }
     let der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("cannot read private key `{}`: {}", key.display(), pem_error(&e)))?;
-    let certified = CertifiedKey::from_der(chain.clone(), der, &provider()).map_err(|e| match e {
+    let certified = CertifiedKey::from_der(chain.clone(), der.clone_key(), &provider()).map_err(|e| match e {
         rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
             format!("private key `{}` does not match certificate `{}`", key.display(), cert.display())
         }
         other => format!("cannot use key `{}` with `{}`: {other}", key.display(), cert.display()),
     })?;
+    Ok((chain, der, certified))
+}
+
+/// Loads and checks one served certificate chain and its key.
+pub fn load_cert(cert: &Path, key: &Path) -> Result<Served, String> {
+    let (chain, _, certified) = load_chain(cert, key)?;
     let (names, not_after) = cert_facts(&chain[0]).map_err(|e| format!("certificate `{}`: {e}", cert.display()))?;
     let Some(first) = names.first().cloned() else {
         return Err(format!(
@@ -566,9 +575,9 @@ pub fn upstream_tls(
     let mut config = match client {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let served = load_cert_chain(cert, key)?;
+            let (chain, der, _) = load_chain(cert, key)?;
             builder
-                .with_client_auth_cert(served.0, served.1)
+                .with_client_auth_cert(chain, der)
                 .map_err(|e| format!("client certificate `{}`: {e}", cert.display()))?
         }
     };
@@ -582,26 +591,6 @@ pub fn upstream_tls(
         ),
     };
     Ok(UpstreamTls { config: Arc::new(config), server_name, verify, http2 })
-}
-
-/// A chain and its key for a client certificate, with the key checked against the chain.
-fn load_cert_chain(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read certificate `{}`: {}", cert.display(), pem_error(&e)))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate `{}` is not valid PEM: {}", cert.display(), pem_error(&e)))?;
-    if chain.is_empty() {
-        return Err(format!("`{}` holds no CERTIFICATE block", cert.display()));
-    }
-    let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("cannot read private key `{}`: {}", key.display(), pem_error(&e)))?;
-    CertifiedKey::from_der(chain.clone(), der.clone_key(), &provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-            format!("private key `{}` does not match certificate `{}`", key.display(), cert.display())
-        }
-        other => format!("cannot use key `{}` with `{}`: {other}", key.display(), cert.display()),
-    })?;
-    Ok((chain, der))
 }
 
 /// `upstream_tls.verify: false`: any certificate is accepted; the handshake's signatures are

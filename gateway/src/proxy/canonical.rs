@@ -87,6 +87,18 @@ pub struct Canonical {
 }
 
 impl Canonical {
+    /// What a plugin hook is given of this request (with `body` where the route read it).
+    pub fn plugin_parts<'a>(&'a self, body: Option<&'a [u8]>) -> crate::plugin::RequestParts<'a> {
+        crate::plugin::RequestParts::new(
+            self.method.as_str(),
+            self.scheme,
+            &self.authority,
+            &self.path_query,
+            &self.headers,
+            body,
+        )
+    }
+
     /// Normalises the request head. `scheme` is the listener's; `trusted` whether the peer is a
     /// trusted proxy; `upgrades` the protocols that may be tunnelled (lower-case).
     pub fn from_head(

@@ -117,6 +117,11 @@ impl RequestCtx {
         &self.rt.routes[self.route]
     }
 
+    /// `Canonical::plugin_parts` with the consumer phase 3 found.
+    pub fn plugin_parts<'a>(&'a self, body: Option<&'a [u8]>) -> crate::plugin::RequestParts<'a> {
+        self.canon.plugin_parts(body).with_consumer(self.consumer.as_deref())
+    }
+
     /// The upstream request head, from the canonical request: its method, `path?query`, `Host`
     /// and end-to-end headers, plus Weir's forwarding headers and `Via`. Callers may only take
     /// away (conditionals of a cache fill) or add validators; the target is never changed.
@@ -351,18 +356,9 @@ fn identify(
         }
         ConsumerSource::Plugin => {
             // Validation makes `from: plugin` need a loaded plugin.
-            let Some(plugin) = route.route.plugin.as_ref().and_then(|p| p.loaded.as_ref()) else {
-                return Err("missing");
-            };
-            let parts = crate::plugin::RequestParts::new(
-                canon.method.as_str(),
-                canon.scheme,
-                &canon.authority,
-                &canon.path_query,
-                &canon.headers,
-                None,
-            );
-            plugin.identify(&plugin.request(&parts), std::time::SystemTime::now()).map_err(|f| f.as_str())?
+            let Some(plugin) = cached::route_plugin(route) else { return Err("missing") };
+            let req = plugin.request(&canon.plugin_parts(None));
+            plugin.identify(&req, std::time::SystemTime::now()).map_err(|f| f.as_str())?
         }
         ConsumerSource::ClientCert => conn.tls.as_ref().and_then(|t| t.client.as_ref()).and_then(|c| c.id.clone()),
     };
@@ -600,11 +596,7 @@ fn meter(ctx: &RequestCtx, lease: crate::budget::Lease, resp: Response<Body>) ->
     let route = ctx.route();
     let (Some(b), Some(plugin_ref)) = (&route.route.budget, &route.route.plugin) else { return resp };
     let Some(plugin) = plugin_ref.loaded.clone() else { return resp };
-    let c = &ctx.canon;
-    let preq = plugin.request(
-        &crate::plugin::RequestParts::new(c.method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, None)
-            .with_consumer(ctx.consumer.as_deref()),
-    );
+    let preq = plugin.request(&ctx.plugin_parts(None));
     let (parts, body) = resp.into_parts();
     let (status, headers) = (parts.status.as_u16(), parts.headers.clone());
     let (budgets, metrics) = (ctx.rt.budgets.clone(), ctx.rt.metrics.clone());

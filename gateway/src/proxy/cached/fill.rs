@@ -19,7 +19,6 @@ use crate::cache::flight::{FlightGuard, FlightResult};
 use crate::cache::key;
 use crate::cache::policy::{self, Lifetime, NotStored};
 use crate::error::GatewayError;
-use crate::plugin::RequestParts;
 use crate::proxy::headers::add_via;
 use crate::proxy::{content_length, upstream, Purpose};
 use crate::{Body, BoxError};
@@ -263,10 +262,7 @@ pub(super) fn decide(
         Err(other) => return (Err(other), Vec::new()),
     };
     let resp = crate::plugin::response_for(plugin, status.as_u16(), headers, None);
-    let c = &ctx.req.canon;
-    let parts =
-        RequestParts::new(c.method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, ctx.body.as_deref())
-            .with_consumer(ctx.req.consumer.as_deref());
+    let parts = ctx.req.plugin_parts(ctx.body.as_deref());
     let d = match plugin.ttl(&plugin.request(&parts), &resp) {
         Ok(Some(d)) => d,
         // No opinion, or a failed call: the policy's decision.

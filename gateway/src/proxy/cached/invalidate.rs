@@ -30,12 +30,7 @@ pub(in crate::proxy) async fn forward_and_invalidate(
     let c = &req.canon;
     let method = c.method.clone();
     let plugin = route_plugin(route).filter(|_| is_unsafe(&method));
-    let preq = plugin.map(|p| {
-        p.request(
-            &RequestParts::new(method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, None)
-                .with_consumer(req.consumer.as_deref()),
-        )
-    });
+    let preq = plugin.map(|p| p.request(&req.plugin_parts(None)));
     let resp = upstream(req, Purpose::Forward, req.upstream_head(), request_body(route, body)).await?;
     let resp = finish_response(resp);
     let status = resp.status();

@@ -31,7 +31,7 @@ use crate::cache::status::{BypassReason, Level, Outcome};
 use crate::cache::Cache;
 use crate::config::RouteCache;
 use crate::error::GatewayError;
-use crate::plugin::{KeyDecision, Loaded, RequestParts};
+use crate::plugin::{KeyDecision, Loaded};
 use crate::proxy::body::is_length_limit;
 use crate::proxy::{finish_response, request_body, upstream, Purpose, RequestCtx};
 use crate::runtime::RouteRuntime;
@@ -180,10 +180,7 @@ async fn serve_inner(
     // The plugin may change the key (never the sharing rules above), or keep the cache out.
     let mut plugin_bypass = None;
     if let (Some(plugin), None) = (route_plugin(route), &bypass) {
-        let parts =
-            RequestParts::new(method.as_str(), c.scheme, &c.authority, &c.path_query, &c.headers, post_body.as_deref())
-                .with_consumer(req.consumer.as_deref());
-        match plugin.cache_key(&parts) {
+        match plugin.cache_key(&req.plugin_parts(post_body.as_deref())) {
             Ok(KeyDecision::Key(k)) => primary = key::plugin(&route.route.name, class, &k),
             Ok(KeyDecision::Bypass(reason)) => plugin_bypass = Some(reason),
             // A failed call on a route that shares credentialed responses: the policy's key
