@@ -72,6 +72,9 @@ pub enum GatewayError {
     /// A `fail: closed` rate limit while Redis is away.
     #[error("the rate-limit store is unavailable and this route fails closed; retry shortly")]
     RateLimitUnavailable,
+    /// An `Expect` other than `100-continue` (RFC 9110 §10.1.1).
+    #[error("unsupported expectation `{0}`: only `100-continue` is supported")]
+    ExpectationFailed(String),
 }
 
 /// Which consumer source found nothing (it decides the 401's challenge).
@@ -95,6 +98,7 @@ impl GatewayError {
             GatewayError::Unauthorized | GatewayError::UnknownConsumer { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             GatewayError::HttpsRequired => StatusCode::FORBIDDEN,
+            GatewayError::ExpectationFailed(_) => StatusCode::EXPECTATION_FAILED,
             GatewayError::BudgetUnavailable
             | GatewayError::UpstreamBusy { .. }
             | GatewayError::RateLimitUnavailable
@@ -127,6 +131,7 @@ impl GatewayError {
             GatewayError::IdentifyUnavailable { .. } => "consumer_unavailable",
             GatewayError::Misdirected { .. } => "misdirected_request",
             GatewayError::HttpsRequired => "https_required",
+            GatewayError::ExpectationFailed(_) => "expectation_failed",
         }
     }
 

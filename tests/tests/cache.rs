@@ -754,3 +754,145 @@ async fn age_lists_any_status_and_every_expires_form() {
     assert_eq!(g.status, 200, "changed since then, as far as the cache knows");
     assert_eq!(n("/no-lm"), 1);
 }
+
+/// A request, then the same path again without the scripting headers (a hit if it was stored).
+async fn twice(gw: &Gateway, p: &str, h: &[(&str, &str)]) -> Got {
+    let first = call(gw, Method::GET, p, h).await;
+    call(gw, Method::GET, p, &[]).await;
+    first
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn targeted_fields_replace_cache_control_and_expires() {
+    let (origin, counts) = scripted_origin().await;
+    let gw = Gateway::start(&config(&origin, "{}", ""));
+    let n = |p: &str| counts.lock().unwrap().get(p).copied().unwrap_or(0);
+    const CDN: &str = "x-respond-cdn-cache-control";
+    // CDN-Cache-Control (RFC 9213) decides for Weir over Cache-Control, both ways, and is
+    // forwarded downstream unchanged.
+    let g = twice(&gw, "/cdn-store", &[(CC, "no-store"), (CDN, "max-age=60")]).await;
+    assert_eq!(g.header("cdn-cache-control"), Some("max-age=60"));
+    assert_eq!(g.header("cache-control"), Some("no-store"));
+    assert_eq!(n("/cdn-store"), 1, "the targeted field's max-age stores it despite Cache-Control: no-store");
+    twice(&gw, "/cdn-nostore", &[(CC, "max-age=60"), (CDN, "no-store")]).await;
+    assert_eq!(n("/cdn-nostore"), 2);
+    twice(&gw, "/cdn-private", &[(CC, "public, max-age=60"), (CDN, "private")]).await;
+    assert_eq!(n("/cdn-private"), 2);
+    // It replaces Expires too: a far Expires does not outlive the targeted max-age=0.
+    let far = httpdate(std::time::SystemTime::now() + Duration::from_secs(3600));
+    twice(&gw, "/cdn-expires", &[("x-respond-expires", &far), (CDN, "max-age=0")]).await;
+    assert_eq!(n("/cdn-expires"), 2);
+    // An invalid dictionary is ignored, as if absent: Cache-Control decides again.
+    twice(&gw, "/cdn-invalid", &[(CC, "no-store"), (CDN, "max-age=60,,")]).await;
+    assert_eq!(n("/cdn-invalid"), 2);
+    twice(&gw, "/cdn-badtype", &[(CC, "max-age=60"), (CDN, "max-age=\"60\"")]).await;
+    assert_eq!(n("/cdn-badtype"), 2, "a valid field with only a mistyped max-age has no freshness");
+    // The most specific field in `cache.targeted_fields` wins: Weir-Cache-Control first.
+    twice(&gw, "/cdn-weir", &[("x-respond-weir-cache-control", "max-age=60"), (CDN, "no-store")]).await;
+    assert_eq!(n("/cdn-weir"), 1);
+    // The Age check applies to its max-age.
+    twice(&gw, "/cdn-age", &[(CDN, "max-age=3600"), ("x-respond-age", "7200")]).await;
+    assert_eq!(n("/cdn-age"), 2);
+    // Its stale directives count: an entry past max-age within stale-if-error is served when the
+    // origin fails.
+    call(&gw, Method::GET, "/cdn-sie", &[(CC, "no-store"), (CDN, "max-age=1, stale-if-error=300")]).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let g = call(&gw, Method::GET, "/cdn-sie", &[("x-respond-status", "503")]).await;
+    assert_eq!((g.status.as_u16(), g.text()), (200, "/cdn-sie n=1".to_string()));
+
+    // With the list set to nothing, CDN-Cache-Control is just a header.
+    let plain = Gateway::start(&config(&origin, "{}", "").replace("cache:\n", "cache:\n  targeted_fields: []\n"));
+    for _ in 0..2 {
+        call(&plain, Method::GET, "/cdn-off", &[(CC, "no-store"), (CDN, "max-age=60")]).await;
+    }
+    assert_eq!(n("/cdn-off"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn must_understand_and_interim_responses() {
+    let (origin, counts) = scripted_origin().await;
+    let gw = Gateway::start(&config(&origin, "{}", ""));
+    let n = |p: &str| counts.lock().unwrap().get(p).copied().unwrap_or(0);
+    // must-understand with a status Weir implements overrides no-store; with one it does not
+    // know (299), nothing is stored even with explicit freshness.
+    for (p, code, want) in [("/mu-200", "200", 1), ("/mu-404", "404", 1), ("/mu-299", "299", 2)] {
+        call(&gw, Method::GET, p, &[(CC, "must-understand, no-store, max-age=60"), ("x-respond-status", code)]).await;
+        call(&gw, Method::GET, p, &[]).await;
+        assert_eq!(n(p), want, "{p}");
+    }
+
+    // An origin that sends 103 Early Hints before its final answer: the final response is what
+    // is served and stored, with none of the interim response's fields.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = served.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut c, _)) = listener.accept().await else { return };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let answer = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nX-Interim: 1\r\n\r\n\
+                                      HTTP/1.1 100 Continue\r\nX-Interim: 2\r\n\r\n\
+                                      HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nfinal";
+                        if c.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    let hints = Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: hints\n    upstream: http://{addr}\n    cache: {{}}\n"
+    ));
+    let a = get(&hints.url("/page")).await;
+    assert_eq!((a.status.as_u16(), a.text()), (200, "final".to_string()));
+    assert_eq!((a.header("link"), a.header("x-interim")), (None, None), "no interim field is merged");
+    let b = get(&hints.url("/page")).await;
+    assert_eq!((b.text(), status(&b)), ("final".to_string(), "weir; hit; detail=l1"));
+    assert_eq!((b.header("link"), b.header("x-interim")), (None, None));
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vary_on_preference_lists_ignores_order_case_and_spacing() {
+    let (origin, counts) = scripted_origin().await;
+    let gw = Gateway::start(&config(&origin, "{}", ""));
+    let n = |p: &str| counts.lock().unwrap().get(p).copied().unwrap_or(0);
+    let vary = [(CC, "max-age=60"), ("x-respond-vary", "Accept-Language, Accept-Encoding")];
+    let ask = |lang: &'static str, enc: &'static str| {
+        let gw = &gw;
+        async move {
+            let mut h = vary.to_vec();
+            h.push(("accept-language", lang));
+            h.push(("accept-encoding", enc));
+            call(gw, Method::GET, "/neg", &h).await
+        }
+    };
+    let first = ask("en-US, fr;q=0.5, de;q=0.5", "gzip, br").await;
+    assert_eq!(status(&first), "weir; fwd=miss; stored");
+    // The same preferences written differently select the same variant.
+    for (lang, enc) in [("de;q=0.5,EN-us , fr; q=0.50", "br,gzip"), ("en-us;q=1.0, de;q=0.500, fr;q=0.5", "GZIP ,BR")] {
+        let g = ask(lang, enc).await;
+        assert_eq!((status(&g), g.text()), ("weir; hit; detail=l1", "/neg n=1".to_string()), "{lang} / {enc}");
+    }
+    assert_eq!(n("/neg"), 1);
+    // Different weights are a different request: never served the other's variant.
+    for (lang, enc) in [("fr, en-US;q=0.5, de;q=0.5", "gzip, br"), ("en-US, fr;q=0.5, de;q=0.5", "gzip;q=0, br")] {
+        let g = ask(lang, enc).await;
+        assert_eq!(status(&g), "weir; fwd=vary-miss; stored", "{lang} / {enc}");
+    }
+    assert_eq!(n("/neg"), 3);
+}

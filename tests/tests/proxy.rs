@@ -485,3 +485,76 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(!out.contains("200 OK"), "{out}");
     assert_eq!(origin.count(), 0);
 }
+
+/// A raw HTTP/1.1 exchange with `Expect: 100-continue`: sends the head, waits for the first
+/// response head, and sends `body` only if that was `100 Continue`. Returns the first head and
+/// everything read (the connection is closed by `Connection: close`).
+async fn expect_continue(addr: std::net::SocketAddr, head: &str, body: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                return String::from_utf8_lossy(&got[..end]).into_owned();
+            }
+            let k = s.read(&mut chunk).await.unwrap();
+            assert!(k > 0, "closed before any response: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..k]);
+        }
+    })
+    .await
+    .expect("a first response head");
+    if first.starts_with("HTTP/1.1 100") {
+        s.write_all(body.as_bytes()).await.unwrap();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    (first, String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expect_continue_only_after_every_gate_accepted() {
+    let origin = Origin::start(|req| async move {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        text(200, &format!("got {}", String::from_utf8_lossy(&body)))
+    })
+    .await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nconsumers:\n  - id: alice\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ limit: \"1\", per: 1d }}\nroutes:\n  - name: up\n    upstream: {}\n    max_request_body: 1KiB\n    consumer: {{ from: header:x-api-key, required: true }}\n    rate_limit: {{ key: consumer, rate: 1/1h, burst: 2 }}\n    budget: {{ name: api, cost: \"1\" }}\n",
+        sha256_hex("alice-key"),
+        origin.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let head = |key: &str, len: usize, expect: &str| {
+        format!("POST /upload HTTP/1.1\r\nHost: api.test\r\n{key}Content-Length: {len}\r\nExpect: {expect}\r\nConnection: close\r\n\r\n")
+    };
+    let alice = "x-api-key: alice-key\r\n";
+    // Refused before the body is asked for: no 100, the refusal is the only answer.
+    for (h, want, code) in [
+        (head("", 5, "100-continue"), "HTTP/1.1 401", "unknown_consumer"),
+        (head(alice, 5000, "100-continue"), "HTTP/1.1 413", "payload_too_large"),
+    ] {
+        let (first, all) = expect_continue(gw.addr(), &h, "hello").await;
+        assert!(first.starts_with(want), "{first}");
+        assert!(all.contains(code) && !all.contains("100 Continue"), "{all}");
+    }
+    // Accepted: 100 Continue, then the body goes to the origin, without the expectation.
+    let (first, all) = expect_continue(gw.addr(), &head(alice, 5, "100-Continue"), "hello").await;
+    assert!(first.starts_with("HTTP/1.1 100 Continue"), "{first}");
+    assert!(all.contains("HTTP/1.1 200 OK") && all.ends_with("got hello"), "{all}");
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(!seen[0].headers.contains_key("expect"), "Weir answered the expectation itself");
+    // The budget (1, cost 1) is spent, then the rate limit (burst 2): each refuses with no 100.
+    for code in ["budget_exhausted", "rate_limited"] {
+        let (first, all) = expect_continue(gw.addr(), &head(alice, 5, "100-continue"), "hello").await;
+        assert!(first.starts_with("HTTP/1.1 429"), "{first}");
+        assert!(all.contains(code) && !all.contains("100 Continue"), "{all}");
+    }
+    // Any other expectation: 417.
+    let (first, all) = expect_continue(gw.addr(), &head(alice, 5, "fast-lane"), "hello").await;
+    assert!(first.starts_with("HTTP/1.1 417") && all.contains("expectation_failed"), "{all}");
+    assert_eq!(origin.count(), 1);
+}

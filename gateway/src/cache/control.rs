@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::header::{HeaderMap, CACHE_CONTROL, PRAGMA};
+use http::header::{HeaderMap, HeaderName, CACHE_CONTROL, PRAGMA};
 
 /// Response directives that matter to a shared cache.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -19,6 +19,9 @@ pub struct ResponseDirectives {
     pub proxy_revalidate: bool,
     pub stale_while_revalidate: Option<Duration>,
     pub stale_if_error: Option<Duration>,
+    /// `must-understand` (§5.2.2.3): store only a status whose caching rules the cache knows,
+    /// and then even over `no-store`.
+    pub must_understand: bool,
 }
 
 /// Request directives (RFC 9111 §5.2.1).
@@ -111,9 +114,64 @@ impl ResponseDirectives {
                 d.must_revalidate = true;
             } else if is("proxy-revalidate") {
                 d.proxy_revalidate = true;
+            } else if is("must-understand") {
+                d.must_understand = true;
             }
         }
         d
+    }
+
+    /// The directives of the first targeted field (RFC 9213) of `fields` that is present and
+    /// a valid Structured Field dictionary; `None` when there is none, and then `Cache-Control`
+    /// and `Expires` decide. Several lines of one field are one dictionary (RFC 9651 §4.2).
+    /// A directive whose value has the wrong type is ignored (§2.2): `max-age="60"` is no
+    /// `max-age`; `no-store=?0` is no `no-store`.
+    pub fn targeted(headers: &HeaderMap, fields: &[HeaderName]) -> Option<Self> {
+        fields.iter().find_map(|name| {
+            let mut lines = headers.get_all(name).iter().peekable();
+            lines.peek()?;
+            let mut text = String::new();
+            for v in lines {
+                if !text.is_empty() {
+                    text.push(',');
+                }
+                text.push_str(v.to_str().ok()?);
+            }
+            let dict: sfv::Dictionary = sfv::Parser::new(&text).parse().ok()?;
+            Some(Self::from_dictionary(&dict))
+        })
+    }
+
+    fn from_dictionary(dict: &sfv::Dictionary) -> Self {
+        use sfv::{BareItem, ListEntry};
+        let item = |name: &str| match dict.get(name) {
+            Some(ListEntry::Item(i)) => Some(&i.bare_item),
+            // An inner list (`no-cache=(a b)`): the qualified form, read as the directive.
+            Some(ListEntry::InnerList(_)) => Some(&BareItem::Boolean(true)),
+            None => None,
+        };
+        let seconds = |name: &str| match item(name) {
+            Some(BareItem::Integer(n)) => {
+                u64::try_from(i64::from(*n)).ok().map(|s| Duration::from_secs(s.min(1 << 31)))
+            }
+            _ => None,
+        };
+        // Flags: `true`, or a qualified value (a string or token of field names) — read as the
+        // unqualified directive, as for `Cache-Control`. `?0` is absent.
+        let flag = |name: &str| !matches!(item(name), None | Some(BareItem::Boolean(false)));
+        ResponseDirectives {
+            max_age: seconds("max-age"),
+            s_maxage: seconds("s-maxage"),
+            no_store: flag("no-store"),
+            no_cache: flag("no-cache"),
+            private: flag("private"),
+            public: flag("public"),
+            must_revalidate: flag("must-revalidate"),
+            proxy_revalidate: flag("proxy-revalidate"),
+            stale_while_revalidate: seconds("stale-while-revalidate"),
+            stale_if_error: seconds("stale-if-error"),
+            must_understand: flag("must-understand"),
+        }
     }
 
     /// The response forbids serving it stale (§4.2.4, §5.2.2.2/8/10, and `no-cache`).
@@ -186,6 +244,30 @@ mod tests {
             ResponseDirectives::parse(&h("max-age=99999999999999999999")).max_age,
             Some(Duration::from_secs(1 << 31))
         );
+    }
+
+    #[test]
+    fn targeted_fields() {
+        let fields = [HeaderName::from_static("weir-cache-control"), HeaderName::from_static("cdn-cache-control")];
+        let mut m = h("max-age=5");
+        assert_eq!(ResponseDirectives::targeted(&m, &fields), None);
+        m.append("cdn-cache-control", HeaderValue::from_static("max-age=60"));
+        m.append("cdn-cache-control", HeaderValue::from_static("stale-if-error=9, private"));
+        let d = ResponseDirectives::targeted(&m, &fields).unwrap();
+        assert_eq!(
+            (d.max_age, d.stale_if_error, d.private),
+            (Some(Duration::from_secs(60)), Some(Duration::from_secs(9)), true)
+        );
+        // The most specific field present wins; an invalid one is skipped as if absent.
+        m.insert("weir-cache-control", HeaderValue::from_static("max-age=1"));
+        assert_eq!(ResponseDirectives::targeted(&m, &fields).unwrap().max_age, Some(Duration::from_secs(1)));
+        m.insert("weir-cache-control", HeaderValue::from_static("max-age=1,,"));
+        assert_eq!(ResponseDirectives::targeted(&m, &fields).unwrap().max_age, Some(Duration::from_secs(60)));
+        // Values of the wrong type are ignored; `?0` is false.
+        let mut m = HeaderMap::new();
+        m.insert("cdn-cache-control", HeaderValue::from_static("max-age=\"60\", s-maxage=1.5, no-store=?0, no-cache"));
+        let d = ResponseDirectives::targeted(&m, &fields).unwrap();
+        assert_eq!((d.max_age, d.s_maxage, d.no_store, d.no_cache), (None, None, false, true));
     }
 
     #[test]

@@ -103,12 +103,53 @@ pub fn vary_names(headers: &HeaderMap) -> Vec<HeaderName> {
     names
 }
 
+/// Headers whose values are preference lists (RFC 9110 §12.5.3, §12.5.4), normalised in keys.
+fn negotiated(name: &HeaderName) -> bool {
+    name == http::header::ACCEPT_ENCODING || name == http::header::ACCEPT_LANGUAGE
+}
+
+/// One member of a preference list as (q in thousandths, lower-case name and other
+/// parameters); `q` defaults to 1 (§12.4.2). A malformed weight keeps the member as written, so
+/// it never collapses into a different list.
+fn preference(member: &str) -> Option<(u16, String)> {
+    let mut params = member.split(';').map(str::trim);
+    let token = params.next().filter(|t| !t.is_empty())?.to_ascii_lowercase();
+    let mut q = 1000u16;
+    let mut rest = String::new();
+    for p in params {
+        let (k, v) = p.split_once('=').map_or((p, ""), |(k, v)| (k.trim(), v.trim()));
+        match (k.eq_ignore_ascii_case("q"), qvalue(v)) {
+            (true, Some(v)) => q = v,
+            _ => {
+                rest.push(';');
+                rest.push_str(&p.to_ascii_lowercase().split_whitespace().collect::<String>());
+            }
+        }
+    }
+    Some((q, token + &rest))
+}
+
+/// A qvalue (`0`, `0.5`, `1.000`; §12.4.2) in thousandths.
+fn qvalue(v: &str) -> Option<u16> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths = format!("{frac:0<3}").parse::<u16>().ok()?;
+    match int {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
+}
+
 /// Secondary key: the variant of `primary` selected by the values of the varying headers in
 /// `headers` (the canonical request's: what the origin receives), each value with whitespace
 /// trimmed and collapsed (so `gzip,br` and `gzip, br` select the same variant). An absent header
 /// and an empty one are distinct.
 pub fn secondary(primary: &str, vary: &[HeaderName], headers: &HeaderMap) -> String {
     let mut part = String::new();
+    let mut members: Vec<(u16, String)> = Vec::new();
     for name in vary {
         push_field(&mut part, name.as_str());
         let mut values = String::new();
@@ -121,12 +162,28 @@ pub fn secondary(primary: &str, vary: &[HeaderName], headers: &HeaderMap) -> Str
                 values.push_str(&blake3::hash(v.as_bytes()).to_hex()[..32]);
                 continue;
             };
+            if negotiated(name) {
+                members.extend(s.split(',').filter_map(preference));
+                continue;
+            }
             for t in s.split(',') {
                 let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
                 if !t.is_empty() {
                     push_field(&mut values, &t);
                 }
             }
+        }
+        // Preference lists mean the same whatever their order, case and spacing: sorted by
+        // q-value (highest first), then by name.
+        members.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        members.dedup();
+        for (q, token) in members.drain(..) {
+            let mut m = token;
+            if q != 1000 {
+                m.push_str(";q=");
+                m.push_str(&format!("{}", f64::from(q) / 1000.0));
+            }
+            push_field(&mut values, &m);
         }
         if present {
             values.insert(0, '=');
@@ -179,6 +236,17 @@ mod tests {
         let mut empty = HeaderMap::new();
         empty.insert("accept-encoding", HeaderValue::from_static(""));
         assert_ne!(secondary(&p, &names, &empty), secondary(&p, &names, &HeaderMap::new()));
+        // Preference lists: order of members, case and spacing do not matter; weights do.
+        let lang = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("accept-language", HeaderValue::from_static(v));
+            secondary(&p, &names, &h)
+        };
+        assert_eq!(lang("en-US, fr;q=0.5, de;q=0.5"), lang("de; q=0.50 , EN-us,fr;Q=0.5"));
+        assert_eq!(lang("en"), lang("en;q=1.000"));
+        assert_ne!(lang("en, fr;q=0.5"), lang("en;q=0.5, fr"));
+        assert_ne!(lang("en"), lang("en;q=0"));
+        assert_ne!(lang("en;q=2"), lang("en"));
         let s = secondary(&p, &names, &a);
         assert!(s.starts_with(&variant_prefix(&p)));
         assert_eq!(primary_of(&s), p);

@@ -87,6 +87,15 @@ pub fn heuristically_cacheable(s: StatusCode) -> bool {
     matches!(s.as_u16(), 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
 }
 
+/// Status codes whose semantics (RFC 9110 §15, RFC 6585, RFC 7725) Weir's cache implements:
+/// what `must-understand` asks about. 206 is known but never stored (no partial storage).
+fn understood(s: StatusCode) -> bool {
+    matches!(
+        s.as_u16(),
+        200..=205 | 300..=305 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 428 | 429 | 431 | 451 | 500..=505 | 511
+    )
+}
+
 /// Heuristic freshness: 10 % of the time since Last-Modified, at most a day (RFC 9111 §4.2.2).
 const HEURISTIC_CAP: Duration = Duration::from_secs(86_400);
 
@@ -122,15 +131,23 @@ pub fn decide(
     headers: &HeaderMap,
     now: SystemTime,
 ) -> Result<Lifetime, NotStored> {
-    let cc = ResponseDirectives::parse(headers);
+    // A targeted field (RFC 9213) replaces Cache-Control and Expires for Weir's own decisions.
+    let targeted = ResponseDirectives::targeted(headers, &cfg.targeted_fields);
+    let is_targeted = targeted.is_some();
+    let cc = targeted.unwrap_or_else(|| ResponseDirectives::parse(headers));
     if !cfg.methods.contains(&req.method) || req.method == Method::HEAD {
         return Err(NotStored::Method);
     }
     if status == StatusCode::PARTIAL_CONTENT {
         return Err(NotStored::Partial);
     }
+    // §5.2.2.3: `must-understand` stores only a status whose caching rules Weir implements,
+    // and for those it overrides `no-store`.
+    if cc.must_understand && !understood(status) {
+        return Err(NotStored::Status);
+    }
     let share = cfg.share_private;
-    if (cc.no_store || req.directives.no_store) && !share {
+    if ((cc.no_store && !cc.must_understand) || req.directives.no_store) && !share {
         return Err(NotStored::NoStore);
     }
     if cc.private && !share {
@@ -167,13 +184,15 @@ pub fn decide(
     let respect = cfg.origin_headers == OriginHeaders::Respect;
 
     let explicit = if respect {
-        cc.s_maxage
-            .or(cc.max_age)
-            .or_else(|| http_date(headers, EXPIRES).map(|e| e.duration_since(date).unwrap_or_default()))
-            .or_else(|| {
+        cc.s_maxage.or(cc.max_age).or_else(|| {
+            if is_targeted {
+                return None;
+            }
+            http_date(headers, EXPIRES)
+                .map(|e| e.duration_since(date).unwrap_or_default())
                 // An unparseable Expires (e.g. "0") means "already expired" (§5.3).
-                headers.contains_key(EXPIRES).then_some(Duration::ZERO)
-            })
+                .or_else(|| headers.contains_key(EXPIRES).then_some(Duration::ZERO))
+        })
     } else {
         None
     };
@@ -242,6 +261,7 @@ mod tests {
             share_private: false,
             methods: vec![Method::GET, Method::HEAD],
             max_key_body_bytes: 1024,
+            targeted_fields: crate::config::default_targeted_fields(),
         }
     }
 

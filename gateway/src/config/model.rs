@@ -92,6 +92,7 @@ pub struct CacheSettings {
     /// Response bytes buffered for cache fills at once, over all requests; a miss that would
     /// pass it streams through uncached.
     pub max_fill_bytes: u64,
+    pub targeted_fields: std::sync::Arc<[http::HeaderName]>,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +221,17 @@ pub struct RouteCache {
     /// Methods whose responses may be stored (GET and HEAD; POST only when listed).
     pub methods: Vec<Method>,
     pub max_key_body_bytes: u64,
+    /// `cache.targeted_fields` (RFC 9213), most specific first: the first present and valid
+    /// one replaces `Cache-Control` and `Expires` for Weir's storing and freshness decisions.
+    pub targeted_fields: std::sync::Arc<[http::HeaderName]>,
+}
+
+/// `cache.targeted_fields` when unset: Weir's own field, then the one every CDN reads.
+pub fn default_targeted_fields() -> std::sync::Arc<[http::HeaderName]> {
+    std::sync::Arc::new([
+        http::HeaderName::from_static("weir-cache-control"),
+        http::HeaderName::from_static("cdn-cache-control"),
+    ])
 }
 
 #[derive(Debug, Clone)]

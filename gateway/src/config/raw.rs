@@ -155,6 +155,7 @@ pub struct RawCacheGlobal {
     pub l1_max_bytes: Option<Text>,
     pub max_object_bytes: Option<Text>,
     pub max_fill_bytes: Option<Text>,
+    pub targeted_fields: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

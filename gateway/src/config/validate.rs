@@ -114,7 +114,12 @@ pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
     let Some((src, raw)) = parse_file::<RawConfig>(root, &mut problems) else {
         return Err(ConfigError { problems: problems.0 });
     };
-    let mut v = Validator { problems, warnings: Vec::new(), budgets: Default::default() };
+    let mut v = Validator {
+        problems,
+        warnings: Vec::new(),
+        budgets: Default::default(),
+        targeted_fields: default_targeted_fields(),
+    };
     let cfg = v.config(&src, raw);
     if v.problems.0.is_empty() {
         let mut cfg = cfg;
@@ -130,6 +135,8 @@ struct Validator {
     warnings: Vec<Problem>,
     /// `budgets:`, read before the routes that name them.
     budgets: std::collections::BTreeMap<String, std::sync::Arc<BudgetDef>>,
+    /// `cache.targeted_fields`, read before the routes that carry it.
+    targeted_fields: std::sync::Arc<[HeaderName]>,
 }
 
 /// Where a route was declared, for cross-route messages.
@@ -608,7 +615,9 @@ impl Validator {
                 raw.cache.as_ref().and_then(|c| c.max_fill_bytes.as_ref()),
                 256 << 20,
             ),
+            targeted_fields: self.targeted_fields(src, raw.cache.as_ref().and_then(|c| c.targeted_fields.as_ref())),
         };
+        self.targeted_fields = cache.targeted_fields.clone();
 
         let server = self.server(src, raw.server.as_ref());
         let consumers = self.consumers(src, &raw.consumers);
@@ -1265,6 +1274,22 @@ impl Validator {
         })
     }
 
+    fn targeted_fields(&mut self, src: &Source, list: Option<&Vec<String>>) -> std::sync::Arc<[HeaderName]> {
+        let Some(list) = list else { return default_targeted_fields() };
+        let mut names = Vec::new();
+        for (i, f) in list.iter().enumerate() {
+            match HeaderName::from_bytes(f.trim().as_bytes()) {
+                Ok(n) if n != http::header::CACHE_CONTROL => names.push(n),
+                _ => self.problems.at(
+                    src,
+                    &format!("cache.targeted_fields[{i}]"),
+                    format!("invalid targeted field `{f}`: expected a header name such as `cdn-cache-control` (not `cache-control` itself)"),
+                ),
+            }
+        }
+        names.into()
+    }
+
     fn route_cache(&mut self, src: &Source, cp: &str, c: &RawRouteCache) -> RouteCache {
         let origin_headers = match c.origin_headers.as_deref() {
             None | Some("respect") => OriginHeaders::Respect,
@@ -1313,6 +1338,7 @@ impl Validator {
                 c.max_key_body_bytes.as_ref(),
                 64 << 10,
             ),
+            targeted_fields: self.targeted_fields.clone(),
         }
     }
 

@@ -86,6 +86,22 @@ pub struct Canonical {
     pub method_override: bool,
 }
 
+/// `Expect` is answered by Weir and never forwarded (RFC 9110 §10.1.1): hyper sends
+/// `100 Continue` when the body is first read, and the body is first read when the request
+/// goes upstream — after routing, the consumer, limits and budget accepted it — so a refused
+/// request gets its 401/413/429 without the client ever sending the body. Any other
+/// expectation is 417.
+fn expectation(headers: &mut http::HeaderMap) -> Result<(), GatewayError> {
+    for v in headers.get_all(header::EXPECT) {
+        let ok = v.to_str().is_ok_and(|s| s.split(',').all(|e| e.trim().eq_ignore_ascii_case("100-continue")));
+        if !ok {
+            return Err(GatewayError::ExpectationFailed(String::from_utf8_lossy(v.as_bytes()).into_owned()));
+        }
+    }
+    headers.remove(header::EXPECT);
+    Ok(())
+}
+
 impl Canonical {
     /// What a plugin hook is given of this request (with `body` where the route read it).
     pub fn plugin_parts<'a>(&'a self, body: Option<&'a [u8]>) -> crate::plugin::RequestParts<'a> {
@@ -119,6 +135,7 @@ impl Canonical {
             }
         }
         let mut headers = std::mem::take(&mut parts.headers);
+        expectation(&mut headers)?;
         let upgrade = (parts.version == Version::HTTP_11).then(|| allowed_upgrade(&headers, upgrades)).flatten();
         strip_hop_by_hop(&mut headers);
         if !trusted {
