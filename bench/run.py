@@ -139,15 +139,18 @@ def rounds(targets, args):
 
 
 def weir_config(tmp, port, origin_port, admin_port, cache=False, redis=None, l1="256MiB", name="weir", limit="",
-                tls=None, top=""):
+                tls=None, top="", access_log="off"):
     cfg = tmp / f"{name}.yaml"
     tls_block = f"    tls:\n      certs:\n        - {{ cert: {tls[0]}, key: {tls[1]} }}\n" if tls else ""
     cache_block = ("    cache: {}\n" if cache else "") + limit
     redis_block = f"redis:\n  url: redis://127.0.0.1:{redis}/0\n" if redis else ""
+    # nginx runs with `access_log off`: Weir too, unless a target measures the access log.
     cfg.write_text(f"""listen:
   - addr: 127.0.0.1:{port}
 {tls_block}admin:
   addr: 127.0.0.1:{admin_port}
+log:
+  access: {{ format: {access_log}, to: {tmp / (name + '-access.log')} }}
 cache:
   l1_max_bytes: {l1}
 {redis_block}{top}routes:
@@ -319,9 +322,16 @@ def cache_scenario(args):
 
     results = []
     try:
-        origin_port, weir_port, admin_port, nginx_port, bare_port = (free_port() for _ in range(5))
+        origin_port, weir_port, admin_port, nginx_port, bare_port, log_port, log_admin = (free_port() for _ in range(7))
         spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
         wait_port(origin_port)
+        # The same Weir writing a JSON access-log line per request (to a file on the run's tmp dir).
+        logged = spawn([str(target / "weir"), "run", "--config",
+                        str(weir_config(tmp, log_port, origin_port, log_admin, cache=True, name="logged",
+                                        access_log="json"))],
+                       env={**os.environ, "WEIR_LOG": "warn"})
+        wait_port(log_port)
+        warm(log_port)
         bare = spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{bare_port}", "--bytes", str(args.bytes)])
         wait_port(bare_port)
         weir = spawn([str(target / "weir"), "run", "--config",
@@ -339,12 +349,15 @@ def cache_scenario(args):
             ("bare hyper (memory)", f"http://127.0.0.1:{bare_port}", [bare.pid], script),
             ("weir (L1 hit)", f"http://127.0.0.1:{weir_port}", [weir.pid], script),
             ("nginx proxy_cache (tmpfs)", f"http://127.0.0.1:{nginx_port}", workers, script),
+            ("weir (L1 hit, JSON access log)", f"http://127.0.0.1:{log_port}", [logged.pid], script),
         ], args)
     finally:
         servers.stop()
         shutil.rmtree(Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}", ignore_errors=True)
 
-    bare_r, w, n = results
+    bare_r, w, n, logged_r = results
+    print(f"access log on/off: rps {logged_r['rps'] / w['rps']:.3f}x, "
+          f"CPU/req {logged_r['cpu_us_per_req'] / w['cpu_us_per_req']:.2f}x")
     print_table(results, f"medians of {args.repeat} interleaved rounds", "server CPU µs/req")
     print()
     print(f"weir/nginx: rps {w['rps'] / n['rps']:.2f}x, p99 {w['p99_ms'] / n['p99_ms']:.2f}x, "
@@ -513,6 +526,8 @@ def plugin_scenario(args):
   - addr: 127.0.0.1:{port}
 {tls_block}admin:
   addr: 127.0.0.1:{admin}
+log:
+  access: {{ format: off }}
 routes:
   - name: bench
     upstream: http://127.0.0.1:{origin_port}

@@ -77,6 +77,10 @@ pub enum GatewayError {
     ExpectationFailed(String),
 }
 
+/// The error code of a response Weir produced (a response extension, for the access log).
+#[derive(Debug, Clone, Copy)]
+pub struct Code(pub &'static str);
+
 /// Which consumer source found nothing (it decides the 401's challenge).
 #[derive(Debug, Clone)]
 pub enum ConsumerMissing {
@@ -138,6 +142,7 @@ impl GatewayError {
     pub fn into_response(self) -> Response<Body> {
         let mut resp =
             json_response(self.status(), &serde_json::json!({"error": self.code(), "message": self.to_string()}));
+        resp.extensions_mut().insert(Code(self.code()));
         match &self {
             GatewayError::MethodNotAllowed { allow, .. } => {
                 let list = allow.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");

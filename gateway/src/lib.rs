@@ -27,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod limit;
 pub mod metrics;
+pub mod observe;
 pub mod plugin;
 pub mod proxy;
 pub mod redis;

@@ -131,7 +131,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, ready_file } => {
-            init_logging();
             let cfg = match weir::config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -139,6 +138,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            init_logging(&cfg.log.level);
             // On one CPU (e.g. pinned with taskset or a 1-CPU container) a current-thread runtime
             // does the same work without the work-stealing scheduler's synchronisation.
             let cpus = std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(1);
@@ -166,9 +166,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// `WEIR_LOG` when set, else `log.level`.
+fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();

@@ -109,6 +109,101 @@ pub struct Metrics {
     budget_spent: Family<BudgetLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     budget_unsettled: Family<ReasonLabel, Counter>,
     budget_clamped: Family<BudgetLabel, Counter>,
+    pub request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    pub response_bytes: Family<RouteLabel, Counter>,
+    connections: Family<ListenerState, Gauge>,
+    pub access_log_dropped: Counter,
+    pub debug_rejected: Counter,
+    /// Hits and lookups of the last minute, for `/health`.
+    pub recent: HitWindow,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerState {
+    pub listener: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: &'static str,
+}
+
+/// `weir_request_duration_seconds` buckets: 1 ms to 60 s.
+const REQUEST_BUCKETS: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_BUCKETS.iter().copied())
+}
+
+/// Cache lookups and hits per second over the last minute, in 60 one-second slots tagged with
+/// their second (a slot from an older minute counts as empty).
+#[derive(Debug)]
+pub struct HitWindow {
+    slots: Vec<[std::sync::atomic::AtomicU64; 3]>,
+}
+
+impl Default for HitWindow {
+    fn default() -> Self {
+        HitWindow { slots: (0..60).map(|_| Default::default()).collect() }
+    }
+}
+
+impl HitWindow {
+    fn now() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    }
+
+    pub fn record(&self, hit: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Self::now();
+        let slot = &self.slots[usize::try_from(now % 60).unwrap_or(0)];
+        if slot[0].load(Relaxed) != now {
+            // The first of a new second resets the slot (a race loses at most a few counts).
+            slot[0].store(now, Relaxed);
+            slot[1].store(0, Relaxed);
+            slot[2].store(0, Relaxed);
+        }
+        slot[1].fetch_add(1, Relaxed);
+        if hit {
+            slot[2].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// (lookups, hits) over the last 60 seconds.
+    pub fn last_minute(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Self::now();
+        self.slots
+            .iter()
+            .filter(|s| now.saturating_sub(s[0].load(Relaxed)) < 60)
+            .fold((0, 0), |(n, h), s| (n + s[1].load(Relaxed), h + s[2].load(Relaxed)))
+    }
+}
+
+/// The two `weir_connections` gauges of one listener.
+#[derive(Debug, Clone)]
+pub struct ConnGauges {
+    pub open: Gauge,
+    pub handshake: Gauge,
+}
+
+/// Holds one unit of a gauge while alive.
+#[derive(Debug)]
+pub struct Held(Gauge);
+
+impl Held {
+    pub fn new(g: &Gauge) -> Held {
+        g.inc();
+        Held(g.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -215,7 +310,47 @@ impl Metrics {
             "Calls whose computed cost was capped at max_cost",
             budget_clamped.clone(),
         );
+        let request_duration =
+            Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(request_histogram);
+        registry.register(
+            "weir_request_duration_seconds",
+            "Time from the request head to the response head, by route",
+            request_duration.clone(),
+        );
+        let response_bytes = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "weir_response_bytes",
+            "Response body bytes sent to clients, by route",
+            response_bytes.clone(),
+        );
+        let connections = Family::<ListenerState, Gauge>::default();
+        registry.register(
+            "weir_connections",
+            "Client connections open now, by listener and state (handshake: TLS not done yet)",
+            connections.clone(),
+        );
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("weir_build_info", "1, labelled with the running version", build_info);
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "weir_access_log_dropped",
+            "Access-log lines dropped because the writer was behind",
+            access_log_dropped.clone(),
+        );
+        let debug_rejected = Counter::default();
+        registry.register(
+            "weir_debug_rejected",
+            "Requests with a Weir-Debug header whose token was wrong (ignored)",
+            debug_rejected.clone(),
+        );
         Arc::new(Metrics {
+            request_duration,
+            response_bytes,
+            connections,
+            access_log_dropped,
+            debug_rejected,
+            recent: HitWindow::default(),
             registry,
             budget_unsettled,
             budget_clamped,
@@ -246,7 +381,7 @@ impl Metrics {
     }
 
     /// Counters of one route's cache, resolved once.
-    pub fn route_cache(&self, route: &Arc<String>) -> RouteCacheMetrics {
+    pub fn route_cache(self: &Arc<Self>, route: &Arc<String>) -> RouteCacheMetrics {
         // One statement per counter: `get_or_create` returns a read guard, and guards that live to
         // the end of one larger expression deadlock the next insert into the same family.
         let r = || route.clone();
@@ -254,7 +389,22 @@ impl Metrics {
         let hit_l2 = self.cache_hits.get_or_create_owned(&RouteLevel { route: r(), level: "l2" });
         let miss = self.cache_misses.get_or_create_owned(&RouteLabel { route: r() });
         let stale = self.cache_stale.get_or_create_owned(&RouteLabel { route: r() });
-        RouteCacheMetrics { hit_l1, hit_l2, miss, stale }
+        RouteCacheMetrics { recent: self.clone(), hit_l1, hit_l2, miss, stale }
+    }
+
+    /// `weir_connections{listener,state}` of one listener.
+    pub fn connections(&self, listener: &str) -> ConnGauges {
+        let g = |state| self.connections.get_or_create_owned(&ListenerState { listener: listener.to_string(), state });
+        let open = g("open");
+        let handshake = g("handshake");
+        ConnGauges { open, handshake }
+    }
+
+    /// `weir_request_duration_seconds` and `weir_response_bytes_total` of one route.
+    pub fn route_stats(&self, route: &Arc<String>) -> RouteStats {
+        let duration = self.request_duration.get_or_create_owned(&RouteLabel { route: route.clone() });
+        let response_bytes = self.response_bytes.get_or_create_owned(&RouteLabel { route: route.clone() });
+        RouteStats { duration, response_bytes }
     }
 
     /// `weir_requests_total` for one route, resolved lazily per status code.
@@ -368,9 +518,17 @@ impl RouteRequests {
     }
 }
 
+/// One route's latency and byte counters, resolved once.
+#[derive(Debug, Clone)]
+pub struct RouteStats {
+    pub duration: Histogram,
+    pub response_bytes: Counter,
+}
+
 /// One route's cache counters.
 #[derive(Debug, Clone)]
 pub struct RouteCacheMetrics {
+    recent: Arc<Metrics>,
     hit_l1: Counter,
     hit_l2: Counter,
     miss: Counter,
@@ -380,6 +538,14 @@ pub struct RouteCacheMetrics {
 impl RouteCacheMetrics {
     /// Labels an outcome the way `Outcome::label` names it.
     pub fn record(&self, outcome: &Outcome) {
+        if let Some(hit) = match outcome {
+            Outcome::Hit { .. } => Some(true),
+            o if matches!(o.label(), "stale") => Some(true),
+            o if matches!(o.label(), "miss" | "collapsed" | "revalidated") => Some(false),
+            _ => None,
+        } {
+            self.recent.recent.record(hit);
+        }
         match outcome {
             Outcome::Hit { level: Level::L1 } => self.hit_l1.inc(),
             Outcome::Hit { level: Level::L2 } => self.hit_l2.inc(),

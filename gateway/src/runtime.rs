@@ -22,6 +22,8 @@ pub struct RouteRuntime {
     pub label: Arc<String>,
     pub cache_metrics: Option<RouteCacheMetrics>,
     pub requests: RouteRequests,
+    /// `weir_request_duration_seconds` and `weir_response_bytes_total` of this route.
+    pub stats: crate::metrics::RouteStats,
     pub metrics: Arc<Metrics>,
     /// `max_upstream_connections`: one permit per upstream request in flight.
     pub upstream_slots: Arc<tokio::sync::Semaphore>,
@@ -47,6 +49,7 @@ pub struct Runtime {
     /// Label for requests that matched no route, and for admin actions.
     pub no_route: Arc<String>,
     pub no_route_requests: RouteRequests,
+    pub no_route_stats: crate::metrics::RouteStats,
 }
 
 impl Runtime {
@@ -71,6 +74,7 @@ impl Runtime {
                     upstreams: UpstreamPool::new(r),
                     cache_metrics: r.cache.as_ref().map(|_| metrics.route_cache(&label)),
                     requests: metrics.route_requests(&label),
+                    stats: metrics.route_stats(&label),
                     label,
                     metrics: metrics.clone(),
                     upstream_slots: Arc::new(tokio::sync::Semaphore::new(r.max_upstream_connections)),
@@ -81,6 +85,7 @@ impl Runtime {
             .collect();
         let no_route = Arc::new(String::new());
         let no_route_requests = metrics.route_requests(&no_route);
+        let no_route_stats = metrics.route_stats(&no_route);
         Runtime {
             config: Arc::new(config),
             router,
@@ -91,6 +96,7 @@ impl Runtime {
             budgets,
             no_route,
             no_route_requests,
+            no_route_stats,
         }
     }
 }
@@ -108,6 +114,12 @@ pub struct Gateway {
     /// One reload at a time, whatever asked for it (SIGHUP, `POST /reload`, a certificate
     /// file change).
     reloading: std::sync::Mutex<()>,
+    /// The access log's writer (set once at start; absent when `log.access.format: off`).
+    access: std::sync::OnceLock<Arc<crate::observe::AccessLog>>,
+    /// Every listener is bound and serving (`/readyz`).
+    pub ready: std::sync::atomic::AtomicBool,
+    /// Shutting down or handing over to a new process: `/readyz` fails from here on.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -143,6 +155,9 @@ impl Gateway {
             redis,
             tls: std::sync::OnceLock::new(),
             reloading: std::sync::Mutex::new(()),
+            access: std::sync::OnceLock::new(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -163,6 +178,31 @@ impl Gateway {
                 }],
             }),
         }
+    }
+
+    /// The access log (once, at start).
+    pub fn set_access_log(&self, log: Arc<crate::observe::AccessLog>) {
+        let _ = self.access.set(log);
+    }
+
+    pub fn access_log(&self) -> Option<&Arc<crate::observe::AccessLog>> {
+        self.access.get()
+    }
+
+    /// `/readyz`: serving, not draining, and Redis reachable where `redis.required`.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.draining.load(Relaxed) {
+            return Err("draining");
+        }
+        if !self.ready.load(Relaxed) {
+            return Err("starting");
+        }
+        let required = self.runtime().config.redis.as_ref().is_some_and(|r| r.required);
+        if required && !self.redis.as_ref().is_some_and(|r| r.is_up()) {
+            return Err("redis unreachable");
+        }
+        Ok(())
     }
 
     /// The TLS listeners' acceptors (once, at start).
@@ -190,6 +230,10 @@ impl Gateway {
         let _one = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let result = self.reload_now();
         self.runtime().metrics.config_reload(result.is_ok());
+        if let Some(log) = self.access.get() {
+            // `logrotate` moved the file: the next line goes to a new one.
+            log.reopen();
+        }
         result
     }
 

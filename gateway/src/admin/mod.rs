@@ -69,8 +69,21 @@ impl Admin {
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
         let path = req.uri().path().to_string();
-        if path == "/health" && req.method() == Method::GET {
-            return Ok(self.health().await);
+        if req.method() == Method::GET {
+            match path.as_str() {
+                "/health" => return Ok(self.health().await),
+                "/livez" => return Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "alive"}))),
+                "/readyz" => {
+                    return Ok(match self.gateway.readiness() {
+                        Ok(()) => json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+                        Err(why) => json_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &serde_json::json!({"status": "not_ready", "reason": why}),
+                        ),
+                    })
+                }
+                _ => {}
+            }
         }
         if !self.authorized(&req) {
             return Err(GatewayError::Unauthorized);
@@ -265,12 +278,24 @@ impl Admin {
                 (json, if up { "ok" } else { "degraded" })
             }
         };
+        let (lookups, hits) = rt.metrics.recent.last_minute();
+        #[allow(clippy::cast_precision_loss)]
+        let ratio = (hits as f64 / lookups.max(1) as f64 * 1e4).round() / 1e4;
         json_response(
             StatusCode::OK,
             &serde_json::json!({
                 "status": status,
+                "version": env!("CARGO_PKG_VERSION"),
                 "uptime_seconds": self.gateway.started.elapsed().as_secs(),
+                "ready": self.gateway.readiness().is_ok(),
                 "routes": rt.routes.len(),
+                // Lookups of the last minute answered from the cache (fresh or stale).
+                "hit_rate": {
+                    "window_seconds": 60,
+                    "lookups": lookups,
+                    "hits": hits,
+                    "ratio": if lookups == 0 { serde_json::Value::Null } else { serde_json::json!(ratio) },
+                },
                 "l1": {"entries": stats.entries, "bytes": stats.bytes},
                 "redis": redis,
                 // Embedded budgets are lost on restart; say so where operators look.

@@ -33,6 +33,10 @@ pub struct Config {
     /// What is accepted but deserves attention (a certificate about to expire), as
     /// `FILE:LINE:COL: message`; logged at start and reload, printed by `weir validate`.
     pub warnings: Vec<String>,
+    /// `log:` (read at start; a reload reopens the access-log file).
+    pub log: crate::observe::LogSettings,
+    /// `debug.token_env`: the digest of the token that unlocks `Weir-Debug` on the data plane.
+    pub debug_token: Option<std::sync::Arc<crate::admin::Token>>,
 }
 
 impl Config {
@@ -75,6 +79,8 @@ pub struct Redis {
     /// CA certificate (PEM) for `rediss://` servers signed by a private CA.
     pub tls_ca: Option<PathBuf>,
     pub breaker: BreakerSettings,
+    /// `/readyz` answers 503 while Redis is unreachable.
+    pub required: bool,
 }
 
 /// Circuit breaker: `failures` within `window` open it; after `open_for` one probe may close it.
@@ -101,6 +107,9 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// After SIGTERM (or an upgrade hand-over) `/readyz` fails for this long before listeners
+    /// stop accepting, so load balancers stop sending first.
+    pub drain_delay: Duration,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are believed and extended.
     pub trusted_proxies: Vec<IpNet>,
     /// Client connections open at once, over every listener; beyond it new ones wait in the

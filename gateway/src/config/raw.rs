@@ -24,6 +24,30 @@ pub struct RawConfig {
     /// Named spend budgets; routes refer to them by name.
     #[serde(default)]
     pub budgets: std::collections::BTreeMap<String, RawBudgetDef>,
+    pub log: Option<RawLog>,
+    pub debug: Option<RawDebug>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub query: Option<bool>,
+    pub access: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    pub format: Option<String>,
+    pub to: Option<String>,
+    pub buffer: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDebug {
+    pub token_env: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +156,8 @@ pub struct RawRedis {
     pub max_object_bytes: Option<Text>,
     pub tls: Option<RawRedisTls>,
     pub breaker: Option<RawBreaker>,
+    /// `/readyz` fails while Redis is unreachable.
+    pub required: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +190,7 @@ pub struct RawServer {
     pub max_header_bytes: Option<Text>,
     pub header_read_timeout: Option<Text>,
     pub shutdown_timeout: Option<Text>,
+    pub drain_delay: Option<Text>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     pub max_connections: Option<Text>,

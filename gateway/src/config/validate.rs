@@ -664,6 +664,8 @@ impl Validator {
             consumer_budgets: std::sync::Arc::new(self.consumer_budgets(src, &raw.consumers)),
             budgets: std::sync::Arc::new(std::mem::take(&mut self.budgets)),
             warnings: Vec::new(),
+            log: self.log(src, raw.log.as_ref()),
+            debug_token: self.debug(src, raw.debug.as_ref(), raw.admin.as_ref()),
         }
     }
 
@@ -855,6 +857,87 @@ impl Validator {
             max_object_bytes,
             tls_ca,
             breaker,
+            required: r.required.unwrap_or(false),
+        }
+    }
+
+    fn log(&mut self, src: &Source, l: Option<&RawLog>) -> crate::observe::LogSettings {
+        use crate::observe::{Format, LogSettings, Sink};
+        let mut out = LogSettings::default();
+        let Some(l) = l else { return out };
+        if let Some(level) = &l.level {
+            if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+                self.problems.at(
+                    src,
+                    "log.level",
+                    format!("invalid log level `{level}`: expected e.g. `info`, `debug` or `weir=debug,info`"),
+                );
+            }
+            out.level = level.clone();
+        }
+        out.query = l.query.unwrap_or(false);
+        if let Some(a) = &l.access {
+            out.format = match a.format.as_deref() {
+                None | Some("json") => Format::Json,
+                Some("text") => Format::Text,
+                Some("off") => Format::Off,
+                Some(o) => {
+                    self.problems.at(
+                        src,
+                        "log.access.format",
+                        format!("invalid format `{o}`: expected `json`, `text` or `off`"),
+                    );
+                    Format::Json
+                }
+            };
+            out.to = match a.to.as_deref() {
+                None | Some("stdout") => Sink::Stdout,
+                Some("stderr") => Sink::Stderr,
+                Some(path) => {
+                    let p = src.dir.join(path);
+                    let dir_ok = p.parent().is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
+                    if !dir_ok {
+                        self.problems.at(
+                            src,
+                            "log.access.to",
+                            format!("the directory of `{}` does not exist", p.display()),
+                        );
+                    }
+                    Sink::File(p)
+                }
+            };
+            out.buffer =
+                usize::try_from(self.count(src, "log.access.buffer", a.buffer.as_ref(), 16_384, 1, 10_000_000))
+                    .unwrap_or(16_384);
+        }
+        out
+    }
+
+    fn debug(
+        &mut self,
+        src: &Source,
+        d: Option<&RawDebug>,
+        admin: Option<&RawAdmin>,
+    ) -> Option<std::sync::Arc<crate::admin::Token>> {
+        let d = d?;
+        if admin.and_then(|a| a.token_env.as_deref()) == Some(d.token_env.as_str()) {
+            self.problems.at(src, "debug.token_env", "debug.token_env must name its own secret, not the admin token's: the admin token must never travel on the data plane");
+            return None;
+        }
+        match std::env::var(&d.token_env) {
+            Ok(t) if t.len() >= 16 => Some(std::sync::Arc::new(crate::admin::Token::new(&t))),
+            Ok(t) if !t.is_empty() => {
+                self.problems.at(
+                    src,
+                    "debug.token_env",
+                    format!("the debug token in `{}` is {} bytes: use at least 16", d.token_env, t.len()),
+                );
+                None
+            }
+            _ => {
+                self.problems.at(src, "debug.token_env", format!("debug token variable `{}` is not set", d.token_env));
+                None
+            }
         }
     }
 
@@ -890,6 +973,12 @@ impl Validator {
                 "server.shutdown_timeout",
                 s.and_then(|s| s.shutdown_timeout.as_ref()),
                 Duration::from_secs(30),
+            ),
+            drain_delay: self.duration(
+                src,
+                "server.drain_delay",
+                s.and_then(|s| s.drain_delay.as_ref()),
+                Duration::ZERO,
             ),
             trusted_proxies: trusted,
             max_connections: usize::try_from(self.count(

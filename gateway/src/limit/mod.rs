@@ -515,11 +515,23 @@ fn limit_key(ctx: &RequestCtx, key: &LimitKey) -> String {
 /// The client's address: the peer, or through trusted proxies the right-most
 /// `X-Forwarded-For` address that is not one of them; IPv6 grouped by /64.
 fn client_ip(ctx: &RequestCtx) -> String {
-    let peer = ctx.conn.peer.ip().to_canonical();
-    if !ctx.trusted && peer.is_ipv4() {
+    if !ctx.trusted && ctx.conn.peer.ip().to_canonical().is_ipv4() {
         // Formatted once per connection already.
         return ctx.conn.peer_ip.as_str().to_string();
     }
+    match client_addr(ctx) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+/// The client's address: the peer's, or through trusted proxies the first untrusted hop of
+/// `X-Forwarded-For`, walked right to left.
+pub(crate) fn client_addr(ctx: &RequestCtx) -> IpAddr {
+    let peer = ctx.conn.peer.ip().to_canonical();
     let mut ip = peer;
     if ctx.trusted {
         let trusted = &ctx.rt.config.server.trusted_proxies;
@@ -540,13 +552,7 @@ fn client_ip(ctx: &RequestCtx) -> String {
             }
         }
     }
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-    }
+    ip
 }
 
 #[cfg(test)]

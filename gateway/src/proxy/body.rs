@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -227,5 +228,101 @@ impl Drop for Metered {
             };
             on_end(kept, how).await;
         });
+    }
+}
+
+type AccessRecord =
+    (std::sync::Arc<crate::observe::AccessLog>, Box<crate::observe::Record>, Option<std::sync::Arc<AtomicU64>>);
+
+/// Where a `Counting` body's data bytes go.
+pub trait Tally {
+    fn add(&mut self, n: u64);
+}
+
+/// A request body's bytes, into a shared count (the access log's `bytes_in`).
+impl Tally for std::sync::Arc<AtomicU64> {
+    fn add(&mut self, n: u64) {
+        self.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A response body's bytes as they leave: on drop (the body ended, or a client that went away
+/// dropped it) they go into `weir_response_bytes_total` and, when the access log is on, the
+/// request's line is written with the whole duration and the bytes really sent.
+pub struct Sent {
+    started: std::time::Instant,
+    sent: u64,
+    bytes: prometheus_client::metrics::counter::Counter,
+    record: Option<AccessRecord>,
+}
+
+impl Sent {
+    pub fn new(
+        started: std::time::Instant,
+        bytes: prometheus_client::metrics::counter::Counter,
+        record: Option<AccessRecord>,
+    ) -> Sent {
+        Sent { started, sent: 0, bytes, record }
+    }
+}
+
+impl Tally for Sent {
+    fn add(&mut self, n: u64) {
+        self.sent += n;
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        self.bytes.inc_by(self.sent);
+        if let Some((log, mut r, bytes_in)) = self.record.take() {
+            r.duration = self.started.elapsed();
+            r.bytes_out = self.sent;
+            r.bytes_in = bytes_in.map_or(0, |n| n.load(Ordering::Relaxed));
+            log.log(*r);
+        }
+    }
+}
+
+pin_project! {
+    /// A body passed through unchanged while its data bytes are counted into `tally`.
+    pub struct Counting<B, T> {
+        #[pin]
+        inner: B,
+        tally: T,
+    }
+}
+
+impl<B, T> Counting<B, T> {
+    pub fn new(inner: B, tally: T) -> Self {
+        Counting { inner, tally }
+    }
+}
+
+impl<B, T> Body for Counting<B, T>
+where
+    B: Body<Data = Bytes>,
+    T: Tally,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled {
+            if let Some(d) = f.data_ref() {
+                this.tally.add(d.len() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -40,6 +40,7 @@ use self::canonical::Canonical;
 use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop};
 use crate::config::{ConsumerFrom, ConsumerSource};
 use crate::error::{ConsumerMissing, GatewayError};
+use crate::observe::{Ids, Record, TRACEPARENT, X_REQUEST_ID};
 use crate::router::RouteMatch;
 use crate::runtime::{Gateway, RouteRuntime, Runtime};
 use crate::Body;
@@ -110,6 +111,18 @@ pub struct RequestCtx {
     pub consumer: Option<String>,
     /// What the consumer's budget had left after this request's call (`Weir-Budget-Remaining`).
     pub budget_remaining: std::sync::OnceLock<i64>,
+    /// The request's own upstream call (not a background refresh's), for the access log.
+    pub hop: std::sync::OnceLock<Hop>,
+    /// Request body bytes read so far (counted only when the access log is on).
+    pub bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// One upstream call: which target answered, with what, how fast (to the response head).
+#[derive(Debug, Clone, Copy)]
+pub struct Hop {
+    pub target: usize,
+    pub status: u16,
+    pub took: Duration,
 }
 
 impl RequestCtx {
@@ -172,27 +185,91 @@ impl Purpose {
 
 /// Entry point from the listeners. Never fails: errors become JSON responses here and only here.
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    let started = std::time::Instant::now();
     let rt = gw.runtime();
     // Cheap clones (no allocation), kept for the error log.
     let method = req.method().clone();
     let uri = req.uri().clone();
     let peer = conn.peer;
     let hsts = conn.tls.as_ref().and_then(|t| t.hsts.clone());
-    let (route, result) = proxy(&rt, req, conn).await;
-    let resp = match result {
+    let tls_version = conn.tls.as_ref().map(|t| t.version);
+    let trusted = rt.config.server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
+    let ids = Ids::of(req.headers(), trusted);
+    let access = gw.access_log();
+    let mut seen = access.map(|_| Seen::default());
+    let (route, result) = proxy(&rt, req, conn, trusted, &ids, seen.as_mut()).await;
+    let mut error = None;
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(%method, path = uri.path(), %peer, error = %e, "request failed");
+            error = Some(e.code());
             e.into_response()
         }
     };
-    let mut resp = resp;
+    if error.is_none() && resp.status().as_u16() >= 400 {
+        // Weir's own refusals inside a cached route come back as responses with its JSON code.
+        error = resp.extensions().get::<crate::error::Code>().map(|c| c.0);
+    }
     if let Some(v) = hsts {
         resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
     }
-    let counters = route.map_or(&rt.no_route_requests, |i| &rt.routes[i].requests);
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), ids.request_id.clone());
+    let (counters, stats) = match route {
+        Some(i) => (&rt.routes[i].requests, &rt.routes[i].stats),
+        None => (&rt.no_route_requests, &rt.no_route_stats),
+    };
     counters.inc(resp.status().as_u16());
-    resp
+    stats.duration.observe(started.elapsed().as_secs_f64());
+    let record = access.map(|log| {
+        let seen = seen.unwrap_or_default();
+        let mut path = seen.path.unwrap_or_else(|| uri.path().to_string());
+        if !log.query {
+            if let Some(q) = path.find('?') {
+                path.truncate(q);
+            }
+        }
+        let authority = seen.authority.or_else(|| uri.authority().map(|a| a.to_string())).unwrap_or_default();
+        (
+            log.clone(),
+            Box::new(Record {
+                ts: std::time::SystemTime::now(),
+                request_id: ids.request_id.clone(),
+                route: route.map(|i| rt.routes[i].label.clone()),
+                method,
+                authority,
+                path,
+                status: resp.status().as_u16(),
+                cache: resp.headers().get(&cached::CACHE_STATUS).cloned(),
+                upstream: seen.upstream,
+                upstream_status: seen.hop.map(|h| h.status),
+                upstream_time: seen.hop.map(|h| h.took),
+                duration: Duration::ZERO,
+                bytes_in: 0,
+                bytes_out: 0,
+                client_ip: Some(seen.client_ip.unwrap_or_else(|| peer.ip().to_canonical())),
+                consumer: seen.consumer,
+                tls: tls_version,
+                traceparent: ids.trace.header(),
+                error,
+            }),
+            seen.bytes_in,
+        )
+    });
+    let bytes = stats.response_bytes.clone();
+    resp.map(|b| body::Counting::new(b, body::Sent::new(started, bytes, record)).boxed())
+}
+
+/// What the phases learned that the access log reports (filled only when it is on).
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub authority: Option<String>,
+    pub path: Option<String>,
+    pub consumer: Option<String>,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub upstream: Option<String>,
+    pub hop: Option<Hop>,
+    pub bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Runs the phases; also says which route answered (for metrics).
@@ -200,8 +277,11 @@ async fn proxy(
     rt: &Arc<Runtime>,
     req: Request<Incoming>,
     conn: ConnInfo,
+    trusted: bool,
+    ids: &Ids,
+    seen: Option<&mut Seen>,
 ) -> (Option<usize>, Result<Response<Body>, GatewayError>) {
-    match route_and_serve(rt, req, conn).await {
+    match route_and_serve(rt, req, conn, trusted, ids, seen).await {
         Ok((idx, resp)) => (Some(idx), resp),
         Err(e) => (None, Err(e)),
     }
@@ -213,6 +293,9 @@ async fn route_and_serve(
     rt: &Arc<Runtime>,
     req: Request<Incoming>,
     conn: ConnInfo,
+    trusted: bool,
+    ids: &Ids,
+    mut seen: Option<&mut Seen>,
 ) -> Result<(usize, Result<Response<Body>, GatewayError>), GatewayError> {
     // Phase 1: limits, then the canonical request.
     let server = &rt.config.server;
@@ -221,8 +304,15 @@ async fn route_and_serve(
         return Err(GatewayError::HeadersTooLarge { size, limit: server.max_header_bytes });
     }
     let (mut parts, body) = req.into_parts();
-    let trusted = server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
     let mut canon = Canonical::from_head(&mut parts, conn.scheme, trusted, &server.upgrade_protocols)?;
+    // The request's id and Weir's span go upstream (the client's own were replaced; its
+    // `tracestate` passes unchanged).
+    canon.headers.insert(X_REQUEST_ID.clone(), ids.request_id.clone());
+    canon.headers.insert(TRACEPARENT.clone(), ids.trace.header());
+    if let Some(s) = seen.as_deref_mut() {
+        s.authority = Some(canon.authority.clone());
+        s.path = Some(canon.path_query.clone());
+    }
     if let Some(tls) = &conn.tls {
         // A connection opened for one name carries requests for the names its certificate
         // covers (HTTP/2 coalescing), no others. Without SNI (an IP address) there is no name
@@ -291,7 +381,14 @@ async fn route_and_serve(
         route: idx,
         consumer,
         budget_remaining: std::sync::OnceLock::new(),
+        hop: std::sync::OnceLock::new(),
+        bytes_in: seen.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0))),
     });
+    if let Some(s) = seen.as_deref_mut() {
+        s.consumer = ctx.consumer.clone();
+        s.client_ip = Some(crate::limit::client_addr(&ctx));
+        s.bytes_in = ctx.bytes_in.clone();
+    }
 
     // Then `count: all` rate limits, all or nothing, before the cache (a hit counts too).
     let limit_headers = if route.route.rate_limit.is_empty() {
@@ -311,6 +408,10 @@ async fn route_and_serve(
     } else {
         forward(&ctx, body, on_upgrade).await
     };
+    if let (Some(s), Some(hop)) = (seen, ctx.hop.get()) {
+        s.upstream = Some(route.upstreams.url(hop.target).to_string());
+        s.hop = Some(*hop);
+    }
     // Weir's own quota, not the origin's (an origin's RateLimit fields are never stored either).
     if let Ok(resp) = &mut result {
         for (k, v) in limit_headers {
@@ -484,7 +585,7 @@ async fn forward(
     } else {
         Purpose::Forward
     };
-    let body = request_body(route, body);
+    let body = request_body(ctx, body);
     let mut resp = upstream(ctx, purpose, head, body).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some((client_on, _)) = tunnel_to {
@@ -496,14 +597,19 @@ async fn forward(
 
 /// The client's body for the upstream: idle-timed and limited by the route's
 /// `max_request_body`; `None` when it is empty.
-pub(crate) fn request_body(route: &RouteRuntime, body: Incoming) -> Option<Body> {
+pub(crate) fn request_body(ctx: &RequestCtx, body: Incoming) -> Option<Body> {
     if body.is_end_stream() {
         return None;
     }
+    let route = ctx.route();
     let idle = route.route.timeouts.idle;
-    Some(match route.route.max_request_body {
+    let body = match route.route.max_request_body {
         Some(limit) => IdleTimeout::new(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)), idle).boxed(),
         None => IdleTimeout::new(body, idle).boxed(),
+    };
+    Some(match &ctx.bytes_in {
+        Some(n) => body::Counting::new(body, n.clone()).boxed(),
+        None => body,
     })
 }
 
@@ -547,7 +653,13 @@ pub(crate) async fn upstream(
         Some(b) => reserve(ctx, b, purpose).await?,
         None => None,
     };
-    let sent = send_with_retry(route, parts, body).await;
+    let started = std::time::Instant::now();
+    let sent = send_with_retry(route, parts, body).await.map(|(target, resp)| {
+        if purpose != Purpose::Refresh {
+            let _ = ctx.hop.set(Hop { target, status: resp.status().as_u16(), took: started.elapsed() });
+        }
+        resp
+    });
     let mut metered = None;
     if let (Some(b), Some(lease)) = (&route.route.budget, lease) {
         // A failed call, or a status that is not charged, costs nothing.
@@ -694,11 +806,12 @@ async fn reserve(
     }
 }
 
+/// The response and which target gave it.
 async fn send_with_retry(
     route: &RouteRuntime,
     parts: Parts,
     body: Option<Body>,
-) -> Result<Response<Incoming>, GatewayError> {
+) -> Result<(usize, Response<Incoming>), GatewayError> {
     let no_body = body.is_none();
     let body = body.unwrap_or_else(empty);
     let idempotent = matches!(
@@ -708,7 +821,7 @@ async fn send_with_retry(
     let retry_head = (no_body && idempotent && route.upstreams.len() > 1).then(|| clone_head(&parts));
     let first = route.upstreams.pick(None);
     match send(route, first, parts, body).await {
-        Ok(r) => Ok(r),
+        Ok(r) => Ok((first, r)),
         Err(SendError::Connect(reason)) => {
             route.upstreams.mark_down(first);
             let Some(head) = retry_head else {
@@ -720,7 +833,7 @@ async fn send_with_retry(
             let second = route.upstreams.pick(Some(first));
             tracing::info!(from = %route.upstreams.url(first), to = %route.upstreams.url(second), "retrying on another upstream");
             match send(route, second, head, empty()).await {
-                Ok(r) => Ok(r),
+                Ok(r) => Ok((second, r)),
                 Err(SendError::Connect(reason)) => {
                     route.upstreams.mark_down(second);
                     Err(GatewayError::UpstreamUnavailable { upstream: route.upstreams.url(second).to_string(), reason })

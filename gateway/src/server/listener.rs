@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::ServerSettings;
+use crate::metrics::Held;
 use crate::proxy::ConnInfo;
 use crate::tls::Acceptor;
 use crate::Body;
@@ -42,22 +43,32 @@ pub fn http_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// How a listener serves: the HTTP builder, the stop signal, how long open connections may
+/// finish after it, the connection slots, and its `weir_connections` gauges.
+pub struct Serving {
+    pub builder: Arc<auto::Builder<TokioExecutor>>,
+    pub shutdown: watch::Receiver<bool>,
+    pub drain: Duration,
+    pub slots: Arc<Semaphore>,
+    pub gauges: crate::metrics::ConnGauges,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving").field("drain", &self.drain).field("gauges", &self.gauges).finish_non_exhaustive()
+    }
+}
+
 /// Accepts until `shutdown` flips, then lets open connections finish for up to `drain`. A
 /// connection is accepted only with a permit of `slots` (`server.max_connections`, shared by
 /// every listener): beyond it new connections wait in the kernel's accept queue. With `tls`, the
 /// handshake runs in the connection's own task (a slow client never holds up `accept`).
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    tls: Option<Arc<Acceptor>>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
-    slots: Arc<Semaphore>,
-    handler: H,
-) where
+pub async fn serve<H, F>(listener: TcpListener, tls: Option<Arc<Acceptor>>, serving: Serving, handler: H)
+where
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let Serving { builder, mut shutdown, drain, slots, gauges } = serving;
     let graceful = GracefulShutdown::new();
     let local = match listener.local_addr() {
         Ok(a) => a,
@@ -92,7 +103,9 @@ pub async fn serve<H, F>(
                     None => {
                         // Watched at once: a plain connection is drained like any other.
                         let fut = watcher.watch(connection(&b, TokioIo::new(stream), info, h));
+                        let open = Held::new(&gauges.open);
                         tokio::spawn(async move {
+                            let _open = open;
                             if let Err(e) = fut.await {
                                 tracing::debug!(%peer, error = %e, "connection ended with an error");
                             }
@@ -101,9 +114,14 @@ pub async fn serve<H, F>(
                     }
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
+                        let gauges = gauges.clone();
                         tokio::spawn(async move {
-                            match acceptor.accept(stream).await {
+                            let handshake = Held::new(&gauges.handshake);
+                            let accepted = acceptor.accept(stream).await;
+                            drop(handshake);
+                            match accepted {
                                 Ok((tls_stream, conn)) => {
+                                    let _open = Held::new(&gauges.open);
                                     let io = TokioIo::new(tls_stream);
                                     let fut = watcher.watch(connection(&b, io, info.with_tls(conn), h));
                                     if let Err(e) = fut.await {

@@ -29,6 +29,8 @@ pub enum StartError {
     Redis(#[from] crate::redis::RedisStartError),
     #[error("listen[{index}].tls: {message}")]
     Tls { index: usize, message: String },
+    #[error("cannot open the access log: {0}")]
+    AccessLog(std::io::Error),
     #[error("cannot write ready file {path}: {source}")]
     ReadyFile { path: PathBuf, source: std::io::Error },
 }
@@ -79,7 +81,12 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     let settings = config.server.clone();
     let tls_settings: Vec<Option<crate::tls::TlsSettings>> = config.listeners.iter().map(|l| l.tls.clone()).collect();
+    let log_settings = config.log.clone();
     let gateway = Gateway::new(config, redis);
+    let dropped = gateway.runtime().metrics.access_log_dropped.clone();
+    if let Some(log) = crate::observe::AccessLog::start(&log_settings, dropped).map_err(StartError::AccessLog)? {
+        gateway.set_access_log(log);
+    }
     let mut acceptors = Vec::new();
     for (index, s) in tls_settings.iter().enumerate() {
         if let Some(s) = s {
@@ -100,31 +107,32 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         let gw = gateway.clone();
         let handler = move |req, conn| crate::proxy::handle(gw.clone(), req, conn);
         let tls = acceptors.iter().find(|(j, _)| *j == i).map(|(_, a)| a.clone());
-        tasks.push(tokio::spawn(listener::serve(
-            tcp,
-            tls,
-            builder.clone(),
-            stop_rx.clone(),
-            settings.shutdown_timeout,
-            slots.clone(),
-            handler,
-        )));
+        let gauges = gateway.runtime().metrics.connections(&addrs.get(i).cloned().unwrap_or_default());
+        let serving = listener::Serving {
+            builder: builder.clone(),
+            shutdown: stop_rx.clone(),
+            drain: settings.shutdown_timeout,
+            slots: slots.clone(),
+            gauges,
+        };
+        tasks.push(tokio::spawn(listener::serve(tcp, tls, serving, handler)));
     }
     if let Some(tcp) = admin_listener {
         let admin = Arc::new(Admin { gateway: gateway.clone(), token });
         let handler = move |req, _conn| admin.clone().handle(req);
-        tasks.push(tokio::spawn(listener::serve(
-            tcp,
-            None,
-            builder.clone(),
-            stop_rx.clone(),
-            settings.shutdown_timeout,
+        let gauges = gateway.runtime().metrics.connections("admin");
+        let serving = listener::Serving {
+            builder: builder.clone(),
+            shutdown: stop_rx.clone(),
+            drain: settings.shutdown_timeout,
             // The admin API has its own few slots: a flood on the data plane cannot lock it out.
-            Arc::new(tokio::sync::Semaphore::new(64)),
-            handler,
-        )));
+            slots: Arc::new(tokio::sync::Semaphore::new(64)),
+            gauges,
+        };
+        tasks.push(tokio::spawn(listener::serve(tcp, None, serving, handler)));
     }
 
+    gateway.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(path) = &opts.ready_file {
         let doc = serde_json::json!({"listen": addrs, "admin": admin_addr});
         std::fs::write(path, doc.to_string()).map_err(|source| StartError::ReadyFile { path: path.clone(), source })?;
@@ -143,6 +151,12 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
                 }
             }
         }
+    }
+    // Readiness fails first, so load balancers stop sending before the listeners close.
+    gateway.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    if !settings.drain_delay.is_zero() {
+        tracing::info!(delay = ?settings.drain_delay, "draining: /readyz fails, still accepting");
+        tokio::time::sleep(settings.drain_delay).await;
     }
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     let _ = stop_tx.send(true);

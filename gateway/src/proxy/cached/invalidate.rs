@@ -31,7 +31,7 @@ pub(in crate::proxy) async fn forward_and_invalidate(
     let method = c.method.clone();
     let plugin = route_plugin(route).filter(|_| is_unsafe(&method));
     let preq = plugin.map(|p| p.request(&req.plugin_parts(None)));
-    let resp = upstream(req, Purpose::Forward, req.upstream_head(), request_body(route, body)).await?;
+    let resp = upstream(req, Purpose::Forward, req.upstream_head(), request_body(req, body)).await?;
     let resp = finish_response(resp);
     let status = resp.status();
     if !is_unsafe(&method) || !(status.is_success() || status.is_redirection()) {

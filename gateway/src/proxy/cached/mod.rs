@@ -134,7 +134,7 @@ async fn serve_inner(
     }
     // A method override may make the origin answer as another method: keep the cache out.
     if req.canon.method_override {
-        let resp = Box::pin(pass_through(&req, request_body(route, body))).await?;
+        let resp = Box::pin(pass_through(&req, request_body(&req, body))).await?;
         return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::MethodOverride, stored: false }));
     }
 
@@ -143,7 +143,7 @@ async fn serve_inner(
     // `max_request_body`. A GET or HEAD with a body goes past the cache.
     let mut post_body = None;
     if method == Method::POST {
-        let body = request_body(route, body);
+        let body = request_body(&req, body);
         let collected = match body {
             None => Collected::Complete(Bytes::new()),
             Some(b) => Box::pin(collect(b, cfg.max_key_body_bytes)).await,
@@ -161,7 +161,7 @@ async fn serve_inner(
             Collected::Failed(e) => return Err(GatewayError::BadRequest(format!("request body: {e}"))),
         }
     } else if !body.is_end_stream() {
-        let resp = Box::pin(pass_through(&req, request_body(route, body))).await?;
+        let resp = Box::pin(pass_through(&req, request_body(&req, body))).await?;
         return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::Body, stored: false }));
     }
 

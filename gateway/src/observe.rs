@@ -1,0 +1,377 @@
+//! What operators see of each request: its id (`X-Request-Id`), its W3C trace context
+//! (`traceparent`, `tracestate`) and its access-log line.
+//!
+//! The access log is written off the request path: a request hands a plain record to a bounded
+//! queue (`try_send`, never waiting) and one writer thread formats and writes the lines. A slow
+//! disk fills the queue; what does not fit is dropped and counted
+//! (`weir_access_log_dropped_total`), never waited for.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Longest client-supplied request id kept (Envoy's and nginx's ids are 32–36 bytes).
+const MAX_REQUEST_ID: usize = 128;
+
+/// A request's identity: its id and its trace context, with Weir's own span.
+#[derive(Debug, Clone)]
+pub struct Ids {
+    pub request_id: HeaderValue,
+    pub trace: Trace,
+}
+
+impl Ids {
+    /// The id from a trusted peer's `X-Request-Id` when it is printable and short, else a new
+    /// one; the trace continued from a valid `traceparent`, else a new trace.
+    pub fn of(headers: &HeaderMap, trusted: bool) -> Ids {
+        let request_id = headers
+            .get(&X_REQUEST_ID)
+            .filter(|v| {
+                trusted
+                    && !v.is_empty()
+                    && v.len() <= MAX_REQUEST_ID
+                    && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+            })
+            .cloned()
+            .unwrap_or_else(|| hex_value(&fastrand::u128(..).to_be_bytes()));
+        Ids { request_id, trace: Trace::of(headers) }
+    }
+}
+
+/// W3C Trace Context: the trace Weir's span belongs to, Weir's span id (the parent of the
+/// upstream hop), and the flags passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trace {
+    pub trace_id: u128,
+    pub span_id: u64,
+    /// The caller's span, when the trace was continued.
+    pub parent_id: Option<u64>,
+    pub flags: u8,
+}
+
+impl Trace {
+    pub fn of(headers: &HeaderMap) -> Trace {
+        let span_id = nonzero_u64();
+        match headers.get(&TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())) {
+            Some((trace_id, parent, flags)) => Trace { trace_id, span_id, parent_id: Some(parent), flags },
+            None => Trace { trace_id: nonzero_u128(), span_id, parent_id: None, flags: 0 },
+        }
+    }
+
+    /// `traceparent` for the upstream hop: the same trace, Weir's span as the parent.
+    pub fn header(&self) -> HeaderValue {
+        let text = format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags);
+        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+fn nonzero_u64() -> u64 {
+    fastrand::u64(1..)
+}
+
+fn nonzero_u128() -> u128 {
+    fastrand::u128(1..)
+}
+
+fn hex_value(bytes: &[u8]) -> HeaderValue {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `version-traceid-parentid-flags` (W3C Trace Context §3.2): lower-case hex; an all-zero trace
+/// or parent id, version `ff`, or a version-00 value with anything after the flags is invalid.
+/// A later version is read by its first four fields, as the spec asks.
+fn parse_traceparent(v: &[u8]) -> Option<(u128, u64, u8)> {
+    let s = std::str::from_utf8(v).ok()?.trim();
+    let lower_hex = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let version = s.get(0..2)?;
+    if !lower_hex(version) || version == "ff" || s.len() < 55 {
+        return None;
+    }
+    if (version == "00" && s.len() != 55) || (s.len() > 55 && s.as_bytes()[55] != b'-') {
+        return None;
+    }
+    let (d1, trace, d2, parent, d3, flags) = (&s[2..3], &s[3..35], &s[35..36], &s[36..52], &s[52..53], &s[53..55]);
+    if d1 != "-" || d2 != "-" || d3 != "-" || !lower_hex(trace) || !lower_hex(parent) || !lower_hex(flags) {
+        return None;
+    }
+    let trace = u128::from_str_radix(trace, 16).ok().filter(|t| *t != 0)?;
+    let parent = u64::from_str_radix(parent, 16).ok().filter(|p| *p != 0)?;
+    Some((trace, parent, u8::from_str_radix(flags, 16).ok()?))
+}
+
+/// `log.access.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Text,
+    Off,
+}
+
+/// `log.access.to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+/// `log:` — read at start; a reload reopens the access-log file (for log rotation).
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: Format,
+    pub to: Sink,
+    /// Keep the query string in `path`.
+    pub query: bool,
+    /// Lines queued for the writer before new ones are dropped.
+    pub buffer: usize,
+    /// The `tracing` filter when `WEIR_LOG` is unset.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { format: Format::Json, to: Sink::Stdout, query: false, buffer: 16_384, level: "info".into() }
+    }
+}
+
+/// One finished request, as the writer thread formats it.
+#[derive(Debug)]
+pub struct Record {
+    pub ts: SystemTime,
+    pub request_id: HeaderValue,
+    pub route: Option<Arc<String>>,
+    pub method: Method,
+    pub authority: String,
+    pub path: String,
+    pub status: u16,
+    /// The `Cache-Status` value, reduced to its outcome when written.
+    pub cache: Option<HeaderValue>,
+    pub upstream: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub upstream_time: Option<Duration>,
+    pub duration: Duration,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub client_ip: Option<IpAddr>,
+    pub consumer: Option<String>,
+    pub tls: Option<&'static str>,
+    pub traceparent: HeaderValue,
+    /// Weir's error code, for responses Weir produced.
+    pub error: Option<&'static str>,
+}
+
+/// The process's access log: the queue's sending side and what the writer needs to know.
+#[derive(Debug)]
+pub struct AccessLog {
+    tx: SyncSender<Record>,
+    pub query: bool,
+    dropped: prometheus_client::metrics::counter::Counter,
+    reopen: Arc<AtomicBool>,
+}
+
+impl AccessLog {
+    /// Starts the writer thread; `None` when the access log is off. A file that cannot be
+    /// opened is an error (the configuration named it).
+    pub fn start(
+        s: &LogSettings,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> std::io::Result<Option<Arc<AccessLog>>> {
+        if s.format == Format::Off {
+            return Ok(None);
+        }
+        let out = open(&s.to)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(s.buffer.max(1));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let (format, to, flag) = (s.format, s.to.clone(), reopen.clone());
+        std::thread::Builder::new()
+            .name("weir-access-log".into())
+            .spawn(move || write_lines(&rx, out, format, &to, &flag))?;
+        Ok(Some(Arc::new(AccessLog { tx, query: s.query, dropped, reopen })))
+    }
+
+    /// Queues a line; a full queue drops it (counted), it never waits.
+    pub fn log(&self, r: Record) {
+        match self.tx.try_send(r) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+            }
+        }
+    }
+
+    /// The file is opened again before the next line (after `logrotate` moved it).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
+    }
+}
+
+fn open(to: &Sink) -> std::io::Result<Box<dyn std::io::Write + Send>> {
+    Ok(match to {
+        Sink::Stdout => Box::new(std::io::stdout()),
+        Sink::Stderr => Box::new(std::io::stderr()),
+        Sink::File(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+    })
+}
+
+/// The writer thread: lines are buffered and flushed whenever the queue is empty, so a burst
+/// costs one write and a quiet log is never behind.
+fn write_lines(
+    rx: &Receiver<Record>,
+    out: Box<dyn std::io::Write + Send>,
+    format: Format,
+    to: &Sink,
+    reopen: &AtomicBool,
+) {
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
+    let mut line = String::with_capacity(512);
+    while let Ok(first) = rx.recv() {
+        if reopen.swap(false, Ordering::Relaxed) {
+            let _ = out.flush();
+            match open(to) {
+                Ok(w) => out = std::io::BufWriter::with_capacity(64 << 10, w),
+                Err(e) => tracing::warn!(error = %e, "cannot reopen the access log; writing to the old file"),
+            }
+        }
+        let mut next = Some(first);
+        while let Some(r) = next {
+            line.clear();
+            match format {
+                Format::Text => text_line(&r, &mut line),
+                _ => json_line(&r, &mut line),
+            }
+            line.push('\n');
+            if out.write_all(line.as_bytes()).is_err() {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+}
+
+/// `Cache-Status: weir; hit; detail=l1` → `hit`; `weir; fwd=stale; ...` → `stale`.
+fn cache_outcome(v: &HeaderValue) -> &str {
+    let s = v.to_str().unwrap_or("");
+    let first = s.split(';').nth(1).unwrap_or("").trim();
+    first.strip_prefix("fwd=").unwrap_or(first)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}
+
+fn json_line(r: &Record, out: &mut String) {
+    let s = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    let doc = serde_json::json!({
+        "ts": rfc3339(r.ts),
+        "request_id": s(&r.request_id),
+        "route": r.route.as_deref(),
+        "method": r.method.as_str(),
+        "authority": r.authority,
+        "path": r.path,
+        "status": r.status,
+        "cache": r.cache.as_ref().map(cache_outcome),
+        "upstream": r.upstream,
+        "upstream_status": r.upstream_status,
+        "duration_ms": ms(r.duration),
+        "upstream_ms": r.upstream_time.map(ms),
+        "bytes_in": r.bytes_in,
+        "bytes_out": r.bytes_out,
+        "client_ip": r.client_ip.map(|ip| ip.to_string()),
+        "consumer": r.consumer,
+        "tls": r.tls,
+        "traceparent": s(&r.traceparent),
+        "error": r.error,
+    });
+    out.push_str(&doc.to_string());
+}
+
+/// `ts request_id client_ip "METHOD authority path" status cache duration_ms bytes_out route
+/// consumer error`, `-` for what is absent.
+fn text_line(r: &Record, out: &mut String) {
+    use std::fmt::Write as _;
+    let dash = |o: Option<&str>| o.unwrap_or("-").to_string();
+    let _ = write!(
+        out,
+        "{} {} {} \"{} {} {}\" {} {} {:.3} {} {} {} {}",
+        rfc3339(r.ts),
+        String::from_utf8_lossy(r.request_id.as_bytes()),
+        r.client_ip.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+        r.method,
+        r.authority,
+        r.path.escape_default(),
+        r.status,
+        dash(r.cache.as_ref().map(cache_outcome)),
+        ms(r.duration),
+        r.bytes_out,
+        dash(r.route.as_deref().map(String::as_str).filter(|s| !s.is_empty())),
+        dash(r.consumer.as_deref()),
+        dash(r.error),
+    );
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-12-02T16:07:50.123Z`).
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    let (y, m, day) = crate::budget::civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_rules() {
+        let ok = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(parse_traceparent(ok), Some((0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7, 1)));
+        for bad in [
+            &b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"[..],
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        // A later version: the first four fields count, more may follow.
+        assert!(parse_traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-ever").is_some());
+    }
+
+    #[test]
+    fn ids_trust_only_trusted_peers() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(Ids::of(&h, true).request_id, "abc-123");
+        let own = Ids::of(&h, false).request_id;
+        assert_ne!(own, "abc-123");
+        assert_eq!(own.len(), 32);
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(Ids::of(&h, true).request_id, "has space");
+    }
+
+    #[test]
+    fn timestamps() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_691_670_123);
+        assert_eq!(rfc3339(t), "2025-12-02T16:07:50.123Z");
+    }
+}

@@ -1,0 +1,280 @@
+//! Operations end to end: access-log lines (parsed as JSON), request ids and trace context,
+//! liveness and readiness, drain on SIGTERM, and the metrics dashboards read.
+
+// Test code: a panic is how a failed expectation is reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+
+use std::time::{Duration, Instant};
+
+use http::Request;
+use http_body_util::BodyExt;
+use weir_e2e::*;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// An origin that answers `/c/*` cacheably, echoes a POST body's length, and sends 404 elsewhere.
+async fn origin() -> Origin {
+    Origin::start(|req| async move {
+        let path = req.uri().path().to_string();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        if path.starts_with("/c/") {
+            let mut r = text(200, "cached body");
+            r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+            r
+        } else if path == "/upload" {
+            text(201, &format!("got {}", body.len()))
+        } else {
+            text(404, "nope")
+        }
+    })
+    .await
+}
+
+fn yaml(origin: &Origin, log: &str, server: &str) -> String {
+    format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n{log}{server}routes:\n  - name: cached\n    match: {{ path: /c/ }}\n    upstream: {u}\n    cache: {{}}\n  - name: api\n    match: {{ path: /upload }}\n    upstream: {u}\n",
+        u = origin.url()
+    )
+}
+
+/// Lines of the access log, waiting (generously) until at least `n` are written.
+fn lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let v: Vec<String> = text.lines().map(str::to_string).collect();
+        if v.len() >= n || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_log_lines_and_trace_context() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let gw =
+        Gateway::start(&yaml(&origin, &format!("log:\n  access: {{ format: json, to: {} }}\n", log.display()), ""));
+    let parent = format!("00-{TRACE}-00f067aa0ba902b7-01");
+    let c = client();
+    let ask = |method: &str, path: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(gw.url(path))
+            .header("host", "api.test")
+            .header("traceparent", &parent)
+            .header("tracestate", "vendor=abc")
+            .header("x-request-id", "client-chosen")
+            .body(full(body))
+            .unwrap()
+    };
+    let miss = send(&c, ask("GET", "/c/one?secret=1", "")).await;
+    let hit = send(&c, ask("GET", "/c/one?secret=1", "")).await;
+    let post = send(&c, ask("POST", "/upload", "twelve bytes")).await;
+    let none = send(&c, ask("GET", "/nowhere", "")).await;
+    assert_eq!([&miss, &hit, &post, &none].map(|g| g.status.as_u16()), [200, 200, 201, 404]);
+
+    // Request ids: the untrusted client's own is replaced, returned on every response
+    // (errors too) and forwarded.
+    let ids: Vec<&str> = [&miss, &hit, &post, &none].iter().map(|g| g.header("x-request-id").unwrap()).collect();
+    assert!(ids.iter().all(|id| id.len() == 32 && *id != "client-chosen"), "{ids:?}");
+    assert_ne!(ids[0], ids[1]);
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2, "the hit never reached the origin");
+    assert_eq!(seen[0].headers["x-request-id"], ids[0]);
+    assert_eq!(seen[1].headers["x-request-id"], ids[2]);
+    // Trace context: the same trace, a new span for the hop (not the client's), flags kept;
+    // tracestate passed on unchanged.
+    let up = seen[0].headers["traceparent"].to_str().unwrap().to_string();
+    let parts: Vec<&str> = up.split('-').collect();
+    assert_eq!((parts[0], parts[1], parts[3]), ("00", TRACE, "01"), "{up}");
+    assert!(parts[2] != "00f067aa0ba902b7" && parts[2].len() == 16 && parts[2] != "0000000000000000", "{up}");
+    assert_eq!(seen[0].headers["tracestate"], "vendor=abc");
+
+    let got = lines(&log, 4);
+    assert_eq!(got.len(), 4, "{got:?}");
+    let recs: Vec<serde_json::Value> = got.iter().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    for (r, id) in recs.iter().zip(&ids) {
+        for field in [
+            "ts",
+            "request_id",
+            "route",
+            "method",
+            "authority",
+            "path",
+            "status",
+            "cache",
+            "upstream",
+            "upstream_status",
+            "duration_ms",
+            "upstream_ms",
+            "bytes_in",
+            "bytes_out",
+            "client_ip",
+            "consumer",
+            "tls",
+            "traceparent",
+        ] {
+            assert!(r.get(field).is_some(), "no `{field}` in {r}");
+        }
+        assert_eq!(r["request_id"], *id);
+        assert_eq!(r["client_ip"], "127.0.0.1");
+        assert_eq!(r["authority"], "api.test");
+        assert!(r["ts"].as_str().unwrap().ends_with('Z'));
+        assert!(r["traceparent"].as_str().unwrap().starts_with(&format!("00-{TRACE}-")));
+    }
+    let (m, h, p, n) = (&recs[0], &recs[1], &recs[2], &recs[3]);
+    assert_eq!(
+        (m["route"].as_str(), m["cache"].as_str(), m["status"].as_u64()),
+        (Some("cached"), Some("miss"), Some(200))
+    );
+    assert_eq!(m["path"], "/c/one", "the query is dropped unless log.query");
+    assert_eq!(m["upstream"], origin.url());
+    assert_eq!(m["upstream_status"], 200);
+    assert_eq!(m["bytes_out"], 11);
+    assert_eq!(m["traceparent"], up.as_str(), "the log names the span sent upstream");
+    assert_eq!((h["cache"].as_str(), h["upstream"].is_null(), h["upstream_ms"].is_null()), (Some("hit"), true, true));
+    assert_eq!((p["route"].as_str(), p["bytes_in"].as_u64(), p["status"].as_u64()), (Some("api"), Some(12), Some(201)));
+    assert!(p["cache"].is_null());
+    assert_eq!((n["route"].is_null(), n["error"].as_str(), n["status"].as_u64()), (true, Some("no_route"), Some(404)));
+    assert!(m["duration_ms"].as_f64().unwrap() >= m["upstream_ms"].as_f64().unwrap());
+
+    // A trusted proxy's request id is kept; the text format is one line per request.
+    let log2 = dir.path().join("text.log");
+    let gw2 = Gateway::start(&yaml(
+        &origin,
+        &format!("log:\n  query: true\n  access: {{ format: text, to: {} }}\n", log2.display()),
+        "server:\n  trusted_proxies: [127.0.0.1/32]\n",
+    ));
+    let g =
+        send(&c, Request::get(gw2.url("/c/two?q=1")).header("x-request-id", "edge-42").body(full("")).unwrap()).await;
+    assert_eq!(g.header("x-request-id"), Some("edge-42"));
+    let line = lines(&log2, 1).pop().unwrap_or_default();
+    assert!(line.contains(" edge-42 127.0.0.1 \"GET ") && line.contains("/c/two?q=1\" 200 miss "), "{line}");
+}
+
+/// A writer that cannot keep up (a pipe nobody reads) fills the queue: lines are dropped and
+/// counted, and no request waits for the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_access_log_never_stalls_requests() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("stuck.log");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // The reader opens the pipe (so the gateway's open succeeds) and then never reads.
+    let f = fifo.clone();
+    let reader = std::thread::spawn(move || std::fs::File::open(f).unwrap());
+    let gw = Gateway::start(&yaml(&origin, &format!("log:\n  access: {{ to: {}, buffer: 16 }}\n", fifo.display()), ""));
+    let _held = reader.join().unwrap();
+    let c = client();
+    // ~300 bytes a line: the 64 KiB pipe holds a few hundred, the queue 16 more.
+    for i in 0..2000 {
+        let g = tokio::time::timeout(
+            Duration::from_secs(10),
+            send(&c, Request::get(gw.url("/c/x")).body(full("")).unwrap()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {i} waited for the log"));
+        assert_eq!(g.status, 200);
+    }
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    let dropped: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_access_log_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(dropped > 1000, "dropped {dropped}\n{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn livez_readyz_health_and_drain() {
+    let origin = origin().await;
+    let mut redis = RedisServer::start();
+    let gw = Gateway::start(&yaml(
+        &origin,
+        &format!("redis:\n  url: {}\n  required: true\n  breaker: {{ failures: 1, open_for: 1s }}\n", redis.url()),
+        "server:\n  drain_delay: 3s\n",
+    ));
+    let live = get(&gw.admin_url("/livez")).await;
+    assert_eq!((live.status.as_u16(), live.json()["status"].as_str()), (200, Some("alive")));
+    assert_eq!(get(&gw.admin_url("/readyz")).await.status, 200);
+
+    // /health: version, uptime and the last minute's hit rate (one miss, then three hits).
+    for _ in 0..4 {
+        get(&gw.url("/c/h")).await;
+    }
+    let h = get(&gw.admin_url("/health")).await.json();
+    assert_eq!(h["version"].as_str(), Some(env!("CARGO_PKG_VERSION")));
+    assert!(h["uptime_seconds"].is_u64());
+    assert_eq!((h["hit_rate"]["lookups"].as_u64(), h["hit_rate"]["hits"].as_u64()), (Some(4), Some(3)), "{h}");
+    assert_eq!(h["hit_rate"]["ratio"].as_f64(), Some(0.75));
+
+    // redis.required: Redis gone is not ready (still alive, still serving); back is ready.
+    redis.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ready = get(&gw.admin_url("/readyz")).await;
+    while ready.status == 200 && Instant::now() < deadline {
+        get(&gw.url("/c/while-down")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = get(&gw.admin_url("/readyz")).await;
+    }
+    assert_eq!((ready.status.as_u16(), ready.json()["reason"].as_str()), (503, Some("redis unreachable")));
+    assert_eq!(get(&gw.admin_url("/livez")).await.status, 200);
+    assert_eq!(get(&gw.url("/c/h")).await.status, 200);
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(&gw.admin_url("/readyz")).await.status != 200 && Instant::now() < deadline {
+        get(&gw.url("/c/while-up")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&gw.admin_url("/readyz")).await.status, 200);
+
+    // SIGTERM with drain_delay: readiness fails at once, requests are still served, then exit.
+    let mut gw = gw;
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get(&gw.admin_url("/readyz")).await;
+    assert_eq!((r.status.as_u16(), r.json()["reason"].as_str()), (503, Some("draining")));
+    assert_eq!(get(&gw.url("/c/h")).await.status, 200, "still accepting during the drain delay");
+    assert!(gw.wait_exit(Duration::from_secs(30)).is_some_and(|s| s.success()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_metrics_exist() {
+    let origin = origin().await;
+    let gw = Gateway::start(&yaml(&origin, "", ""));
+    let c = client();
+    for _ in 0..3 {
+        send(&c, Request::get(gw.url("/c/m")).body(full("")).unwrap()).await;
+    }
+    // A body's bytes are counted when hyper drops it, just after the client has read it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut m = get(&gw.admin_url("/metrics")).await.text();
+    while !m.contains("weir_response_bytes_total{route=\"cached\"} 33") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = get(&gw.admin_url("/metrics")).await.text();
+    }
+    let has = |s: &str| m.lines().any(|l| l.starts_with(s));
+    assert!(has("weir_request_duration_seconds_bucket{le=\"0.001\",route=\"cached\"}"), "{m}");
+    assert!(has("weir_request_duration_seconds_bucket{le=\"60.0\",route=\"cached\"}"), "{m}");
+    assert!(has("weir_request_duration_seconds_count{route=\"cached\"} 3"), "{m}");
+    assert!(has("weir_response_bytes_total{route=\"cached\"} 33"), "three 11-byte bodies\n{m}");
+    assert!(has(&format!("weir_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{m}");
+    // The keep-alive connections of `c` are open now (the pool may have opened a second).
+    let listener = gw.addr().to_string();
+    let open = m
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("weir_connections{{listener=\"{listener}\",state=\"open\"}} ")))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(open.is_some_and(|n| (1..=3).contains(&n)), "{m}");
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let closed = format!("weir_connections{{listener=\"{listener}\",state=\"open\"}} 0");
+    while !get(&gw.admin_url("/metrics")).await.text().contains(&closed) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(get(&gw.admin_url("/metrics")).await.text().contains(&closed), "closed connections are not counted");
+    assert!(has(&format!("weir_connections{{listener=\"{listener}\",state=\"handshake\"}} 0")), "{m}");
+}
