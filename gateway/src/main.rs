@@ -33,6 +33,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Probe a running gateway's admin API (a container HEALTHCHECK: slim images have no curl).
+    /// Exit 0 when it answers 200.
+    Health {
+        /// The admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        addr: String,
+        /// `/readyz` (ready for traffic), `/livez` (alive) or `/health`.
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
     /// Write, build and try plugins.
     Plugin {
         #[command(subcommand)]
@@ -117,6 +130,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Health { addr, path, timeout } => {
+            match health(&addr, &path, std::time::Duration::from_secs(timeout)) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("weir health: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Validate { config } => match weir::config::load(&config) {
             Ok(cfg) => {
                 for w in &cfg.warnings {
@@ -163,6 +188,31 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// One HTTP/1.1 GET over a plain socket with a deadline: a probe needs no runtime or client
+/// pool, and must never hang the container's health checker.
+fn health(addr: &str, path: &str, timeout: std::time::Duration) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    use std::net::ToSocketAddrs as _;
+    let sock =
+        addr.to_socket_addrs().map_err(|e| format!("{addr}: {e}"))?.next().ok_or(format!("{addr}: no address"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = s.take(64 << 10).read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    let status = text.lines().next().unwrap_or("").to_string();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim().to_string();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(body)
+    } else if status.is_empty() {
+        Err(format!("{addr}{path}: no answer"))
+    } else {
+        Err(format!("{addr}{path}: {status} {body}"))
     }
 }
 

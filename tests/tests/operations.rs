@@ -278,3 +278,94 @@ async fn dashboard_metrics_exist() {
     assert!(get(&gw.admin_url("/metrics")).await.text().contains(&closed), "closed connections are not counted");
     assert!(has(&format!("weir_connections{{listener=\"{listener}\",state=\"handshake\"}} 0")), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_explain_and_debug_headers() {
+    let origin = origin().await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\ndebug:\n  token_env: WEIR_TEST_DEBUG\nconsumers:\n  - id: alice\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ limit: \"10\", per: 1d }}\nroutes:\n  - name: cached\n    match: {{ path: /c/ }}\n    upstream: {u}\n    cache: {{ ttl: 60s }}\n    consumer: {{ from: header:x-api-key, required: true }}\n    budget: {{ name: api, cost: \"1\" }}\n    invalidate: {{ tags: [catalog] }}\n",
+        sha256_hex("alice-key"),
+        u = origin.url()
+    );
+    let gw = Gateway::builder().env("WEIR_TEST_DEBUG", "debug-token-0123456789").start(&yaml);
+    let post = |path: &str, body: serde_json::Value| {
+        Request::post(gw.admin_url(path))
+            .header("content-type", "application/json")
+            .body(full(body.to_string()))
+            .unwrap()
+    };
+    // Warm-up: through the cache path, past `consumer.required`, charged to `_system`.
+    // The key names the authority: warm with the Host clients send.
+    let host = gw.addr().to_string();
+    let w = send(
+        &client(),
+        post(
+            "/cache/warm",
+            serde_json::json!({"paths": ["/c/a", "/c/b", "/c/a", "/nowhere"], "headers": {"host": host}}),
+        ),
+    )
+    .await;
+    assert_eq!(w.status, 200, "{}", w.text());
+    let j = w.json();
+    assert_eq!(j["stored"], 3, "{j}");
+    let reasons: Vec<&str> = j["results"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    assert_eq!((reasons[0], reasons[1], reasons[3]), ("stored", "stored", "no_route"), "{j}");
+    assert!(["already cached", "coalesced"].contains(&reasons[2]), "the same path twice: {j}");
+    assert_eq!(origin.count(), 2);
+    let spent = get(&gw.admin_url("/budgets/_system?budget=api")).await.json();
+    assert_eq!(spent["spent"], "2", "{spent}");
+    // A client now hits what was warmed.
+    let hit =
+        send(&client(), Request::get(gw.url("/c/a")).header("x-api-key", "alice-key").body(full("")).unwrap()).await;
+    assert_eq!(hit.header("cache-status"), Some("weir; hit; detail=l1"));
+
+    // Explain: the route, the canonical request, the key and who chose it, the rules, the tiers.
+    let e = get(&gw.admin_url("/cache/explain?url=/c/./a%7E?b=2%26&h=host:API.test")).await;
+    assert_eq!(e.status, 200, "{}", e.text());
+    let e = e.json();
+    assert_eq!((e["route"].as_str(), e["decided_by"].as_str()), (Some("cached"), Some("policy")), "{e}");
+    assert_eq!(
+        (e["canonical"]["path"].as_str(), e["canonical"]["authority"].as_str()),
+        (Some("/c/a~"), Some("api.test"))
+    );
+    assert_eq!(e["rules"]["ttl_s"], 60);
+    assert_eq!(e["tags"], serde_json::json!(["catalog"]));
+    assert_eq!((e["l1"]["cached"].as_bool(), e["l2"]["configured"].as_bool()), (Some(false), Some(false)), "{e}");
+    let e = get(&gw.admin_url(&format!("/cache/explain?url=/c/a&h=host:{host}"))).await.json();
+    assert_eq!(e["l1"]["cached"], true, "{e}");
+    assert!(e["l1"]["ttl_s"].as_i64().unwrap() > 50 && e["l1"]["status"] == 200, "{e}");
+    assert!(e["key"].as_str().unwrap().contains("/c/a"));
+    let bad = get(&gw.admin_url("/cache/explain?url=/nowhere")).await;
+    assert_eq!((bad.status.as_u16(), bad.json()["error"].as_str()), (404, Some("no_route")));
+
+    // Debug headers: only with the debug token; the header never reaches the origin and the
+    // answer's debug fields are never stored.
+    let ask = |token: &str| {
+        Request::get(gw.url("/c/dbg"))
+            .header("x-api-key", "alice-key")
+            .header("weir-debug", token)
+            .body(full(""))
+            .unwrap()
+    };
+    let d = send(&client(), ask("debug-token-0123456789")).await;
+    assert_eq!(d.header("weir-debug-route"), Some("cached"));
+    assert!(d.header("weir-debug-key").is_some_and(|k| k.contains("/c/dbg")), "{:?}", d.headers);
+    assert!(d.header("weir-debug-ttl").and_then(|t| t.parse::<i64>().ok()).is_some_and(|t| (50..=60).contains(&t)));
+    assert!(!origin.seen().iter().any(|s| s.headers.contains_key("weir-debug")), "stripped before forwarding");
+    let plain =
+        send(&client(), Request::get(gw.url("/c/dbg")).header("x-api-key", "alice-key").body(full("")).unwrap()).await;
+    assert_eq!((plain.header("cache-status"), plain.header("weir-debug-key")), (Some("weir; hit; detail=l1"), None));
+    let wrong = send(&client(), ask("not-the-token")).await;
+    assert_eq!(wrong.header("weir-debug-key"), None);
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(m.contains("weir_debug_rejected_total 1"), "{m}");
+
+    // `weir health` (the container HEALTHCHECK): 0 when ready, non-zero when nothing answers.
+    let admin = gw.admin.unwrap().to_string();
+    let ok = std::process::Command::new(weir_bin()).args(["health", "--addr", &admin]).output().unwrap();
+    assert!(ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("ready"), "{ok:?}");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let no =
+        std::process::Command::new(weir_bin()).args(["health", "--addr", &dead, "--timeout", "2"]).output().unwrap();
+    assert!(!no.status.success());
+}

@@ -35,6 +35,11 @@ impl Token {
                 (scheme.eq_ignore_ascii_case(b"bearer") && rest.first() == Some(&b' ')).then(|| rest.trim_ascii())
             })
             .unwrap_or(b"");
+        self.matches(presented)
+    }
+
+    /// Whether `presented` is this token (constant time).
+    pub fn matches(&self, presented: &[u8]) -> bool {
         Self::digest(presented).ct_eq(&self.0).into()
     }
 }
@@ -97,6 +102,11 @@ impl Admin {
                 }
             },
             (&Method::POST, "/cache/purge") => self.purge(req).await,
+            (&Method::POST, "/cache/warm") => self.warm(req).await,
+            (&Method::GET, "/cache/explain") => {
+                let query = req.uri().query().unwrap_or("").to_string();
+                self.explain(&query).await
+            }
             (&Method::GET, "/metrics") => Ok(self.metrics().await),
             (m @ (&Method::GET | &Method::DELETE), p) if p.starts_with("/ratelimits/") => {
                 self.ratelimits(m == Method::DELETE, p).await
@@ -234,6 +244,68 @@ impl Admin {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"purged": purged})))
     }
 
+    /// `POST /cache/warm` `{"paths": [...], "headers": {...}, "consumer": "..."}`.
+    async fn warm(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Warm {
+            paths: Vec<String>,
+            #[serde(default)]
+            headers: std::collections::BTreeMap<String, String>,
+            consumer: Option<String>,
+        }
+        let body = Limited::new(req.into_body(), 4 << 20)
+            .collect()
+            .await
+            .map_err(|e| GatewayError::BadRequest(format!("cannot read warm request: {e}")))?
+            .to_bytes();
+        let w: Warm = serde_json::from_slice(&body).map_err(|e| {
+            GatewayError::BadRequest(format!(
+                "warm body must be {{\"paths\": [\"/a\", ...], \"headers\": {{...}}}}: {e}"
+            ))
+        })?;
+        if w.paths.is_empty() || w.paths.len() > crate::proxy::MAX_WARM_PATHS {
+            return Err(GatewayError::BadRequest(format!("give 1 to {} paths to warm", crate::proxy::MAX_WARM_PATHS)));
+        }
+        let headers = header_map(w.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let rt = self.gateway.runtime();
+        let results = crate::proxy::warm(&rt, w.paths, &headers, w.consumer).await;
+        let stored = results.iter().filter(|r| r["stored"] == true).count();
+        tracing::info!(paths = results.len(), stored, "admin cache warm-up");
+        Ok(json_response(StatusCode::OK, &serde_json::json!({"stored": stored, "results": results})))
+    }
+
+    /// `GET /cache/explain?method=GET&url=/p?x=1&h=name:value&consumer=ID`.
+    async fn explain(&self, query: &str) -> Result<Response<Body>, GatewayError> {
+        let mut method = Method::GET;
+        let mut url = None;
+        let mut pairs = Vec::new();
+        let mut consumer = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(&v.replace('+', " "))?;
+            match k {
+                "method" => {
+                    method = Method::from_bytes(v.as_bytes())
+                        .map_err(|_| GatewayError::BadRequest(format!("invalid method `{v}`")))?;
+                }
+                "url" => url = Some(v),
+                "h" => {
+                    let (n, val) = v
+                        .split_once(':')
+                        .ok_or_else(|| GatewayError::BadRequest(format!("`h` is name:value, got `{v}`")))?;
+                    pairs.push((n.trim().to_string(), val.trim().to_string()));
+                }
+                "consumer" => consumer = Some(v),
+                other => return Err(GatewayError::BadRequest(format!("unknown parameter `{other}`"))),
+            }
+        }
+        let url = url.ok_or_else(|| GatewayError::BadRequest("expected ?url=/path or a full URL".into()))?;
+        let headers = header_map(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let doc = crate::proxy::explain(&self.gateway.runtime(), method, &url, &headers, consumer).await?;
+        Ok(json_response(StatusCode::OK, &doc))
+    }
+
     /// `GET /metrics`: Prometheus text exposition (OpenMetrics).
     async fn metrics(&self) -> Response<Body> {
         let rt = self.gateway.runtime();
@@ -339,6 +411,18 @@ fn normalize_purge(mut p: Purge) -> Result<Purge, GatewayError> {
 }
 
 /// `%XX` escapes decoded (the rest as is); invalid UTF-8 or a bad escape is a 400.
+fn header_map<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Result<http::HeaderMap, GatewayError> {
+    let mut h = http::HeaderMap::new();
+    for (k, v) in pairs {
+        let name = http::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| GatewayError::BadRequest(format!("invalid header name `{k}`")))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|_| GatewayError::BadRequest(format!("invalid value for `{k}`")))?;
+        h.append(name, value);
+    }
+    Ok(h)
+}
+
 fn percent_decode(s: &str) -> Result<String, GatewayError> {
     let bad = || GatewayError::BadRequest(format!("invalid escape in `{s}`"));
     let b = s.as_bytes();

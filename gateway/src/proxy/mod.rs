@@ -16,6 +16,7 @@
 
 pub(crate) mod body;
 mod cached;
+pub use cached::ops::{explain, warm, MAX_WARM_PATHS};
 pub mod canonical;
 pub mod headers;
 mod tunnel;
@@ -35,7 +36,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use self::body::{IdleTimeout, IdleTimeoutError, WithPermit};
+use self::body::{ClientBody, IdleTimeout, IdleTimeoutError, WithPermit};
 use self::canonical::Canonical;
 use self::headers::{add_via, header_bytes, set_forwarding, strip_hop_by_hop};
 use crate::config::{ConsumerFrom, ConsumerSource};
@@ -115,6 +116,11 @@ pub struct RequestCtx {
     pub hop: std::sync::OnceLock<Hop>,
     /// Request body bytes read so far (counted only when the access log is on).
     pub bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The cache key the lookup used (Vary variant included), for `Weir-Debug-Key`.
+    pub cache_key: std::sync::OnceLock<String>,
+    /// Weir's own request (an admin warm-up): no consumer, no rate limit, budgets charge
+    /// `_system`.
+    pub system: bool,
 }
 
 /// One upstream call: which target answered, with what, how fast (to the response head).
@@ -304,11 +310,21 @@ async fn route_and_serve(
         return Err(GatewayError::HeadersTooLarge { size, limit: server.max_header_bytes });
     }
     let (mut parts, body) = req.into_parts();
+    let body = ClientBody::Incoming(body);
     let mut canon = Canonical::from_head(&mut parts, conn.scheme, trusted, &server.upgrade_protocols)?;
     // The request's id and Weir's span go upstream (the client's own were replaced; its
     // `tracestate` passes unchanged).
     canon.headers.insert(X_REQUEST_ID.clone(), ids.request_id.clone());
     canon.headers.insert(TRACEPARENT.clone(), ids.trace.header());
+    // `Weir-Debug` never goes upstream; with the right token the answer explains itself.
+    let debug = match (canon.headers.remove(&WEIR_DEBUG), &rt.config.debug_token) {
+        (Some(v), Some(token)) if token.matches(v.as_bytes()) => true,
+        (Some(_), Some(_)) => {
+            rt.metrics.debug_rejected.inc();
+            false
+        }
+        _ => false,
+    };
     if let Some(s) = seen.as_deref_mut() {
         s.authority = Some(canon.authority.clone());
         s.path = Some(canon.path_query.clone());
@@ -383,6 +399,8 @@ async fn route_and_serve(
         budget_remaining: std::sync::OnceLock::new(),
         hop: std::sync::OnceLock::new(),
         bytes_in: seen.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0))),
+        cache_key: std::sync::OnceLock::new(),
+        system: false,
     });
     if let Some(s) = seen.as_deref_mut() {
         s.consumer = ctx.consumer.clone();
@@ -408,6 +426,11 @@ async fn route_and_serve(
     } else {
         forward(&ctx, body, on_upgrade).await
     };
+    if debug {
+        if let Ok(resp) = &mut result {
+            debug_headers(&ctx, resp).await;
+        }
+    }
     if let (Some(s), Some(hop)) = (seen, ctx.hop.get()) {
         s.upstream = Some(route.upstreams.url(hop.target).to_string());
         s.hop = Some(*hop);
@@ -427,6 +450,34 @@ async fn route_and_serve(
         }
     }
     Ok((idx, result))
+}
+
+static WEIR_DEBUG: http::HeaderName = http::HeaderName::from_static("weir-debug");
+
+/// `Weir-Debug-Route`, `Weir-Debug-Key` (the key the lookup used) and `Weir-Debug-TTL` (seconds
+/// of freshness left on the stored entry now, negative when stale, `none` when nothing is
+/// stored) — added to this response only, after the cache (never stored).
+async fn debug_headers(ctx: &RequestCtx, resp: &mut Response<Body>) {
+    let h = resp.headers_mut();
+    let route = ctx.route();
+    if let Ok(v) = HeaderValue::from_str(&route.route.name) {
+        h.insert(http::HeaderName::from_static("weir-debug-route"), v);
+    }
+    let key = ctx.cache_key.get();
+    let value = |s: &str| {
+        HeaderValue::from_str(s).unwrap_or_else(|_| {
+            HeaderValue::from_str(&crate::cache::key::body_hash(s.as_bytes())).unwrap_or(HeaderValue::from_static("?"))
+        })
+    };
+    h.insert(http::HeaderName::from_static("weir-debug-key"), value(key.map_or("none", String::as_str)));
+    let ttl = match key {
+        Some(k) => match ctx.rt.cache.get(k).await {
+            Some((crate::cache::entry::Object::Response(e), _)) => e.ttl_secs(std::time::SystemTime::now()).to_string(),
+            _ => "none".to_string(),
+        },
+        None => "none".to_string(),
+    };
+    h.insert(http::HeaderName::from_static("weir-debug-ttl"), value(&ttl));
 }
 
 static WEIR_CONSUMER: http::HeaderName = http::HeaderName::from_static("weir-consumer");
@@ -572,7 +623,7 @@ pub(crate) fn empty() -> Body {
 /// Phases 6–7 for a route without a cache: forward, stream back, tunnel an allowed upgrade.
 async fn forward(
     ctx: &RequestCtx,
-    body: Incoming,
+    body: ClientBody,
     on_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<Body>, GatewayError> {
     let route = ctx.route();
@@ -597,7 +648,7 @@ async fn forward(
 
 /// The client's body for the upstream: idle-timed and limited by the route's
 /// `max_request_body`; `None` when it is empty.
-pub(crate) fn request_body(ctx: &RequestCtx, body: Incoming) -> Option<Body> {
+pub(crate) fn request_body(ctx: &RequestCtx, body: ClientBody) -> Option<Body> {
     if body.is_end_stream() {
         return None;
     }
@@ -629,6 +680,7 @@ pub(crate) async fn upstream(
     // `count: misses` limits: charged for requests that reach the origin on a client's behalf
     // (a background refresh is Weir's own; a tunnel was charged as the request that opened it).
     if !route.route.rate_limit_misses.is_empty()
+        && !ctx.system
         && matches!(purpose, Purpose::Forward | Purpose::Miss | Purpose::PassThrough | Purpose::Revalidate)
     {
         ctx.rt.limits.admit_miss(ctx).await?;

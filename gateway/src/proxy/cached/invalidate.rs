@@ -7,9 +7,9 @@
 //! route computes (its plugin's, or the policy's). A write to `/products` on one host never
 //! touches another host's `/products`, and never ranges over an index of paths.
 
+use crate::proxy::body::ClientBody;
 use http::header;
 use http::{Method, Response};
-use hyper::body::Incoming;
 
 use super::{is_unsafe, route_plugin};
 use crate::cache::{key, Purge};
@@ -24,7 +24,7 @@ use crate::Body;
 /// invalidates what RFC 9111 §4.4 names, the route's `invalidate.tags` and the plugin's choice.
 pub(in crate::proxy) async fn forward_and_invalidate(
     req: &RequestCtx,
-    body: Incoming,
+    body: ClientBody,
 ) -> Result<Response<Body>, GatewayError> {
     let route = req.route();
     let c = &req.canon;

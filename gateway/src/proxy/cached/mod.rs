@@ -10,16 +10,17 @@
 
 mod fill;
 mod invalidate;
+pub(crate) mod ops;
 mod respond;
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::proxy::body::ClientBody;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Response};
 use http_body::Body as _;
-use hyper::body::Incoming;
 
 use self::fill::{buffered, collect, fetch, Collected, Mode};
 use self::respond::serve_entry;
@@ -96,7 +97,7 @@ pub(super) fn route_plugin(route: &RouteRuntime) -> Option<&Arc<Loaded>> {
 pub(super) async fn serve(
     req: Arc<RequestCtx>,
     cfg: &Arc<RouteCache>,
-    body: Incoming,
+    body: ClientBody,
 ) -> Result<Response<Body>, GatewayError> {
     match serve_inner(req, cfg, body).await {
         Ok(r) => Ok(r),
@@ -121,7 +122,7 @@ async fn pass_through(req: &RequestCtx, body: Option<Body>) -> Result<Response<B
 async fn serve_inner(
     req: Arc<RequestCtx>,
     cfg: &Arc<RouteCache>,
-    body: Incoming,
+    body: ClientBody,
 ) -> Result<Response<Body>, GatewayError> {
     let route = req.route();
     let method = req.canon.method.clone();
@@ -165,11 +166,6 @@ async fn serve_inner(
         return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::Body, stored: false }));
     }
 
-    let class = if method == Method::POST { "POST" } else { "GET" };
-    let hash = post_body.as_deref().map(key::body_hash);
-    let c = &req.canon;
-    let mut primary = key::primary(&route.route.name, class, c.scheme, &c.authority, &c.path_query, hash.as_deref());
-
     let bypass = if facts.cookie && !cfg.share_private {
         Some(BypassReason::Cookie)
     } else if facts.authorization && !cfg.share_private {
@@ -177,19 +173,8 @@ async fn serve_inner(
     } else {
         None
     };
-    // The plugin may change the key (never the sharing rules above), or keep the cache out.
-    let mut plugin_bypass = None;
-    if let (Some(plugin), None) = (route_plugin(route), &bypass) {
-        match plugin.cache_key(&req.plugin_parts(post_body.as_deref())) {
-            Ok(KeyDecision::Key(k)) => primary = key::plugin(&route.route.name, class, &k),
-            Ok(KeyDecision::Bypass(reason)) => plugin_bypass = Some(reason),
-            // A failed call on a route that shares credentialed responses: the policy's key
-            // would mix what the plugin keeps apart (tenants, say), so the cache stays out.
-            Err(f) if cfg.share_private => plugin_bypass = Some(format!("failed ({})", f.as_str())),
-            // `Policy`, or a failed call: the policy's key.
-            Ok(KeyDecision::Policy) | Err(_) => {}
-        }
-    }
+    let chosen = choose_key(&req, cfg, post_body.as_deref(), bypass.is_none());
+    let (primary, plugin_bypass) = (chosen.primary, chosen.plugin_bypass);
     let ctx = Ctx { req: req.clone(), cfg: cfg.clone(), cache: req.rt.cache.clone(), facts, primary, body: post_body };
     if let Some(reason) = plugin_bypass {
         // Neither read nor stored: the request goes through as the client sent it.
@@ -204,9 +189,47 @@ async fn serve_inner(
     lookup_and_serve(&ctx).await
 }
 
+/// The primary key of a request, and who chose it.
+pub(crate) struct KeyChoice {
+    pub primary: String,
+    /// `policy` or `plugin`.
+    pub by: &'static str,
+    /// The plugin kept the cache out (its reason), or failed where that must keep it out.
+    pub plugin_bypass: Option<String>,
+}
+
+/// The policy's key (route, method class, scheme, authority, `path?query`, body hash), unless
+/// the route's plugin (asked only when `ask_plugin`) names its own or keeps the cache out.
+pub(crate) fn choose_key(req: &RequestCtx, cfg: &RouteCache, body: Option<&[u8]>, ask_plugin: bool) -> KeyChoice {
+    let route = req.route();
+    let class = if req.canon.method == Method::POST { "POST" } else { "GET" };
+    let hash = body.map(key::body_hash);
+    let c = &req.canon;
+    let mut choice = KeyChoice {
+        primary: key::primary(&route.route.name, class, c.scheme, &c.authority, &c.path_query, hash.as_deref()),
+        by: "policy",
+        plugin_bypass: None,
+    };
+    // The plugin may change the key (never the sharing rules), or keep the cache out.
+    let Some(plugin) = route_plugin(route).filter(|_| ask_plugin) else { return choice };
+    match plugin.cache_key(&req.plugin_parts(body)) {
+        Ok(KeyDecision::Key(k)) => {
+            choice.primary = key::plugin(&route.route.name, class, &k);
+            choice.by = "plugin";
+        }
+        Ok(KeyDecision::Bypass(reason)) => choice.plugin_bypass = Some(reason),
+        // A failed call on a route that shares credentialed responses: the policy's key
+        // would mix what the plugin keeps apart (tenants, say), so the cache stays out.
+        Err(f) if cfg.share_private => choice.plugin_bypass = Some(format!("failed ({})", f.as_str())),
+        // `Policy`, or a failed call: the policy's key.
+        Ok(KeyDecision::Policy) | Err(_) => {}
+    }
+    choice
+}
+
 /// Looks up the primary key and, for a `Vary` marker, the request's variant: the entry and the
 /// tier it came from, whether a Vary marker was found without the variant, and the full key.
-async fn lookup(ctx: &Ctx) -> (Option<(Arc<Entry>, Level)>, bool, String) {
+pub(crate) async fn lookup(ctx: &Ctx) -> (Option<(Arc<Entry>, Level)>, bool, String) {
     match ctx.cache.get(&ctx.primary).await {
         Some((Object::Response(e), level)) => (Some((e, level)), false, ctx.primary.clone()),
         Some((Object::Vary { headers, .. }, _)) => {
@@ -223,6 +246,7 @@ async fn lookup(ctx: &Ctx) -> (Option<(Arc<Entry>, Level)>, bool, String) {
 async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     let now = SystemTime::now();
     let (found, vary_miss, full_key) = lookup(ctx).await;
+    let _ = ctx.req.cache_key.set(full_key.clone());
     let d = &ctx.facts.directives;
     let req = &ctx.req.canon;
     let route = ctx.req.route();
