@@ -342,19 +342,7 @@ async fn route_and_serve(
     }
 
     // Phase 2: route, and the route's body limit.
-    let idx = match rt.router.route(Some(canon.host()), canon.path(), &canon.method) {
-        RouteMatch::Found(i) => i,
-        RouteMatch::MethodNotAllowed(allow) => {
-            return Err(GatewayError::MethodNotAllowed { method: canon.method.clone(), allow })
-        }
-        RouteMatch::NotFound => {
-            return Err(GatewayError::NoRoute {
-                method: canon.method.clone(),
-                host: canon.authority.clone(),
-                path: canon.path().to_string(),
-            })
-        }
-    };
+    let idx = route_of(rt, &canon)?;
     let route = &rt.routes[idx];
     if route.route.https_only && conn.tls.is_none() {
         return Ok((idx, Err(GatewayError::HttpsRequired)));
@@ -450,6 +438,21 @@ async fn route_and_serve(
         }
     }
     Ok((idx, result))
+}
+
+/// Phase 2: the route of a canonical request, or 404 `no_route` / 405.
+pub(crate) fn route_of(rt: &Runtime, canon: &Canonical) -> Result<usize, GatewayError> {
+    match rt.router.route(Some(canon.host()), canon.path(), &canon.method) {
+        RouteMatch::Found(i) => Ok(i),
+        RouteMatch::MethodNotAllowed(allow) => {
+            Err(GatewayError::MethodNotAllowed { method: canon.method.clone(), allow })
+        }
+        RouteMatch::NotFound => Err(GatewayError::NoRoute {
+            method: canon.method.clone(),
+            host: canon.authority.clone(),
+            path: canon.path().to_string(),
+        }),
+    }
 }
 
 static WEIR_DEBUG: http::HeaderName = http::HeaderName::from_static("weir-debug");

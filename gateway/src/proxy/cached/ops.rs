@@ -19,7 +19,6 @@ use crate::error::GatewayError;
 use crate::proxy::body::ClientBody;
 use crate::proxy::canonical::Canonical;
 use crate::proxy::{ConnInfo, RequestCtx};
-use crate::router::RouteMatch;
 use crate::runtime::Runtime;
 
 /// Warm-ups run at once, at most.
@@ -46,19 +45,7 @@ fn synthetic(
         parts.headers.insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
     }
     let canon = Canonical::from_head(&mut parts, scheme, false, &rt.config.server.upgrade_protocols)?;
-    let route = match rt.router.route(Some(canon.host()), canon.path(), &canon.method) {
-        RouteMatch::Found(i) => i,
-        RouteMatch::MethodNotAllowed(allow) => {
-            return Err(GatewayError::MethodNotAllowed { method: canon.method.clone(), allow })
-        }
-        RouteMatch::NotFound => {
-            return Err(GatewayError::NoRoute {
-                method: canon.method.clone(),
-                host: canon.authority.clone(),
-                path: canon.path().to_string(),
-            })
-        }
-    };
+    let route = crate::proxy::route_of(rt, &canon)?;
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     Ok(Arc::new(RequestCtx {
         rt: rt.clone(),
