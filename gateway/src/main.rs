@@ -27,6 +27,10 @@ enum Command {
         /// Write the bound addresses as JSON to this file once listening (for tests and supervisors).
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Take the listening sockets from the running instance of this configuration, then
+        /// let it drain and exit (zero-downtime restart or binary upgrade).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Check a configuration and every file it names; print FILE:LINE:COL: message per problem.
     Validate {
@@ -155,7 +159,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, ready_file } => {
+        Command::Run { config, ready_file, upgrade } => {
             let cfg = match weir::config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -179,7 +183,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(weir::server::run(cfg, weir::server::RunOptions { ready_file })) {
+            match rt.block_on(weir::server::run(cfg, weir::server::RunOptions { ready_file, upgrade })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -192,10 +192,15 @@ impl GatewayBuilder {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let config_path = dir.path().join("weir.yaml");
         std::fs::write(&config_path, yaml).map_err(|e| e.to_string())?;
+        self.spawn(dir, config_path, &[])
+    }
+
+    /// `weir run --config CONFIG EXTRA...`, logging into `dir`, waited for until ready.
+    fn spawn(self, dir: tempfile::TempDir, config_path: PathBuf, extra: &[&str]) -> Result<Gateway, String> {
         let ready = dir.path().join("ready.json");
         let log = std::fs::File::create(dir.path().join("weir.log")).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(weir_bin());
-        cmd.arg("run").arg("--config").arg(&config_path).arg("--ready-file").arg(&ready);
+        cmd.arg("run").arg("--config").arg(&config_path).arg("--ready-file").arg(&ready).args(extra);
         cmd.env("WEIR_LOG", std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()));
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -244,6 +249,13 @@ impl Gateway {
 
     pub fn addr(&self) -> SocketAddr {
         self.listen[0]
+    }
+
+    /// `weir run --upgrade` on this gateway's configuration: a new process that takes over its
+    /// listeners (this one then drains and exits by itself).
+    pub fn upgrade(&self) -> Result<Gateway, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        GatewayBuilder::default().spawn(dir, self.config_path.clone(), &["--upgrade"])
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -22,6 +22,8 @@ async fn origin() -> Origin {
             r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
             r
         } else if path == "/upload" {
+            // Slow enough that requests are always in flight (the upgrade test relies on it).
+            tokio::time::sleep(Duration::from_millis(50)).await;
             text(201, &format!("got {}", body.len()))
         } else {
             text(404, "nope")
@@ -368,4 +370,87 @@ async fn warm_explain_and_debug_headers() {
     let no =
         std::process::Command::new(weir_bin()).args(["health", "--addr", &dead, "--timeout", "2"]).output().unwrap();
     assert!(!no.status.success());
+}
+
+/// One request on a new connection (`Connection: close`) to the slow uncached route: whether a
+/// complete answer came back.
+async fn one_fresh_request(addr: std::net::SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    s.write_all(b"GET /upload HTTP/1.1\r\nHost: up.test\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    if text.starts_with("HTTP/1.1 201") && text.ends_with("got 0") {
+        Ok(())
+    } else {
+        Err(format!("answer: {text:?}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_hands_over_the_listeners_with_zero_failed_requests() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let origin = origin().await;
+    let mut old = Gateway::start(&yaml(&origin, "", "server:\n  drain_delay: 1s\n  shutdown_timeout: 10s\n"));
+    let (addr, admin) = (old.addr(), old.admin.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match one_fresh_request(addr).await {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failures.lock().unwrap().push(e);
+                        0
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::Relaxed);
+    let new = old.upgrade().expect("the new instance starts on the inherited sockets");
+    assert_eq!((new.addr(), new.admin), (addr, Some(admin)), "the same sockets, not new ones");
+    // The old one drains (readiness fails, then it stops accepting) and exits by itself.
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = old.wait_exit(Duration::from_secs(30));
+        let log = old.log();
+        // Kept: its directory holds the configuration the next upgrade reads.
+        (status, log, old)
+    })
+    .await
+    .unwrap();
+    assert!(exited.0.is_some_and(|s| s.success()), "the old instance exits cleanly:\n{}", exited.1);
+    assert!(exited.1.contains("handed over to a new instance"), "{}", exited.1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    let total = ok.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        total + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(total > before + 50, "requests kept flowing through the upgrade: {before} then {total}");
+    assert_eq!(get(&format!("http://{admin}/readyz")).await.status, 200);
+    // And the new instance can hand over in turn.
+    let newer = new.upgrade().expect("a second upgrade");
+    assert_eq!(newer.addr(), addr);
+    assert_eq!(one_fresh_request(addr).await, Ok(()));
 }

@@ -110,6 +110,9 @@ pub struct ServerSettings {
     /// After SIGTERM (or an upgrade hand-over) `/readyz` fails for this long before listeners
     /// stop accepting, so load balancers stop sending first.
     pub drain_delay: Duration,
+    /// Where `weir run --upgrade` finds this instance (default: one per configuration file in
+    /// the temporary directory).
+    pub upgrade_socket: Option<PathBuf>,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are believed and extended.
     pub trusted_proxies: Vec<IpNet>,
     /// Client connections open at once, over every listener; beyond it new ones wait in the

@@ -191,6 +191,7 @@ pub struct RawServer {
     pub header_read_timeout: Option<Text>,
     pub shutdown_timeout: Option<Text>,
     pub drain_delay: Option<Text>,
+    pub upgrade_socket: Option<String>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     pub max_connections: Option<Text>,

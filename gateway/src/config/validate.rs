@@ -980,6 +980,7 @@ impl Validator {
                 s.and_then(|s| s.drain_delay.as_ref()),
                 Duration::ZERO,
             ),
+            upgrade_socket: s.and_then(|s| s.upgrade_socket.as_ref()).map(|p| src.dir.join(p)),
             trusted_proxies: trusted,
             max_connections: usize::try_from(self.count(
                 src,

@@ -21,6 +21,10 @@ use crate::proxy::ConnInfo;
 use crate::tls::Acceptor;
 use crate::Body;
 
+/// How long after it stops accepting a listener lets just-accepted connections send their
+/// first request before draining.
+const SETTLE: Duration = Duration::from_millis(500);
+
 /// hyper's own read buffer: Weir's JSON 431 (`server.max_header_bytes`, ≤ 60 KiB) triggers first.
 const HYPER_MAX_BUF: usize = 64 << 10;
 
@@ -142,6 +146,11 @@ where
         }
     }
     drop(listener);
+    // A connection accepted just now may not have had its first request read yet, and a
+    // graceful shutdown closes a connection with no request in flight: let such requests
+    // arrive (keep-alive connections keep being served meanwhile) before asking connections
+    // to finish.
+    tokio::time::sleep(SETTLE.min(drain)).await;
     tokio::select! {
         _ = graceful.shutdown() => tracing::debug!(%local, "all connections drained"),
         _ = tokio::time::sleep(drain) => tracing::warn!(%local, "drain timeout reached; closing remaining connections"),

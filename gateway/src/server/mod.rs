@@ -2,6 +2,7 @@
 //! SIGINT/SIGTERM (graceful drain) while SIGHUP reloads the configuration.
 
 pub mod listener;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub enum StartError {
     Redis(#[from] crate::redis::RedisStartError),
     #[error("listen[{index}].tls: {message}")]
     Tls { index: usize, message: String },
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     #[error("cannot open the access log: {0}")]
     AccessLog(std::io::Error),
     #[error("cannot write ready file {path}: {source}")]
@@ -39,6 +42,8 @@ pub enum StartError {
 pub struct RunOptions {
     /// Written once every listener is bound: `{"listen": ["ip:port", ...], "admin": "ip:port"}`.
     pub ready_file: Option<PathBuf>,
+    /// Take the listeners from the running instance (`weir run --upgrade`).
+    pub upgrade: bool,
 }
 
 /// Shortest admin token accepted: 32 bytes, a brute force is out of reach.
@@ -54,15 +59,53 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         None => None,
     };
 
+    let upgrade_path = upgrade::socket_path(config.server.upgrade_socket.as_deref(), &config.source);
+    let mut inherited = if opts.upgrade {
+        let path = upgrade_path.clone();
+        let got = tokio::task::spawn_blocking(move || upgrade::receive(&path))
+            .await
+            .map_err(|e| StartError::Upgrade(e.to_string()))?
+            .map_err(|e| StartError::Upgrade(e.to_string()))?;
+        if got.listeners.len() != config.listeners.len() || got.admin.is_some() != config.admin.is_some() {
+            return Err(StartError::Upgrade(format!(
+                "the running instance has {} listeners{}; this configuration has {}{}: listeners change with a restart",
+                got.listeners.len(),
+                if got.admin.is_some() { " and an admin API" } else { "" },
+                config.listeners.len(),
+                if config.admin.is_some() { " and an admin API" } else { "" },
+            )));
+        }
+        tracing::info!(sockets = got.listeners.len(), "took over the running instance's listeners");
+        Some(got)
+    } else {
+        None
+    };
+    let adopt = |l: std::net::TcpListener, addr: SocketAddr| -> Result<TcpListener, StartError> {
+        l.set_nonblocking(true).map_err(|source| StartError::Bind { addr, source })?;
+        TcpListener::from_std(l).map_err(|source| StartError::Bind { addr, source })
+    };
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let tcp = TcpListener::bind(l.addr).await.map_err(|source| StartError::Bind { addr: l.addr, source })?;
+        let tcp = match inherited.as_mut() {
+            Some(inh) => adopt(inh.listeners.remove(0), l.addr)?,
+            None => TcpListener::bind(l.addr).await.map_err(|source| StartError::Bind { addr: l.addr, source })?,
+        };
         bound.push(tcp);
     }
     let admin_listener = match &config.admin {
-        Some(a) => Some(TcpListener::bind(a.addr).await.map_err(|source| StartError::Bind { addr: a.addr, source })?),
+        Some(a) => Some(match inherited.as_mut().and_then(|inh| inh.admin.take()) {
+            Some(l) => adopt(l, a.addr)?,
+            None => TcpListener::bind(a.addr).await.map_err(|source| StartError::Bind { addr: a.addr, source })?,
+        }),
         None => None,
     };
+    // Copies of the listening sockets, for handing them to the next instance.
+    let mut handover: Vec<std::os::fd::OwnedFd> = Vec::new();
+    for l in bound.iter().chain(admin_listener.iter()) {
+        if let Ok(fd) = std::os::fd::AsFd::as_fd(l).try_clone_to_owned() {
+            handover.push(fd);
+        }
+    }
     let addrs: Vec<String> = bound.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string());
     for a in &addrs {
@@ -137,6 +180,34 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         let doc = serde_json::json!({"listen": addrs, "admin": admin_addr});
         std::fs::write(path, doc.to_string()).map_err(|source| StartError::ReadyFile { path: path.clone(), source })?;
     }
+    if let Some(inh) = inherited {
+        // Serving now: the old instance may let go.
+        match tokio::task::spawn_blocking(move || inh.ready()).await {
+            Ok(Ok(())) => tracing::info!("the previous instance released its listeners and is draining"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the previous instance did not confirm the hand-over"),
+            Err(e) => tracing::warn!(error = %e, "hand-over task failed"),
+        }
+    }
+    // Answer the next `weir run --upgrade` (on a thread of its own: it blocks on the socket).
+    let (handed_tx, mut handed_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut upgradable = match upgrade::bind(&upgrade_path) {
+        Ok(l) => {
+            let admin = admin_addr.is_some();
+            std::thread::Builder::new()
+                .name("weir-upgrade".into())
+                .spawn(move || {
+                    upgrade::serve(l, handover, admin);
+                    let _ = handed_tx.send(());
+                })
+                .is_ok()
+        }
+        Err(e) => {
+            tracing::warn!(path = %upgrade_path.display(), error = %e, "zero-downtime upgrade unavailable: cannot bind the upgrade socket");
+            false
+        }
+    };
+    let owns_socket = upgradable;
+    let mut handed_over = false;
 
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
@@ -145,6 +216,14 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            res = &mut handed_rx, if upgradable => {
+                if res.is_ok() {
+                    tracing::info!("handed over to a new instance: draining");
+                    handed_over = true;
+                    break;
+                }
+                upgradable = false;
+            }
             _ = hup.recv() => {
                 if let Err(e) = gateway.reload_off_thread().await {
                     tracing::error!("reload rejected, the previous configuration keeps serving:\n{e}");
@@ -162,6 +241,10 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
+    }
+    if owns_socket && !handed_over {
+        // The next instance binds its own; a hand-over's successor already has.
+        let _ = std::fs::remove_file(&upgrade_path);
     }
     tracing::info!("stopped");
     Ok(())
