@@ -137,48 +137,29 @@ fn request_histogram() -> Histogram {
     Histogram::new(REQUEST_BUCKETS.iter().copied())
 }
 
-/// Cache lookups and hits per second over the last minute, in 60 one-second slots tagged with
-/// their second (a slot from an older minute counts as empty).
-#[derive(Debug)]
+/// Cache lookups and hits over the last minute, for `/health`: a sampler reads the cache
+/// counters once a second (`sample`), so a request pays nothing for it.
+#[derive(Debug, Default)]
 pub struct HitWindow {
-    slots: Vec<[std::sync::atomic::AtomicU64; 3]>,
-}
-
-impl Default for HitWindow {
-    fn default() -> Self {
-        HitWindow { slots: (0..60).map(|_| Default::default()).collect() }
-    }
+    /// (when, lookups so far, hits so far), oldest first, about a minute of them.
+    samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64, u64)>>,
 }
 
 impl HitWindow {
-    fn now() -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-    }
-
-    pub fn record(&self, hit: bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = Self::now();
-        let slot = &self.slots[usize::try_from(now % 60).unwrap_or(0)];
-        if slot[0].load(Relaxed) != now {
-            // The first of a new second resets the slot (a race loses at most a few counts).
-            slot[0].store(now, Relaxed);
-            slot[1].store(0, Relaxed);
-            slot[2].store(0, Relaxed);
-        }
-        slot[1].fetch_add(1, Relaxed);
-        if hit {
-            slot[2].fetch_add(1, Relaxed);
+    pub fn sample(&self, lookups: u64, hits: u64) {
+        let now = std::time::Instant::now();
+        let mut s = self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.push_back((now, lookups, hits));
+        while s.front().is_some_and(|(t, _, _)| now.duration_since(*t) > Duration::from_secs(60)) {
+            s.pop_front();
         }
     }
 
-    /// (lookups, hits) over the last 60 seconds.
-    pub fn last_minute(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = Self::now();
-        self.slots
-            .iter()
-            .filter(|s| now.saturating_sub(s[0].load(Relaxed)) < 60)
-            .fold((0, 0), |(n, h), s| (n + s[1].load(Relaxed), h + s[2].load(Relaxed)))
+    /// (lookups, hits) between the oldest sample of the last minute and `now_totals`.
+    pub fn last_minute(&self, now_totals: (u64, u64)) -> (u64, u64) {
+        let s = self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (_, l0, h0) = s.front().copied().unwrap_or((std::time::Instant::now(), 0, 0));
+        (now_totals.0.saturating_sub(l0), now_totals.1.saturating_sub(h0))
     }
 }
 
@@ -381,7 +362,7 @@ impl Metrics {
     }
 
     /// Counters of one route's cache, resolved once.
-    pub fn route_cache(self: &Arc<Self>, route: &Arc<String>) -> RouteCacheMetrics {
+    pub fn route_cache(&self, route: &Arc<String>) -> RouteCacheMetrics {
         // One statement per counter: `get_or_create` returns a read guard, and guards that live to
         // the end of one larger expression deadlock the next insert into the same family.
         let r = || route.clone();
@@ -389,7 +370,7 @@ impl Metrics {
         let hit_l2 = self.cache_hits.get_or_create_owned(&RouteLevel { route: r(), level: "l2" });
         let miss = self.cache_misses.get_or_create_owned(&RouteLabel { route: r() });
         let stale = self.cache_stale.get_or_create_owned(&RouteLabel { route: r() });
-        RouteCacheMetrics { recent: self.clone(), hit_l1, hit_l2, miss, stale }
+        RouteCacheMetrics { hit_l1, hit_l2, miss, stale }
     }
 
     /// `weir_connections{listener,state}` of one listener.
@@ -528,7 +509,6 @@ pub struct RouteStats {
 /// One route's cache counters.
 #[derive(Debug, Clone)]
 pub struct RouteCacheMetrics {
-    recent: Arc<Metrics>,
     hit_l1: Counter,
     hit_l2: Counter,
     miss: Counter,
@@ -536,16 +516,15 @@ pub struct RouteCacheMetrics {
 }
 
 impl RouteCacheMetrics {
+    /// (lookups, hits) so far: fresh and stale hits, and misses (collapsed and revalidated
+    /// ones too).
+    pub fn totals(&self) -> (u64, u64) {
+        let hits = self.hit_l1.get() + self.hit_l2.get() + self.stale.get();
+        (hits + self.miss.get(), hits)
+    }
+
     /// Labels an outcome the way `Outcome::label` names it.
     pub fn record(&self, outcome: &Outcome) {
-        if let Some(hit) = match outcome {
-            Outcome::Hit { .. } => Some(true),
-            o if matches!(o.label(), "stale") => Some(true),
-            o if matches!(o.label(), "miss" | "collapsed" | "revalidated") => Some(false),
-            _ => None,
-        } {
-            self.recent.recent.record(hit);
-        }
         match outcome {
             Outcome::Hit { level: Level::L1 } => self.hit_l1.inc(),
             Outcome::Hit { level: Level::L2 } => self.hit_l2.inc(),

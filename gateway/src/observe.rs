@@ -27,13 +27,17 @@ const MAX_REQUEST_ID: usize = 128;
 pub struct Ids {
     pub request_id: HeaderValue,
     pub trace: Trace,
+    /// `traceparent` for the upstream hop (and the access log).
+    pub traceparent: HeaderValue,
 }
 
 impl Ids {
     /// The id from a trusted peer's `X-Request-Id` when it is printable and short, else a new
-    /// one; the trace continued from a valid `traceparent`, else a new trace.
+    /// one; the trace continued from a valid `traceparent`, else a new trace. Both values come
+    /// out of one buffer (one allocation per request).
     pub fn of(headers: &HeaderMap, trusted: bool) -> Ids {
-        let request_id = headers
+        let trace = Trace::of(headers);
+        let kept = headers
             .get(&X_REQUEST_ID)
             .filter(|v| {
                 trusted
@@ -41,9 +45,35 @@ impl Ids {
                     && v.len() <= MAX_REQUEST_ID
                     && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
             })
-            .cloned()
-            .unwrap_or_else(|| hex_value(&fastrand::u128(..).to_be_bytes()));
-        Ids { request_id, trace: Trace::of(headers) }
+            .cloned();
+        // `00-<32 hex>-<16 hex>-<2 hex>` then 32 hex of a new request id.
+        let mut buf = [0u8; 55 + 32];
+        buf[..3].copy_from_slice(b"00-");
+        hex_into(&mut buf[3..35], &trace.trace_id.to_be_bytes());
+        buf[35] = b'-';
+        hex_into(&mut buf[36..52], &trace.span_id.to_be_bytes());
+        buf[52] = b'-';
+        hex_into(&mut buf[53..55], &[trace.flags]);
+        let len = if kept.is_none() {
+            hex_into(&mut buf[55..], &fastrand::u128(..).to_be_bytes());
+            buf.len()
+        } else {
+            55
+        };
+        let buf = bytes::Bytes::copy_from_slice(&buf[..len]);
+        let value =
+            |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).unwrap_or_else(|_| HeaderValue::from_static("0"));
+        let traceparent = value(buf.slice(..55));
+        let request_id = kept.unwrap_or_else(|| value(buf.slice(55..)));
+        Ids { request_id, trace, traceparent }
+    }
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 15)];
     }
 }
 
@@ -66,12 +96,6 @@ impl Trace {
             None => Trace { trace_id: nonzero_u128(), span_id, parent_id: None, flags: 0 },
         }
     }
-
-    /// `traceparent` for the upstream hop: the same trace, Weir's span as the parent.
-    pub fn header(&self) -> HeaderValue {
-        let text = format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags);
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
-    }
 }
 
 fn nonzero_u64() -> u64 {
@@ -80,15 +104,6 @@ fn nonzero_u64() -> u64 {
 
 fn nonzero_u128() -> u128 {
     fastrand::u128(1..)
-}
-
-fn hex_value(bytes: &[u8]) -> HeaderValue {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 15)]));
-    }
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -276,30 +291,84 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
+/// One JSON object, written by hand into a reused buffer: the writer thread shares the server's
+/// cores, and building a `serde_json::Value` per line cost more than the request it logs.
 fn json_line(r: &Record, out: &mut String) {
-    let s = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
-    let doc = serde_json::json!({
-        "ts": rfc3339(r.ts),
-        "request_id": s(&r.request_id),
-        "route": r.route.as_deref(),
-        "method": r.method.as_str(),
-        "authority": r.authority,
-        "path": r.path,
-        "status": r.status,
-        "cache": r.cache.as_ref().map(cache_outcome),
-        "upstream": r.upstream,
-        "upstream_status": r.upstream_status,
-        "duration_ms": ms(r.duration),
-        "upstream_ms": r.upstream_time.map(ms),
-        "bytes_in": r.bytes_in,
-        "bytes_out": r.bytes_out,
-        "client_ip": r.client_ip.map(|ip| ip.to_string()),
-        "consumer": r.consumer,
-        "tls": r.tls,
-        "traceparent": s(&r.traceparent),
-        "error": r.error,
-    });
-    out.push_str(&doc.to_string());
+    use std::fmt::Write as _;
+    let lossy = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    out.push_str("{\"ts\":\"");
+    out.push_str(&rfc3339(r.ts));
+    out.push_str("\",\"request_id\":");
+    json_str(out, &lossy(&r.request_id));
+    out.push_str(",\"route\":");
+    json_opt(out, r.route.as_deref().map(String::as_str));
+    out.push_str(",\"method\":");
+    json_str(out, r.method.as_str());
+    out.push_str(",\"authority\":");
+    json_str(out, &r.authority);
+    out.push_str(",\"path\":");
+    json_str(out, &r.path);
+    let _ = write!(out, ",\"status\":{}", r.status);
+    out.push_str(",\"cache\":");
+    json_opt(out, r.cache.as_ref().map(cache_outcome));
+    out.push_str(",\"upstream\":");
+    json_opt(out, r.upstream.as_deref());
+    out.push_str(",\"upstream_status\":");
+    match r.upstream_status {
+        Some(s) => {
+            let _ = write!(out, "{s}");
+        }
+        None => out.push_str("null"),
+    }
+    let _ = write!(out, ",\"duration_ms\":{}", ms(r.duration));
+    out.push_str(",\"upstream_ms\":");
+    match r.upstream_time {
+        Some(t) => {
+            let _ = write!(out, "{}", ms(t));
+        }
+        None => out.push_str("null"),
+    }
+    let _ = write!(out, ",\"bytes_in\":{},\"bytes_out\":{}", r.bytes_in, r.bytes_out);
+    out.push_str(",\"client_ip\":");
+    match r.client_ip {
+        Some(ip) => {
+            let _ = write!(out, "\"{ip}\"");
+        }
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"consumer\":");
+    json_opt(out, r.consumer.as_deref());
+    out.push_str(",\"tls\":");
+    json_opt(out, r.tls);
+    out.push_str(",\"traceparent\":");
+    json_str(out, &lossy(&r.traceparent));
+    out.push_str(",\"error\":");
+    json_opt(out, r.error);
+    out.push('}');
+}
+
+fn json_opt(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+/// A JSON string (RFC 8259 §7): quotes, backslashes and control characters escaped.
+fn json_str(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// `ts request_id client_ip "METHOD authority path" status cache duration_ms bytes_out route
@@ -367,6 +436,54 @@ mod tests {
         assert_eq!(own.len(), 32);
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
         assert_ne!(Ids::of(&h, true).request_id, "has space");
+    }
+
+    #[test]
+    fn traceparent_continues_the_trace_with_a_new_span() {
+        let mut h = HeaderMap::new();
+        h.insert(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        let ids = Ids::of(&h, false);
+        let tp = ids.traceparent.to_str().unwrap();
+        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"), "{tp}");
+        assert_eq!(parse_traceparent(tp.as_bytes()).map(|t| t.1), Some(ids.trace.span_id));
+        assert_ne!(ids.trace.span_id, 0x00f067aa0ba902b7);
+        assert_eq!(ids.trace.parent_id, Some(0x00f067aa0ba902b7));
+        let fresh = Ids::of(&HeaderMap::new(), false);
+        assert!(parse_traceparent(fresh.traceparent.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn json_lines_parse_whatever_the_fields_hold() {
+        let r = Record {
+            ts: SystemTime::UNIX_EPOCH,
+            request_id: HeaderValue::from_static("id"),
+            route: Some(Arc::new("r".into())),
+            method: Method::GET,
+            authority: "a\"b".into(),
+            path: "/p\\q\u{1}\u{e9}".into(),
+            status: 200,
+            cache: Some(HeaderValue::from_static("weir; fwd=miss; stored")),
+            upstream: None,
+            upstream_status: Some(200),
+            duration: Duration::from_micros(1500),
+            upstream_time: None,
+            bytes_in: 1,
+            bytes_out: 2,
+            client_ip: Some(IpAddr::from([127, 0, 0, 1])),
+            consumer: None,
+            tls: Some("TLSv1.3"),
+            traceparent: HeaderValue::from_static("00-x"),
+            error: None,
+        };
+        let mut line = String::new();
+        json_line(&r, &mut line);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["authority"], "a\"b");
+        assert_eq!(v["path"], "/p\\q\u{1}\u{e9}");
+        assert_eq!(v["cache"], "miss");
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["upstream"], serde_json::Value::Null);
+        assert_eq!(v["client_ip"], "127.0.0.1");
     }
 
     #[test]

@@ -180,6 +180,16 @@ impl Gateway {
         }
     }
 
+    /// Cache (lookups, hits) so far, over every route.
+    pub fn cache_totals(&self) -> (u64, u64) {
+        self.runtime()
+            .routes
+            .iter()
+            .filter_map(|r| r.cache_metrics.as_ref())
+            .map(RouteCacheMetrics::totals)
+            .fold((0, 0), |(l, h), (a, b)| (l + a, h + b))
+    }
+
     /// The access log (once, at start).
     pub fn set_access_log(&self, log: Arc<crate::observe::AccessLog>) {
         let _ = self.access.set(log);

@@ -350,7 +350,7 @@ impl Admin {
                 (json, if up { "ok" } else { "degraded" })
             }
         };
-        let (lookups, hits) = rt.metrics.recent.last_minute();
+        let (lookups, hits) = rt.metrics.recent.last_minute(self.gateway.cache_totals());
         #[allow(clippy::cast_precision_loss)]
         let ratio = (hits as f64 / lookups.max(1) as f64 * 1e4).round() / 1e4;
         json_response(

@@ -92,6 +92,9 @@ pub struct Canonical {
 /// request gets its 401/413/429 without the client ever sending the body. Any other
 /// expectation is 417.
 fn expectation(headers: &mut http::HeaderMap) -> Result<(), GatewayError> {
+    if !headers.contains_key(header::EXPECT) {
+        return Ok(());
+    }
     for v in headers.get_all(header::EXPECT) {
         let ok = v.to_str().is_ok_and(|s| s.split(',').all(|e| e.trim().eq_ignore_ascii_case("100-continue")));
         if !ok {

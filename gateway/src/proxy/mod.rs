@@ -116,8 +116,11 @@ pub struct RequestCtx {
     pub hop: std::sync::OnceLock<Hop>,
     /// Request body bytes read so far (counted only when the access log is on).
     pub bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
-    /// The cache key the lookup used (Vary variant included), for `Weir-Debug-Key`.
+    /// The cache key the lookup used (Vary variant included), for `Weir-Debug-Key`: kept only
+    /// when `debug`.
     pub cache_key: std::sync::OnceLock<String>,
+    /// The request carried the right `Weir-Debug` token.
+    pub debug: bool,
     /// Weir's own request (an admin warm-up): no consumer, no rate limit, budgets charge
     /// `_system`.
     pub system: bool,
@@ -256,14 +259,25 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
                 client_ip: Some(seen.client_ip.unwrap_or_else(|| peer.ip().to_canonical())),
                 consumer: seen.consumer,
                 tls: tls_version,
-                traceparent: ids.trace.header(),
+                traceparent: ids.traceparent.clone(),
                 error,
             }),
             seen.bytes_in,
         )
     });
-    let bytes = stats.response_bytes.clone();
-    resp.map(|b| body::Counting::new(b, body::Sent::new(started, bytes, record)).boxed())
+    // A body of known size with no log line to write is counted now (a hit, an error);
+    // anything else is counted as it streams.
+    let exact = resp.body().size_hint().exact();
+    match (record, exact) {
+        (None, Some(n)) => {
+            stats.response_bytes.inc_by(n);
+            resp
+        }
+        (record, _) => {
+            let bytes = stats.response_bytes.clone();
+            resp.map(|b| body::Counting::new(b, body::Sent::new(started, bytes, record)).boxed())
+        }
+    }
 }
 
 /// What the phases learned that the access log reports (filled only when it is on).
@@ -314,8 +328,9 @@ async fn route_and_serve(
     let mut canon = Canonical::from_head(&mut parts, conn.scheme, trusted, &server.upgrade_protocols)?;
     // The request's id and Weir's span go upstream (the client's own were replaced; its
     // `tracestate` passes unchanged).
+    canon.headers.reserve(2);
     canon.headers.insert(X_REQUEST_ID.clone(), ids.request_id.clone());
-    canon.headers.insert(TRACEPARENT.clone(), ids.trace.header());
+    canon.headers.insert(TRACEPARENT.clone(), ids.traceparent.clone());
     // `Weir-Debug` never goes upstream; with the right token the answer explains itself.
     let debug = match (canon.headers.remove(&WEIR_DEBUG), &rt.config.debug_token) {
         (Some(v), Some(token)) if token.matches(v.as_bytes()) => true,
@@ -388,6 +403,7 @@ async fn route_and_serve(
         hop: std::sync::OnceLock::new(),
         bytes_in: seen.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0))),
         cache_key: std::sync::OnceLock::new(),
+        debug,
         system: false,
     });
     if let Some(s) = seen.as_deref_mut() {

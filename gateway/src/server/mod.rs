@@ -139,6 +139,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         }
     }
     gateway.set_tls(acceptors.clone());
+    tokio::spawn(sample_hits(gateway.clone()));
     if !acceptors.is_empty() {
         tokio::spawn(watch_tls_files(gateway.clone()));
     }
@@ -248,6 +249,16 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Once a second, the cache counters into `/health`'s last-minute hit rate.
+async fn sample_hits(gateway: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (lookups, hits) = gateway.cache_totals();
+        gateway.runtime().metrics.recent.sample(lookups, hits);
+    }
 }
 
 /// How often certificate files are looked at.

@@ -327,6 +327,9 @@ fn build_entry(
     // Placeholders a hit overwrites in place: the cloned map never has to grow.
     headers.insert(header::AGE, HeaderValue::from_static("0"));
     headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static("weir"));
+    // `X-Request-Id` is every response's own (an origin's echo is never replayed): its slot
+    // too, so adding it to a hit never reallocates the map.
+    headers.insert(crate::observe::X_REQUEST_ID.clone(), HeaderValue::from_static("-"));
     let mut tags: Vec<String> = ctx.req.route().route.invalidate.as_ref().map(|i| i.tags.clone()).unwrap_or_default();
     let from_headers = headers
         .get_all(&SURROGATE_KEY)

@@ -246,7 +246,9 @@ pub(crate) async fn lookup(ctx: &Ctx) -> (Option<(Arc<Entry>, Level)>, bool, Str
 async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     let now = SystemTime::now();
     let (found, vary_miss, full_key) = lookup(ctx).await;
-    let _ = ctx.req.cache_key.set(full_key.clone());
+    if ctx.req.debug {
+        let _ = ctx.req.cache_key.set(full_key.clone());
+    }
     let d = &ctx.facts.directives;
     let req = &ctx.req.canon;
     let route = ctx.req.route();

@@ -58,6 +58,7 @@ fn synthetic(
         hop: std::sync::OnceLock::new(),
         bytes_in: None,
         cache_key: std::sync::OnceLock::new(),
+        debug: false,
         system: true,
     }))
 }
