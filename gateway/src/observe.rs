@@ -244,8 +244,13 @@ fn open(to: &Sink) -> std::io::Result<Box<dyn std::io::Write + Send>> {
     })
 }
 
-/// The writer thread: lines are buffered and flushed whenever the queue is empty, so a burst
-/// costs one write and a quiet log is never behind.
+/// How long the writer sleeps when the queue is empty. It polls instead of blocking on the
+/// queue: a blocked receiver makes every request's `try_send` wake it (a futex call and a
+/// context switch per line, measured at half the L1-hit throughput); a sleeping one is woken
+/// by nobody and drains a batch per tick.
+const WRITER_TICK: Duration = Duration::from_millis(20);
+
+/// The writer thread: each tick drains the queue into a 64 KiB buffer and flushes it.
 fn write_lines(
     rx: &Receiver<Record>,
     out: Box<dyn std::io::Write + Send>,
@@ -255,7 +260,7 @@ fn write_lines(
 ) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
     let mut line = String::with_capacity(512);
-    while let Ok(first) = rx.recv() {
+    loop {
         if reopen.swap(false, Ordering::Relaxed) {
             let _ = out.flush();
             match open(to) {
@@ -263,20 +268,26 @@ fn write_lines(
                 Err(e) => tracing::warn!(error = %e, "cannot reopen the access log; writing to the old file"),
             }
         }
-        let mut next = Some(first);
-        while let Some(r) = next {
-            line.clear();
-            match format {
-                Format::Text => text_line(&r, &mut line),
-                _ => json_line(&r, &mut line),
+        loop {
+            match rx.try_recv() {
+                Ok(r) => {
+                    line.clear();
+                    match format {
+                        Format::Text => text_line(&r, &mut line),
+                        _ => json_line(&r, &mut line),
+                    }
+                    line.push('\n');
+                    let _ = out.write_all(line.as_bytes());
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
             }
-            line.push('\n');
-            if out.write_all(line.as_bytes()).is_err() {
-                break;
-            }
-            next = rx.try_recv().ok();
         }
         let _ = out.flush();
+        std::thread::sleep(WRITER_TICK);
     }
 }
 
