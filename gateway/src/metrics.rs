@@ -114,6 +114,7 @@ pub struct Metrics {
     connections: Family<ListenerState, Gauge>,
     pub access_log_dropped: Counter,
     pub debug_rejected: Counter,
+    pub spans_dropped: Counter,
     /// Hits and lookups of the last minute, for `/health`.
     pub recent: HitWindow,
 }
@@ -325,7 +326,14 @@ impl Metrics {
             "Requests with a Weir-Debug header whose token was wrong (ignored)",
             debug_rejected.clone(),
         );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "weir_trace_spans_dropped",
+            "Spans not delivered to the OTLP collector (queue full, collector down)",
+            spans_dropped.clone(),
+        );
         Arc::new(Metrics {
+            spans_dropped,
             request_duration,
             response_bytes,
             connections,

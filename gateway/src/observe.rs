@@ -35,8 +35,12 @@ impl Ids {
     /// The id from a trusted peer's `X-Request-Id` when it is printable and short, else a new
     /// one; the trace continued from a valid `traceparent`, else a new trace. Both values come
     /// out of one buffer (one allocation per request).
-    pub fn of(headers: &HeaderMap, trusted: bool) -> Ids {
-        let trace = Trace::of(headers);
+    pub fn of(headers: &HeaderMap, trusted: bool, sample_new: bool) -> Ids {
+        let mut trace = Trace::of(headers);
+        if sample_new && trace.parent_id.is_none() {
+            // Weir starts the trace and records its span: say so downstream.
+            trace.flags |= 1;
+        }
         let kept = headers
             .get(&X_REQUEST_ID)
             .filter(|v| {
@@ -189,6 +193,8 @@ pub struct Record {
     pub traceparent: HeaderValue,
     /// Weir's error code, for responses Weir produced.
     pub error: Option<&'static str>,
+    /// The request's trace (for the span exporter).
+    pub trace: Option<Trace>,
 }
 
 /// The process's access log: the queue's sending side and what the writer needs to know.
@@ -441,25 +447,25 @@ mod tests {
     fn ids_trust_only_trusted_peers() {
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(Ids::of(&h, true).request_id, "abc-123");
-        let own = Ids::of(&h, false).request_id;
+        assert_eq!(Ids::of(&h, true, false).request_id, "abc-123");
+        let own = Ids::of(&h, false, false).request_id;
         assert_ne!(own, "abc-123");
         assert_eq!(own.len(), 32);
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(Ids::of(&h, true).request_id, "has space");
+        assert_ne!(Ids::of(&h, true, false).request_id, "has space");
     }
 
     #[test]
     fn traceparent_continues_the_trace_with_a_new_span() {
         let mut h = HeaderMap::new();
         h.insert(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        let ids = Ids::of(&h, false);
+        let ids = Ids::of(&h, false, false);
         let tp = ids.traceparent.to_str().unwrap();
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"), "{tp}");
         assert_eq!(parse_traceparent(tp.as_bytes()).map(|t| t.1), Some(ids.trace.span_id));
         assert_ne!(ids.trace.span_id, 0x00f067aa0ba902b7);
         assert_eq!(ids.trace.parent_id, Some(0x00f067aa0ba902b7));
-        let fresh = Ids::of(&HeaderMap::new(), false);
+        let fresh = Ids::of(&HeaderMap::new(), false, false);
         assert!(parse_traceparent(fresh.traceparent.as_bytes()).is_some());
     }
 
@@ -485,6 +491,7 @@ mod tests {
             tls: Some("TLSv1.3"),
             traceparent: HeaderValue::from_static("00-x"),
             error: None,
+            trace: None,
         };
         let mut line = String::new();
         json_line(&r, &mut line);
@@ -501,5 +508,137 @@ mod tests {
     fn timestamps() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_691_670_123);
         assert_eq!(rfc3339(t), "2025-12-02T16:07:50.123Z");
+    }
+}
+
+/// `tracing: {otlp, service_name}`: where spans go (OTLP/HTTP, JSON encoding), when set.
+#[derive(Debug, Clone)]
+pub struct TraceSettings {
+    /// The collector's base URL (`http://collector:4318`); spans are POSTed to `/v1/traces`.
+    pub otlp: url::Url,
+    pub service_name: String,
+}
+
+/// One server span per request, sent to an OTLP/HTTP collector in batches from a background
+/// task. Written by hand rather than with `opentelemetry-otlp`: the span is already complete
+/// in the access record (ids, times, status), the JSON encoding of OTLP is a stable wire
+/// format, and the SDK would add a second tracing pipeline, its own HTTP client stack and some
+/// forty crates to a data path that needs one `try_send`.
+#[derive(Debug)]
+pub struct SpanExporter {
+    tx: tokio::sync::mpsc::Sender<serde_json::Value>,
+    dropped: prometheus_client::metrics::counter::Counter,
+}
+
+/// Spans per export request, and the longest a span waits for its batch.
+const SPAN_BATCH: usize = 512;
+const SPAN_FLUSH: Duration = Duration::from_secs(1);
+
+impl SpanExporter {
+    /// Starts the export task (inside the runtime).
+    pub fn start(s: &TraceSettings, dropped: prometheus_client::metrics::counter::Counter) -> Arc<SpanExporter> {
+        let (tx, rx) = tokio::sync::mpsc::channel(8192);
+        let endpoint = s.otlp.join("v1/traces").unwrap_or_else(|_| s.otlp.clone());
+        tokio::spawn(export(rx, endpoint, s.service_name.clone(), dropped.clone()));
+        Arc::new(SpanExporter { tx, dropped })
+    }
+
+    /// Queues the request's span when its trace is sampled; a full queue drops it (counted).
+    pub fn export(&self, r: &Record) {
+        let Some(trace) = r.trace.filter(|t| t.flags & 1 == 1) else { return };
+        let nanos = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos().to_string();
+        let attr = |k: &str, v: serde_json::Value| serde_json::json!({"key": k, "value": v});
+        let s = |v: &str| serde_json::json!({"stringValue": v});
+        let i = |v: u64| serde_json::json!({"intValue": v.to_string()});
+        let mut attributes = vec![
+            attr("http.request.method", s(r.method.as_str())),
+            attr("url.path", s(&r.path)),
+            attr("server.address", s(&r.authority)),
+            attr("http.response.status_code", i(u64::from(r.status))),
+            attr("http.response.body.size", i(r.bytes_out)),
+        ];
+        if let Some(route) = &r.route {
+            attributes.push(attr("http.route", s(route)));
+        }
+        if let Some(c) = r.cache.as_ref().map(cache_outcome) {
+            attributes.push(attr("weir.cache", s(c)));
+        }
+        if let Some(ip) = r.client_ip {
+            attributes.push(attr("client.address", s(&ip.to_string())));
+        }
+        if let Some(c) = &r.consumer {
+            attributes.push(attr("weir.consumer", s(c)));
+        }
+        if let Some(u) = &r.upstream {
+            attributes.push(attr("weir.upstream", s(u)));
+        }
+        if let Some(code) = r.error {
+            attributes.push(attr("error.type", s(code)));
+        }
+        let mut span = serde_json::json!({
+            "traceId": format!("{:032x}", trace.trace_id),
+            "spanId": format!("{:016x}", trace.span_id),
+            "name": format!("{} {}", r.method, r.route.as_deref().map_or("", String::as_str)).trim().to_string(),
+            "kind": 2,
+            "startTimeUnixNano": nanos(r.ts),
+            "endTimeUnixNano": nanos(r.ts + r.duration),
+            "attributes": attributes,
+            "status": {"code": if r.status >= 500 { 2 } else { 0 }},
+        });
+        if let Some(p) = trace.parent_id {
+            span["parentSpanId"] = format!("{p:016x}").into();
+        }
+        if self.tx.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+async fn export(
+    mut rx: tokio::sync::mpsc::Receiver<serde_json::Value>,
+    endpoint: url::Url,
+    service: String,
+    dropped: prometheus_client::metrics::counter::Counter,
+) {
+    use http_body_util::BodyExt as _;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let mut batch = Vec::with_capacity(SPAN_BATCH);
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + SPAN_FLUSH;
+        while batch.len() < SPAN_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        let doc = serde_json::json!({"resourceSpans": [{
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+            "scopeSpans": [{"scope": {"name": "weir", "version": env!("CARGO_PKG_VERSION")}, "spans": std::mem::take(&mut batch)}],
+        }]});
+        let req = http::Request::post(endpoint.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(doc.to_string())));
+        let Ok(req) = req else { continue };
+        match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => {
+                let _ = resp.into_body().collect().await;
+            }
+            Ok(Ok(resp)) => {
+                tracing::debug!(status = %resp.status(), "the OTLP collector refused a batch of spans");
+                dropped.inc_by(n);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot reach the OTLP collector");
+                dropped.inc_by(n);
+            }
+            Err(_) => {
+                dropped.inc_by(n);
+            }
+        }
     }
 }

@@ -116,6 +116,8 @@ pub struct Gateway {
     reloading: std::sync::Mutex<()>,
     /// The access log's writer (set once at start; absent when `log.access.format: off`).
     access: std::sync::OnceLock<Arc<crate::observe::AccessLog>>,
+    /// The OTLP span exporter (set once at start, when `tracing.otlp` is).
+    spans: std::sync::OnceLock<Arc<crate::observe::SpanExporter>>,
     /// Every listener is bound and serving (`/readyz`).
     pub ready: std::sync::atomic::AtomicBool,
     /// Shutting down or handing over to a new process: `/readyz` fails from here on.
@@ -156,6 +158,7 @@ impl Gateway {
             tls: std::sync::OnceLock::new(),
             reloading: std::sync::Mutex::new(()),
             access: std::sync::OnceLock::new(),
+            spans: std::sync::OnceLock::new(),
             ready: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),
         })
@@ -197,6 +200,14 @@ impl Gateway {
 
     pub fn access_log(&self) -> Option<&Arc<crate::observe::AccessLog>> {
         self.access.get()
+    }
+
+    pub fn set_span_exporter(&self, e: Arc<crate::observe::SpanExporter>) {
+        let _ = self.spans.set(e);
+    }
+
+    pub fn span_exporter(&self) -> Option<&Arc<crate::observe::SpanExporter>> {
+        self.spans.get()
     }
 
     /// `/readyz`: serving, not draining, and Redis reachable where `redis.required`.

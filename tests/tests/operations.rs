@@ -454,3 +454,106 @@ async fn upgrade_hands_over_the_listeners_with_zero_failed_requests() {
     assert_eq!(newer.addr(), addr);
     assert_eq!(one_fresh_request(addr).await, Ok(()));
 }
+
+/// A small OTLP/HTTP receiver: every span POSTed to `/v1/traces`, with its resource's
+/// `service.name`.
+async fn otlp_receiver() -> (Origin, std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>) {
+    let spans: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>> = Default::default();
+    let s = spans.clone();
+    let o = Origin::start(move |req| {
+        let s = s.clone();
+        async move {
+            assert_eq!(req.uri().path(), "/v1/traces");
+            assert_eq!(req.headers()["content-type"], "application/json");
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            for rs in doc["resourceSpans"].as_array().unwrap() {
+                let service = rs["resource"]["attributes"][0]["value"]["stringValue"].as_str().unwrap().to_string();
+                for ss in rs["scopeSpans"].as_array().unwrap() {
+                    for span in ss["spans"].as_array().unwrap() {
+                        s.lock().unwrap().push((service.clone(), span.clone()));
+                    }
+                }
+            }
+            text(200, "{}")
+        }
+    })
+    .await;
+    (o, spans)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_are_exported_over_otlp() {
+    let origin = origin().await;
+    let (collector, spans) = otlp_receiver().await;
+    let gw = Gateway::start(&yaml(
+        &origin,
+        &format!("log:\n  access: {{ format: off }}\ntracing:\n  otlp: {}\n  service_name: edge\n", collector.url()),
+        "",
+    ));
+    let c = client();
+    let sampled = format!("00-{TRACE}-00f067aa0ba902b7-01");
+    let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let with = |tp: Option<&str>| {
+        let mut b = Request::get(gw.url("/c/span")).header("host", "api.test");
+        if let Some(tp) = tp {
+            b = b.header("traceparent", tp);
+        }
+        b.body(full("")).unwrap()
+    };
+    send(&c, with(Some(&sampled))).await;
+    send(&c, with(Some(unsampled))).await;
+    let fresh = send(&c, Request::post(gw.url("/upload")).body(full("abc")).unwrap()).await;
+    assert_eq!(fresh.status, 201);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while spans.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = spans.lock().unwrap().clone();
+    assert_eq!(got.len(), 2, "the unsampled trace is not exported: {got:?}");
+    let seen = origin.seen();
+    // The continued trace: the client's trace and parent, Weir's span = the upstream's parent.
+    let (service, s) = &got[0];
+    assert_eq!(service, "edge");
+    assert_eq!(s["traceId"], TRACE);
+    assert_eq!(s["parentSpanId"], "00f067aa0ba902b7");
+    let upstream_tp = seen[0].headers["traceparent"].to_str().unwrap().to_string();
+    assert_eq!(upstream_tp, format!("00-{TRACE}-{}-01", s["spanId"].as_str().unwrap()));
+    assert_eq!((s["kind"].as_u64(), s["name"].as_str()), (Some(2), Some("GET cached")));
+    let attr = |s: &serde_json::Value, k: &str| {
+        s["attributes"].as_array().unwrap().iter().find(|a| a["key"] == k).map(|a| a["value"].clone())
+    };
+    assert_eq!(attr(s, "http.response.status_code"), Some(serde_json::json!({"intValue": "200"})));
+    assert_eq!(attr(s, "weir.cache"), Some(serde_json::json!({"stringValue": "miss"})));
+    let start: u128 = s["startTimeUnixNano"].as_str().unwrap().parse().unwrap();
+    let end: u128 = s["endTimeUnixNano"].as_str().unwrap().parse().unwrap();
+    assert!(end >= start);
+    // A request without trace context starts a sampled trace, and says so upstream.
+    let (_, f) = &got[1];
+    assert!(f.get("parentSpanId").is_none(), "{f}");
+    let up =
+        seen.iter().find(|s| s.uri.path() == "/upload").unwrap().headers["traceparent"].to_str().unwrap().to_string();
+    assert_eq!(up, format!("00-{}-{}-01", f["traceId"].as_str().unwrap(), f["spanId"].as_str().unwrap()));
+    assert_eq!(attr(f, "http.response.status_code"), Some(serde_json::json!({"intValue": "201"})));
+    // A collector that is not there loses spans (counted), never requests.
+    drop(collector);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let gw = Gateway::start(&yaml(&origin, &format!("tracing:\n  otlp: {dead}\n"), ""));
+    for _ in 0..3 {
+        let g = send(&c, Request::get(gw.url("/c/span")).header("traceparent", &sampled).body(full("")).unwrap()).await;
+        assert_eq!(g.status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut dropped = 0;
+    while dropped < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let m = get(&gw.admin_url("/metrics")).await.text();
+        dropped = m
+            .lines()
+            .find_map(|l| l.strip_prefix("weir_trace_spans_dropped_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+    }
+    assert!(dropped >= 3, "dropped {dropped}");
+}

@@ -37,6 +37,8 @@ pub struct Config {
     pub log: crate::observe::LogSettings,
     /// `debug.token_env`: the digest of the token that unlocks `Weir-Debug` on the data plane.
     pub debug_token: Option<std::sync::Arc<crate::admin::Token>>,
+    /// `tracing.otlp`: export a span per request (read at start).
+    pub tracing: Option<crate::observe::TraceSettings>,
 }
 
 impl Config {

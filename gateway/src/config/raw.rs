@@ -26,6 +26,14 @@ pub struct RawConfig {
     pub budgets: std::collections::BTreeMap<String, RawBudgetDef>,
     pub log: Option<RawLog>,
     pub debug: Option<RawDebug>,
+    pub tracing: Option<RawTracing>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp: String,
+    pub service_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -666,6 +666,7 @@ impl Validator {
             warnings: Vec::new(),
             log: self.log(src, raw.log.as_ref()),
             debug_token: self.debug(src, raw.debug.as_ref(), raw.admin.as_ref()),
+            tracing: raw.tracing.as_ref().and_then(|t| self.tracing(src, t)),
         }
     }
 
@@ -911,6 +912,26 @@ impl Validator {
                     .unwrap_or(16_384);
         }
         out
+    }
+
+    fn tracing(&mut self, src: &Source, t: &RawTracing) -> Option<crate::observe::TraceSettings> {
+        match url::Url::parse(&t.otlp) {
+            Ok(u) if u.scheme() == "http" && u.host_str().is_some() => Some(crate::observe::TraceSettings {
+                otlp: u,
+                service_name: t.service_name.clone().unwrap_or_else(|| "weir".into()),
+            }),
+            _ => {
+                self.problems.at(
+                    src,
+                    "tracing.otlp",
+                    format!(
+                        "invalid OTLP endpoint `{}`: expected the collector's OTLP/HTTP base URL, e.g. `http://127.0.0.1:4318`",
+                        t.otlp
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn debug(

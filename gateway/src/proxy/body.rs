@@ -231,8 +231,14 @@ impl Drop for Metered {
     }
 }
 
-type AccessRecord =
-    (std::sync::Arc<crate::observe::AccessLog>, Box<crate::observe::Record>, Option<std::sync::Arc<AtomicU64>>);
+/// Where a finished request's record goes: the access log, the span exporter, or both.
+#[derive(Debug, Clone)]
+pub struct Sinks {
+    pub log: Option<std::sync::Arc<crate::observe::AccessLog>>,
+    pub spans: Option<std::sync::Arc<crate::observe::SpanExporter>>,
+}
+
+type AccessRecord = (Sinks, Box<crate::observe::Record>, Option<std::sync::Arc<AtomicU64>>);
 
 /// Where a `Counting` body's data bytes go.
 pub trait Tally {
@@ -275,11 +281,16 @@ impl Tally for Sent {
 impl Drop for Sent {
     fn drop(&mut self) {
         self.bytes.inc_by(self.sent);
-        if let Some((log, mut r, bytes_in)) = self.record.take() {
+        if let Some((sinks, mut r, bytes_in)) = self.record.take() {
             r.duration = self.started.elapsed();
             r.bytes_out = self.sent;
             r.bytes_in = bytes_in.map_or(0, |n| n.load(Ordering::Relaxed));
-            log.log(*r);
+            if let Some(spans) = &sinks.spans {
+                spans.export(&r);
+            }
+            if let Some(log) = &sinks.log {
+                log.log(*r);
+            }
         }
     }
 }

@@ -203,9 +203,13 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let hsts = conn.tls.as_ref().and_then(|t| t.hsts.clone());
     let tls_version = conn.tls.as_ref().map(|t| t.version);
     let trusted = rt.config.server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
-    let ids = Ids::of(req.headers(), trusted);
+    let spans = gw.span_exporter();
+    let ids = Ids::of(req.headers(), trusted, spans.is_some());
     let access = gw.access_log();
-    let mut seen = access.map(|_| Seen::default());
+    let sinks =
+        (access.is_some() || spans.is_some()).then(|| body::Sinks { log: access.cloned(), spans: spans.cloned() });
+    let started_at = sinks.as_ref().map(|_| std::time::SystemTime::now());
+    let mut seen = sinks.as_ref().map(|_| Seen::default());
     let (route, result) = proxy(&rt, req, conn, trusted, &ids, seen.as_mut()).await;
     let mut error = None;
     let mut resp = match result {
@@ -230,19 +234,19 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     };
     counters.inc(resp.status().as_u16());
     stats.duration.observe(started.elapsed().as_secs_f64());
-    let record = access.map(|log| {
+    let record = sinks.map(|sinks| {
         let seen = seen.unwrap_or_default();
         let mut path = seen.path.unwrap_or_else(|| uri.path().to_string());
-        if !log.query {
+        if !sinks.log.as_ref().is_some_and(|l| l.query) {
             if let Some(q) = path.find('?') {
                 path.truncate(q);
             }
         }
         let authority = seen.authority.or_else(|| uri.authority().map(|a| a.to_string())).unwrap_or_default();
         (
-            log.clone(),
+            sinks,
             Box::new(Record {
-                ts: std::time::SystemTime::now(),
+                ts: started_at.unwrap_or_else(std::time::SystemTime::now),
                 request_id: ids.request_id.clone(),
                 route: route.map(|i| rt.routes[i].label.clone()),
                 method,
@@ -261,6 +265,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
                 tls: tls_version,
                 traceparent: ids.traceparent.clone(),
                 error,
+                trace: Some(ids.trace),
             }),
             seen.bytes_in,
         )

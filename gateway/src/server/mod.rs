@@ -125,10 +125,16 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let settings = config.server.clone();
     let tls_settings: Vec<Option<crate::tls::TlsSettings>> = config.listeners.iter().map(|l| l.tls.clone()).collect();
     let log_settings = config.log.clone();
+    let trace_settings = config.tracing.clone();
     let gateway = Gateway::new(config, redis);
     let dropped = gateway.runtime().metrics.access_log_dropped.clone();
     if let Some(log) = crate::observe::AccessLog::start(&log_settings, dropped).map_err(StartError::AccessLog)? {
         gateway.set_access_log(log);
+    }
+    if let Some(t) = &trace_settings {
+        let dropped = gateway.runtime().metrics.spans_dropped.clone();
+        gateway.set_span_exporter(crate::observe::SpanExporter::start(t, dropped));
+        tracing::info!(endpoint = %t.otlp, "exporting a span per request over OTLP/HTTP");
     }
     let mut acceptors = Vec::new();
     for (index, s) in tls_settings.iter().enumerate() {
