@@ -10,7 +10,7 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -228,11 +228,8 @@ impl AccessLog {
 
     /// Queues a line; a full queue drops it (counted), it never waits.
     pub fn log(&self, r: Record) {
-        match self.tx.try_send(r) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.inc();
-            }
+        if self.tx.try_send(r).is_err() {
+            self.dropped.inc();
         }
     }
 

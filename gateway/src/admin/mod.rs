@@ -219,16 +219,8 @@ impl Admin {
 
     /// `POST /cache/purge` `{"keys": [...], "tags": [...], "prefixes": [...]}` → `{"purged": n}`.
     async fn purge(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
-        let body = Limited::new(req.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|e| GatewayError::BadRequest(format!("cannot read purge request: {e}")))?
-            .to_bytes();
-        let purge: Purge = serde_json::from_slice(&body).map_err(|e| {
-            GatewayError::BadRequest(format!(
-                "purge body must be {{\"keys\": [...], \"tags\": [...], \"prefixes\": [...]}}: {e}"
-            ))
-        })?;
+        let purge: Purge =
+            read_json(req, 1 << 20, "purge", r#"{"keys": [...], "tags": [...], "prefixes": [...]}"#).await?;
         if purge.is_empty() {
             return Err(GatewayError::BadRequest("nothing to purge: give keys, tags or prefixes".into()));
         }
@@ -254,16 +246,7 @@ impl Admin {
             headers: std::collections::BTreeMap<String, String>,
             consumer: Option<String>,
         }
-        let body = Limited::new(req.into_body(), 4 << 20)
-            .collect()
-            .await
-            .map_err(|e| GatewayError::BadRequest(format!("cannot read warm request: {e}")))?
-            .to_bytes();
-        let w: Warm = serde_json::from_slice(&body).map_err(|e| {
-            GatewayError::BadRequest(format!(
-                "warm body must be {{\"paths\": [\"/a\", ...], \"headers\": {{...}}}}: {e}"
-            ))
-        })?;
+        let w: Warm = read_json(req, 4 << 20, "warm", r#"{"paths": ["/a", ...], "headers": {...}}"#).await?;
         if w.paths.is_empty() || w.paths.len() > crate::proxy::MAX_WARM_PATHS {
             return Err(GatewayError::BadRequest(format!("give 1 to {} paths to warm", crate::proxy::MAX_WARM_PATHS)));
         }
@@ -411,6 +394,21 @@ fn normalize_purge(mut p: Purge) -> Result<Purge, GatewayError> {
 }
 
 /// `%XX` escapes decoded (the rest as is); invalid UTF-8 or a bad escape is a 400.
+/// An admin call's JSON body, at most `limit` bytes; errors say what the body must look like.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    what: &str,
+    shape: &str,
+) -> Result<T, GatewayError> {
+    let body = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| GatewayError::BadRequest(format!("cannot read {what} request: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| GatewayError::BadRequest(format!("{what} body must be {shape}: {e}")))
+}
+
 fn header_map<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Result<http::HeaderMap, GatewayError> {
     let mut h = http::HeaderMap::new();
     for (k, v) in pairs {

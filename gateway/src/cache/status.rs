@@ -28,7 +28,7 @@ pub enum BypassReason {
 }
 
 impl BypassReason {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BypassReason::Method => "method",
             BypassReason::Cookie => "cookie",

@@ -211,19 +211,16 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let started_at = sinks.as_ref().map(|_| std::time::SystemTime::now());
     let mut seen = sinks.as_ref().map(|_| Seen::default());
     let (route, result) = proxy(&rt, req, conn, trusted, &ids, seen.as_mut()).await;
-    let mut error = None;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(%method, path = uri.path(), %peer, error = %e, "request failed");
-            error = Some(e.code());
             e.into_response()
         }
     };
-    if error.is_none() && resp.status().as_u16() >= 400 {
-        // Weir's own refusals inside a cached route come back as responses with its JSON code.
-        error = resp.extensions().get::<crate::error::Code>().map(|c| c.0);
-    }
+    // Every response Weir made itself carries its error code (cached routes turn their errors
+    // into responses before they get here); an upstream's never does.
+    let error = resp.extensions().get::<crate::error::Code>().map(|c| c.0);
     if let Some(v) = hsts {
         resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
     }

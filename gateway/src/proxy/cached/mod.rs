@@ -166,13 +166,7 @@ async fn serve_inner(
         return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::Body, stored: false }));
     }
 
-    let bypass = if facts.cookie && !cfg.share_private {
-        Some(BypassReason::Cookie)
-    } else if facts.authorization && !cfg.share_private {
-        Some(BypassReason::Authorization)
-    } else {
-        None
-    };
+    let bypass = credential_bypass(&facts, cfg);
     let chosen = choose_key(&req, cfg, post_body.as_deref(), bypass.is_none());
     let (primary, plugin_bypass) = (chosen.primary, chosen.plugin_bypass);
     let ctx = Ctx { req: req.clone(), cfg: cfg.clone(), cache: req.rt.cache.clone(), facts, primary, body: post_body };
@@ -187,6 +181,17 @@ async fn serve_inner(
         return Ok(with_status(route, f.resp, &Outcome::Bypass { reason, stored: f.stored.is_ok() }));
     }
     lookup_and_serve(&ctx).await
+}
+
+/// Credentials keep the cache out unless the route shares private responses.
+pub(crate) fn credential_bypass(facts: &RequestFacts, cfg: &RouteCache) -> Option<BypassReason> {
+    if facts.cookie && !cfg.share_private {
+        Some(BypassReason::Cookie)
+    } else if facts.authorization && !cfg.share_private {
+        Some(BypassReason::Authorization)
+    } else {
+        None
+    }
 }
 
 /// The primary key of a request, and who chose it.

@@ -10,10 +10,11 @@ use futures_util::StreamExt as _;
 use http::{HeaderMap, Method, Request};
 use http_body_util::BodyExt as _;
 
-use super::{choose_key, serve, CACHE_STATUS};
+use super::{choose_key, credential_bypass, serve, CACHE_STATUS};
 use crate::cache::entry::Object;
 use crate::cache::key;
 use crate::cache::policy::RequestFacts;
+use crate::cache::status::BypassReason;
 use crate::config::OriginHeaders;
 use crate::error::GatewayError;
 use crate::proxy::body::ClientBody;
@@ -155,17 +156,10 @@ pub async fn explain(
     });
     out["tags"] = route.route.invalidate.as_ref().map(|i| i.tags.clone()).unwrap_or_default().into();
     let facts = RequestFacts::of(&c.method, &c.headers);
-    let bypass = if facts.cookie && !cfg.share_private {
-        Some("cookie")
-    } else if facts.authorization && !cfg.share_private {
-        Some("authorization")
-    } else if !(c.method == Method::GET || c.method == Method::HEAD) {
-        Some("method")
-    } else {
-        None
-    };
+    let bypass = credential_bypass(&facts, &cfg)
+        .or_else(|| (!(c.method == Method::GET || c.method == Method::HEAD)).then_some(BypassReason::Method));
     let chosen = choose_key(&ctx, &cfg, None, bypass.is_none());
-    out["bypass"] = bypass.map(str::to_string).or(chosen.plugin_bypass.clone()).into();
+    out["bypass"] = bypass.map(|b| b.as_str().to_string()).or(chosen.plugin_bypass.clone()).into();
     out["decided_by"] = chosen.by.into();
     out["primary_key"] = chosen.primary.clone().into();
     let now = SystemTime::now();
