@@ -583,6 +583,15 @@ def evalsha_calls(port):
     return int(m.group(1)) if m else 0
 
 
+def rounds_counting_redis(targets, args, redis_port, admin_port):
+    """`rounds`, and the Redis script calls per request the Weir on `admin_port` made meanwhile."""
+    before = (evalsha_calls(redis_port), weir_requests(admin_port))
+    results = rounds(targets, args)
+    calls = evalsha_calls(redis_port) - before[0]
+    served = weir_requests(admin_port) - before[1]
+    return results, calls / max(served, 1)
+
+
 def weir_requests(admin_port):
     import urllib.request
     text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read().decode()
@@ -615,14 +624,11 @@ def ratelimit_scenario(args):
             warm(p)
         print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
               f"{args.client_core}, {cores(args)}", flush=True)
-        before = (evalsha_calls(redis_port), weir_requests(ports[7]))
-        results = rounds([
+        results, per_request = rounds_counting_redis([
             ("weir L1 hit, no limit", f"http://127.0.0.1:{none_port}", [procs["none"].pid], script),
             ("weir L1 hit, local limit", f"http://127.0.0.1:{local_port}", [procs["local"].pid], script),
             ("weir L1 hit, Redis limit", f"http://127.0.0.1:{shared_port}", [procs["redis"].pid], script),
-        ], args)
-        calls = evalsha_calls(redis_port) - before[0]
-        served = weir_requests(ports[7]) - before[1]
+        ], args, redis_port, ports[7])
     finally:
         servers.stop()
     none, local, shared = results
@@ -630,7 +636,7 @@ def ratelimit_scenario(args):
                 "CPU µs/req")
     print()
     print(f"local/no-limit rps {local['rps'] / none['rps']:.3f}x; Redis/no-limit rps {shared['rps'] / none['rps']:.3f}x; "
-          f"Redis round trips (EVALSHA) per request {calls / max(served, 1):.3f}")
+          f"Redis round trips (EVALSHA) per request {per_request:.3f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"ratelimit-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps(results, indent=2))
@@ -759,14 +765,11 @@ def budget_scenario(args):
         ])
         print(f"miss path (proxied, {args.bytes} B), wrk -c{args.connections} -d{args.seconds}s; client on core "
               f"{args.client_core}, {cores(args)}", flush=True)
-        before = (evalsha_calls(redis_port), weir_requests(ports[7]))
-        results = rounds([
+        results, per_request = rounds_counting_redis([
             ("weir miss, no budget", f"http://127.0.0.1:{none_port}/x", [procs["none"].pid], script),
             ("weir miss, budget in memory", f"http://127.0.0.1:{mem_port}/x", [procs["memory"].pid], script),
             ("weir miss, budget on Redis", f"http://127.0.0.1:{shared_port}/x", [procs["redis"].pid], script),
-        ], args)
-        calls = evalsha_calls(redis_port) - before[0]
-        served = weir_requests(ports[7]) - before[1]
+        ], args, redis_port, ports[7])
     finally:
         servers.stop()
     none, mem, shared = results
@@ -774,7 +777,7 @@ def budget_scenario(args):
                 "CPU µs/req")
     print()
     print(f"memory/no-budget rps {mem['rps'] / none['rps']:.3f}x; Redis/no-budget rps {shared['rps'] / none['rps']:.3f}x; "
-          f"Redis script calls per request {calls / max(served, 1):.3f}; settles per second on Redis "
+          f"Redis script calls per request {per_request:.3f}; settles per second on Redis "
           f"{shared['rps']:.0f} (each with its reserve)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"budget-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
