@@ -43,6 +43,9 @@ pub enum GatewayError {
     /// A `count: all` rate-limit policy refused the request (nothing was consumed from any).
     #[error("rate limit `{policy}` exceeded; retry in {retry_after_s} s")]
     RateLimited { policy: String, retry_after_s: u64, headers: Vec<(header::HeaderName, HeaderValue)> },
+    /// Too many failed credentials from this client address (`server.auth_failures`).
+    #[error("too many failed credentials from this address; retry in {retry_after_s} s")]
+    AuthFailures { retry_after_s: u64 },
     /// A route with `consumer.required` and no consumer found by its source.
     #[error("{}", match missing {
         ConsumerMissing::Header(h) => format!("this route needs a known API key in `{h}`"),
@@ -107,7 +110,9 @@ impl GatewayError {
             | GatewayError::UpstreamBusy { .. }
             | GatewayError::RateLimitUnavailable
             | GatewayError::IdentifyUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RateLimited { .. }
+            | GatewayError::BudgetExhausted { .. }
+            | GatewayError::AuthFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -129,6 +134,7 @@ impl GatewayError {
             GatewayError::NotCached => "not_cached",
             GatewayError::BudgetUnavailable => "budget_unavailable",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::AuthFailures { .. } => "too_many_auth_failures",
             GatewayError::BudgetExhausted { .. } => "budget_exhausted",
             GatewayError::UnknownConsumer { .. } => "unknown_consumer",
             GatewayError::RateLimitUnavailable => "ratelimit_unavailable",
@@ -155,6 +161,9 @@ impl GatewayError {
             }
             GatewayError::UpstreamBusy { .. } => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            GatewayError::AuthFailures { retry_after_s } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
             }
             GatewayError::RateLimited { retry_after_s, headers, .. } => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));

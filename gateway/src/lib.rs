@@ -3,28 +3,46 @@
 //! A request passes through DESIGN.md's nine phases (numbered the same way in `proxy`):
 //!
 //! 1. **accept** (`server::listener`) — TCP, HTTP/1.1 and HTTP/2, limits; the canonical request
-//!    (`proxy::canonical`) in the per-request context (`proxy::RequestCtx`)
-//! 2. **route** (`router`) — host, longest path prefix, methods; 404 `no_route` otherwise
-//! 3. **consumer** and `count: all` rate limits — `limit` (rate limits, all or nothing, Redis
-//!    or local; consumers are to come)
-//! 4. **cache key and lookup** (`cache`, `proxy::cached`) — L1 → L2 (`cache::l2` on `redis`)
+//!    (`proxy::canonical`) and the client's address (`proxy::headers::client_addr`) in the
+//!    per-request context (`proxy::RequestCtx`)
+//! 2. **route** (`router`) — host, longest path prefix, methods; 404 `no_route`, 405 from the
+//!    most specific matching routes
+//! 3. **consumer** and `count: all` rate limits (`limit`); failed credentials limited per address
+//! 4. **cache key and lookup** (`cache`, `proxy::cached`) — L1 → L2 (`cache::l2` on `redis`);
+//!    keyed by consumer on routes with one
 //! 5. **hit** — served from the entry (`proxy::cached::respond`)
-//! 6. **miss / bypass** — the one upstream function, `proxy::upstream` (budgets attach here)
+//! 6. **miss / bypass** — the one upstream function, `proxy::upstream`: `count: misses` limits,
+//!    and the payer's budget lease (`proxy::meter`)
 //! 7. **response** — storage decision and store (`proxy::cached::fill`), streaming back
 //! 8. **mutation** — invalidation on every tier and instance (`proxy::cached::invalidate`)
-//! 9. **settle and log** — (to come: `budget/`); metrics
+//! 9. **settle and log** — the lease guard settles once, at the head, the body's end or when
+//!    dropped (`proxy::meter`); access log and metrics (`observe`, `metrics`)
 //!
 //! Configuration (`config`) is parsed and validated whole into a `runtime::Runtime`, swapped
 //! atomically on reload; errors become JSON responses only in `error`. The admin API lives in
 //! `admin` on its own listener. The shared tier's connection, breaker and health live in `redis`.
+//!
+//! Layers: a module may use modules of its own layer or below, never above (checked by
+//! `tests/layers.rs`, which reads this table):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | 5 entry | server, admin |
+//! | 4 pipeline | proxy, error |
+//! | 3 runtime | runtime |
+//! | 2 config | config |
+//! | 1 domain | cache, limit, budget, redis, plugin, tls, observe, metrics, router |
+//! | 0 base | clock, hex |
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod budget;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod error;
+pub mod hex;
 pub mod limit;
 pub mod metrics;
 pub mod observe;

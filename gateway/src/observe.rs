@@ -311,7 +311,7 @@ fn json_line(r: &Record, out: &mut String) {
     use std::fmt::Write as _;
     let lossy = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
     out.push_str("{\"ts\":\"");
-    out.push_str(&rfc3339(r.ts));
+    out.push_str(&crate::clock::rfc3339_ms(r.ts));
     out.push_str("\",\"request_id\":");
     json_str(out, &lossy(&r.request_id));
     out.push_str(",\"route\":");
@@ -393,7 +393,7 @@ fn text_line(r: &Record, out: &mut String) {
     let _ = write!(
         out,
         "{} {} {} \"{} {} {}\" {} {} {:.3} {} {} {} {}",
-        rfc3339(r.ts),
+        crate::clock::rfc3339_ms(r.ts),
         String::from_utf8_lossy(r.request_id.as_bytes()),
         r.client_ip.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
         r.method,
@@ -407,15 +407,6 @@ fn text_line(r: &Record, out: &mut String) {
         dash(r.consumer.as_deref()),
         dash(r.error),
     );
-}
-
-/// RFC 3339 UTC with milliseconds (`2026-12-02T16:07:50.123Z`).
-pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-    let (y, m, day) = crate::budget::civil_from_days(secs.div_euclid(86_400));
-    let rem = secs.rem_euclid(86_400);
-    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_millis())
 }
 
 #[cfg(test)]
@@ -504,7 +495,7 @@ mod tests {
     #[test]
     fn timestamps() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_691_670_123);
-        assert_eq!(rfc3339(t), "2025-12-02T16:07:50.123Z");
+        assert_eq!(crate::clock::rfc3339_ms(t), "2025-12-02T16:07:50.123Z");
     }
 }
 

@@ -3,7 +3,14 @@
 
 use http::Method;
 
-use crate::config::{HostMatch, Route};
+/// A route's `match.host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Lower-case host without port or trailing dot.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches any subdomain, not the apex.
+    Suffix(String),
+}
 
 #[derive(Debug)]
 pub struct Router {
@@ -21,17 +28,9 @@ pub enum RouteMatch {
 }
 
 impl Router {
-    pub fn new(routes: &[Route]) -> Router {
-        Router::from_table(routes.iter().map(|r| (r.host.clone(), r.path.clone(), r.methods.clone())).collect())
-    }
-
-    fn from_table(table: Vec<(Option<HostMatch>, String, Option<Vec<Method>>)>) -> Router {
+    /// Routes as `(match.host, match.path, match.methods)`, in declaration order.
+    pub fn from_table(table: Vec<(Option<HostMatch>, String, Option<Vec<Method>>)>) -> Router {
         let mut order: Vec<usize> = (0..table.len()).collect();
-        let host_rank = |h: &Option<HostMatch>| match h {
-            Some(HostMatch::Exact(_)) => (2, 0),
-            Some(HostMatch::Suffix(s)) => (1, s.len()),
-            None => (0, 0),
-        };
         // Stable sort: ties keep declaration order.
         order.sort_by(|&a, &b| {
             let (ha, pa) = (&table[a].0, &table[a].1);
@@ -42,18 +41,28 @@ impl Router {
     }
 
     /// `host` is the request's host without port (any case, trailing dot allowed).
+    ///
+    /// Routes are tried most specific first (host, then path prefix length). The first tier of
+    /// equally specific routes whose host and path match decides: one of them allows the method,
+    /// or the answer is 405 with the union of their methods — a less specific route (a
+    /// catch-all `/`) never answers for a path a more specific route claims, so a method a route
+    /// leaves out cannot walk around its consumer, limits, budget or invalidation.
     pub fn route(&self, host: Option<&str>, path: &str, method: &Method) -> RouteMatch {
         let host = host.map(normalize_host);
         let mut allowed: Vec<Method> = Vec::new();
-        let mut path_matched = false;
+        let mut tier = None;
         for &i in &self.order {
             let (h, prefix, methods) = &self.routes[i];
+            let rank = (host_rank(h), prefix.len());
+            if tier.is_some_and(|t| t != rank) {
+                break;
+            }
             if !host_matches(h.as_ref(), host.as_deref()) || !path_matches(prefix, path) {
                 continue;
             }
             match methods {
                 Some(ms) if !ms.contains(method) => {
-                    path_matched = true;
+                    tier = Some(rank);
                     for m in ms {
                         if !allowed.contains(m) {
                             allowed.push(m.clone());
@@ -63,11 +72,40 @@ impl Router {
                 _ => return RouteMatch::Found(i),
             }
         }
-        if path_matched {
+        if tier.is_some() {
             RouteMatch::MethodNotAllowed(allowed)
         } else {
             RouteMatch::NotFound
         }
+    }
+
+    /// Pairs `(a, b)`: route `a` lists methods and a less specific route `b` would match every
+    /// path of `a`; requests to `a`'s paths with other methods get 405 from `a` (routers before
+    /// this rule let `b` answer them). For `weir validate`'s warning.
+    pub fn shadowed_catch_alls(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for (a, (ha, pa, ma)) in self.routes.iter().enumerate() {
+            if ma.is_none() {
+                continue;
+            }
+            let rank_a = (host_rank(ha), pa.len());
+            let wider = self.order.iter().copied().find(|&b| {
+                let (hb, pb, _) = &self.routes[b];
+                b != a && (host_rank(hb), pb.len()) < rank_a && (hb.is_none() || hb == ha) && path_matches(pb, pa)
+            });
+            if let Some(b) = wider {
+                out.push((a, b));
+            }
+        }
+        out
+    }
+}
+
+fn host_rank(h: &Option<HostMatch>) -> (u8, usize) {
+    match h {
+        Some(HostMatch::Exact(_)) => (2, 0),
+        Some(HostMatch::Suffix(s)) => (1, s.len()),
+        None => (0, 0),
     }
 }
 
@@ -128,8 +166,22 @@ mod tests {
         assert_eq!(rt.route(Some("API.example.com.:443"), "/products", &Method::GET), RouteMatch::Found(2));
         assert_eq!(rt.route(Some("a.example.com"), "/x", &Method::GET), RouteMatch::Found(3));
         assert_eq!(rt.route(Some("example.com"), "/x", &Method::GET), RouteMatch::Found(0));
-        // /admin only allows GET, but "/" catches everything: the fallback route wins.
-        assert_eq!(rt.route(None, "/admin", &Method::POST), RouteMatch::Found(0));
+        // /admin only allows GET: "/" never answers for it, a POST gets 405.
+        assert_eq!(rt.route(None, "/admin", &Method::POST), RouteMatch::MethodNotAllowed(vec![Method::GET]));
+        assert_eq!(rt.route(None, "/admin/x", &Method::GET), RouteMatch::Found(4));
+        assert_eq!(rt.route(None, "/administer", &Method::POST), RouteMatch::Found(0));
+        assert_eq!(rt.shadowed_catch_alls(), vec![(4, 0)]);
+    }
+
+    #[test]
+    fn equally_specific_routes_share_the_answer() {
+        let rt = router(vec![
+            r(None, "/", None),
+            r(None, "/a", Some(vec![Method::GET])),
+            r(None, "/a", Some(vec![Method::PUT, Method::GET])),
+        ]);
+        assert_eq!(rt.route(None, "/a", &Method::PUT), RouteMatch::Found(2));
+        assert_eq!(rt.route(None, "/a", &Method::DELETE), RouteMatch::MethodNotAllowed(vec![Method::GET, Method::PUT]));
     }
 
     #[test]

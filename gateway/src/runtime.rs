@@ -60,7 +60,9 @@ impl Runtime {
         limits: Arc<crate::limit::Limiter>,
         budgets: Arc<crate::budget::Budgets>,
     ) -> Runtime {
-        let router = Router::new(&config.routes);
+        let router = Router::from_table(
+            config.routes.iter().map(|r| (r.host.clone(), r.path.clone(), r.methods.clone())).collect(),
+        );
         for p in config.routes.iter().filter_map(|r| r.plugin.as_ref()?.loaded.as_ref()) {
             p.set_sink(metrics.clone());
         }
@@ -233,7 +235,7 @@ impl Gateway {
 
     /// Every TLS listener's certificates now: name and seconds until expiry.
     pub fn tls_expiry(&self) -> Vec<(String, i64)> {
-        let now = crate::tls::unix(std::time::SystemTime::now());
+        let now = crate::clock::unix_s(std::time::SystemTime::now());
         let mut out: Vec<(String, i64)> = Vec::new();
         for (_, a) in self.tls.get().map_or(&[][..], Vec::as_slice) {
             for c in a.certs().all().iter() {

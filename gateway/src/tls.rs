@@ -194,7 +194,7 @@ pub struct TlsSettings {
 impl TlsSettings {
     /// Certificates that expire within [`EXPIRY_WARNING`] (or have), as warnings.
     pub fn expiry_warnings(&self, now: SystemTime) -> Vec<String> {
-        let now = unix(now);
+        let now = crate::clock::unix_s(now);
         self.certs
             .iter()
             .filter(|c| c.not_after - now < EXPIRY_WARNING.as_secs() as i64)
@@ -208,10 +208,6 @@ impl TlsSettings {
             })
             .collect()
     }
-}
-
-pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Weir's certificate resolver: SNI picks by the names in each certificate; the first is the

@@ -286,7 +286,7 @@ fn plugin_config(
 
 /// `cost: plugin` with the `llm-cost` plugin: each call settles at its exact usage price,
 /// rounded up to the micro-unit (0.00000015 per token); a cost above `max_cost` is capped and
-/// counted; a response without usage settles at the reservation, never at zero.
+/// counted; a response without usage settles at `max_cost`, never at zero or the reservation.
 #[tokio::test(flavor = "multi_thread")]
 async fn plugin_costs_settle_exactly_from_the_response() {
     let origin = llm_origin().await;
@@ -315,11 +315,11 @@ async fn plugin_costs_settle_exactly_from_the_response() {
         s = status(&gw, "").await;
     }
     assert_eq!(s["reserved"], "0");
-    // 20,000 output tokens cost 0.20: capped at max_cost 0.10. No usage: the reservation, 0.05.
+    // 20,000 output tokens cost 0.20: capped at max_cost 0.10. No usage: max_cost, 0.10.
     assert_eq!(call(&c, &gw, "/chat?o=20000").await.status, 200);
     assert_eq!(call(&c, &gw, "/plain").await.status, 200);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while spent(&status(&gw, "").await) != "0.151171" {
+    while spent(&status(&gw, "").await) != "0.201171" {
         assert!(Instant::now() < deadline, "settled {}", status(&gw, "").await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -340,7 +340,7 @@ async fn reservations_are_refunded_to_the_actual_cost() {
         "llm-cost",
         "{ input_per_1k: \"0\", output_per_1k: \"0.01\" }",
         "limit: \"1.00\", per: 1d",
-        "cost: plugin, reserve: \"0.10\"",
+        "cost: plugin, reserve: \"0.10\", max_cost: \"0.50\"",
     );
     let gw = Gateway::start(&yaml);
     let c = client();
@@ -359,9 +359,10 @@ async fn reservations_are_refunded_to_the_actual_cost() {
     assert_eq!((s["spent"].as_str(), s["requests"].as_u64()), (Some("1"), Some(100)), "{s}");
 }
 
-/// A cost hook that traps settles at the reservation (never at zero) and is counted.
+/// A cost hook that traps settles at `max_cost` (never at zero, never at the smaller
+/// reservation) and is counted.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failing_cost_hook_settles_at_the_reservation() {
+async fn a_failing_cost_hook_settles_at_max_cost() {
     let origin = llm_origin().await;
     let yaml = plugin_config(
         &origin,
@@ -369,7 +370,7 @@ async fn a_failing_cost_hook_settles_at_the_reservation() {
         "fixtures",
         "{ mode: trap }",
         "limit: \"1\", per: 1d",
-        "cost: plugin, reserve: \"0.05\"",
+        "cost: plugin, reserve: \"0.05\", max_cost: \"0.20\"",
     );
     let gw = Gateway::start(&yaml);
     let c = client();
@@ -377,7 +378,7 @@ async fn a_failing_cost_hook_settles_at_the_reservation() {
         assert_eq!(call(&c, &gw, "/chat?o=1").await.status, 200);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while status(&gw, "").await["spent"] != "0.15" {
+    while status(&gw, "").await["spent"] != "0.6" {
         assert!(Instant::now() < deadline, "{}", status(&gw, "").await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -406,7 +407,7 @@ async fn a_stream_longer_than_its_lease_is_held_and_charged_once() {
         "llm-cost",
         "{ input_per_1k: \"0\", output_per_1k: \"0.01\" }",
         "limit: \"1\", per: 1d, lease_ttl: 1s",
-        "cost: plugin, reserve: \"0.10\"",
+        "cost: plugin, reserve: \"0.10\", max_cost: \"0.50\"",
     );
     let gw = Arc::new(Gateway::start(&yaml));
     let g2 = gw.clone();
@@ -441,7 +442,7 @@ async fn a_client_that_leaves_mid_stream_is_still_charged_the_full_call() {
         "llm-cost",
         "{ input_per_1k: \"0\", output_per_1k: \"0.01\" }",
         "limit: \"1\", per: 1d",
-        "cost: plugin, reserve: \"0.10\"",
+        "cost: plugin, reserve: \"0.10\", max_cost: \"0.50\"",
     );
     let gw = Gateway::start(&yaml);
     let resp = client()
@@ -535,7 +536,12 @@ async fn charged_hits_cost_money_too() {
     assert_eq!((g.status.as_u16(), g.json()["error"].as_str()), (429, Some("budget_exhausted")));
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     // With a plugin cost a hit has nothing to price: refused at validation.
-    let bad = config(&origin, None, "limit: \"1\", per: 1d", "cost: plugin, reserve: \"0.1\", charge_hits: true");
+    let bad = config(
+        &origin,
+        None,
+        "limit: \"1\", per: 1d",
+        "cost: plugin, reserve: \"0.1\", max_cost: \"0.2\", charge_hits: true",
+    );
     let (ok, out) = validate(&bad);
     assert!(!ok && out.contains("charge_hits needs a fixed cost"), "{out}");
 }

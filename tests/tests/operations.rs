@@ -285,7 +285,7 @@ async fn dashboard_metrics_exist() {
 async fn warm_explain_and_debug_headers() {
     let origin = origin().await;
     let yaml = format!(
-        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\ndebug:\n  token_env: WEIR_TEST_DEBUG\nconsumers:\n  - id: alice\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ limit: \"10\", per: 1d }}\nroutes:\n  - name: cached\n    match: {{ path: /c/ }}\n    upstream: {u}\n    cache: {{ ttl: 60s }}\n    consumer: {{ from: header:x-api-key, required: true }}\n    budget: {{ name: api, cost: \"1\" }}\n    invalidate: {{ tags: [catalog] }}\n",
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\ndebug:\n  token_env: WEIR_TEST_DEBUG\nconsumers:\n  - id: alice\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ limit: \"10\", per: 1d }}\nroutes:\n  - name: cached\n    match: {{ path: /c/ }}\n    upstream: {u}\n    cache: {{ ttl: 60s, shared_across_consumers: true }}\n    consumer: {{ from: header:x-api-key, required: true }}\n    budget: {{ name: api, cost: \"1\" }}\n    invalidate: {{ tags: [catalog] }}\n",
         sha256_hex("alice-key"),
         u = origin.url()
     );

@@ -143,7 +143,7 @@ impl Admin {
             rt.budgets.reset(&def, &consumer).await.map_err(unavailable)?;
             return Ok(json_response(StatusCode::OK, &serde_json::json!({"reset": true})));
         }
-        let now = crate::budget::now_s();
+        let now = crate::clock::now_s();
         let time = |k: &str, default: i64| -> Result<i64, GatewayError> {
             match params.get(k) {
                 None => Ok(default),
@@ -163,7 +163,7 @@ impl Admin {
             .series
             .iter()
             .map(|(start, spent, n)| {
-                serde_json::json!({"start": crate::budget::rfc3339(*start), "spent": money(*spent), "requests": n})
+                serde_json::json!({"start": crate::clock::rfc3339(*start), "spent": money(*spent), "requests": n})
             })
             .collect();
         Ok(json_response(
@@ -172,12 +172,12 @@ impl Admin {
                 "consumer": consumer,
                 "budget": def.name,
                 "limit": crate::budget::amount(limit).to_string(),
-                "window": {"start": crate::budget::rfc3339(s.window.0), "end": crate::budget::rfc3339(s.window.1)},
+                "window": {"start": crate::clock::rfc3339(s.window.0), "end": crate::clock::rfc3339(s.window.1)},
                 "spent": money(s.spent),
                 "reserved": money(s.reserved),
                 "remaining": money((limit - s.spent - s.reserved).max(0)),
                 "requests": s.requests,
-                "reset_at": crate::budget::rfc3339(s.window.1),
+                "reset_at": crate::clock::rfc3339(s.window.1),
                 "by": if by_hour { "hour" } else { "day" },
                 "series": series,
                 "store": if rt.budgets.embedded() { "memory" } else { "redis" },

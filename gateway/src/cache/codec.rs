@@ -28,9 +28,7 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    ms(t.duration_since(UNIX_EPOCH).unwrap_or_default())
-}
+use crate::clock::unix_ms;
 
 struct Writer(Vec<u8>);
 

@@ -36,6 +36,14 @@ pub struct RequestDirectives {
     pub only_if_cached: bool,
 }
 
+impl RequestDirectives {
+    /// These directives less the ones that would send a request to the origin past a stored
+    /// answer (`no-cache`, `max-age`, `min-fresh`): for `cache.client_no_cache: ignore`.
+    pub fn without_forcing(&self) -> RequestDirectives {
+        RequestDirectives { max_age: None, min_fresh: None, no_cache: false, ..self.clone() }
+    }
+}
+
 /// Delta-seconds (§1.2.2): digits only; values too large saturate (2^31 per the RFC's advice).
 fn delta(v: Option<&str>) -> Option<Duration> {
     let v = v?.trim_matches('"');

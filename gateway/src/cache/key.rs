@@ -103,6 +103,13 @@ pub fn vary_names(headers: &HeaderMap) -> Vec<HeaderName> {
     names
 }
 
+/// Adds `name` to a sorted, de-duplicated list of varying names.
+pub fn add_name(names: &mut Vec<HeaderName>, name: HeaderName) {
+    if let Err(i) = names.binary_search_by(|n| n.as_str().cmp(name.as_str())) {
+        names.insert(i, name);
+    }
+}
+
 /// Headers whose values are preference lists (RFC 9110 §12.5.3, §12.5.4), normalised in keys.
 fn negotiated(name: &HeaderName) -> bool {
     name == http::header::ACCEPT_ENCODING || name == http::header::ACCEPT_LANGUAGE

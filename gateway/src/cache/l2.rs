@@ -97,16 +97,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2 * #KEYS])
 return n
 ";
 
-pub(crate) fn hex(h: &[u8; 16]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(32);
-    for b in h {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    s
-}
-
 /// The `/`-terminated prefixes of `path`'s path part under which an entry is indexed.
 fn index_prefixes(path: &str) -> Vec<&str> {
     let p = path.split('?').next().unwrap_or(path);
@@ -192,7 +182,7 @@ impl L2 {
     }
 
     fn name(b: u16, kind: &str, h: &[u8; 16]) -> String {
-        format!("weir:{{{b}}}:{kind}:{}", hex(h))
+        format!("weir:{{{b}}}:{kind}:{}", crate::hex::encode(h))
     }
 
     fn error(e: CallError) -> CacheError {
@@ -241,7 +231,7 @@ impl L2 {
         inv.arg(payload)
             .arg(left)
             .arg(since_ms.saturating_sub(SKEW_MS))
-            .arg(hex(&h))
+            .arg(crate::hex::encode(&h))
             .arg(key)
             .arg(primary)
             .arg(obj.path())

@@ -259,6 +259,8 @@ mod tests {
             stale_while_revalidate: Some(Duration::from_secs(30)),
             stale_if_error: Some(Duration::from_secs(600)),
             share_private: false,
+            by_consumer: false,
+            client_no_cache: true,
             methods: vec![Method::GET, Method::HEAD],
             max_key_body_bytes: 1024,
             targeted_fields: crate::config::default_targeted_fields(),

@@ -44,6 +44,9 @@ pub struct Config {
 impl Config {
     /// `consumer`'s limit for budget `def`: its own (`consumers[].budgets`), else the budget's.
     pub fn budget_limit(&self, def: &BudgetDef, consumer: &str) -> i64 {
+        if consumer == crate::budget::SYSTEM {
+            return def.system_limit_units.unwrap_or(def.limit_units);
+        }
         self.consumer_budgets.get(consumer).and_then(|m| m.get(&def.name)).copied().unwrap_or(def.limit_units)
     }
 }
@@ -101,6 +104,8 @@ pub struct CacheSettings {
     /// pass it streams through uncached.
     pub max_fill_bytes: u64,
     pub targeted_fields: std::sync::Arc<[http::HeaderName]>,
+    /// `cache.client_no_cache`: the default of every route's.
+    pub client_no_cache: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +128,9 @@ pub struct ServerSettings {
     /// Keys the local rate limiter tracks at once (a flood of distinct keys evicts the least
     /// used); read at start.
     pub rate_limit_keys: u64,
+    /// `server.auth_failures`: how many failed credentials (401s) one client address may make,
+    /// as a GCRA; past it, more failures get 429. A valid credential is never checked.
+    pub auth_failures: crate::limit::gcra::Gcra,
     /// `Upgrade` protocols that are tunnelled (lower-case); any other is removed.
     pub upgrade_protocols: Vec<String>,
     /// Bytes one upgraded (WebSocket) connection may carry, both directions together.
@@ -171,13 +179,7 @@ pub struct Route {
     pub budget: Option<RouteBudget>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostMatch {
-    /// Lower-case host without port or trailing dot.
-    Exact(String),
-    /// `*.example.com` stored as `.example.com`: matches any subdomain, not the apex.
-    Suffix(String),
-}
+pub use crate::router::HostMatch;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamUrl {
@@ -232,6 +234,14 @@ pub struct RouteCache {
     pub stale_while_revalidate: Option<Duration>,
     pub stale_if_error: Option<Duration>,
     pub share_private: bool,
+    /// The route has a consumer and not `shared_across_consumers: true`: every stored answer
+    /// is one consumer's (the verified `Weir-Consumer` is part of its key, as a variant), so
+    /// consumer B is never served what the origin told consumer A.
+    pub by_consumer: bool,
+    /// `client_no_cache: honor` (the default): a request whose own `Cache-Control` / `Pragma`
+    /// forces the origin (no-cache, max-age=0, min-fresh past the entry) goes there, paid and
+    /// counted as the client's miss. `ignore`: such a request is served from the cache.
+    pub client_no_cache: bool,
     /// Methods whose responses may be stored (GET and HEAD; POST only when listed).
     pub methods: Vec<Method>,
     pub max_key_body_bytes: u64,
@@ -351,6 +361,8 @@ pub struct BudgetDef {
     pub limit: Decimal,
     /// `limit` in money units (`crate::budget::UNIT`).
     pub limit_units: i64,
+    /// `system_limit`: what `_system` may spend per window (default: `limit`).
+    pub system_limit_units: Option<i64>,
     pub per: BudgetWindow,
     pub fail: FailMode,
     /// A reservation's lifetime: an instance killed mid-call gives the money back after it.

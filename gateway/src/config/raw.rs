@@ -68,6 +68,8 @@ pub struct RawBudgetDef {
     pub lease_ttl: Option<Text>,
     /// How long hourly (default 48h) and daily (default 35d) history buckets are kept.
     pub history: Option<RawBudgetHistory>,
+    /// `_system`'s own limit in this budget (Weir's refreshes, revalidations and warm-ups).
+    pub system_limit: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,11 +187,19 @@ pub struct RawBreaker {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawAuthFailures {
+    pub rate: Text,
+    pub burst: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawCacheGlobal {
     pub l1_max_bytes: Option<Text>,
     pub max_object_bytes: Option<Text>,
     pub max_fill_bytes: Option<Text>,
     pub targeted_fields: Option<Vec<String>>,
+    pub client_no_cache: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +214,8 @@ pub struct RawServer {
     pub trusted_proxies: Vec<String>,
     pub max_connections: Option<Text>,
     pub rate_limit_keys: Option<Text>,
+    /// Failed credentials (401s) per client address: `{ rate: 60/m, burst: 100 }`.
+    pub auth_failures: Option<RawAuthFailures>,
     pub upgrade_protocols: Option<Vec<String>>,
     pub max_tunnel_bytes: Option<Text>,
     pub http2: Option<RawHttp2>,
@@ -313,6 +325,8 @@ pub struct RawRouteCache {
     pub stale_while_revalidate: Option<Text>,
     pub stale_if_error: Option<Text>,
     pub share_private: Option<bool>,
+    pub shared_across_consumers: Option<bool>,
+    pub client_no_cache: Option<String>,
     pub methods: Option<Vec<String>>,
     pub max_key_body_bytes: Option<Text>,
 }

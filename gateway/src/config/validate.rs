@@ -119,6 +119,7 @@ pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
         warnings: Vec::new(),
         budgets: Default::default(),
         targeted_fields: default_targeted_fields(),
+        client_no_cache: true,
     };
     let cfg = v.config(&src, raw);
     if v.problems.0.is_empty() {
@@ -137,6 +138,8 @@ struct Validator {
     budgets: std::collections::BTreeMap<String, std::sync::Arc<BudgetDef>>,
     /// `cache.targeted_fields`, read before the routes that carry it.
     targeted_fields: std::sync::Arc<[HeaderName]>,
+    /// `cache.client_no_cache` (honor: true), the default of the routes'.
+    client_no_cache: bool,
 }
 
 /// Where a route was declared, for cross-route messages.
@@ -317,7 +320,31 @@ impl Validator {
                 history.and_then(|h| h.daily.as_ref()),
                 crate::budget::DAILY_TTL,
             );
-            let def = BudgetDef { name: name.clone(), limit, limit_units, per, fail, lease_ttl, hourly_ttl, daily_ttl };
+            let system_limit_units = b.system_limit.as_ref().and_then(|t| match parse_money(t) {
+                Ok(d) => crate::budget::units_exact(d).or_else(|| {
+                    self.problems.at(
+                        src,
+                        &format!("{bp}.system_limit"),
+                        format!("system_limit {d} is above {}", crate::budget::MAX_AMOUNT),
+                    );
+                    None
+                }),
+                Err(e) => {
+                    self.problems.at(src, &format!("{bp}.system_limit"), e);
+                    None
+                }
+            });
+            let def = BudgetDef {
+                name: name.clone(),
+                limit,
+                limit_units,
+                system_limit_units,
+                per,
+                fail,
+                lease_ttl,
+                hourly_ttl,
+                daily_ttl,
+            };
             self.budgets.insert(name.clone(), std::sync::Arc::new(def));
         }
     }
@@ -377,6 +404,13 @@ impl Validator {
                     src,
                     &bp,
                     "`cost: plugin` needs `reserve` (held before forwarding, while the cost is unknown)",
+                );
+            }
+            if b.max_cost.is_none() {
+                self.problems.at(
+                    src,
+                    &bp,
+                    "`cost: plugin` needs `max_cost`: what a call costs when its response cannot be priced (no usage, a failed hook, a client that left); add e.g. `max_cost: \"0.50\"`",
                 );
             }
             None
@@ -480,7 +514,7 @@ impl Validator {
             }
             match crate::tls::load_cert(&cert, &key) {
                 Ok(served) => {
-                    let left = served.not_after - crate::tls::unix(std::time::SystemTime::now());
+                    let left = served.not_after - crate::clock::unix_s(std::time::SystemTime::now());
                     if left < i64::try_from(crate::tls::EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX) {
                         let when = if left <= 0 {
                             format!("expired {} days ago", -left / 86_400)
@@ -616,8 +650,15 @@ impl Validator {
                 256 << 20,
             ),
             targeted_fields: self.targeted_fields(src, raw.cache.as_ref().and_then(|c| c.targeted_fields.as_ref())),
+            client_no_cache: self.client_no_cache(
+                src,
+                "cache.client_no_cache",
+                raw.cache.as_ref().and_then(|c| c.client_no_cache.as_deref()),
+                true,
+            ),
         };
         self.targeted_fields = cache.targeted_fields.clone();
+        self.client_no_cache = cache.client_no_cache;
 
         let server = self.server(src, raw.server.as_ref());
         let consumers = self.consumers(src, &raw.consumers);
@@ -1012,6 +1053,7 @@ impl Validator {
                 1 << 20,
             ))
             .unwrap_or(10_000),
+            auth_failures: self.auth_failures(src, s.and_then(|s| s.auth_failures.as_ref())),
             rate_limit_keys: self.count(
                 src,
                 "server.rate_limit_keys",
@@ -1341,6 +1383,17 @@ impl Validator {
                 "a rate limit keyed by `consumer` needs the route's `consumer: {from: header:NAME | plugin | client_cert}`",
             );
         }
+        // A bucket per value of a header nobody verified: a client that rotates the value gets
+        // a fresh quota every time.
+        if !consumer.as_ref().is_some_and(|c| c.required)
+            && rate_limit.iter().chain(&rate_limit_misses).any(|l| matches!(l.key, LimitKey::Header(_)))
+        {
+            self.warnings.push(Problem {
+                file: src.path.clone(),
+                pos: src.spans.value(&format!("{p}.rate_limit")),
+                message: "a rate limit keyed by `header:NAME` on a route without `consumer: {..., required: true}`: a client that changes the header's value gets a fresh quota each time; key by `consumer` (with a required consumer) or `client_ip`".to_string(),
+            });
+        }
         // `key: plugin` is `consumer` where the plugin finds the consumer.
         let raw_limits: Vec<(String, &RawRateLimit)> = match &r.rate_limit {
             None => Vec::new(),
@@ -1360,6 +1413,12 @@ impl Validator {
             }
         }
         let budget = r.budget.as_ref().and_then(|b| self.route_budget(src, p, b, consumer.as_ref(), plugin.is_some()));
+        let shared = r.cache.as_ref().and_then(|c| c.shared_across_consumers).unwrap_or(false);
+        let cache = cache.map(|c| {
+            let mut c = std::sync::Arc::unwrap_or_clone(c);
+            c.by_consumer = consumer.is_some() && !shared;
+            std::sync::Arc::new(c)
+        });
 
         // `None` only with a problem recorded.
         let upstream_tls = upstream_tls?;
@@ -1383,6 +1442,37 @@ impl Validator {
             rate_limit_misses,
             budget,
         })
+    }
+
+    /// `server.auth_failures` (default 60 a minute, bursts of 100).
+    fn auth_failures(&mut self, src: &Source, a: Option<&RawAuthFailures>) -> crate::limit::gcra::Gcra {
+        let default = crate::limit::gcra::Gcra::new(60, Duration::from_secs(60), 100);
+        let Some(a) = a else { return default.unwrap_or(crate::limit::gcra::Gcra { interval_us: 1, tolerance_us: 0 }) };
+        let rate = parse_rate(&a.rate.text).unwrap_or_else(|e| {
+            self.problems.at(src, "server.auth_failures.rate", e);
+            super::values::Rate { count: 60, per: Duration::from_secs(60) }
+        });
+        let burst = self.count(src, "server.auth_failures.burst", a.burst.as_ref(), rate.count, 1, 1_000_000);
+        match crate::limit::gcra::Gcra::new(rate.count, rate.per, burst) {
+            Some(g) => g,
+            None => {
+                self.problems.at(src, "server.auth_failures", "a rate Weir cannot keep exactly");
+                default.unwrap_or(crate::limit::gcra::Gcra { interval_us: 1, tolerance_us: 0 })
+            }
+        }
+    }
+
+    /// `honor` (true) or `ignore` (false).
+    fn client_no_cache(&mut self, src: &Source, path: &str, v: Option<&str>, default: bool) -> bool {
+        match v {
+            None => default,
+            Some("honor") => true,
+            Some("ignore") => false,
+            Some(other) => {
+                self.problems.at(src, path, format!("invalid client_no_cache `{other}`: expected `honor` or `ignore`"));
+                default
+            }
+        }
     }
 
     fn targeted_fields(&mut self, src: &Source, list: Option<&Vec<String>>) -> std::sync::Arc<[HeaderName]> {
@@ -1442,6 +1532,14 @@ impl Validator {
             ),
             stale_if_error: self.opt_duration(src, &format!("{cp}.stale_if_error"), c.stale_if_error.as_ref()),
             share_private: c.share_private.unwrap_or(false),
+            // Set by the route once its consumer is known.
+            by_consumer: false,
+            client_no_cache: self.client_no_cache(
+                src,
+                &format!("{cp}.client_no_cache"),
+                c.client_no_cache.as_deref(),
+                self.client_no_cache,
+            ),
             methods,
             max_key_body_bytes: self.size(
                 src,
@@ -1632,6 +1730,23 @@ impl Validator {
     }
 
     fn cross_route_checks(&mut self, routes: &[Route], declared: &[Declared]) {
+        // A path a route claims with a `methods` list is never answered by a wider route (a
+        // catch-all) for other methods: they get 405 from the route. Say so where that differs
+        // from routers that fall through.
+        let table = routes.iter().map(|r| (r.host.clone(), r.path.clone(), r.methods.clone())).collect();
+        for (a, b) in crate::router::Router::from_table(table).shadowed_catch_alls() {
+            let methods: Vec<&str> = routes[a].methods.iter().flatten().map(Method::as_str).collect();
+            self.warnings.push(Problem {
+                file: declared[a].file.clone(),
+                pos: declared[a].pos,
+                message: format!(
+                    "route `{}` allows only {}: other methods on its paths get 405, not route `{}` (list them, or give them a route of the same path)",
+                    routes[a].name,
+                    methods.join(", "),
+                    routes[b].name
+                ),
+            });
+        }
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, r) in routes.iter().enumerate() {
             if let Some(&first) = names.get(r.name.as_str()) {

@@ -144,6 +144,23 @@ impl Limiter {
         }
     }
 
+    /// One failed credential from `ip` (IPv6 by /64), counted in this instance against
+    /// `server.auth_failures`: `Err(retry_after_us)` once the address is past it. Only failures
+    /// are counted, so a valid credential from a shared address is never refused by this.
+    pub fn auth_failure(&self, ip: IpAddr, gcra: &Gcra, now_us: u64) -> Result<(), u64> {
+        let addr = address_key(ip);
+        let id = self.id("\u{0}auth", &addr, "failures");
+        let cell = self.local.get_with(id, || Arc::new(Mutex::new([0, 0])));
+        let mut c = cell.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match gcra.check(c[0], now_us) {
+            gcra::Decision::Allow { tat, .. } => {
+                c[0] = tat;
+                Ok(())
+            }
+            gcra::Decision::Deny { retry_after_us } => Err(retry_after_us),
+        }
+    }
+
     /// Keys the local limiter tracks now (`weir_ratelimit_keys`).
     pub fn local_keys(&self) -> u64 {
         self.local.run_pending_tasks();
@@ -384,7 +401,7 @@ impl Limiter {
     }
 
     fn id_hex(&self, route: &str, key: &str) -> String {
-        crate::cache::l2::hex(&self.id(route, key, ""))
+        crate::hex::encode(&self.id(route, key, ""))
     }
 }
 
@@ -431,9 +448,7 @@ fn window_us(p: &RateLimit) -> u64 {
     u64::try_from(p.rate.per.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-fn unix_us(t: SystemTime) -> u64 {
-    u64::try_from(crate::redis::unix_us(t)).unwrap_or(0)
-}
+use crate::clock::unix_us;
 
 /// `RateLimit-Policy` for the policies with `headers: true`, and `RateLimit` for the one of them
 /// closest to exhaustion
@@ -519,7 +534,12 @@ fn client_ip(ctx: &RequestCtx) -> String {
         // Formatted once per connection already.
         return ctx.conn.peer_ip.as_str().to_string();
     }
-    match client_addr(ctx) {
+    address_key(client_addr(ctx))
+}
+
+/// An address as a limit key: IPv4 whole, IPv6 by its /64 (one subscriber's prefix).
+fn address_key(ip: IpAddr) -> String {
+    match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => {
             let s = v6.segments();
@@ -528,31 +548,9 @@ fn client_ip(ctx: &RequestCtx) -> String {
     }
 }
 
-/// The client's address: the peer's, or through trusted proxies the first untrusted hop of
-/// `X-Forwarded-For`, walked right to left.
+/// The client's address, found once in phase 1 (`proxy::headers::client_addr`).
 pub(crate) fn client_addr(ctx: &RequestCtx) -> IpAddr {
-    let peer = ctx.conn.peer.ip().to_canonical();
-    let mut ip = peer;
-    if ctx.trusted {
-        let trusted = &ctx.rt.config.server.trusted_proxies;
-        let hops: Vec<IpAddr> = ctx
-            .canon
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map_while(|s| s.trim().parse::<IpAddr>().ok())
-            .collect();
-        for hop in hops.iter().rev() {
-            let hop = hop.to_canonical();
-            ip = hop;
-            if !trusted.iter().any(|n| n.contains(&hop)) {
-                break;
-            }
-        }
-    }
-    ip
+    ctx.client_ip
 }
 
 #[cfg(test)]

@@ -119,10 +119,8 @@ impl<B: Body<Data = Bytes>> Body for WithPermit<B> {
 /// How a metered body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
-    /// Every frame was read and fit in the cap.
+    /// Every frame was read.
     Complete,
-    /// Read to the end, but longer than the cap: what was kept is a prefix.
-    Truncated,
     /// The upstream failed mid-body.
     Failed,
 }
@@ -130,41 +128,97 @@ pub enum Ended {
 /// What a metered body calls once, with the bytes it kept, when it ends.
 pub type OnEnd = Box<dyn FnOnce(Vec<u8>, Ended) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
-/// A body that streams through and keeps a copy of its first `cap` bytes, then hands them to
+/// The part of a body a `cost` hook is shown: all of it when it fits in `cap`; else its first
+/// `cap` bytes up to their last complete server-sent event, then its last `cap` bytes from
+/// their first complete event on — so a stream's opening (Anthropic's `message_start`) and its
+/// close (the final usage chunk, `response.completed`) both reach the hook, with a gap between
+/// whole events. A non-event body over the cap keeps nothing the hook could misread.
+#[derive(Debug, Default)]
+pub struct Kept {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    over: bool,
+}
+
+impl Kept {
+    fn push(&mut self, cap: usize, mut data: &[u8]) {
+        if !self.over {
+            let room = cap.saturating_sub(self.head.len());
+            let n = data.len().min(room);
+            self.head.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if data.is_empty() {
+                return;
+            }
+            self.over = true;
+        }
+        self.tail.extend_from_slice(data);
+        // The window, plus the 3 bytes before it that a boundary at its start may begin with.
+        if self.tail.len() > cap.saturating_mul(2).saturating_add(8) {
+            let cut = self.tail.len() - cap - 3;
+            self.tail.drain(..cut);
+        }
+    }
+
+    /// The bytes the hook is shown (see the type's doc).
+    pub fn into_bytes(self, cap: usize) -> Vec<u8> {
+        if !self.over {
+            return self.head;
+        }
+        let window = self.tail.len().saturating_sub(cap);
+        let search = window.saturating_sub(3);
+        let mut out = Vec::with_capacity(self.head.len() + cap);
+        if let Some(end) = event_ends(&self.head).last() {
+            out.extend_from_slice(&self.head[..end]);
+        }
+        // The window's first event may have begun before it: start after the first event end
+        // inside it (a boundary may straddle its start). When the body grew past the head by
+        // less than the window, the tail starts where the head stopped keeping, which is not an
+        // event start either.
+        if let Some(start) = event_ends(&self.tail[search..]).map(|o| search + o).find(|&o| o >= window) {
+            out.extend_from_slice(&self.tail[start..]);
+        }
+        out
+    }
+}
+
+/// Offsets just past each blank line that ends a server-sent event (`\n\n` or `\r\n\r\n`).
+fn event_ends(b: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    (1..b.len()).filter_map(move |i| {
+        if b[i] != b'\n' {
+            return None;
+        }
+        let lf = b[i - 1] == b'\n';
+        let crlf = i >= 3 && &b[i - 3..i] == b"\r\n\r";
+        (lf || crlf).then_some(i + 1)
+    })
+}
+
+/// A body that streams through and keeps what a `cost` hook is shown (`Kept`), then hands it to
 /// `on_end` (a budget's settlement from the response). Dropped before its end (the client went
 /// away), it keeps reading the rest in a task of its own — the origin bills the whole call — and
 /// settles then.
 pub struct Metered {
     inner: Option<crate::Body>,
-    kept: Vec<u8>,
+    kept: Kept,
     cap: usize,
-    truncated: bool,
     on_end: Option<OnEnd>,
 }
 
 impl std::fmt::Debug for Metered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metered").field("kept", &self.kept.len()).field("cap", &self.cap).finish_non_exhaustive()
+        f.debug_struct("Metered").field("kept", &self.kept.head.len()).field("cap", &self.cap).finish_non_exhaustive()
     }
 }
 
 impl Metered {
     pub fn new(inner: crate::Body, cap: usize, on_end: OnEnd) -> Metered {
-        Metered { inner: Some(inner), kept: Vec::new(), cap, truncated: false, on_end: Some(on_end) }
-    }
-
-    fn keep(kept: &mut Vec<u8>, truncated: &mut bool, cap: usize, data: &[u8]) {
-        let room = cap.saturating_sub(kept.len());
-        if data.len() > room {
-            *truncated = true;
-        }
-        kept.extend_from_slice(&data[..data.len().min(room)]);
+        Metered { inner: Some(inner), kept: Kept::default(), cap, on_end: Some(on_end) }
     }
 
     fn finish(&mut self, how: Ended) {
         if let Some(f) = self.on_end.take() {
-            let how = if how == Ended::Complete && self.truncated { Ended::Truncated } else { how };
-            let fut = f(std::mem::take(&mut self.kept), how);
+            let fut = f(std::mem::take(&mut self.kept).into_bytes(self.cap), how);
             if let Ok(h) = tokio::runtime::Handle::try_current() {
                 h.spawn(fut);
             }
@@ -183,7 +237,7 @@ impl Body for Metered {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    Metered::keep(&mut this.kept, &mut this.truncated, this.cap, d);
+                    this.kept.push(this.cap, d);
                 }
             }
             Poll::Ready(None) => {
@@ -211,7 +265,7 @@ impl Body for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         let (Some(mut inner), Some(on_end)) = (self.inner.take(), self.on_end.take()) else { return };
-        let (mut kept, mut truncated, cap) = (std::mem::take(&mut self.kept), self.truncated, self.cap);
+        let (mut kept, cap) = (std::mem::take(&mut self.kept), self.cap);
         let Ok(h) = tokio::runtime::Handle::try_current() else { return };
         h.spawn(async move {
             use http_body_util::BodyExt as _;
@@ -219,14 +273,14 @@ impl Drop for Metered {
                 match inner.frame().await {
                     Some(Ok(frame)) => {
                         if let Some(d) = frame.data_ref() {
-                            Metered::keep(&mut kept, &mut truncated, cap, d);
+                            kept.push(cap, d);
                         }
                     }
                     Some(Err(_)) => break Ended::Failed,
-                    None => break if truncated { Ended::Truncated } else { Ended::Complete },
+                    None => break Ended::Complete,
                 }
             };
-            on_end(kept, how).await;
+            on_end(kept.into_bytes(cap), how).await;
         });
     }
 }
@@ -368,5 +422,40 @@ impl Body for ClientBody {
             ClientBody::Incoming(b) => b.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::Kept;
+
+    fn kept(cap: usize, chunks: &[&str]) -> String {
+        let mut k = Kept::default();
+        for c in chunks {
+            k.push(cap, c.as_bytes());
+        }
+        String::from_utf8(k.into_bytes(cap)).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_body_within_the_cap_is_kept_whole() {
+        assert_eq!(kept(64, &["{\"usage\":", " 1}"]), "{\"usage\": 1}");
+    }
+
+    #[test]
+    fn a_long_stream_keeps_whole_events_from_its_head_and_its_tail() {
+        let mut chunks = vec!["data: first\n\n".to_string(), "data: second-is-cut".to_string()];
+        chunks.extend((0..100).map(|i| format!(" filler {i}\n\ndata: x")));
+        chunks.push("\n\ndata: {\"usage\": 7}\n\ndata: [DONE]\n\n".to_string());
+        let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let out = kept(40, &refs);
+        assert!(out.starts_with("data: first\n\n"), "{out:?}");
+        assert!(!out.contains("second-is-cut"), "{out:?}");
+        assert!(out.ends_with("data: {\"usage\": 7}\n\ndata: [DONE]\n\n"), "{out:?}");
+        // CRLF events count too; a body with no event boundary keeps nothing past the cap.
+        let crlf = ["data: a\r\n\r\n", "data: filler-filler-filler\r\n\r\n", "data: z\r\n\r\n"];
+        assert_eq!(kept(12, &crlf), "data: a\r\n\r\ndata: z\r\n\r\n");
+        assert_eq!(kept(4, &["{\"usage\": {\"a\": 1}}"]), "");
     }
 }

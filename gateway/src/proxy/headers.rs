@@ -130,8 +130,101 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
     headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
 }
 
+/// The client's address. From an untrusted peer: the peer. Through trusted proxies: the
+/// `X-Forwarded-For` lines joined in order (or, without them, the `for=` of `Forwarded`), walked
+/// right to left; the walk stops at the first entry that is not a trusted proxy, which is the
+/// client. An entry that is not an address (`unknown`, junk, an obfuscated name) ends the walk:
+/// the nearest trusted hop's address is used, so a client can never choose its own by putting
+/// junk in front of a real proxy's entry.
+pub fn client_addr(peer: std::net::IpAddr, trusted: &[ipnet::IpNet], headers: &HeaderMap) -> std::net::IpAddr {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut ip = peer.to_canonical();
+    if !is_trusted(&ip) {
+        return ip;
+    }
+    let xff: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("\u{0}"))
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .collect();
+    let entries: Vec<&str> = if !xff.is_empty() {
+        xff
+    } else {
+        headers
+            .get_all(header::FORWARDED)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("\u{0}"))
+            .flat_map(|s| s.split(','))
+            .map(|elem| {
+                elem.split(';')
+                    .find_map(|pair| {
+                        let (k, v) = pair.trim().split_once('=')?;
+                        k.trim().eq_ignore_ascii_case("for").then(|| forwarded_node(v.trim()))
+                    })
+                    .unwrap_or("")
+            })
+            .collect()
+    };
+    for entry in entries.iter().rev() {
+        let Ok(hop) = entry.parse::<std::net::IpAddr>() else { return ip };
+        ip = hop.to_canonical();
+        if !is_trusted(&ip) {
+            return ip;
+        }
+    }
+    ip
+}
+
+/// The address part of a `Forwarded` node (RFC 7239 §6): quotes, brackets and port removed.
+fn forwarded_node(v: &str) -> &str {
+    let v = v.trim_matches('"');
+    if let Some(rest) = v.strip_prefix('[') {
+        return rest.split_once(']').map_or("", |(a, _)| a);
+    }
+    match v.split_once(':') {
+        Some((a, port)) if !port.contains(':') => a,
+        _ => v,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn client_address_walks_right_to_left_and_stops_at_junk() {
+        use std::net::IpAddr;
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let walk = |lines: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in lines {
+                h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            }
+            super::client_addr(peer, &trusted, &h).to_string()
+        };
+        // The client's chosen address left of junk never counts: the nearest trusted hop does.
+        assert_eq!(walk(&[("x-forwarded-for", "1.2.3.4, junk, 10.0.0.9")]), "10.0.0.9");
+        assert_eq!(walk(&[("x-forwarded-for", "1.2.3.4, junk, 203.0.113.7")]), "203.0.113.7");
+        // Two lines (HAProxy style) are one list, in order.
+        assert_eq!(walk(&[("x-forwarded-for", "1.2.3.4, junk"), ("x-forwarded-for", "10.0.0.5")]), "10.0.0.5");
+        assert_eq!(
+            walk(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "203.0.113.7, 10.0.0.5")]),
+            "203.0.113.7"
+        );
+        assert_eq!(walk(&[("x-forwarded-for", "10.0.0.3, 10.0.0.4")]), "10.0.0.3");
+        assert_eq!(walk(&[]), "10.0.0.1");
+        assert_eq!(walk(&[("forwarded", "for=1.2.3.4, for=\"[2001:db8::1]:443\";proto=https")]), "2001:db8::1");
+        assert_eq!(walk(&[("forwarded", "for=1.2.3.4, for=unknown, for=10.0.0.7:80")]), "10.0.0.7");
+        // An untrusted peer's headers are never read.
+        let h = {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+            h
+        };
+        assert_eq!(super::client_addr("192.0.2.1".parse().unwrap(), &trusted, &h).to_string(), "192.0.2.1");
+    }
+
     use super::*;
 
     #[test]

@@ -19,6 +19,7 @@ mod cached;
 pub use cached::ops::{explain, warm, MAX_WARM_PATHS};
 pub mod canonical;
 pub mod headers;
+mod meter;
 mod tunnel;
 pub mod upstream;
 
@@ -105,6 +106,8 @@ pub struct RequestCtx {
     pub conn: ConnInfo,
     /// The peer is in `server.trusted_proxies`.
     pub trusted: bool,
+    /// The client's address: the peer, or the first untrusted hop behind trusted proxies.
+    pub client_ip: std::net::IpAddr,
     pub canon: Canonical,
     /// Index of the matched route in `rt.routes`.
     pub route: usize,
@@ -381,6 +384,14 @@ async fn route_and_serve(
         Some(from) => match identify(rt, route, &conn, from, &mut canon) {
             Ok(Some(id)) => Some(id),
             Ok(None) if from.required => {
+                // Failed credentials are counted per client address: a guesser gets 429 once
+                // past `server.auth_failures`, and never reaches the origin either way.
+                let client = headers::client_addr(conn.peer.ip(), &server.trusted_proxies, &canon.headers);
+                let now_us = crate::clock::unix_us(std::time::SystemTime::now());
+                if let Err(retry_us) = rt.limits.auth_failure(client, &server.auth_failures, now_us) {
+                    let retry_after_s = retry_us.div_ceil(1_000_000).max(1);
+                    return Ok((idx, Err(GatewayError::AuthFailures { retry_after_s })));
+                }
                 let missing = match &from.source {
                     ConsumerSource::Header(h) => ConsumerMissing::Header(h.to_string()),
                     ConsumerSource::Plugin => ConsumerMissing::Plugin,
@@ -394,10 +405,12 @@ async fn route_and_serve(
             Ok(None) | Err(_) => None,
         },
     };
+    let client_ip = headers::client_addr(conn.peer.ip(), &server.trusted_proxies, &canon.headers);
     let ctx = Arc::new(RequestCtx {
         rt: rt.clone(),
         conn,
         trusted,
+        client_ip,
         canon,
         route: idx,
         consumer,
@@ -410,7 +423,7 @@ async fn route_and_serve(
     });
     if let Some(s) = seen.as_deref_mut() {
         s.consumer = ctx.consumer.clone();
-        s.client_ip = Some(crate::limit::client_addr(&ctx));
+        s.client_ip = Some(ctx.client_ip);
         s.bytes_in = ctx.bytes_in.clone();
     }
 
@@ -501,7 +514,7 @@ async fn debug_headers(ctx: &RequestCtx, resp: &mut Response<Body>) {
     h.insert(http::HeaderName::from_static("weir-debug-ttl"), value(&ttl));
 }
 
-static WEIR_CONSUMER: http::HeaderName = http::HeaderName::from_static("weir-consumer");
+pub(crate) static WEIR_CONSUMER: http::HeaderName = http::HeaderName::from_static("weir-consumer");
 static WEIR_BUDGET_REMAINING: http::HeaderName = http::HeaderName::from_static("weir-budget-remaining");
 
 /// Finds the consumer: an API key header looked up by its SHA-256 digest, or the route plugin's
@@ -698,12 +711,10 @@ pub(crate) async fn upstream(
     body: Option<Body>,
 ) -> Result<Response<Body>, GatewayError> {
     let route = ctx.route();
-    // `count: misses` limits: charged for requests that reach the origin on a client's behalf
-    // (a background refresh is Weir's own; a tunnel was charged as the request that opened it).
-    if !route.route.rate_limit_misses.is_empty()
-        && !ctx.system
-        && matches!(purpose, Purpose::Forward | Purpose::Miss | Purpose::PassThrough | Purpose::Revalidate)
-    {
+    // `count: misses` limits: charged for every request that reaches the origin on a client's
+    // behalf — an upgrade included, whatever the origin answers (a tunnel is never a way around
+    // a limit). Only Weir's own background refreshes are not the client's.
+    if !route.route.rate_limit_misses.is_empty() && !ctx.system && purpose != Purpose::Refresh {
         ctx.rt.limits.admit_miss(ctx).await?;
     }
     // The route's connection slots (`max_upstream_connections`): a slot is held until the
@@ -721,11 +732,9 @@ pub(crate) async fn upstream(
             }
         },
     };
-    // The budget (phase 6): reserved before the call leaves, settled once its status is known.
-    let lease = match &route.route.budget {
-        Some(b) => reserve(ctx, b, purpose).await?,
-        None => None,
-    };
+    // The budget (phase 6): reserved before the call leaves, by a guard that settles it exactly
+    // once — at the head, at the body's end, or when dropped (`meter`).
+    let budget = meter::upstream_budget(ctx, purpose).await?;
     let started = std::time::Instant::now();
     let sent = send_with_retry(route, parts, body).await.map(|(target, resp)| {
         if purpose != Purpose::Refresh {
@@ -733,34 +742,16 @@ pub(crate) async fn upstream(
         }
         resp
     });
-    let mut metered = None;
-    if let (Some(b), Some(lease)) = (&route.route.budget, lease) {
-        // A failed call, or a status that is not charged, costs nothing.
-        let charged = sent.as_ref().is_ok_and(|r| b.charges(r.status().as_u16()));
-        match (b.cost_units, charged) {
-            (Some(cost), true) => {
-                // A fixed cost is known at the response head.
-                ctx.rt.budgets.settle(&lease, cost, true).await;
-                ctx.rt.metrics.budget_spent(&b.def.name, cost);
-                let _ = ctx.budget_remaining.set(lease.remaining_units + lease.units - cost);
-            }
-            (None, true) => {
-                // The plugin prices the call from its response, once the body has streamed.
-                let _ = ctx.budget_remaining.set(lease.remaining_units);
-                metered = Some(lease);
-            }
-            (_, false) => {
-                ctx.rt.budgets.settle(&lease, 0, false).await;
-                let _ = ctx.budget_remaining.set(lease.remaining_units + lease.units);
-            }
-        }
-    }
+    let metered = match budget {
+        Some((b, guard)) => meter::at_head(ctx, b, guard, sent.as_ref().ok().map(|r| r.status().as_u16())).await,
+        None => None,
+    };
     match sent {
         Ok(resp) => {
             let idle = route.route.timeouts.idle;
             let resp = resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed());
             Ok(match metered {
-                Some(lease) => meter(ctx, lease, resp),
+                Some(guard) => meter::meter(ctx, guard, resp),
                 None => resp,
             })
         }
@@ -768,114 +759,6 @@ pub(crate) async fn upstream(
             tracing::debug!(route = %route.route.name, purpose = purpose.as_str(), error = %e, "upstream request failed");
             Err(e)
         }
-    }
-}
-
-/// `cost: plugin`: the body streams through while its first `plugin.max_body_bytes` are kept;
-/// at its end the plugin's `cost` hook prices the call from the response, and the lease is
-/// settled at that (rounded up to the unit, capped at `max_cost`) — or at the reservation when
-/// no cost can be computed (a failed hook, a truncated body, no usage), never at zero. The lease
-/// is renewed while the body streams, so a long stream neither frees its money nor is charged
-/// twice.
-fn meter(ctx: &RequestCtx, lease: crate::budget::Lease, resp: Response<Body>) -> Response<Body> {
-    let route = ctx.route();
-    let (Some(b), Some(plugin_ref)) = (&route.route.budget, &route.route.plugin) else { return resp };
-    let Some(plugin) = plugin_ref.loaded.clone() else { return resp };
-    let preq = plugin.request(&ctx.plugin_parts(None));
-    let (parts, body) = resp.into_parts();
-    let (status, headers) = (parts.status.as_u16(), parts.headers.clone());
-    let (budgets, metrics) = (ctx.rt.budgets.clone(), ctx.rt.metrics.clone());
-    let max_cost = b.max_cost_units;
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        // Renewal, until settled.
-        let (budgets, lease, done) = (budgets.clone(), lease.clone(), done.clone());
-        let every = lease.budget.lease_ttl / 3;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if done.load(std::sync::atomic::Ordering::Acquire) {
-                    return;
-                }
-                budgets.renew(&lease).await;
-            }
-        });
-    }
-    let cap = usize::try_from(plugin_ref.max_body_bytes).unwrap_or(usize::MAX);
-    let on_end: body::OnEnd = Box::new(move |kept, how| {
-        Box::pin(async move {
-            let priced = match how {
-                body::Ended::Complete => {
-                    let presp = crate::plugin::response_for(&plugin, status, &headers, Some(&kept));
-                    match plugin.cost(&preq, &presp) {
-                        Ok(Some(d)) => crate::budget::units_ceil(d).ok_or("invalid"),
-                        Ok(None) => Err("no_usage"),
-                        Err(f) => Err(f.as_str()),
-                    }
-                }
-                body::Ended::Truncated => Err("truncated"),
-                body::Ended::Failed => Err("failed"),
-            };
-            let units = match priced {
-                Ok(u) => match max_cost {
-                    Some(m) if u > m => {
-                        metrics.budget_clamped(&lease.budget.name);
-                        m
-                    }
-                    _ => u,
-                },
-                Err(reason) => {
-                    metrics.budget_unsettled(reason);
-                    lease.units
-                }
-            };
-            budgets.settle(&lease, units, true).await;
-            done.store(true, std::sync::atomic::Ordering::Release);
-            metrics.budget_spent(&lease.budget.name, units);
-        })
-    });
-    Response::from_parts(parts, body::Metered::new(body, cap, on_end).boxed())
-}
-
-/// `charge_hits: true`: a hit costs the route's fixed cost (reserved and settled at once), or is
-/// refused like a call when the budget is spent.
-pub(crate) async fn charge_hit(ctx: &RequestCtx) -> Result<(), GatewayError> {
-    let route = ctx.route();
-    let Some(b) = route.route.budget.as_ref().filter(|b| b.charge_hits) else { return Ok(()) };
-    let Some(cost) = b.cost_units else { return Ok(()) };
-    if let Some(lease) = reserve(ctx, b, Purpose::Forward).await? {
-        ctx.rt.budgets.settle(&lease, cost, true).await;
-        ctx.rt.metrics.budget_spent(&b.def.name, cost);
-        let _ = ctx.budget_remaining.set(lease.remaining_units + lease.units - cost);
-    }
-    Ok(())
-}
-
-/// Reserves the call's cost: the client's consumer pays for what it asked for; Weir's own
-/// refreshes are charged to `_system`. `Ok(None)`: let through unmetered (`fail: open`).
-async fn reserve(
-    ctx: &RequestCtx,
-    b: &crate::config::RouteBudget,
-    purpose: Purpose,
-) -> Result<Option<crate::budget::Lease>, GatewayError> {
-    let route = ctx.route();
-    let consumer = match purpose {
-        Purpose::Refresh | Purpose::Revalidate => crate::budget::SYSTEM,
-        // Validation makes a budgeted route's consumer required, so it is known here.
-        _ => ctx.consumer.as_deref().unwrap_or(crate::budget::SYSTEM),
-    };
-    let limit = ctx.rt.config.budget_limit(&b.def, consumer);
-    match ctx.rt.budgets.reserve(&b.def, limit, consumer, b.reserve_units, b.cost_units.is_none()).await {
-        Ok(lease) => Ok(Some(lease)),
-        Err(crate::budget::Refusal::Exhausted { retry_after_s }) => {
-            route.metrics.budget_rejected(&route.label);
-            Err(GatewayError::BudgetExhausted { budget: b.def.name.clone(), retry_after_s })
-        }
-        Err(crate::budget::Refusal::Unavailable) if b.def.fail == crate::config::FailMode::Open => {
-            route.metrics.budget_unmetered(&route.label);
-            Ok(None)
-        }
-        Err(crate::budget::Refusal::Unavailable) => Err(GatewayError::BudgetUnavailable),
     }
 }
 

@@ -9,7 +9,7 @@ pub mod breaker;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -370,6 +370,7 @@ impl Shared {
     }
 }
 
-pub(crate) fn unix_us(t: SystemTime) -> i64 {
-    i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros()).unwrap_or(i64::MAX)
+/// Unix microseconds as the signed number clock offsets are computed in.
+fn unix_us(t: SystemTime) -> i64 {
+    i64::try_from(crate::clock::unix_us(t)).unwrap_or(i64::MAX)
 }

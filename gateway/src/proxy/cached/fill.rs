@@ -307,7 +307,12 @@ fn build_entry(
     now: SystemTime,
     plugin_tags: Vec<String>,
 ) -> Entry {
-    let vary = key::vary_names(&headers);
+    let mut vary = key::vary_names(&headers);
+    if ctx.cfg.by_consumer {
+        // Keyed by the verified consumer (a client can never send its own `Weir-Consumer`):
+        // a variant per consumer, so purges of the path still reach every consumer's copy.
+        key::add_name(&mut vary, crate::proxy::WEIR_CONSUMER.clone());
+    }
     let key =
         if vary.is_empty() { ctx.primary.clone() } else { key::secondary(&ctx.primary, &vary, &ctx.req.canon.headers) };
     for h in [header::SET_COOKIE, header::AGE] {

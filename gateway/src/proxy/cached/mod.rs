@@ -254,7 +254,15 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     if ctx.req.debug {
         let _ = ctx.req.cache_key.set(full_key.clone());
     }
-    let d = &ctx.facts.directives;
+    // `client_no_cache: ignore`: what the client's own directives would force (no-cache,
+    // max-age, min-fresh) is not asked of the origin; the request is served like any other.
+    let ignored;
+    let d = if ctx.cfg.client_no_cache {
+        &ctx.facts.directives
+    } else {
+        ignored = ctx.facts.directives.without_forcing();
+        &ignored
+    };
     let req = &ctx.req.canon;
     let route = ctx.req.route();
     let head_or_range = req.method == Method::HEAD || req.headers.contains_key(header::RANGE);
@@ -268,7 +276,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
         if fresh && meets_request && !d.no_cache {
             if charges_hits {
                 // Boxed: a hit's future stays small on routes that do not charge hits.
-                Box::pin(crate::proxy::charge_hit(&ctx.req)).await?;
+                Box::pin(crate::proxy::meter::charge_hit(&ctx.req)).await?;
             }
             return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::Hit { level }));
         }
@@ -278,7 +286,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
         if may_be_stale && d.max_stale.is_some_and(|ms| ms.is_none_or(|m| staleness <= m)) {
             if charges_hits {
                 // Boxed: a hit's future stays small on routes that do not charge hits.
-                Box::pin(crate::proxy::charge_hit(&ctx.req)).await?;
+                Box::pin(crate::proxy::meter::charge_hit(&ctx.req)).await?;
             }
             return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
         }
@@ -286,7 +294,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
         if may_be_stale && staleness < e.stale_while_revalidate && d.max_age.is_none() && d.min_fresh.is_none() {
             if charges_hits {
                 // Boxed: a hit's future stays small on routes that do not charge hits.
-                Box::pin(crate::proxy::charge_hit(&ctx.req)).await?;
+                Box::pin(crate::proxy::meter::charge_hit(&ctx.req)).await?;
             }
             spawn_refresh(ctx, &full_key, &e);
             return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
@@ -294,8 +302,11 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
         if d.only_if_cached {
             return Ok(with_status(route, GatewayError::NotCached.into_response(), &Outcome::NotCached));
         }
+        // Who pays: a refetch the client's own directives force (the entry would have served
+        // it otherwise) is the client's miss; a stale entry's revalidation is Weir's own.
+        let purpose = if d.no_cache || !meets_request { Purpose::Miss } else { Purpose::Revalidate };
         // The miss paths are boxed: a hit's future stays small (it is moved and polled often).
-        let f = Box::pin(fetch_coalesced(ctx, &full_key, Some(&e), Purpose::Revalidate)).await?;
+        let f = Box::pin(fetch_coalesced(ctx, &full_key, Some(&e), purpose)).await?;
         let outcome = match (f.fwd, f.stale_if_error, fresh) {
             (Fwd::Collapsed, _, _) => Outcome::Collapsed,
             (Fwd::Origin(fwd_status), Some(ttl), _) => Outcome::StaleIfError { fwd_status, ttl },

@@ -45,13 +45,18 @@ fn synthetic(
     if parts.uri.authority().is_none() && !parts.headers.contains_key(http::header::HOST) {
         parts.headers.insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
     }
-    let canon = Canonical::from_head(&mut parts, scheme, false, &rt.config.server.upgrade_protocols)?;
+    let mut canon = Canonical::from_head(&mut parts, scheme, false, &rt.config.server.upgrade_protocols)?;
+    // As phase 3 forwards a verified consumer: a cache keyed by consumer is warmed for this one.
+    if let Some(v) = consumer.as_deref().and_then(|c| http::HeaderValue::from_str(c).ok()) {
+        canon.headers.insert(crate::proxy::WEIR_CONSUMER.clone(), v);
+    }
     let route = crate::proxy::route_of(rt, &canon)?;
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     Ok(Arc::new(RequestCtx {
         rt: rt.clone(),
         conn: ConnInfo::new(loopback, loopback, scheme),
         trusted: false,
+        client_ip: loopback.ip(),
         canon,
         route,
         consumer,

@@ -1,0 +1,92 @@
+//! Time as numbers and text: the one home for Unix time in seconds, milliseconds and
+//! microseconds, civil dates (proleptic Gregorian, UTC) and RFC 3339. Every module reads time
+//! through here; none keeps its own conversion.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn since_epoch(t: SystemTime) -> std::time::Duration {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Unix seconds (0 before the epoch).
+pub fn unix_s(t: SystemTime) -> i64 {
+    i64::try_from(since_epoch(t).as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Unix seconds now.
+pub fn now_s() -> i64 {
+    unix_s(SystemTime::now())
+}
+
+/// Unix milliseconds.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    u64::try_from(since_epoch(t).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Unix microseconds.
+pub fn unix_us(t: SystemTime) -> u64 {
+    u64::try_from(since_epoch(t).as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Howard Hinnant's `days_from_civil`: days since 1970-01-01 of a proleptic Gregorian date.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The inverse: `(year, month, day)` of a day number.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// RFC 3339 UTC of Unix seconds (`2026-12-02T13:00:00Z`), with `.mmm` milliseconds when given.
+fn rfc3339_parts(secs: i64, millis: Option<u32>) -> String {
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let s = secs.rem_euclid(86_400);
+    let (hh, mm, ss) = (s / 3600, s / 60 % 60, s % 60);
+    match millis {
+        Some(ms) => format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z"),
+        None => format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z"),
+    }
+}
+
+/// RFC 3339 UTC text of Unix seconds (`2026-12-02T13:00:00Z`).
+pub fn rfc3339(secs: i64) -> String {
+    rfc3339_parts(secs, None)
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-12-02T16:07:50.123Z`).
+pub fn rfc3339_ms(t: SystemTime) -> String {
+    rfc3339_parts(unix_s(t), Some(since_epoch(t).subsec_millis()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_round_trip_and_render() {
+        for z in [-719_468, -1, 0, 1, 20_000, 2_932_896] {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z);
+        }
+        let t = days_from_civil(2026, 12, 2) * 86_400 + 13 * 3600 + 5 * 60;
+        assert_eq!(rfc3339(t), "2026-12-02T13:05:00Z");
+        let st = UNIX_EPOCH + std::time::Duration::from_millis(1_764_691_670_123);
+        assert_eq!(rfc3339_ms(st), "2025-12-02T16:07:50.123Z");
+        assert_eq!((unix_s(st), unix_ms(st), unix_us(st)), (1_764_691_670, 1_764_691_670_123, 1_764_691_670_123_000));
+    }
+}

@@ -1,0 +1,243 @@
+//! Who pays, and when: the one file where a call's payer is chosen and its budget lease is
+//! reserved, settled and guarded (phases 6 and 9).
+//!
+//! - **Payer.** A request pays for what it asked for: its miss, its pass-through, its write, its
+//!   tunnel, and a refetch its own `Cache-Control` / `Pragma` forced. `_system` pays only for
+//!   Weir's own work — background refreshes, revalidations of stale entries and warm-ups — under
+//!   the budget's `system_limit` when one is set; its balance is never shown to a client.
+//! - **Exactly once.** Every reservation is held by a [`LeaseGuard`]. Settled explicitly at the
+//!   response head (a fixed cost), or at the end of the body (a price the plugin computes);
+//!   dropped unsettled — the client left before the head or mid-body, a task was cancelled — it
+//!   settles from a task of its own at what the call may cost (the fixed cost, or `max_cost`):
+//!   the origin was asked, so the call is charged. Lease expiry only covers an instance that
+//!   died holding one.
+//! - **Unpriceable is never cheaper than priceable.** With `cost: plugin`, a response the hook
+//!   cannot price (no usage, a trapping hook, a body that failed) settles at `max_cost`.
+
+use std::sync::Arc;
+
+use http::Response;
+use http_body_util::BodyExt as _;
+
+use super::body;
+use super::{Purpose, RequestCtx};
+use crate::budget::{Budgets, Lease, Refusal, SYSTEM};
+use crate::config::{FailMode, RouteBudget};
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::Body;
+
+/// A reservation that will be settled exactly once: by [`LeaseGuard::settle`], or when dropped.
+#[derive(Debug)]
+pub(crate) struct LeaseGuard {
+    held: Option<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    budgets: Arc<Budgets>,
+    metrics: Arc<Metrics>,
+    lease: Lease,
+    /// What the call is charged if the guard is dropped unsettled.
+    if_dropped: i64,
+}
+
+impl LeaseGuard {
+    pub(crate) fn lease(&self) -> Option<&Lease> {
+        self.held.as_ref().map(|h| &h.lease)
+    }
+
+    /// Settles at `units` (charged) or releases (not charged). The settlement runs in a task of
+    /// its own, so a client that leaves while it is under way cannot cancel it.
+    pub(crate) async fn settle(mut self, units: i64, charged: bool) {
+        let Some(h) = self.held.take() else { return };
+        if charged {
+            h.metrics.budget_spent(&h.lease.budget.name, units);
+        }
+        let task = tokio::spawn(async move { h.budgets.settle(&h.lease, units, charged).await });
+        let _ = task.await;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(h) = self.held.take() else { return };
+        h.metrics.budget_unsettled("dropped");
+        h.metrics.budget_spent(&h.lease.budget.name, h.if_dropped);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { h.budgets.settle(&h.lease, h.if_dropped, true).await });
+        }
+    }
+}
+
+/// The consumer a call of `purpose` is charged to.
+fn payer(ctx: &RequestCtx, purpose: Purpose) -> &str {
+    match purpose {
+        Purpose::Refresh | Purpose::Revalidate => SYSTEM,
+        _ if ctx.system => SYSTEM,
+        // Validation makes a budgeted route's consumer required, so it is known here.
+        _ => ctx.consumer.as_deref().unwrap_or(SYSTEM),
+    }
+}
+
+/// Reserves the call's cost for its payer. `Ok(None)`: let through unmetered (`fail: open`).
+pub(crate) async fn reserve(
+    ctx: &RequestCtx,
+    b: &RouteBudget,
+    purpose: Purpose,
+) -> Result<Option<LeaseGuard>, GatewayError> {
+    let route = ctx.route();
+    let consumer = payer(ctx, purpose);
+    let limit = ctx.rt.config.budget_limit(&b.def, consumer);
+    match ctx.rt.budgets.reserve(&b.def, limit, consumer, b.reserve_units, b.cost_units.is_none()).await {
+        Ok(lease) => {
+            let if_dropped = b.cost_units.or(b.max_cost_units).unwrap_or(lease.units);
+            Ok(Some(LeaseGuard {
+                held: Some(Held {
+                    budgets: ctx.rt.budgets.clone(),
+                    metrics: ctx.rt.metrics.clone(),
+                    lease,
+                    if_dropped,
+                }),
+            }))
+        }
+        Err(Refusal::Exhausted { retry_after_s }) => {
+            route.metrics.budget_rejected(&route.label);
+            Err(GatewayError::BudgetExhausted { budget: b.def.name.clone(), retry_after_s })
+        }
+        Err(Refusal::Unavailable) if b.def.fail == FailMode::Open => {
+            route.metrics.budget_unmetered(&route.label);
+            Ok(None)
+        }
+        Err(Refusal::Unavailable) => Err(GatewayError::BudgetUnavailable),
+    }
+}
+
+/// What the client's budget has left after this call, for `Weir-Budget-Remaining` — only when
+/// the client is the payer (`_system`'s balance is never shown to a client).
+fn show_remaining(ctx: &RequestCtx, lease: &Lease, units_after: i64) {
+    if lease.consumer != SYSTEM {
+        let _ = ctx.budget_remaining.set(units_after);
+    }
+}
+
+/// Phase 9 at the response head: a failed call or a status that is not charged releases the
+/// lease; a fixed cost is settled now; `cost: plugin` hands the guard to the body (`meter`).
+pub(crate) async fn at_head(
+    ctx: &RequestCtx,
+    b: &RouteBudget,
+    guard: LeaseGuard,
+    status: Option<u16>,
+) -> Option<LeaseGuard> {
+    let lease = guard.lease()?.clone();
+    let charged = status.is_some_and(|s| b.charges(s));
+    match (b.cost_units, charged) {
+        (Some(cost), true) => {
+            show_remaining(ctx, &lease, lease.remaining_units + lease.units - cost);
+            guard.settle(cost, true).await;
+            None
+        }
+        (None, true) => {
+            show_remaining(ctx, &lease, lease.remaining_units);
+            Some(guard)
+        }
+        (_, false) => {
+            show_remaining(ctx, &lease, lease.remaining_units + lease.units);
+            guard.settle(0, false).await;
+            None
+        }
+    }
+}
+
+/// `charge_hits: true`: a hit costs the route's fixed cost (reserved and settled at once), or is
+/// refused like a call when the budget is spent.
+pub(crate) async fn charge_hit(ctx: &RequestCtx) -> Result<(), GatewayError> {
+    let route = ctx.route();
+    let Some(b) = route.route.budget.as_ref().filter(|b| b.charge_hits) else { return Ok(()) };
+    let Some(cost) = b.cost_units else { return Ok(()) };
+    if let Some(guard) = reserve(ctx, b, Purpose::Forward).await? {
+        if let Some(lease) = guard.lease() {
+            show_remaining(ctx, lease, lease.remaining_units + lease.units - cost);
+        }
+        guard.settle(cost, true).await;
+    }
+    Ok(())
+}
+
+/// `cost: plugin`: the body streams through while its head and tail are kept
+/// (`body::Metered`); at its end the plugin's `cost` hook prices the call from them, and the
+/// lease is settled at that (rounded up to the unit, capped at `max_cost`) — or at `max_cost`
+/// when no price can be computed. The lease is renewed while the body streams, so a long
+/// stream neither frees its money nor is charged twice.
+pub(crate) fn meter(ctx: &RequestCtx, guard: LeaseGuard, resp: Response<Body>) -> Response<Body> {
+    let route = ctx.route();
+    let (Some(b), Some(plugin_ref)) = (&route.route.budget, &route.route.plugin) else { return resp };
+    let Some(plugin) = plugin_ref.loaded.clone() else { return resp };
+    let Some(lease) = guard.lease().cloned() else { return resp };
+    let preq = plugin.request(&ctx.plugin_parts(None));
+    let (parts, body) = resp.into_parts();
+    let (status, headers) = (parts.status.as_u16(), parts.headers.clone());
+    let budgets = ctx.rt.budgets.clone();
+    let metrics = ctx.rt.metrics.clone();
+    let max_cost = b.max_cost_units;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        // Renewal, until settled.
+        let (budgets, lease, done) = (budgets, lease.clone(), done.clone());
+        let every = lease.budget.lease_ttl / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                budgets.renew(&lease).await;
+            }
+        });
+    }
+    let cap = usize::try_from(plugin_ref.max_body_bytes).unwrap_or(usize::MAX);
+    let on_end: body::OnEnd = Box::new(move |kept, how| {
+        Box::pin(async move {
+            let priced = match how {
+                body::Ended::Complete => {
+                    let presp = crate::plugin::response_for(&plugin, status, &headers, Some(&kept));
+                    match plugin.cost(&preq, &presp) {
+                        Ok(Some(d)) => crate::budget::units_ceil(d).ok_or("invalid"),
+                        Ok(None) => Err("no_usage"),
+                        Err(f) => Err(f.as_str()),
+                    }
+                }
+                body::Ended::Failed => Err("failed"),
+            };
+            let fallback = max_cost.unwrap_or(lease.units);
+            let units = match priced {
+                Ok(u) => match max_cost {
+                    Some(m) if u > m => {
+                        metrics.budget_clamped(&lease.budget.name);
+                        m
+                    }
+                    _ => u,
+                },
+                Err(reason) => {
+                    metrics.budget_unsettled(reason);
+                    fallback
+                }
+            };
+            guard.settle(units, true).await;
+            done.store(true, std::sync::atomic::Ordering::Release);
+        })
+    });
+    Response::from_parts(parts, body::Metered::new(body, cap, on_end).boxed())
+}
+
+/// The upstream call's budget, from reservation to the response head: `reserve` before it
+/// leaves, `at_head` once its status is known (or it failed).
+pub(crate) async fn upstream_budget(
+    ctx: &RequestCtx,
+    purpose: Purpose,
+) -> Result<Option<(&RouteBudget, LeaseGuard)>, GatewayError> {
+    match &ctx.route().route.budget {
+        Some(b) => Ok(reserve(ctx, b, purpose).await?.map(|g| (b, g))),
+        None => Ok(None),
+    }
+}
