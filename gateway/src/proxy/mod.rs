@@ -378,6 +378,8 @@ async fn route_and_serve(
         _ => None,
     };
     // Phase 3: the consumer first (an unknown key on a required route never gets a quota).
+    // The client's address, found once: limits, failed credentials and the access log read it.
+    let client_ip = headers::client_addr(conn.peer.ip(), &server.trusted_proxies, &canon.headers);
     let mut canon = canon;
     let consumer = match &route.route.consumer {
         None => None,
@@ -386,9 +388,8 @@ async fn route_and_serve(
             Ok(None) if from.required => {
                 // Failed credentials are counted per client address: a guesser gets 429 once
                 // past `server.auth_failures`, and never reaches the origin either way.
-                let client = headers::client_addr(conn.peer.ip(), &server.trusted_proxies, &canon.headers);
                 let now_us = crate::clock::unix_us(std::time::SystemTime::now());
-                if let Err(retry_us) = rt.limits.auth_failure(client, &server.auth_failures, now_us) {
+                if let Err(retry_us) = rt.limits.auth_failure(client_ip, &server.auth_failures, now_us) {
                     let retry_after_s = retry_us.div_ceil(1_000_000).max(1);
                     return Ok((idx, Err(GatewayError::AuthFailures { retry_after_s })));
                 }
@@ -405,7 +406,6 @@ async fn route_and_serve(
             Ok(None) | Err(_) => None,
         },
     };
-    let client_ip = headers::client_addr(conn.peer.ip(), &server.trusted_proxies, &canon.headers);
     let ctx = Arc::new(RequestCtx {
         rt: rt.clone(),
         conn,
