@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: deps build plugins run test lint bench clean-demo
+.PHONY: deps build plugins run test lint bench bench-gate clean-demo
 PLUGINS := catalog tenant-key llm-cost fixtures
 WEIR = $${CARGO_TARGET_DIR:-target}/debug/weir
 
@@ -36,3 +36,9 @@ test: deps lint plugins
 bench: deps plugins
 	WITH_BENCH_TOOLS=1 scripts/install-deps.sh
 	bench/run.sh
+
+## Instruction-count gate (valgrind --tool=callgrind, release build) against bench/baseline.json.
+bench-gate: deps
+	WITH_GATE_TOOLS=1 scripts/install-deps.sh
+	$(CARGO) build --release -j$(JOBS) -p weir --bin weir --bin weir-bench-static
+	python3 bench/gate.py

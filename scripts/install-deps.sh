@@ -12,6 +12,10 @@ if [[ "${WITH_BENCH_TOOLS:-0}" == 1 ]]; then
   command -v nginx >/dev/null 2>&1 || need+=(nginx)
   command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 fi
+if [[ "${WITH_GATE_TOOLS:-0}" == 1 ]]; then
+  command -v valgrind >/dev/null 2>&1 || need+=(valgrind)       # callgrind, callgrind_control
+  command -v python3 >/dev/null 2>&1 || need+=(python3)
+fi
 
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"

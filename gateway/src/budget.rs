@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 
-use crate::config::{BudgetDef, BudgetWindow};
 use crate::redis::Shared;
 
 /// Decimal places of the money unit (micro-units).
@@ -84,6 +83,64 @@ pub fn window(per: BudgetWindow, now: i64) -> (i64, i64) {
 }
 
 use crate::clock::{civil_from_days, days_from_civil, now_s};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    Open,
+    Closed,
+}
+
+/// A budget's window: fixed lengths from the epoch, or calendar months (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetWindow {
+    Hour,
+    Day,
+    Days30,
+    Month,
+}
+
+/// A named budget (`budgets:`): a spend limit per consumer per window.
+#[derive(Debug, Clone)]
+pub struct BudgetDef {
+    pub name: String,
+    pub limit: Decimal,
+    /// `limit` in money units (`crate::budget::UNIT`).
+    pub limit_units: i64,
+    /// `system_limit`: what `_system` may spend per window (default: `limit`).
+    pub system_limit_units: Option<i64>,
+    pub per: BudgetWindow,
+    pub fail: FailMode,
+    /// A reservation's lifetime: an instance killed mid-call gives the money back after it.
+    pub lease_ttl: Duration,
+    /// How long hourly and daily history buckets are kept.
+    pub hourly_ttl: Duration,
+    pub daily_ttl: Duration,
+}
+
+/// A route's use of a budget.
+#[derive(Debug, Clone)]
+pub struct RouteBudget {
+    pub def: std::sync::Arc<BudgetDef>,
+    /// What one call costs, in units, or `None`: the route plugin's `cost` hook decides from
+    /// the response (`cost: plugin`).
+    pub cost_units: Option<i64>,
+    /// Held before forwarding (the cost, for a fixed cost).
+    pub reserve_units: i64,
+    /// One call never settles above this (`max_cost`; `None`: no cap).
+    pub max_cost_units: Option<i64>,
+    /// Upstream statuses that cost money, as inclusive ranges (`2xx` = 200..=299).
+    pub charge_status: Vec<(u16, u16)>,
+    /// `Weir-Budget-Remaining` on budgeted responses.
+    pub headers: bool,
+    /// Cache hits cost the fixed cost too (default: a hit costs nothing).
+    pub charge_hits: bool,
+}
+
+impl RouteBudget {
+    pub fn charges(&self, status: u16) -> bool {
+        self.charge_status.iter().any(|(a, b)| (*a..=*b).contains(&status))
+    }
+}
 
 /// A reservation held while a call is upstream.
 #[derive(Debug, Clone)]

@@ -28,6 +28,43 @@ pub fn unix_us(t: SystemTime) -> u64 {
     u64::try_from(since_epoch(t).as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Where a component reads "now" (Unix microseconds): the system clock in the gateway, a
+/// clock a test moves by hand in unit tests (`Manual`).
+pub trait Clock: std::fmt::Debug + Send + Sync {
+    fn now_us(&self) -> u64;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct System;
+
+impl Clock for System {
+    fn now_us(&self) -> u64 {
+        unix_us(SystemTime::now())
+    }
+}
+
+/// A clock that stands still until told to move.
+#[derive(Debug, Default)]
+pub struct Manual(std::sync::atomic::AtomicU64);
+
+impl Manual {
+    pub fn at(us: u64) -> Manual {
+        Manual(std::sync::atomic::AtomicU64::new(us))
+    }
+
+    pub fn advance(&self, by: std::time::Duration) {
+        let us = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
+        self.0.fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Clock for Manual {
+    fn now_us(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Howard Hinnant's `days_from_civil`: days since 1970-01-01 of a proleptic Gregorian date.
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };

@@ -10,9 +10,9 @@ use crate::cache::l2::{self, L2};
 use crate::cache::{Cache, Storage};
 use crate::config::{self, Config, ConfigError, Route};
 use crate::metrics::{LevelLabel, Metrics, RouteCacheMetrics, RouteRequests};
-use crate::proxy::upstream::UpstreamPool;
 use crate::redis::Shared;
 use crate::router::Router;
+use crate::upstream::UpstreamPool;
 
 #[derive(Debug)]
 pub struct RouteRuntime {
@@ -73,7 +73,7 @@ impl Runtime {
                 let label = Arc::new(r.name.clone());
                 RouteRuntime {
                     route: r.clone(),
-                    upstreams: UpstreamPool::new(r),
+                    upstreams: UpstreamPool::new(&r.upstreams, r.timeouts.connect, &r.upstream_tls),
                     cache_metrics: r.cache.as_ref().map(|_| metrics.route_cache(&label)),
                     requests: metrics.route_requests(&label),
                     stats: metrics.route_stats(&label),

@@ -310,6 +310,34 @@ async fn junk_in_x_forwarded_for_never_chooses_the_bucket() {
     assert_eq!(g.status, 200);
 }
 
+/// Junk with only trusted hops to its right: the walk ends at the junk and the nearest trusted
+/// hop (the one that wrote it) is the bucket — not the address left of the junk, and not the
+/// peer, whose own bucket stays untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn junk_behind_trusted_hops_counts_against_the_nearest_hop() {
+    let origin = Origin::hello().await;
+    let yaml = format!(
+        "{}server:\n  trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]\nroutes:\n  - name: api\n    upstream: {}\n    rate_limit: {{ key: client_ip, rate: 3/m, burst: 3 }}\n",
+        head(),
+        origin.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let get = |xff: Option<String>| {
+        let mut b = Request::get(gw.url("/x"));
+        if let Some(v) = xff {
+            b = b.header("x-forwarded-for", v);
+        }
+        b.body(full("")).unwrap()
+    };
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        statuses.push(send(&client(), get(Some(format!("198.51.100.{i}, junk, 10.0.0.5")))).await.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429], "one bucket: 10.0.0.5's");
+    // The peer (127.0.0.1) was never the bucket: its own requests are admitted.
+    assert_eq!(send(&client(), get(None)).await.status, 200);
+}
+
 /// A method the route does not list gets 405 from that route, with `Allow`, never the
 /// catch-all's answer (before: `/` served it, past the route's consumer, limits and budget).
 #[tokio::test(flavor = "multi_thread")]

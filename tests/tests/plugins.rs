@@ -210,7 +210,12 @@ async fn trapping_instances_are_replaced_off_the_request_path_within_a_bound() {
     let count = |outcome: &str| {
         metric(&m, &format!(r#"weir_plugin_calls_total{{plugin="fixtures",hook="cache-key",outcome="{outcome}"}}"#))
     };
-    assert_eq!(count("trap") + count("busy"), 64, "every key call trapped or found no instance\n{m}");
+    // A call on a machine busy enough can also pass the 5 ms timeout: a failure all the same.
+    assert_eq!(
+        count("trap") + count("busy") + count("timeout"),
+        64,
+        "every key call trapped, timed out or found no instance\n{m}"
+    );
     assert!(count("trap") >= 1, "{m}");
     assert_eq!(count("instantiate"), 0, "{m}");
     let live = metric(&m, r#"weir_plugin_instances{plugin="fixtures"}"#);

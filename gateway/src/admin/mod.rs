@@ -7,48 +7,12 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use subtle::ConstantTimeEq;
 
 use crate::cache::Purge;
+use crate::config::values::Token;
 use crate::error::{json_response, GatewayError};
 use crate::runtime::Gateway;
 use crate::Body;
-
-/// The admin bearer token, kept only as a digest: comparing digests in constant time leaks
-/// neither the token's bytes nor its length.
-pub struct Token([u8; 32]);
-
-impl Token {
-    pub fn new(token: &str) -> Token {
-        Token(Self::digest(token.as_bytes()))
-    }
-
-    fn digest(b: &[u8]) -> [u8; 32] {
-        *blake3::keyed_hash(&blake3::derive_key("weir admin token v1", b"weir"), b).as_bytes()
-    }
-
-    /// Whether an `Authorization` value carries this token (`Bearer` in any case, RFC 9110 §11.1).
-    pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
-        let presented = authorization
-            .and_then(|v| {
-                let (scheme, rest) = v.split_at_checked(6)?;
-                (scheme.eq_ignore_ascii_case(b"bearer") && rest.first() == Some(&b' ')).then(|| rest.trim_ascii())
-            })
-            .unwrap_or(b"");
-        self.matches(presented)
-    }
-
-    /// Whether `presented` is this token (constant time).
-    pub fn matches(&self, presented: &[u8]) -> bool {
-        Self::digest(presented).ct_eq(&self.0).into()
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(..)")
-    }
-}
 
 /// Admin state: the gateway and the token (`None` only on loopback, as validated at start-up).
 #[derive(Debug)]
@@ -202,13 +166,17 @@ impl Admin {
             .find(|r| r.name == route_name && !r.rate_limit.is_empty())
             .ok_or_else(|| GatewayError::NotFound(format!("no route `{route_name}` with a rate_limit")))?;
         if delete {
-            rt.limits.reset(route, &key).await?;
+            rt.limits
+                .reset(&route.name, &route.rate_limit, &key)
+                .await
+                .map_err(|_| GatewayError::RateLimitUnavailable)?;
             return Ok(json_response(StatusCode::OK, &serde_json::json!({"reset": true})));
         }
         let policies: Vec<serde_json::Value> = rt
             .limits
-            .peek(route, &key)
-            .await?
+            .peek(&route.name, &route.rate_limit, &key)
+            .await
+            .map_err(|_| GatewayError::RateLimitUnavailable)?
             .into_iter()
             .map(|(name, s)| {
                 serde_json::json!({"name": name, "remaining": s.remaining, "reset_seconds": s.reset_us.div_ceil(1_000_000)})

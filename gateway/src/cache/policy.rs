@@ -7,7 +7,43 @@ use http::header::{HeaderMap, AGE, DATE, EXPIRES, LAST_MODIFIED, SET_COOKIE, VAR
 use http::{Method, StatusCode};
 
 use super::control::{RequestDirectives, ResponseDirectives};
-use crate::config::{OriginHeaders, RouteCache};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginHeaders {
+    Respect,
+    Override,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteCache {
+    pub ttl: Option<Duration>,
+    pub origin_headers: OriginHeaders,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    pub share_private: bool,
+    /// The route has a consumer and not `shared_across_consumers: true`: every stored answer
+    /// is one consumer's (the verified `Weir-Consumer` is part of its key, as a variant), so
+    /// consumer B is never served what the origin told consumer A.
+    pub by_consumer: bool,
+    /// `client_no_cache: honor` (the default): a request whose own `Cache-Control` / `Pragma`
+    /// forces the origin (no-cache, max-age=0, min-fresh past the entry) goes there, paid and
+    /// counted as the client's miss. `ignore`: such a request is served from the cache.
+    pub client_no_cache: bool,
+    /// Methods whose responses may be stored (GET and HEAD; POST only when listed).
+    pub methods: Vec<Method>,
+    pub max_key_body_bytes: u64,
+    /// `cache.targeted_fields` (RFC 9213), most specific first: the first present and valid
+    /// one replaces `Cache-Control` and `Expires` for Weir's storing and freshness decisions.
+    pub targeted_fields: std::sync::Arc<[http::HeaderName]>,
+}
+
+/// `cache.targeted_fields` when unset: Weir's own field, then the one every CDN reads.
+pub fn default_targeted_fields() -> std::sync::Arc<[http::HeaderName]> {
+    std::sync::Arc::new([
+        http::HeaderName::from_static("weir-cache-control"),
+        http::HeaderName::from_static("cdn-cache-control"),
+    ])
+}
 
 /// Why a response was not stored (rendered as `Cache-Status: ...; detail=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,7 +299,7 @@ mod tests {
             client_no_cache: true,
             methods: vec![Method::GET, Method::HEAD],
             max_key_body_bytes: 1024,
-            targeted_fields: crate::config::default_targeted_fields(),
+            targeted_fields: default_targeted_fields(),
         }
     }
 

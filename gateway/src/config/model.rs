@@ -2,15 +2,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+// The domain types a configuration is made of live with their modules; `config` builds them.
+pub use crate::budget::{BudgetDef, BudgetWindow, FailMode, RouteBudget};
+pub use crate::cache::policy::{default_targeted_fields, OriginHeaders, RouteCache};
+pub use crate::limit::{Algorithm, LimitFail, LimitKey, LimitOverride, RateLimit};
+pub use crate::redis::{BreakerSettings, RedisSettings};
+pub use crate::upstream::UpstreamUrl;
 use std::time::Duration;
 
 use http::header::HeaderName;
-use http::uri::{Authority, Scheme};
 use http::Method;
 use ipnet::IpNet;
-use rust_decimal::Decimal;
-
-use super::values::Rate;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -18,7 +21,7 @@ pub struct Config {
     pub source: PathBuf,
     pub listeners: Vec<Listener>,
     pub admin: Option<Admin>,
-    pub redis: Option<Redis>,
+    pub redis: Option<crate::redis::RedisSettings>,
     pub cache: CacheSettings,
     pub server: ServerSettings,
     pub routes: Vec<Route>,
@@ -36,7 +39,7 @@ pub struct Config {
     /// `log:` (read at start; a reload reopens the access-log file).
     pub log: crate::observe::LogSettings,
     /// `debug.token_env`: the digest of the token that unlocks `Weir-Debug` on the data plane.
-    pub debug_token: Option<std::sync::Arc<crate::admin::Token>>,
+    pub debug_token: Option<std::sync::Arc<super::values::Token>>,
     /// `tracing.otlp`: export a span per request (read at start).
     pub tracing: Option<crate::observe::TraceSettings>,
 }
@@ -63,37 +66,6 @@ pub struct Admin {
     pub addr: SocketAddr,
     /// Name of the environment variable holding the bearer token.
     pub token_env: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Redis {
-    pub urls: Vec<url::Url>,
-    /// Environment variable holding the deployment secret that keys every Redis key name and
-    /// MACs every value and invalidation message.
-    pub key_secret_env: Option<String>,
-    /// Instances sharing this Redis (configured): while Redis is away a `fail: local` rate limit
-    /// admits `rate / instances` on each, so the fleet as a whole keeps about the shared rate.
-    pub instances: u64,
-    pub cluster: bool,
-    pub password_env: Option<String>,
-    /// Bound on every Redis call; a slower answer counts as a failure and the request goes on
-    /// without Redis.
-    pub op_timeout: Duration,
-    /// Encoded entries above this stay in L1 only.
-    pub max_object_bytes: u64,
-    /// CA certificate (PEM) for `rediss://` servers signed by a private CA.
-    pub tls_ca: Option<PathBuf>,
-    pub breaker: BreakerSettings,
-    /// `/readyz` answers 503 while Redis is unreachable.
-    pub required: bool,
-}
-
-/// Circuit breaker: `failures` within `window` open it; after `open_for` one probe may close it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerSettings {
-    pub failures: u32,
-    pub window: Duration,
-    pub open_for: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -181,18 +153,6 @@ pub struct Route {
 
 pub use crate::router::HostMatch;
 
-#[derive(Debug, Clone)]
-pub struct UpstreamUrl {
-    pub scheme: Scheme,
-    pub authority: Authority,
-}
-
-impl std::fmt::Display for UpstreamUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}", self.scheme, self.authority)
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub connect: Duration,
@@ -221,43 +181,6 @@ pub struct PluginRef {
     pub loaded: Option<std::sync::Arc<crate::plugin::Loaded>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OriginHeaders {
-    Respect,
-    Override,
-}
-
-#[derive(Debug, Clone)]
-pub struct RouteCache {
-    pub ttl: Option<Duration>,
-    pub origin_headers: OriginHeaders,
-    pub stale_while_revalidate: Option<Duration>,
-    pub stale_if_error: Option<Duration>,
-    pub share_private: bool,
-    /// The route has a consumer and not `shared_across_consumers: true`: every stored answer
-    /// is one consumer's (the verified `Weir-Consumer` is part of its key, as a variant), so
-    /// consumer B is never served what the origin told consumer A.
-    pub by_consumer: bool,
-    /// `client_no_cache: honor` (the default): a request whose own `Cache-Control` / `Pragma`
-    /// forces the origin (no-cache, max-age=0, min-fresh past the entry) goes there, paid and
-    /// counted as the client's miss. `ignore`: such a request is served from the cache.
-    pub client_no_cache: bool,
-    /// Methods whose responses may be stored (GET and HEAD; POST only when listed).
-    pub methods: Vec<Method>,
-    pub max_key_body_bytes: u64,
-    /// `cache.targeted_fields` (RFC 9213), most specific first: the first present and valid
-    /// one replaces `Cache-Control` and `Expires` for Weir's storing and freshness decisions.
-    pub targeted_fields: std::sync::Arc<[http::HeaderName]>,
-}
-
-/// `cache.targeted_fields` when unset: Weir's own field, then the one every CDN reads.
-pub fn default_targeted_fields() -> std::sync::Arc<[http::HeaderName]> {
-    std::sync::Arc::new([
-        http::HeaderName::from_static("weir-cache-control"),
-        http::HeaderName::from_static("cdn-cache-control"),
-    ])
-}
-
 #[derive(Debug, Clone)]
 pub struct Invalidate {
     pub methods: Vec<Method>,
@@ -283,116 +206,4 @@ pub enum ConsumerSource {
     /// The verified client certificate (mTLS): its subject's common name, else its first
     /// subjectAltName.
     ClientCert,
-}
-
-/// A consumer's own rate for the policies of one name.
-#[derive(Debug, Clone)]
-pub struct LimitOverride {
-    pub policy: String,
-    pub rate: Rate,
-    pub burst: u64,
-    pub gcra: crate::limit::gcra::Gcra,
-}
-
-/// What a rate-limit policy counts by.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LimitKey {
-    /// The client's address (`X-Forwarded-For` only through trusted proxies; IPv6 by /64).
-    ClientIp,
-    /// A request header's value (a request without it is counted by its client address).
-    Header(HeaderName),
-    /// One bucket for the whole route.
-    Route,
-    /// The identified consumer (a request without one is counted by its client address).
-    Consumer,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    Gcra,
-    /// Calendar-aligned windows (UTC epoch multiples of the period): quotas like 10000/1d.
-    FixedWindow,
-}
-
-/// What a limit does while Redis is away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitFail {
-    /// The local limiter, at `rate / redis.instances`.
-    Local,
-    Open,
-    Closed,
-}
-
-#[derive(Debug, Clone)]
-pub struct RateLimit {
-    /// Shown in `RateLimit-Policy`; `[A-Za-z0-9_-]`, unique per route.
-    pub name: String,
-    pub key: LimitKey,
-    pub rate: Rate,
-    pub burst: u64,
-    pub algorithm: Algorithm,
-    pub gcra: crate::limit::gcra::Gcra,
-    pub fail: LimitFail,
-    /// `RateLimit` / `RateLimit-Policy` on allowed responses too (always on a 429).
-    pub headers: bool,
-    /// `count: misses`: only requests that reach the origin are counted.
-    pub misses: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailMode {
-    Open,
-    Closed,
-}
-
-/// A budget's window: fixed lengths from the epoch, or calendar months (UTC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BudgetWindow {
-    Hour,
-    Day,
-    Days30,
-    Month,
-}
-
-/// A named budget (`budgets:`): a spend limit per consumer per window.
-#[derive(Debug, Clone)]
-pub struct BudgetDef {
-    pub name: String,
-    pub limit: Decimal,
-    /// `limit` in money units (`crate::budget::UNIT`).
-    pub limit_units: i64,
-    /// `system_limit`: what `_system` may spend per window (default: `limit`).
-    pub system_limit_units: Option<i64>,
-    pub per: BudgetWindow,
-    pub fail: FailMode,
-    /// A reservation's lifetime: an instance killed mid-call gives the money back after it.
-    pub lease_ttl: Duration,
-    /// How long hourly and daily history buckets are kept.
-    pub hourly_ttl: Duration,
-    pub daily_ttl: Duration,
-}
-
-/// A route's use of a budget.
-#[derive(Debug, Clone)]
-pub struct RouteBudget {
-    pub def: std::sync::Arc<BudgetDef>,
-    /// What one call costs, in units, or `None`: the route plugin's `cost` hook decides from
-    /// the response (`cost: plugin`).
-    pub cost_units: Option<i64>,
-    /// Held before forwarding (the cost, for a fixed cost).
-    pub reserve_units: i64,
-    /// One call never settles above this (`max_cost`; `None`: no cap).
-    pub max_cost_units: Option<i64>,
-    /// Upstream statuses that cost money, as inclusive ranges (`2xx` = 200..=299).
-    pub charge_status: Vec<(u16, u16)>,
-    /// `Weir-Budget-Remaining` on budgeted responses.
-    pub headers: bool,
-    /// Cache hits cost the fixed cost too (default: a hit costs nothing).
-    pub charge_hits: bool,
-}
-
-impl RouteBudget {
-    pub fn charges(&self, status: u16) -> bool {
-        self.charge_status.iter().any(|(a, b)| (*a..=*b).contains(&status))
-    }
 }

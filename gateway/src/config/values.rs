@@ -8,6 +8,7 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use subtle::ConstantTimeEq;
 
 /// A YAML scalar kept as text (numbers included), so typed parsing happens in validation with positions.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,12 +85,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size `{s}` is too large"))
 }
 
-/// A rate: `100/s`, `6000/m`, `10/30s`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub count: u64,
-    pub per: Duration,
-}
+pub use crate::limit::Rate;
 
 pub fn parse_rate(s: &str) -> Result<Rate, String> {
     let bad = || format!("invalid rate `{s}`: expected `COUNT/UNIT`, e.g. `100/s`, `6000/m`, `10/30s`");
@@ -137,6 +133,42 @@ pub fn parse_method(s: &str) -> Result<http::Method, String> {
             .map(|k| format!(" (did you mean `{k}`?)"))
             .unwrap_or_default();
         Err(format!("unknown HTTP method `{s}`{hint}"))
+    }
+}
+
+/// A bearer token (admin, `Weir-Debug`), kept only as a digest: comparing digests in constant time leaks
+/// neither the token's bytes nor its length.
+pub struct Token([u8; 32]);
+
+impl Token {
+    pub fn new(token: &str) -> Token {
+        Token(Self::digest(token.as_bytes()))
+    }
+
+    fn digest(b: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&blake3::derive_key("weir admin token v1", b"weir"), b).as_bytes()
+    }
+
+    /// Whether an `Authorization` value carries this token (`Bearer` in any case, RFC 9110 §11.1).
+    pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
+        let presented = authorization
+            .and_then(|v| {
+                let (scheme, rest) = v.split_at_checked(6)?;
+                (scheme.eq_ignore_ascii_case(b"bearer") && rest.first() == Some(&b' ')).then(|| rest.trim_ascii())
+            })
+            .unwrap_or(b"");
+        self.matches(presented)
+    }
+
+    /// Whether `presented` is this token (constant time).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        Self::digest(presented).ct_eq(&self.0).into()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
     }
 }
 

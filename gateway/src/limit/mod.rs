@@ -19,18 +19,17 @@
 //! `header:NAME` key without that header falls back to the client address.
 
 pub mod gcra;
+mod policy;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use smallvec::SmallVec;
 
-use self::gcra::{Decision, Gcra};
-use crate::config::{Algorithm, LimitFail, LimitKey, RateLimit};
-use crate::error::GatewayError;
-use crate::proxy::RequestCtx;
+use self::gcra::Gcra;
+pub use self::policy::{Algorithm, LimitFail, LimitKey, LimitOverride, Rate, RateLimit};
 use crate::redis::Shared;
 
 /// Most keys the local limiter tracks at once by default (`server.rate_limit_keys`; a flood of
@@ -100,6 +99,45 @@ out[1] = ok
 return out
 ";
 
+/// Who a request is, for the keys its policies count by: everything phases 1–3 found.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// The route's name (every key is the route's own).
+    pub route: &'a str,
+    /// The client's address (the peer, or the first untrusted hop behind trusted proxies).
+    pub client_ip: IpAddr,
+    /// The peer's address as already formatted, when it is the client and IPv4 (no proxy).
+    pub peer_text: Option<&'a str>,
+    pub consumer: Option<&'a str>,
+    /// The request's headers (`key: header:NAME`).
+    pub headers: &'a http::HeaderMap,
+    /// The consumer's own rates (`consumers[].limits`).
+    pub own: Option<&'a [LimitOverride]>,
+}
+
+/// What a limit check decided.
+#[derive(Debug)]
+pub enum Decision {
+    /// Admitted; the `RateLimit` / `RateLimit-Policy` fields for the response (empty when no
+    /// policy asks for them).
+    Allow { headers: Vec<(HeaderName, HeaderValue)> },
+    /// Refused by `policy`: 429 with `Retry-After` and the refusing policy's fields.
+    Reject { policy: String, retry_after_s: u64, headers: Vec<(HeaderName, HeaderValue)> },
+    /// Redis is away and a policy says `fail: closed`.
+    Unavailable,
+}
+
+/// A decision, and whether Redis was away so the policies' fail modes decided it.
+#[derive(Debug)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub fell_back: bool,
+}
+
+/// Redis is away and the limit may not go on without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
 /// One policy's state after a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyState {
@@ -118,10 +156,17 @@ pub struct Limiter {
     script: redis::Script,
     hash_key: [u8; 32],
     instances: u64,
+    /// The local limiter's clock (Redis uses its own `TIME`).
+    clock: Arc<dyn Clock>,
 }
 
 impl Limiter {
     pub fn new(redis: Option<Arc<Shared>>, instances: u64, max_keys: u64) -> Limiter {
+        Limiter::with_clock(redis, instances, max_keys, Arc::new(crate::clock::System))
+    }
+
+    /// A limiter whose local arithmetic reads `clock` (unit tests move it by hand).
+    pub fn with_clock(redis: Option<Arc<Shared>>, instances: u64, max_keys: u64, clock: Arc<dyn Clock>) -> Limiter {
         // Instances on one Redis must agree on key names: the deployment secret, or (as the L2
         // does without one) a public constant.
         let secret = redis.as_ref().map(|r| r.key_secret.clone().unwrap_or_else(|| "weir".to_string()));
@@ -141,13 +186,15 @@ impl Limiter {
             script: redis::Script::new(SCRIPT),
             hash_key,
             instances: instances.max(1),
+            clock,
         }
     }
 
     /// One failed credential from `ip` (IPv6 by /64), counted in this instance against
     /// `server.auth_failures`: `Err(retry_after_us)` once the address is past it. Only failures
     /// are counted, so a valid credential from a shared address is never refused by this.
-    pub fn auth_failure(&self, ip: IpAddr, gcra: &Gcra, now_us: u64) -> Result<(), u64> {
+    pub fn auth_failure(&self, ip: IpAddr, gcra: &Gcra) -> Result<(), u64> {
+        let now_us = self.clock.now_us();
         let addr = address_key(ip);
         let id = self.id("\u{0}auth", &addr, "failures");
         let cell = self.local.get_with(id, || Arc::new(Mutex::new([0, 0])));
@@ -167,68 +214,61 @@ impl Limiter {
         self.local.entry_count()
     }
 
-    /// Phase 3: checks and consumes the route's policies for this request. `Ok` carries the
-    /// headers for an admitted response (empty when no policy asks for them).
-    pub async fn admit(&self, ctx: &RequestCtx) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
-        let route = ctx.route();
-        if let Some(own) = overridden(ctx, &route.route.rate_limit) {
-            let policy = [policy_header(&own, false), policy_header(&own, true)];
-            return self.admit_policies(ctx, &own, &policy).await;
+    /// Checks and consumes `policies` for `who`, all or nothing: the `count: all` policies in
+    /// phase 3, the `count: misses` ones where a request leaves for the origin (phase 6). The
+    /// consumer's own rates (`who.own`) replace the policies' of the same name.
+    /// `fields`: the precomputed `RateLimit-Policy` values (`headers: true` ones, all).
+    pub async fn admit(&self, policies: &[RateLimit], fields: &[Option<HeaderValue>; 2], who: &Subject<'_>) -> Verdict {
+        if let Some(own) = overridden(who.own, policies) {
+            let fields = [policy_header(&own, false), policy_header(&own, true)];
+            return self.admit_policies(&own, &fields, who).await;
         }
-        self.admit_policies(ctx, &route.route.rate_limit, &route.ratelimit_policy[0]).await
-    }
-
-    /// The `count: misses` policies, where a request leaves for the origin (phase 6). Refused:
-    /// the request gets the 429 instead of an upstream answer; a hit never gets here.
-    pub async fn admit_miss(&self, ctx: &RequestCtx) -> Result<(), GatewayError> {
-        let route = ctx.route();
-        let misses = &route.route.rate_limit_misses;
-        if let Some(own) = overridden(ctx, misses) {
-            let policy = [policy_header(&own, false), policy_header(&own, true)];
-            return self.admit_policies(ctx, &own, &policy).await.map(|_| ());
-        }
-        self.admit_policies(ctx, misses, &route.ratelimit_policy[1]).await.map(|_| ())
+        self.admit_policies(policies, fields, who).await
     }
 
     async fn admit_policies(
         &self,
-        ctx: &RequestCtx,
         policies: &[RateLimit],
         policy_header: &[Option<HeaderValue>; 2],
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
-        let route = ctx.route();
+        who: &Subject<'_>,
+    ) -> Verdict {
         // Inline for the usual one to four policies: no allocation per request for the lists.
         let mut states: SmallVec<[PolicyState; 4]> =
             smallvec::smallvec![PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; policies.len()];
         let all: SmallVec<[usize; 4]> = (0..policies.len()).collect();
-        let keys: SmallVec<[String; 4]> = policies.iter().map(|p| limit_key(ctx, &p.key)).collect();
-        let q = Query { route: &route.route.name, policies, keys: &keys };
-        let admitted = self.check(q, &all, &mut states, true, Some(ctx)).await?;
-        if !admitted {
-            let (i, retry) = states
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i, s.retry_us))
-                .max_by_key(|(_, r)| *r)
-                .unwrap_or((0, 1_000_000));
-            route.metrics.ratelimit_rejected(&route.label, &policies[i].name);
-            // The refusing policy, with the wait until a retry is admitted.
-            let headers =
-                [(&RATELIMIT_POLICY, policy_header[1].clone()), (&RATELIMIT, field(&policies[i].name, 0, retry))]
-                    .into_iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v?)))
-                    .collect();
-            return Err(GatewayError::RateLimited {
-                policy: policies[i].name.clone(),
-                retry_after_s: retry.div_ceil(1_000_000).max(1),
-                headers,
-            });
-        }
-        Ok(if policies.iter().any(|p| p.headers) {
-            headers(policies, &states, policy_header[0].as_ref())
-        } else {
-            Vec::new()
-        })
+        let keys: SmallVec<[String; 4]> = policies.iter().map(|p| limit_key(who, &p.key)).collect();
+        let q = Query { route: who.route, policies, keys: &keys };
+        let mut fell_back = false;
+        let decision = match self.check(q, &all, &mut states, true, &mut fell_back).await {
+            Err(Unavailable) => Decision::Unavailable,
+            Ok(false) => {
+                let (i, retry) = states
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (i, s.retry_us))
+                    .max_by_key(|(_, r)| *r)
+                    .unwrap_or((0, 1_000_000));
+                // The refusing policy, with the wait until a retry is admitted.
+                let headers =
+                    [(&RATELIMIT_POLICY, policy_header[1].clone()), (&RATELIMIT, field(&policies[i].name, 0, retry))]
+                        .into_iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v?)))
+                        .collect();
+                Decision::Reject {
+                    policy: policies[i].name.clone(),
+                    retry_after_s: retry.div_ceil(1_000_000).max(1),
+                    headers,
+                }
+            }
+            Ok(true) => Decision::Allow {
+                headers: if policies.iter().any(|p| p.headers) {
+                    headers(policies, &states, policy_header[0].as_ref())
+                } else {
+                    Vec::new()
+                },
+            },
+        };
+        Verdict { decision, fell_back }
     }
 
     /// One atomic check of `idx` policies (Redis, else the local map); false: refused.
@@ -238,8 +278,8 @@ impl Limiter {
         idx: &[usize],
         states: &mut [PolicyState],
         commit: bool,
-        ctx: Option<&RequestCtx>,
-    ) -> Result<bool, GatewayError> {
+        fell_back: &mut bool,
+    ) -> Result<bool, Unavailable> {
         let Query { route, policies, keys } = q;
         if let Some(redis) = &self.redis {
             let mut inv = self.script.prepare_invoke();
@@ -266,11 +306,9 @@ impl Limiter {
                     } else {
                         tracing::warn!("rate-limit script answered in an unexpected shape");
                     }
-                    if let Some(ctx) = ctx {
-                        ctx.route().metrics.ratelimit_fallback(&ctx.route().label);
-                    }
+                    *fell_back = true;
                     if idx.iter().any(|&i| policies[i].fail == LimitFail::Closed) {
-                        return Err(GatewayError::RateLimitUnavailable);
+                        return Err(Unavailable);
                     }
                     let local: Vec<usize> =
                         idx.iter().copied().filter(|&i| policies[i].fail == LimitFail::Local).collect();
@@ -284,7 +322,7 @@ impl Limiter {
     /// The same arithmetic on this instance's clock; `share` divides every rate (the fallback).
     fn check_local(&self, q: Query<'_>, idx: &[usize], states: &mut [PolicyState], share: u64, commit: bool) -> bool {
         let Query { route, policies, keys } = q;
-        let now = unix_us(SystemTime::now());
+        let now = self.clock.now_us();
         // Per admitting policy: its position in `idx` and the state it would store.
         let mut decided: SmallVec<[(usize, (u64, u64)); 4]> = SmallVec::new();
         let cells: SmallVec<[Arc<Mutex<[u64; 2]>>; 4]> = idx
@@ -304,11 +342,11 @@ impl Limiter {
                 Algorithm::Gcra => {
                     let g = shared_gcra(p, share);
                     match g.check(cell[0], now) {
-                        Decision::Allow { tat, remaining } => {
+                        gcra::Decision::Allow { tat, remaining } => {
                             states[i] = PolicyState { remaining, reset_us: tat - now, retry_us: 0 };
                             decided.push((n, (tat, 0)));
                         }
-                        Decision::Deny { retry_after_us } => {
+                        gcra::Decision::Deny { retry_after_us } => {
                             ok = false;
                             states[i] = PolicyState {
                                 remaining: 0,
@@ -356,24 +394,24 @@ impl Limiter {
     /// or anything for a `route` key), without consuming.
     pub async fn peek(
         &self,
-        route: &crate::config::Route,
+        route: &str,
+        policies: &[RateLimit],
         key: &str,
-    ) -> Result<Vec<(String, PolicyState)>, GatewayError> {
-        let policies = &route.rate_limit;
+    ) -> Result<Vec<(String, PolicyState)>, Unavailable> {
         let keys: Vec<String> = policies.iter().map(|p| admin_key(&p.key, key)).collect();
         let mut states = vec![PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; policies.len()];
         let all: Vec<usize> = (0..policies.len()).collect();
-        self.check(Query { route: &route.name, policies, keys: &keys }, &all, &mut states, false, None).await?;
+        self.check(Query { route, policies, keys: &keys }, &all, &mut states, false, &mut false).await?;
         Ok(policies.iter().map(|p| p.name.clone()).zip(states).collect())
     }
 
     /// `DELETE /ratelimits/{route}/{key}`: forgets `key`'s state in every policy (Redis and here).
-    pub async fn reset(&self, route: &crate::config::Route, key: &str) -> Result<(), GatewayError> {
+    pub async fn reset(&self, route: &str, policies: &[RateLimit], key: &str) -> Result<(), Unavailable> {
         let mut names = Vec::new();
-        for p in &route.rate_limit {
+        for p in policies {
             let k = admin_key(&p.key, key);
-            self.local.invalidate(&self.id(&route.name, &k, &p.name));
-            names.push(format!("weir:{{rl:{}}}:{}", self.id_hex(&route.name, &k), p.name));
+            self.local.invalidate(&self.id(route, &k, &p.name));
+            names.push(format!("weir:{{rl:{}}}:{}", self.id_hex(route, &k), p.name));
         }
         if let Some(redis) = &self.redis {
             // One DEL per key: keys of different limit kinds may sit in different slots.
@@ -381,7 +419,7 @@ impl Limiter {
                 redis
                     .call(|mut c| async move { redis::cmd("DEL").arg(name).query_async::<i64>(&mut c).await })
                     .await
-                    .map_err(|_| GatewayError::RateLimitUnavailable)?;
+                    .map_err(|_| Unavailable)?;
             }
         }
         Ok(())
@@ -418,8 +456,8 @@ static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy"
 
 /// The route's policies with the consumer's own rates (`consumers[].limits`), when it has any
 /// for these policies' names.
-fn overridden(ctx: &RequestCtx, policies: &[RateLimit]) -> Option<Vec<RateLimit>> {
-    let own = ctx.rt.config.consumer_limits.get(ctx.consumer.as_deref()?)?;
+fn overridden(own: Option<&[LimitOverride]>, policies: &[RateLimit]) -> Option<Vec<RateLimit>> {
+    let own = own?;
     if !policies.iter().any(|p| own.iter().any(|o| o.policy == p.name)) {
         return None;
     }
@@ -448,7 +486,7 @@ fn window_us(p: &RateLimit) -> u64 {
     u64::try_from(p.rate.per.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-use crate::clock::unix_us;
+use crate::clock::Clock;
 
 /// `RateLimit-Policy` for the policies with `headers: true`, and `RateLimit` for the one of them
 /// closest to exhaustion
@@ -508,33 +546,32 @@ fn admin_key(kind: &LimitKey, key: &str) -> String {
 }
 
 /// What a policy counts by, for this request.
-fn limit_key(ctx: &RequestCtx, key: &LimitKey) -> String {
+fn limit_key(who: &Subject<'_>, key: &LimitKey) -> String {
     match key {
         LimitKey::Route => String::new(),
-        LimitKey::ClientIp => format!("ip:{}", client_ip(ctx)),
-        LimitKey::Consumer => match &ctx.consumer {
+        LimitKey::ClientIp => format!("ip:{}", client_ip(who)),
+        LimitKey::Consumer => match who.consumer {
             Some(id) => format!("c:{id}"),
-            None => format!("ip:{}", client_ip(ctx)),
+            None => format!("ip:{}", client_ip(who)),
         },
-        LimitKey::Header(h) => match ctx.canon.headers.get(h) {
+        LimitKey::Header(h) => match who.headers.get(h) {
             Some(v) => {
                 let mut s = String::from("h:");
                 s.push_str(&String::from_utf8_lossy(v.as_bytes()));
                 s
             }
-            None => format!("ip:{}", client_ip(ctx)),
+            None => format!("ip:{}", client_ip(who)),
         },
     }
 }
 
-/// The client's address: the peer, or through trusted proxies the right-most
-/// `X-Forwarded-For` address that is not one of them; IPv6 grouped by /64.
-fn client_ip(ctx: &RequestCtx) -> String {
-    if !ctx.trusted && ctx.conn.peer.ip().to_canonical().is_ipv4() {
-        // Formatted once per connection already.
-        return ctx.conn.peer_ip.as_str().to_string();
+/// The client's address as a key: the peer's text as formatted once per connection when it
+/// is the client, else `address_key`.
+fn client_ip(who: &Subject<'_>) -> String {
+    match who.peer_text {
+        Some(t) => t.to_string(),
+        None => address_key(who.client_ip),
     }
-    address_key(client_addr(ctx))
 }
 
 /// An address as a limit key: IPv4 whole, IPv6 by its /64 (one subscriber's prefix).
@@ -548,11 +585,6 @@ fn address_key(ip: IpAddr) -> String {
     }
 }
 
-/// The client's address, found once in phase 1 (`proxy::headers::client_addr`).
-pub(crate) fn client_addr(ctx: &RequestCtx) -> IpAddr {
-    ctx.client_ip
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -562,7 +594,7 @@ mod tests {
         RateLimit {
             name: name.into(),
             key: LimitKey::Route,
-            rate: crate::config::values::Rate { count: rate, per: Duration::from_secs(per) },
+            rate: Rate { count: rate, per: Duration::from_secs(per) },
             burst,
             algorithm,
             gcra: Gcra::new(rate, Duration::from_secs(per), burst).unwrap(),

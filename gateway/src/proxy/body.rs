@@ -306,33 +306,34 @@ impl Tally for std::sync::Arc<AtomicU64> {
     }
 }
 
-/// A response body's bytes as they leave: on drop (the body ended, or a client that went away
-/// dropped it) they go into `weir_response_bytes_total` and, when the access log is on, the
-/// request's line is written with the whole duration and the bytes really sent.
-pub struct Sent {
+/// The completion of a request (phase 9), owned by its response body: when the body is dropped
+/// — it ended, failed, or a client that went away dropped it — the bytes really sent go into
+/// `weir_response_bytes_total` and, when the access log or span export is on, the request's
+/// line and span are written with the whole duration.
+pub struct Completion {
     started: std::time::Instant,
     sent: u64,
     bytes: prometheus_client::metrics::counter::Counter,
     record: Option<AccessRecord>,
 }
 
-impl Sent {
+impl Completion {
     pub fn new(
         started: std::time::Instant,
         bytes: prometheus_client::metrics::counter::Counter,
         record: Option<AccessRecord>,
-    ) -> Sent {
-        Sent { started, sent: 0, bytes, record }
+    ) -> Completion {
+        Completion { started, sent: 0, bytes, record }
     }
 }
 
-impl Tally for Sent {
+impl Tally for Completion {
     fn add(&mut self, n: u64) {
         self.sent += n;
     }
 }
 
-impl Drop for Sent {
+impl Drop for Completion {
     fn drop(&mut self) {
         self.bytes.inc_by(self.sent);
         if let Some((sinks, mut r, bytes_in)) = self.record.take() {

@@ -27,10 +27,12 @@ use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::Body;
 
-/// A reservation that will be settled exactly once: by [`LeaseGuard::settle`], or when dropped.
+/// A call's reservations, settled exactly once: by [`LeaseGuard::settle`], or when dropped.
+/// One lease per budget level the call is charged to — today the route's budget; team and
+/// organisation budgets will add levels, each reserved before the call and settled with it.
 #[derive(Debug)]
 pub(crate) struct LeaseGuard {
-    held: Option<Held>,
+    levels: Vec<Held>,
 }
 
 #[derive(Debug)]
@@ -43,35 +45,54 @@ struct Held {
 }
 
 impl LeaseGuard {
+    /// The lease of the route's own budget (the first level).
     pub(crate) fn lease(&self) -> Option<&Lease> {
-        self.held.as_ref().map(|h| &h.lease)
+        self.levels.first().map(|h| &h.lease)
     }
 
-    /// Settles at `units` (charged) or releases (not charged). The settlement runs in a task of
-    /// its own, so a client that leaves while it is under way cannot cancel it.
+    /// Settles every level at `units` (charged) or releases them (not charged). The settlement
+    /// runs in a task of its own, so a client that leaves while it is under way cannot cancel it.
     pub(crate) async fn settle(mut self, units: i64, charged: bool) {
-        let Some(h) = self.held.take() else { return };
-        if charged {
-            h.metrics.budget_spent(&h.lease.budget.name, units);
+        let levels = std::mem::take(&mut self.levels);
+        if levels.is_empty() {
+            return;
         }
-        let task = tokio::spawn(async move { h.budgets.settle(&h.lease, units, charged).await });
+        for h in &levels {
+            if charged {
+                h.metrics.budget_spent(&h.lease.budget.name, units);
+            }
+        }
+        let task = tokio::spawn(async move {
+            for h in levels {
+                h.budgets.settle(&h.lease, units, charged).await;
+            }
+        });
         let _ = task.await;
     }
 }
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        let Some(h) = self.held.take() else { return };
-        h.metrics.budget_unsettled("dropped");
-        h.metrics.budget_spent(&h.lease.budget.name, h.if_dropped);
+        let levels = std::mem::take(&mut self.levels);
+        if levels.is_empty() {
+            return;
+        }
+        for h in &levels {
+            h.metrics.budget_unsettled("dropped");
+            h.metrics.budget_spent(&h.lease.budget.name, h.if_dropped);
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { h.budgets.settle(&h.lease, h.if_dropped, true).await });
+            rt.spawn(async move {
+                for h in levels {
+                    h.budgets.settle(&h.lease, h.if_dropped, true).await;
+                }
+            });
         }
     }
 }
 
 /// The consumer a call of `purpose` is charged to.
-fn payer(ctx: &RequestCtx, purpose: Purpose) -> &str {
+pub(super) fn payer(ctx: &RequestCtx, purpose: Purpose) -> &str {
     match purpose {
         Purpose::Refresh | Purpose::Revalidate => SYSTEM,
         _ if ctx.system => SYSTEM,
@@ -93,12 +114,12 @@ pub(crate) async fn reserve(
         Ok(lease) => {
             let if_dropped = b.cost_units.or(b.max_cost_units).unwrap_or(lease.units);
             Ok(Some(LeaseGuard {
-                held: Some(Held {
+                levels: vec![Held {
                     budgets: ctx.rt.budgets.clone(),
                     metrics: ctx.rt.metrics.clone(),
                     lease,
                     if_dropped,
-                }),
+                }],
             }))
         }
         Err(Refusal::Exhausted { retry_after_s }) => {

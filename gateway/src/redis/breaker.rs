@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::BreakerSettings;
+use super::BreakerSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {

@@ -18,7 +18,37 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use self::breaker::{Breaker, State};
-use crate::config;
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub urls: Vec<url::Url>,
+    /// Environment variable holding the deployment secret that keys every Redis key name and
+    /// MACs every value and invalidation message.
+    pub key_secret_env: Option<String>,
+    /// Instances sharing this Redis (configured): while Redis is away a `fail: local` rate limit
+    /// admits `rate / instances` on each, so the fleet as a whole keeps about the shared rate.
+    pub instances: u64,
+    pub cluster: bool,
+    pub password_env: Option<String>,
+    /// Bound on every Redis call; a slower answer counts as a failure and the request goes on
+    /// without Redis.
+    pub op_timeout: Duration,
+    /// Encoded entries above this stay in L1 only.
+    pub max_object_bytes: u64,
+    /// CA certificate (PEM) for `rediss://` servers signed by a private CA.
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub breaker: BreakerSettings,
+    /// `/readyz` answers 503 while Redis is unreachable.
+    pub required: bool,
+}
+
+/// Circuit breaker: `failures` within `window` open it; after `open_for` one probe may close it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    pub failures: u32,
+    pub window: Duration,
+    pub open_for: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedisStartError {
@@ -94,7 +124,7 @@ impl ConnectionLike for Conn {
 
 #[derive(Debug)]
 pub struct Shared {
-    pub settings: config::Redis,
+    pub settings: RedisSettings,
     /// Cluster mode: the client that (re)builds the slot map; `None` for a single server.
     cluster: Option<ClusterClient>,
     /// For the pub/sub connection: one client per configured URL (in Cluster mode any node will
@@ -127,7 +157,7 @@ fn is_auth_error(e: &RedisError) -> bool {
 impl Shared {
     /// Builds the clients and checks the server once. Wrong credentials are a start-up error;
     /// an unreachable Redis is not (Weir starts degraded, L1 only, and keeps trying).
-    pub async fn connect(settings: config::Redis) -> Result<Arc<Shared>, RedisStartError> {
+    pub async fn connect(settings: RedisSettings) -> Result<Arc<Shared>, RedisStartError> {
         let key_secret = match &settings.key_secret_env {
             Some(var) => match std::env::var(var) {
                 Ok(s) if s.len() >= 32 => Some(s),

@@ -52,7 +52,7 @@ pub const MIN_TOKEN_BYTES: usize = 32;
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let token = match config.admin.as_ref().and_then(|a| a.token_env.clone()) {
         Some(var) => match std::env::var(&var) {
-            Ok(t) if t.len() >= MIN_TOKEN_BYTES => Some(crate::admin::Token::new(&t)),
+            Ok(t) if t.len() >= MIN_TOKEN_BYTES => Some(crate::config::values::Token::new(&t)),
             Ok(t) if !t.is_empty() => return Err(StartError::TokenTooShort { var, len: t.len() }),
             _ => return Err(StartError::TokenUnset { var }),
         },

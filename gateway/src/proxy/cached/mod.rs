@@ -85,6 +85,22 @@ fn with_status(route: &RouteRuntime, mut resp: Response<Body>, outcome: &Outcome
     resp
 }
 
+/// `only-if-cached` with nothing stored: counted here, answered 504 by `handle`.
+fn not_cached(route: &RouteRuntime) -> GatewayError {
+    if let Some(m) = &route.cache_metrics {
+        m.record(&Outcome::NotCached);
+    }
+    GatewayError::NotCached
+}
+
+/// The `Cache-Status` of an error answered on a cached route (phases 4–6 failed).
+pub(super) fn error_status(e: &GatewayError) -> Option<HeaderValue> {
+    match e {
+        GatewayError::NotCached => Some(Outcome::NotCached.header_value()),
+        e => HeaderValue::from_str(&format!("weir; fwd=miss; detail={}", e.code())).ok(),
+    }
+}
+
 pub(super) fn is_unsafe(m: &Method) -> bool {
     !matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
 }
@@ -94,32 +110,14 @@ pub(super) fn route_plugin(route: &RouteRuntime) -> Option<&Arc<Loaded>> {
     route.route.plugin.as_ref().and_then(|p| p.loaded.as_ref())
 }
 
-pub(super) async fn serve(
-    req: Arc<RequestCtx>,
-    cfg: &Arc<RouteCache>,
-    body: ClientBody,
-) -> Result<Response<Body>, GatewayError> {
-    match serve_inner(req, cfg, body).await {
-        Ok(r) => Ok(r),
-        // Errors keep their JSON body and also say what the cache did.
-        Err(e) => {
-            let detail = format!("weir; fwd=miss; detail={}", e.code());
-            let mut r = e.into_response();
-            if let Ok(v) = HeaderValue::from_str(&detail) {
-                r.headers_mut().insert(CACHE_STATUS.clone(), v);
-            }
-            Ok(r)
-        }
-    }
-}
-
 /// Sends the request upstream past the cache, as the client sent it (canonical form).
 async fn pass_through(req: &RequestCtx, body: Option<Body>) -> Result<Response<Body>, GatewayError> {
     let resp = upstream(req, Purpose::PassThrough, req.upstream_head(), body).await?;
     Ok(finish_response(resp))
 }
 
-async fn serve_inner(
+/// Phases 4–6 (and, through the body, 7–8) of a request on a cached route.
+pub(super) async fn serve(
     req: Arc<RequestCtx>,
     cfg: &Arc<RouteCache>,
     body: ClientBody,
@@ -300,7 +298,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
             return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
         }
         if d.only_if_cached {
-            return Ok(with_status(route, GatewayError::NotCached.into_response(), &Outcome::NotCached));
+            return Err(not_cached(route));
         }
         // Who pays: a refetch the client's own directives force (the entry would have served
         // it otherwise) is the client's miss; a stale entry's revalidation is Weir's own.
@@ -317,7 +315,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     }
 
     if d.only_if_cached {
-        return Ok(with_status(route, GatewayError::NotCached.into_response(), &Outcome::NotCached));
+        return Err(not_cached(route));
     }
     if head_or_range {
         // HEAD and Range misses are not coalesced; a 206 or a HEAD answer is never stored, but

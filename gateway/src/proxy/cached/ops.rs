@@ -52,20 +52,12 @@ fn synthetic(
     }
     let route = crate::proxy::route_of(rt, &canon)?;
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let conn = ConnInfo::new(loopback, loopback, scheme);
+    // Weir's own request: no consumer phase, no rate limit, budgets charge `_system`.
     Ok(Arc::new(RequestCtx {
-        rt: rt.clone(),
-        conn: ConnInfo::new(loopback, loopback, scheme),
-        trusted: false,
-        client_ip: loopback.ip(),
-        canon,
-        route,
         consumer,
-        budget_remaining: std::sync::OnceLock::new(),
-        hop: std::sync::OnceLock::new(),
-        bytes_in: None,
-        cache_key: std::sync::OnceLock::new(),
-        debug: false,
         system: true,
+        ..RequestCtx::new(rt.clone(), conn, false, canon, route, false, false)
     }))
 }
 

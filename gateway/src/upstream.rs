@@ -4,15 +4,27 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use http::uri::{Authority, Scheme};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Route, UpstreamUrl};
 use crate::Body;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
 
 /// How long an upstream that failed to connect is skipped.
 pub const COOL_DOWN: Duration = Duration::from_secs(10);
@@ -33,12 +45,12 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    pub fn new(route: &Route) -> UpstreamPool {
+    /// A pool over `urls`: connections time out after `connect`; `https://` ones use `tls`.
+    pub fn new(urls: &[UpstreamUrl], connect: Duration, tls: &crate::tls::UpstreamTls) -> UpstreamPool {
         let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(route.timeouts.connect));
+        http.set_connect_timeout(Some(connect));
         http.set_nodelay(true);
         http.enforce_http(false);
-        let tls = &route.upstream_tls;
         let b = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((*tls.config).clone()).https_or_http();
         let b = match &tls.server_name {
             Some(n) => b.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(n.clone())),
@@ -56,11 +68,7 @@ impl UpstreamPool {
             .build(https);
         UpstreamPool {
             client,
-            targets: route
-                .upstreams
-                .iter()
-                .map(|u| Target { url: u.clone(), down_until_ms: AtomicU64::new(0) })
-                .collect(),
+            targets: urls.iter().map(|u| Target { url: u.clone(), down_until_ms: AtomicU64::new(0) }).collect(),
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
         }

@@ -1,0 +1,258 @@
+//! Phase 6: where every upstream request leaves — the client's miss, a coalesced leader's fetch,
+//! a stale refresh, a revalidation, a pass-through, a write, a tunnel. `count: misses` limits,
+//! the route's connection slots and the payer's budget lease all attach in `upstream`, so no
+//! path reaches the origin around them.
+
+use bytes::Bytes;
+use http::header;
+use http::request::Parts;
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+
+use super::body::{self, ClientBody, IdleTimeout, IdleTimeoutError, WithPermit};
+use super::context::{Hop, Purpose, RequestCtx};
+use super::headers::{add_via, strip_hop_by_hop};
+use super::meter;
+use crate::error::GatewayError;
+use crate::runtime::RouteRuntime;
+use crate::Body;
+
+/// Phase 6: **every** upstream request leaves through here — the client's miss, a coalesced
+/// leader's fetch, a stale refresh, a revalidation, a pass-through, a write, a tunnel — so the
+/// limits and budgets that attach here cannot be bypassed by a path nobody thought of.
+///
+/// A request whose body was never sent (`body: None`) and that is idempotent is replayed once
+/// on another upstream when the first refused the connection.
+pub(crate) async fn upstream(
+    ctx: &RequestCtx,
+    purpose: Purpose,
+    parts: Parts,
+    body: Option<Body>,
+) -> Result<Response<Body>, GatewayError> {
+    let route = ctx.route();
+    // `count: misses` limits: charged for every request that reaches the origin on a client's
+    // behalf — an upgrade included, whatever the origin answers (a tunnel is never a way around
+    // a limit). Only Weir's own background refreshes are not the client's.
+    if !route.route.rate_limit_misses.is_empty() && !ctx.system && purpose != Purpose::Refresh {
+        super::limits(ctx, true).await?;
+    }
+    // The route's connection slots (`max_upstream_connections`): a slot is held until the
+    // response body ends, so a slow origin cannot take every socket the process has.
+    let slots = route.upstream_slots.clone();
+    let permit = match slots.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => match tokio::time::timeout(route.route.timeouts.connect, slots.acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(GatewayError::UpstreamBusy {
+                    route: route.route.name.clone(),
+                    limit: route.route.max_upstream_connections,
+                })
+            }
+        },
+    };
+    // The budget (phase 6): reserved before the call leaves, by a guard that settles it exactly
+    // once — at the head, at the body's end, or when dropped (`meter`).
+    let budget = meter::upstream_budget(ctx, purpose).await?;
+    let started = std::time::Instant::now();
+    let sent = send_with_retry(route, parts, body).await.map(|(target, resp)| {
+        if purpose != Purpose::Refresh {
+            let _ = ctx.hop.set(Hop { target, status: resp.status().as_u16(), took: started.elapsed() });
+        }
+        resp
+    });
+    let metered = match budget {
+        Some((b, guard)) => meter::at_head(ctx, b, guard, sent.as_ref().ok().map(|r| r.status().as_u16())).await,
+        None => None,
+    };
+    match sent {
+        Ok(resp) => {
+            let idle = route.route.timeouts.idle;
+            let resp = resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed());
+            Ok(match metered {
+                Some(guard) => meter::meter(ctx, guard, resp),
+                None => resp,
+            })
+        }
+        Err(e) => {
+            tracing::debug!(route = %route.route.name, purpose = purpose.as_str(), error = %e, "upstream request failed");
+            Err(e)
+        }
+    }
+}
+
+/// The response and which target gave it.
+async fn send_with_retry(
+    route: &RouteRuntime,
+    parts: Parts,
+    body: Option<Body>,
+) -> Result<(usize, Response<Incoming>), GatewayError> {
+    let no_body = body.is_none();
+    let body = body.unwrap_or_else(empty);
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    let retry_head = (no_body && idempotent && route.upstreams.len() > 1).then(|| clone_head(&parts));
+    let first = route.upstreams.pick(None);
+    match send(route, first, parts, body).await {
+        Ok(r) => Ok((first, r)),
+        Err(SendError::Connect(reason)) => {
+            route.upstreams.mark_down(first);
+            let Some(head) = retry_head else {
+                return Err(GatewayError::UpstreamUnavailable {
+                    upstream: route.upstreams.url(first).to_string(),
+                    reason,
+                });
+            };
+            let second = route.upstreams.pick(Some(first));
+            tracing::info!(from = %route.upstreams.url(first), to = %route.upstreams.url(second), "retrying on another upstream");
+            match send(route, second, head, empty()).await {
+                Ok(r) => Ok((second, r)),
+                Err(SendError::Connect(reason)) => {
+                    route.upstreams.mark_down(second);
+                    Err(GatewayError::UpstreamUnavailable { upstream: route.upstreams.url(second).to_string(), reason })
+                }
+                Err(SendError::Other(e)) => Err(e),
+            }
+        }
+        Err(SendError::Other(e)) => Err(e),
+    }
+}
+
+/// Upstream request head for target `i`; the request path is forwarded as the client sent it.
+fn upstream_uri(route: &RouteRuntime, i: usize, parts: &Parts) -> Result<Uri, GatewayError> {
+    let target = route.upstreams.url(i);
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| GatewayError::BadRequest(format!("cannot build upstream URI: {e}")))
+}
+
+enum SendError {
+    Connect(String),
+    Other(GatewayError),
+}
+
+async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> Result<Response<Incoming>, SendError> {
+    parts.uri = upstream_uri(route, i, &parts).map_err(SendError::Other)?;
+    if route.route.upstream_host_own {
+        // A SaaS upstream routes by its own name, not the gateway's.
+        if let Ok(v) = http::HeaderValue::from_str(route.upstreams.url(i).authority.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    let req = Request::from_parts(parts, body);
+    let after = route.route.timeouts.response;
+    // The upstream's name is formatted only for an error: it is not free on the hot path.
+    let upstream = || route.upstreams.url(i).to_string();
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(after, route.upstreams.client.request(req)).await {
+        Err(_) => Err(SendError::Other(GatewayError::UpstreamTimeout { upstream: upstream(), after })),
+        Ok(Ok(resp)) => {
+            route.metrics.upstream(started.elapsed());
+            route.upstreams.mark_up(i);
+            Ok(resp)
+        }
+        Ok(Err(e)) if e.is_connect() && tls_failure(&e) => {
+            // The reason is for the operator, not the client.
+            tracing::warn!(upstream = %upstream(), "TLS to the upstream failed: {}", error_chain(&e));
+            Err(SendError::Other(GatewayError::UpstreamTls { upstream: upstream() }))
+        }
+        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(error_chain(&e))),
+        Ok(Err(e)) => Err(SendError::Other(classify_send_error(&e, route, upstream()))),
+    }
+}
+
+/// Whether a connect error came from the TLS handshake (a certificate problem, say).
+/// `io::Error::source` skips the error it wraps (and hyper-rustls wraps tokio-rustls' io::Error
+/// in another), so io errors are looked into with `get_ref`.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        cur = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
+}
+
+/// A failure while sending: the client's body broke a limit or stalled, or the upstream failed.
+fn classify_send_error(e: &(dyn std::error::Error + 'static), route: &RouteRuntime, upstream: String) -> GatewayError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return GatewayError::PayloadTooLarge { limit: route.route.max_request_body.unwrap_or(0) };
+        }
+        if let Some(idle) = err.downcast_ref::<IdleTimeoutError>() {
+            return GatewayError::BadRequest(format!("request body stalled: {idle}"));
+        }
+        cur = err.source();
+    }
+    GatewayError::UpstreamUnavailable { upstream, reason: error_chain(e) }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}
+
+/// The client's body for the upstream: idle-timed and limited by the route's
+/// `max_request_body`; `None` when it is empty.
+pub(crate) fn request_body(ctx: &RequestCtx, body: ClientBody) -> Option<Body> {
+    if body.is_end_stream() {
+        return None;
+    }
+    let route = ctx.route();
+    let idle = route.route.timeouts.idle;
+    let body = match route.route.max_request_body {
+        Some(limit) => IdleTimeout::new(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)), idle).boxed(),
+        None => IdleTimeout::new(body, idle).boxed(),
+    };
+    Some(match &ctx.bytes_in {
+        Some(n) => body::Counting::new(body, n.clone()).boxed(),
+        None => body,
+    })
+}
+
+/// The upstream's response as the client gets it: hop-by-hop removed, `Via`.
+pub(crate) fn finish_response(resp: Response<Body>) -> Response<Body> {
+    let (mut rparts, rbody) = resp.into_parts();
+    let version = rparts.version;
+    strip_hop_by_hop(&mut rparts.headers);
+    add_via(&mut rparts.headers, version);
+    rparts.extensions = http::Extensions::new();
+    Response::from_parts(rparts, rbody)
+}
+
+pub(crate) fn clone_head(parts: &Parts) -> Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+pub(crate) fn empty() -> Body {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+}
+
+pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
