@@ -29,6 +29,13 @@ pub enum GatewayError {
     UpstreamTimeout { upstream: String, after: Duration },
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// An admin request a browser could have sent for a page (`Origin`, `Sec-Fetch-Site`), or
+    /// under a name that is not the admin API's (DNS rebinding).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A mutating admin call whose body is not declared `application/json`.
+    #[error("admin calls that change state must be sent as `Content-Type: application/json`")]
+    UnsupportedMediaType,
     #[error("{0}")]
     NotFound(String),
     #[error("{message}")]
@@ -93,6 +100,30 @@ pub enum ConsumerMissing {
 }
 
 impl GatewayError {
+    /// The message a client reads. Upstream failures name neither the upstream's address nor
+    /// the cause (an internal address, a connect error's detail): those go to the log and the
+    /// access log (`Display`, `upstream`).
+    pub fn client_message(&self) -> String {
+        match self {
+            GatewayError::UpstreamUnavailable { .. } => "the upstream is unavailable".to_string(),
+            GatewayError::UpstreamTimeout { after, .. } => {
+                format!("the upstream sent no response head within {after:?}")
+            }
+            GatewayError::UpstreamTls { .. } => "the TLS connection to the upstream failed".to_string(),
+            e => e.to_string(),
+        }
+    }
+
+    /// The upstream a failure is about (for the log and the access log, never the client).
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            GatewayError::UpstreamUnavailable { upstream, .. }
+            | GatewayError::UpstreamTimeout { upstream, .. }
+            | GatewayError::UpstreamTls { upstream } => Some(upstream),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute { .. } | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -103,6 +134,8 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. } | GatewayError::UpstreamTls { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized | GatewayError::UnknownConsumer { .. } => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             GatewayError::HttpsRequired => StatusCode::FORBIDDEN,
             GatewayError::ExpectationFailed(_) => StatusCode::EXPECTATION_FAILED,
@@ -129,6 +162,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamBusy { .. } => "upstream_busy",
             GatewayError::Unauthorized => "unauthorized",
+            GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::UnsupportedMediaType => "unsupported_media_type",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::InvalidConfig { .. } => "invalid_config",
             GatewayError::NotCached => "not_cached",
@@ -147,7 +182,7 @@ impl GatewayError {
 
     pub fn into_response(self) -> Response<Body> {
         let mut resp =
-            json_response(self.status(), &serde_json::json!({"error": self.code(), "message": self.to_string()}));
+            json_response(self.status(), &serde_json::json!({"error": self.code(), "message": self.client_message()}));
         resp.extensions_mut().insert(Code(self.code()));
         match &self {
             GatewayError::MethodNotAllowed { allow, .. } => {
@@ -227,6 +262,23 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn upstream_failures_do_not_name_the_upstream_to_the_client() {
+        for e in [
+            GatewayError::UpstreamUnavailable {
+                upstream: "http://10.0.0.5:3000".into(),
+                reason: "client error (Connect): tcp connect error: Connection refused".into(),
+            },
+            GatewayError::UpstreamTimeout { upstream: "http://10.0.0.5:3000".into(), after: Duration::from_secs(10) },
+            GatewayError::UpstreamTls { upstream: "https://10.0.0.5:3443".into() },
+        ] {
+            assert!(e.to_string().contains("10.0.0.5"), "the log keeps it: {e}");
+            let body = e.into_response().into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let text = String::from_utf8_lossy(&body);
+            assert!(!text.contains("10.0.0.5") && !text.contains("Connect"), "{text}");
+        }
+    }
 
     #[tokio::test]
     async fn budget_unavailable_is_a_503_json_with_retry_after() {

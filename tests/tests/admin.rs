@@ -33,7 +33,7 @@ async fn health_is_open_everything_else_needs_the_token() {
             b = b.header("authorization", a);
         }
         let body = if method == "POST" { r#"{"tags": ["t"]}"# } else { "" };
-        b.body(full(body)).unwrap()
+        b.header("content-type", "application/json").body(full(body)).unwrap()
     };
     // Every protected path refuses a missing, wrong, truncated or extended token.
     let protected = [
@@ -120,9 +120,58 @@ async fn sighup_reloads_and_a_broken_config_keeps_the_old_one() {
 
     std::fs::write(&gw.config_path, "listen: [{addr: 127.0.0.1:0}]\nroutes:\n  - name: r\n    upstream: ftp://x\n")
         .unwrap();
-    let got = send(&client(), Request::post(gw.admin_url("/reload")).body(full("")).unwrap()).await;
+    let got = send(
+        &client(),
+        Request::post(gw.admin_url("/reload")).header("content-type", "application/json").body(full("")).unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 400);
     assert_eq!(got.json()["error"], "invalid_config");
     assert!(got.json()["message"].as_str().unwrap().contains("weir.yaml:"), "{}", got.text());
     assert_eq!(get(&gw.url("/new")).await.status, 200, "old configuration must keep serving");
+}
+
+/// The admin API cannot be driven by a web page on the operator's machine: no `Origin`, no
+/// `Sec-Fetch-Site` but `none`, no `Host` name but `localhost` and `admin.hosts` (DNS
+/// rebinding), and state changes only as JSON (a page sends `text/plain` without a preflight).
+/// No token on loopback, as `make run` has it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_cannot_drive_the_admin_api() {
+    let origin = Origin::hello().await;
+    let yaml = config("  addr: 127.0.0.1:0\n  hosts: [admin.internal]\n", &origin, "/");
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    let purge = |headers: &[(&str, &str)]| {
+        let mut b = Request::post(gw.admin_url("/cache/purge"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(full(r#"{"prefixes": ["/"]}"#)).unwrap()
+    };
+    let json = ("content-type", "application/json");
+    let port = gw.admin_url("/").rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Headers, u16, &str); 9] = [
+        (&[json], 200, "a JSON call from a tool"),
+        (&[("content-type", "text/plain")], 415, "a page's simple POST"),
+        (&[], 415, "no content type"),
+        (&[json, ("origin", "https://evil.example")], 403, "a page's fetch"),
+        (&[json, ("sec-fetch-site", "cross-site")], 403, "a page's fetch, by Fetch metadata"),
+        (&[json, ("sec-fetch-site", "none")], 200, "typed in the address bar"),
+        (&[json, ("host", "rebind.evil.example")], 403, "DNS rebinding"),
+        (&[json, ("host", "admin.internal")], 200, "a configured name"),
+        (&[json, ("host", "localhost")], 200, "localhost"),
+    ];
+    for (headers, status, what) in cases {
+        let got = send(&c, purge(headers)).await;
+        assert_eq!(got.status, status, "{what}: {}", got.text());
+        if status == 403 {
+            assert_eq!(got.json()["error"], "forbidden", "{what}");
+        }
+    }
+    let got = send(&c, purge(&[json, ("host", &format!("127.0.0.1:{port}"))])).await;
+    assert_eq!(got.status, 200, "an IP address with its port");
+    // Reads are held to the same names: a rebinding page cannot read /metrics either.
+    let metrics = Request::get(gw.admin_url("/metrics")).header("host", "rebind.evil.example").body(full("")).unwrap();
+    assert_eq!(send(&c, metrics).await.status, 403);
 }

@@ -149,7 +149,14 @@ async fn only_charged_statuses_cost_money_and_the_balance_is_exact() {
     let g = send(&c, Request::get(gw.url("/ok")).body(full("")).unwrap()).await;
     assert_eq!(g.status, 401);
     // A reset gives the window back; the admin API needs its token like every path.
-    let r = send(&c, Request::delete(gw.admin_url("/budgets/acme?budget=api")).body(full("")).unwrap()).await;
+    let r = send(
+        &c,
+        Request::delete(gw.admin_url("/budgets/acme?budget=api"))
+            .header("content-type", "application/json")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(call(&c, &gw, "/ok").await.status, 200);
 }

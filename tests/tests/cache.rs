@@ -375,7 +375,10 @@ async fn admin_purge_by_key_tag_and_prefix() {
     }
     let purge = |body: &'static str| {
         let url = gw.admin_url("/cache/purge");
-        async move { send(&client(), Request::post(url).body(full(body)).unwrap()).await }
+        async move {
+            send(&client(), Request::post(url).header("content-type", "application/json").body(full(body)).unwrap())
+                .await
+        }
     };
     assert_eq!(purge(r#"{"keys": ["/a/1"]}"#).await.json()["purged"], 1);
     assert_eq!(purge(r#"{"tags": ["t2"]}"#).await.json()["purged"], 2);
@@ -403,9 +406,14 @@ async fn a_purge_wins_over_a_fetch_already_in_flight() {
     while origin.count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let purged =
-        send(&client(), Request::post(gw.admin_url("/cache/purge")).body(full(r#"{"keys": ["/slowly"]}"#)).unwrap())
-            .await;
+    let purged = send(
+        &client(),
+        Request::post(gw.admin_url("/cache/purge"))
+            .header("content-type", "application/json")
+            .body(full(r#"{"keys": ["/slowly"]}"#))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(purged.status, 200);
     let first = inflight.await.unwrap();
     assert_eq!(status(&first), "weir; fwd=miss; detail=purged");
@@ -614,7 +622,11 @@ async fn stale_if_error_serves_stale_when_the_origin_fails() {
     assert_eq!(g.status, 503);
     // Origin down entirely: reload onto a dead upstream, keep the cache.
     std::fs::write(&gw.config_path, yaml.replace(&origin.url(), &dead)).unwrap();
-    let r = send(&client(), Request::post(gw.admin_url("/reload")).body(full("")).unwrap()).await;
+    let r = send(
+        &client(),
+        Request::post(gw.admin_url("/reload")).header("content-type", "application/json").body(full("")).unwrap(),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let g = call(&gw, Method::GET, "/sie", &[]).await;
     assert_eq!(g.status, 200, "{}", g.text());
@@ -866,8 +878,10 @@ async fn must_understand_and_interim_responses() {
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
+/// Negotiation lists in `Vary` keys: case, spacing and `q=1` do not split variants; member
+/// order and weights do (an origin may break equal weights by order).
 #[tokio::test(flavor = "multi_thread")]
-async fn vary_on_preference_lists_ignores_order_case_and_spacing() {
+async fn vary_on_negotiation_lists_ignores_case_spacing_and_unit_weights_not_order() {
     let (origin, counts) = scripted_origin().await;
     let gw = Gateway::start(&config(&origin, "{}", ""));
     let n = |p: &str| counts.lock().unwrap().get(p).copied().unwrap_or(0);
@@ -884,15 +898,19 @@ async fn vary_on_preference_lists_ignores_order_case_and_spacing() {
     let first = ask("en-US, fr;q=0.5, de;q=0.5", "gzip, br").await;
     assert_eq!(status(&first), "weir; fwd=miss; stored");
     // The same preferences written differently select the same variant.
-    for (lang, enc) in [("de;q=0.5,EN-us , fr; q=0.50", "br,gzip"), ("en-us;q=1.0, de;q=0.500, fr;q=0.5", "GZIP ,BR")] {
+    for (lang, enc) in [("EN-us , fr; q=0.50,de;q=0.5", "GZIP ,BR"), ("en-us;q=1.0, fr;q=0.500, de;q=0.5", "gzip,br")] {
         let g = ask(lang, enc).await;
         assert_eq!((status(&g), g.text()), ("weir; hit; detail=l1", "/neg n=1".to_string()), "{lang} / {enc}");
     }
     assert_eq!(n("/neg"), 1);
-    // Different weights are a different request: never served the other's variant.
-    for (lang, enc) in [("fr, en-US;q=0.5, de;q=0.5", "gzip, br"), ("en-US, fr;q=0.5, de;q=0.5", "gzip;q=0, br")] {
+    // Another order or other weights are a different request: never served the other's variant.
+    for (lang, enc) in [
+        ("de;q=0.5, en-US, fr;q=0.5", "gzip, br"),
+        ("en-US, fr;q=0.5, de;q=0.5", "br, gzip"),
+        ("en-US, fr;q=0.5, de;q=0.5", "gzip;q=0, br"),
+    ] {
         let g = ask(lang, enc).await;
         assert_eq!(status(&g), "weir; fwd=vary-miss; stored", "{lang} / {enc}");
     }
-    assert_eq!(n("/neg"), 3);
+    assert_eq!(n("/neg"), 4);
 }

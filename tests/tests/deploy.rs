@@ -128,7 +128,11 @@ async fn dashboard_queries_select_series_that_exist() {
     let mut conn = connect(tls_addr, "localhost", &client_config(ca.roots(), &["http/1.1"], None)).await.unwrap();
     assert_eq!(conn.get("localhost", "/c/2", &[]).await.unwrap().status, 200);
     raw(tls_addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(2)).await;
-    let reload = send(&c, Request::post(gw.admin_url("/reload")).body(full("")).unwrap()).await;
+    let reload = send(
+        &c,
+        Request::post(gw.admin_url("/reload")).header("content-type", "application/json").body(full("")).unwrap(),
+    )
+    .await;
     assert_eq!(reload.status, 200);
     redis.kill();
     for _ in 0..3 {
@@ -263,6 +267,17 @@ fn compose_and_dockerfile_agree_with_the_policies() {
         .collect();
     assert!(weirs.len() >= 2, "two Weir instances share Redis: {weirs:?}");
     assert_eq!(p["redis"]["instances"].as_u64(), Some(weirs.len() as u64), "redis.instances counts them");
+    // The admin API answers only to names it lists: every name Prometheus scrapes by is there.
+    let admin_hosts: Vec<&str> =
+        p["admin"]["hosts"].as_array().map_or(Vec::new(), |a| a.iter().filter_map(|h| h.as_str()).collect());
+    let prometheus = std::fs::read_to_string(root.join("deploy/prometheus/prometheus.yml")).unwrap();
+    for w in &weirs {
+        assert!(prometheus.contains(&format!("\"{w}:{admin_port}\"")), "Prometheus scrapes {w}");
+        assert!(
+            admin_hosts.contains(w),
+            "`{w}` is in admin.hosts, or its admin API refuses the scrape: {admin_hosts:?}"
+        );
+    }
     let redis_host = p["redis"]["url"].as_str().unwrap().trim_start_matches("redis://").split(':').next().unwrap();
     assert!(services.contains_key(redis_host), "redis host `{redis_host}`");
     for r in p["routes"].as_array().unwrap() {

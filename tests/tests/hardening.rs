@@ -308,7 +308,14 @@ async fn admin_purge_keys_are_normalised() {
     let gw = gateway(&origin, "", "admin:\n  addr: 127.0.0.1:0\n");
     call(&gw, Method::GET, "/~user/a?b=1&a=2", &[], "").await;
     let body = r#"{"keys": ["/%7Euser/x/../a?a=2&b=1"]}"#;
-    let got = send(&client(), Request::post(gw.admin_url("/cache/purge")).body(full(body)).unwrap()).await;
+    let got = send(
+        &client(),
+        Request::post(gw.admin_url("/cache/purge"))
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 200, "{}", got.text());
     assert!(got.json()["purged"].as_u64().unwrap() >= 1, "{}", got.text());
     let after = call(&gw, Method::GET, "/~user/a?a=2&b=1", &[], "").await;
@@ -464,4 +471,39 @@ async fn upstream_slots_are_bounded_per_route() {
     assert_eq!(second.header("retry-after"), Some("1"));
     assert_eq!(first.await.unwrap().status, 200);
     assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+/// `Vary` keys normalise only what is provably the same request. A trailing comma on `Origin`
+/// (priming an answer without `Access-Control-Allow-Origin`) is another variant, so the real
+/// origin's users get the origin's own answer; `Accept-Language: en, fr` and `fr, en` are two
+/// variants (an origin may break equal weights by order); case, spacing and `q=1` are not.
+#[tokio::test(flavor = "multi_thread")]
+async fn vary_keys_normalise_only_what_is_equivalent() {
+    let origin = Origin::start(|req| async move {
+        let h = req.headers();
+        let v = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let mut r = text(200, &format!("lang={}", v("accept-language").split(',').next().unwrap_or("").trim()));
+        r.headers_mut().insert("vary", "Origin, Accept-Language".parse().unwrap());
+        r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+        if v("origin") == "https://good.example" {
+            r.headers_mut().insert("access-control-allow-origin", "https://good.example".parse().unwrap());
+        }
+        r
+    })
+    .await;
+    let gw = gateway(&origin, "", "");
+    let get = |headers: &'static [(&'static str, &'static str)]| call(&gw, Method::GET, "/cors", headers, "");
+    // Primed by an attacker with a trailing comma: stored without the CORS header.
+    let primed = get(&[("origin", "https://good.example,")]).await;
+    assert!(primed.header("access-control-allow-origin").is_none());
+    let real = get(&[("origin", "https://good.example")]).await;
+    assert_eq!(cs(&real), "weir; fwd=vary-miss; stored", "another variant, fetched");
+    assert_eq!(real.header("access-control-allow-origin"), Some("https://good.example"));
+
+    let en_fr = get(&[("accept-language", "en, fr")]).await;
+    assert_eq!(en_fr.text(), "lang=en");
+    let fr_en = get(&[("accept-language", "fr, en")]).await;
+    assert_eq!((cs(&fr_en).as_str(), fr_en.text().as_str()), ("weir; fwd=vary-miss; stored", "lang=fr"));
+    let same = get(&[("accept-language", "EN ,fr;q=1")]).await;
+    assert_eq!((cs(&same).as_str(), same.text().as_str()), ("weir; hit; detail=l1", "lang=en"), "the same list");
 }

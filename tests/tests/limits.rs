@@ -388,8 +388,14 @@ async fn admin_reads_and_resets_a_key() {
         assert_eq!(v["policies"][0]["remaining"], 0, "{v}");
         assert_eq!(v["policies"][1]["remaining"], 97, "{v}");
         assert_eq!(read().await, v, "reading consumed something");
-        let del =
-            send(&client(), Request::delete(gw.admin_url("/ratelimits/api/alice%20key")).body(full("")).unwrap()).await;
+        let del = send(
+            &client(),
+            Request::delete(gw.admin_url("/ratelimits/api/alice%20key"))
+                .header("content-type", "application/json")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
         assert_eq!(del.status, 200, "{}", del.text());
         let v = read().await;
         assert_eq!(

@@ -239,7 +239,10 @@ async fn caches_with_consumers_are_keyed_by_consumer() {
     assert_eq!((a.text().as_str(), a.header("cache-status")), ("for acme", Some("weir; hit; detail=l1")));
     assert_eq!(call(&gw, "/p", KEY_B, &[]).await.header("cache-status"), Some("weir; hit; detail=l1"));
     assert_eq!(origin.count(), 2);
-    let purge = Request::post(gw.admin_url("/cache/purge")).body(full("{\"prefixes\": [\"/p\"]}")).unwrap();
+    let purge = Request::post(gw.admin_url("/cache/purge"))
+        .header("content-type", "application/json")
+        .body(full("{\"prefixes\": [\"/p\"]}"))
+        .unwrap();
     assert_eq!(send(&client(), purge).await.status, 200);
     for key in [KEY_A, KEY_B] {
         let g = call(&gw, "/p", key, &[]).await;

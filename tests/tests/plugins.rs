@@ -66,7 +66,10 @@ async fn metrics(gw: &Gateway) -> String {
 }
 
 async fn purge(gw: &Gateway, body: &str) {
-    let req = Request::post(gw.admin_url("/cache/purge")).body(full(body.to_string())).unwrap();
+    let req = Request::post(gw.admin_url("/cache/purge"))
+        .header("content-type", "application/json")
+        .body(full(body.to_string()))
+        .unwrap();
     assert_eq!(send(&client(), req).await.status, 200);
 }
 

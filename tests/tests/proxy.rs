@@ -304,11 +304,16 @@ async fn gateway_errors_are_json() {
     let got = send(&c, Request::get(gw.url("/dead")).body(full("")).unwrap()).await;
     assert_eq!(got.status, 502);
     assert_eq!(got.json()["error"], "upstream_unavailable");
+    // The client is not told where the upstream is or why it failed; the log is.
+    let dead_addr = dead.trim_start_matches("http://");
+    assert!(!got.text().contains(dead_addr) && !got.text().contains("connect"), "{}", got.text());
+    assert!(gw.log().contains(dead_addr), "the log names the upstream: {}", gw.log());
 
     let started = Instant::now();
     let got = send(&c, Request::get(gw.url("/slow")).body(full("")).unwrap()).await;
     assert_eq!(got.status, 504);
     assert_eq!(got.json()["error"], "upstream_timeout");
+    assert!(!got.text().contains(slow.url().trim_start_matches("http://")), "{}", got.text());
     assert!(started.elapsed() < Duration::from_secs(3), "504 came only after the origin answered");
 
     let got = send(&c, Request::get(gw.url("/upload")).body(full("")).unwrap()).await;

@@ -65,8 +65,12 @@ fn cs(g: &Got) -> String {
 }
 
 async fn purge(gw: &Gateway, body: &str) -> Got {
-    let req =
-        Request::builder().method(Method::POST).uri(gw.admin_url("/cache/purge")).body(full(body.to_string())).unwrap();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(gw.admin_url("/cache/purge"))
+        .header("content-type", "application/json")
+        .body(full(body.to_string()))
+        .unwrap();
     send(&client(), req).await
 }
 

@@ -321,7 +321,11 @@ async fn mtls_identifies_the_consumer_and_a_ca_change_ends_old_sessions() {
 
     // The client CA is replaced: alice's old session must not resume into the new trust.
     std::fs::write(&gw.config_path, yaml(&origin, &tls(&other_file), &route)).unwrap();
-    let r = send(&client(), http::Request::post(gw.admin_url("/reload")).body(full("")).unwrap()).await;
+    let r = send(
+        &client(),
+        http::Request::post(gw.admin_url("/reload")).header("content-type", "application/json").body(full("")).unwrap(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     match connect(addr, "api.test", &sessions).await {
         Err(_) => {}

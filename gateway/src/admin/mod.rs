@@ -36,7 +36,50 @@ impl Admin {
         }
     }
 
+    /// Refuses what a browser could send for a page on the operator's machine: a request that
+    /// carries `Origin` or a `Sec-Fetch-Site` other than `none` (a page's fetch or form), and a
+    /// `Host` naming anything but an IP address, `localhost` or `admin.hosts` (DNS rebinding
+    /// reaches a loopback listener only under a name the attacker controls).
+    fn refuse_browsers(&self, req: &Request<Incoming>) -> Result<(), GatewayError> {
+        let h = req.headers();
+        if h.contains_key(header::ORIGIN) {
+            return Err(GatewayError::Forbidden(
+                "admin requests with an `Origin` header (from a web page) are refused".into(),
+            ));
+        }
+        if let Some(site) = h.get("sec-fetch-site") {
+            if site.as_bytes() != b"none" {
+                return Err(GatewayError::Forbidden(
+                    "admin requests a web page made (`Sec-Fetch-Site`) are refused".into(),
+                ));
+            }
+        }
+        let host = h.get(header::HOST).map(|v| v.to_str().unwrap_or("\u{0}")).or_else(|| req.uri().host());
+        if let Some(host) = host {
+            if !self.host_allowed(host) {
+                return Err(GatewayError::Forbidden(format!(
+                    "the admin API does not answer to `{host}`: use an IP address, `localhost`, or list the name in `admin.hosts`"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn host_allowed(&self, host: &str) -> bool {
+        // The name without its port (`[v6]:port`, `v4:port`, `name:port`).
+        let name = match host.strip_prefix('[') {
+            Some(rest) => return rest.split_once(']').is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok()),
+            None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+        };
+        if name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost") {
+            return true;
+        }
+        let rt = self.gateway.runtime();
+        rt.config.admin.as_ref().is_some_and(|a| a.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
+    }
+
     async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        self.refuse_browsers(&req)?;
         let path = req.uri().path().to_string();
         if req.method() == Method::GET {
             match path.as_str() {
@@ -56,6 +99,18 @@ impl Admin {
         }
         if !self.authorized(&req) {
             return Err(GatewayError::Unauthorized);
+        }
+        // A page can send `text/plain` (or nothing) without a preflight, never JSON.
+        if matches!(*req.method(), Method::POST | Method::DELETE | Method::PUT | Method::PATCH) {
+            let json = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+            if !json {
+                return Err(GatewayError::UnsupportedMediaType);
+            }
         }
         match (req.method(), path.as_str()) {
             (&Method::POST, "/reload") => match self.gateway.reload_off_thread().await {

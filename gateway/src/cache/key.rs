@@ -110,30 +110,42 @@ pub fn add_name(names: &mut Vec<HeaderName>, name: HeaderName) {
     }
 }
 
-/// Headers whose values are preference lists (RFC 9110 §12.5.3, §12.5.4), normalised in keys.
+/// The content-negotiation fields (RFC 9110 §12.5): lists whose members are normalised in keys
+/// where the grammar makes two spellings the same, never reordered.
 fn negotiated(name: &HeaderName) -> bool {
-    name == http::header::ACCEPT_ENCODING || name == http::header::ACCEPT_LANGUAGE
+    name == http::header::ACCEPT_ENCODING || name == http::header::ACCEPT_LANGUAGE || name == http::header::ACCEPT
 }
 
-/// One member of a preference list as (q in thousandths, lower-case name and other
-/// parameters); `q` defaults to 1 (§12.4.2). A malformed weight keeps the member as written, so
-/// it never collapses into a different list.
-fn preference(member: &str) -> Option<(u16, String)> {
-    let mut params = member.split(';').map(str::trim);
-    let token = params.next().filter(|t| !t.is_empty())?.to_ascii_lowercase();
-    let mut q = 1000u16;
-    let mut rest = String::new();
+/// One member of a negotiation list as a key part: what the grammar makes equivalent is
+/// written one way — the value's letter case (media ranges, codings and language tags are
+/// case-insensitive) and parameter names' case, whitespace around the member and its `;`, and
+/// `q=1` written or omitted (§12.4.2). Parameter values other than `q` stay as written, and a
+/// malformed weight keeps the member as written, so it never collapses into a different list.
+fn member(m: &str) -> Option<String> {
+    let mut params = m.split(';').map(str::trim);
+    let mut out = params.next().filter(|t| !t.is_empty())?.to_ascii_lowercase();
     for p in params {
-        let (k, v) = p.split_once('=').map_or((p, ""), |(k, v)| (k.trim(), v.trim()));
-        match (k.eq_ignore_ascii_case("q"), qvalue(v)) {
-            (true, Some(v)) => q = v,
-            _ => {
-                rest.push(';');
-                rest.push_str(&p.to_ascii_lowercase().split_whitespace().collect::<String>());
+        match p.split_once('=') {
+            Some((k, v)) if k.eq_ignore_ascii_case("q") && qvalue(v).is_some() => {
+                let q = qvalue(v).unwrap_or(1000);
+                if q != 1000 {
+                    out.push_str(";q=");
+                    out.push_str(&format!("{}", f64::from(q) / 1000.0));
+                }
+            }
+            Some((k, v)) => {
+                out.push(';');
+                out.push_str(&k.to_ascii_lowercase());
+                out.push('=');
+                out.push_str(v);
+            }
+            None => {
+                out.push(';');
+                out.push_str(&p.to_ascii_lowercase());
             }
         }
     }
-    Some((q, token + &rest))
+    Some(out)
 }
 
 /// A qvalue (`0`, `0.5`, `1.000`; §12.4.2) in thousandths.
@@ -151,12 +163,14 @@ fn qvalue(v: &str) -> Option<u16> {
 }
 
 /// Secondary key: the variant of `primary` selected by the values of the varying headers in
-/// `headers` (the canonical request's: what the origin receives), each value with whitespace
-/// trimmed and collapsed (so `gzip,br` and `gzip, br` select the same variant). An absent header
-/// and an empty one are distinct.
+/// `headers` (the canonical request's: what the origin receives). The negotiation fields
+/// (`Accept`, `Accept-Encoding`, `Accept-Language`) key by their members in order, each written
+/// one way (`member`), across lines (a list split over lines is the same list); every other
+/// field keys by its field lines exactly as sent, each length-prefixed — so `Origin: a,` is not
+/// `Origin: a`, and one line `a, b` is not two lines `a` and `b`. An absent header and an empty
+/// one are distinct.
 pub fn secondary(primary: &str, vary: &[HeaderName], headers: &HeaderMap) -> String {
     let mut part = String::new();
-    let mut members: Vec<(u16, String)> = Vec::new();
     for name in vary {
         push_field(&mut part, name.as_str());
         let mut values = String::new();
@@ -170,27 +184,12 @@ pub fn secondary(primary: &str, vary: &[HeaderName], headers: &HeaderMap) -> Str
                 continue;
             };
             if negotiated(name) {
-                members.extend(s.split(',').filter_map(preference));
-                continue;
-            }
-            for t in s.split(',') {
-                let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
-                if !t.is_empty() {
-                    push_field(&mut values, &t);
+                for m in s.split(',').filter_map(member) {
+                    push_field(&mut values, &m);
                 }
+            } else {
+                push_field(&mut values, s);
             }
-        }
-        // Preference lists mean the same whatever their order, case and spacing: sorted by
-        // q-value (highest first), then by name.
-        members.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        members.dedup();
-        for (q, token) in members.drain(..) {
-            let mut m = token;
-            if q != 1000 {
-                m.push_str(";q=");
-                m.push_str(&format!("{}", f64::from(q) / 1000.0));
-            }
-            push_field(&mut values, &m);
         }
         if present {
             values.insert(0, '=');
@@ -243,17 +242,37 @@ mod tests {
         let mut empty = HeaderMap::new();
         empty.insert("accept-encoding", HeaderValue::from_static(""));
         assert_ne!(secondary(&p, &names, &empty), secondary(&p, &names, &HeaderMap::new()));
-        // Preference lists: order of members, case and spacing do not matter; weights do.
+        // Negotiation lists: case, spacing and `q=1` do not matter; order and weights do.
         let lang = |v: &'static str| {
             let mut h = HeaderMap::new();
             h.insert("accept-language", HeaderValue::from_static(v));
             secondary(&p, &names, &h)
         };
-        assert_eq!(lang("en-US, fr;q=0.5, de;q=0.5"), lang("de; q=0.50 , EN-us,fr;Q=0.5"));
+        assert_eq!(lang("en-US, fr;q=0.5, de;q=0.5"), lang(" EN-us,fr; Q=0.50 ,de;q=0.5"));
         assert_eq!(lang("en"), lang("en;q=1.000"));
+        assert_eq!(lang("en, fr"), lang("en,,fr"), "empty list members");
+        assert_ne!(lang("en, fr"), lang("fr, en"), "never reordered: equal weights may break by order");
         assert_ne!(lang("en, fr;q=0.5"), lang("en;q=0.5, fr"));
         assert_ne!(lang("en"), lang("en;q=0"));
         assert_ne!(lang("en;q=2"), lang("en"));
+        assert_ne!(lang("en;q = 0.5"), lang("en;q=0.5"), "not the grammar: kept as written");
+        // A list split over lines is the same list.
+        let mut two = HeaderMap::new();
+        two.append("accept-language", HeaderValue::from_static("en"));
+        two.append("accept-language", HeaderValue::from_static("fr"));
+        assert_eq!(secondary(&p, &names, &two), lang("en, fr"));
+        // Any other field: its lines exactly.
+        let origin_names = vec![http::header::ORIGIN];
+        let origin = |lines: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append("origin", HeaderValue::from_static(l));
+            }
+            secondary(&p, &origin_names, &h)
+        };
+        assert_ne!(origin(&["https://good.example,"]), origin(&["https://good.example"]));
+        assert_ne!(origin(&["a, b"]), origin(&["a", "b"]));
+        assert_ne!(origin(&["a,b"]), origin(&["a, b"]));
         let s = secondary(&p, &names, &a);
         assert!(s.starts_with(&variant_prefix(&p)));
         assert_eq!(primary_of(&s), p);

@@ -66,6 +66,9 @@ pub struct Admin {
     pub addr: SocketAddr,
     /// Name of the environment variable holding the bearer token.
     pub token_env: Option<String>,
+    /// `admin.hosts`: the names (lowercase, no port) a `Host` may carry besides IP addresses
+    /// and `localhost` — any other name is refused (DNS rebinding).
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

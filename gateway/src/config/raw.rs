@@ -151,6 +151,9 @@ pub struct RawCert {
 pub struct RawAdmin {
     pub addr: String,
     pub token_env: Option<String>,
+    /// Names the admin API answers to in `Host` besides IP addresses and `localhost`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -80,10 +80,16 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     // Errors become responses here, and only here. On a cached route an error of phases 4–6
     // also says what the cache did, and is annotated like any answer of those phases.
     let cached_route = served.ctx.as_ref().is_some_and(|c| c.route().route.cache.is_some());
+    let mut failed_upstream = None;
     let mut resp = match served.result {
         Ok(resp) => resp,
         Err(e) => {
-            tracing::debug!(%method, path = uri.path(), %peer, error = %e, "request failed");
+            match e.upstream() {
+                // The client's answer names no upstream: the address and the cause are logged.
+                Some(_) => tracing::warn!(%method, path = uri.path(), %peer, error = %e, "upstream request failed"),
+                None => tracing::debug!(%method, path = uri.path(), %peer, error = %e, "request failed"),
+            }
+            failed_upstream = e.upstream().map(str::to_string);
             let status = (cached_route && served.annotate.is_some()).then(|| cached::error_status(&e)).flatten();
             let mut r = e.into_response();
             match status {
@@ -137,7 +143,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
                 path,
                 status: resp.status().as_u16(),
                 cache: resp.headers().get(&cached::CACHE_STATUS).cloned(),
-                upstream: ctx.zip(hop).map(|(c, h)| c.route().upstreams.url(h.target).to_string()),
+                upstream: ctx.zip(hop).map(|(c, h)| c.route().upstreams.url(h.target).to_string()).or(failed_upstream),
                 upstream_status: hop.map(|h| h.status),
                 upstream_time: hop.map(|h| h.took),
                 duration: std::time::Duration::ZERO,

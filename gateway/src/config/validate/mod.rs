@@ -274,7 +274,24 @@ impl Validator {
                     self.problems.at(src, "admin.token_env", format!("invalid environment variable name `{env}`"));
                 }
             }
-            Some(Admin { addr, token_env: a.token_env.clone() })
+            let mut hosts = Vec::new();
+            for (i, h) in a.hosts.iter().enumerate() {
+                let ok = !h.is_empty()
+                    && h.len() <= 253
+                    && h.split('.').all(|l| {
+                        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    });
+                if ok {
+                    hosts.push(h.to_ascii_lowercase());
+                } else {
+                    self.problems.at(
+                        src,
+                        &format!("admin.hosts[{i}]"),
+                        format!("`{h}` is not a host name (letters, digits, `-` and `.`, no port)"),
+                    );
+                }
+            }
+            Some(Admin { addr, token_env: a.token_env.clone(), hosts })
         });
 
         let redis = raw.redis.as_ref().map(|r| self.redis(src, r));
