@@ -82,6 +82,12 @@ pub enum GatewayError {
     /// A `fail: closed` rate limit while Redis is away.
     #[error("the rate-limit store is unavailable and this route fails closed; retry shortly")]
     RateLimitUnavailable,
+    /// `server.max_tunnels` tunnels are open on this instance.
+    #[error("this gateway holds as many tunnels as it may (`server.max_tunnels`); retry shortly")]
+    TunnelsBusy,
+    /// This client address holds `server.max_tunnels_per_address` tunnels already.
+    #[error("this address holds as many tunnels as it may (`server.max_tunnels_per_address`)")]
+    TooManyTunnels,
     /// An `Expect` other than `100-continue` (RFC 9110 §10.1.1).
     #[error("unsupported expectation `{0}`: only `100-continue` is supported")]
     ExpectationFailed(String),
@@ -135,6 +141,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized | GatewayError::UnknownConsumer { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::TunnelsBusy => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::TooManyTunnels => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             GatewayError::HttpsRequired => StatusCode::FORBIDDEN,
@@ -163,6 +171,8 @@ impl GatewayError {
             GatewayError::UpstreamBusy { .. } => "upstream_busy",
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::TunnelsBusy => "tunnels_busy",
+            GatewayError::TooManyTunnels => "too_many_tunnels",
             GatewayError::UnsupportedMediaType => "unsupported_media_type",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::InvalidConfig { .. } => "invalid_config",
@@ -194,7 +204,7 @@ impl GatewayError {
             GatewayError::Unauthorized => {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            GatewayError::UpstreamBusy { .. } => {
+            GatewayError::UpstreamBusy { .. } | GatewayError::TunnelsBusy | GatewayError::TooManyTunnels => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             GatewayError::AuthFailures { retry_after_s } => {

@@ -164,11 +164,13 @@ impl HitWindow {
     }
 }
 
-/// The two `weir_connections` gauges of one listener.
+/// The `weir_connections` gauges of one listener (`open`, `handshake`, and `tunnel`: upgraded
+/// connections spliced to an upstream).
 #[derive(Debug, Clone)]
 pub struct ConnGauges {
     pub open: Gauge,
     pub handshake: Gauge,
+    pub tunnel: Gauge,
 }
 
 /// Holds one unit of a gauge while alive.
@@ -386,7 +388,8 @@ impl Metrics {
         let g = |state| self.connections.get_or_create_owned(&ListenerState { listener: listener.to_string(), state });
         let open = g("open");
         let handshake = g("handshake");
-        ConnGauges { open, handshake }
+        let tunnel = g("tunnel");
+        ConnGauges { open, handshake, tunnel }
     }
 
     /// `weir_request_duration_seconds` and `weir_response_bytes_total` of one route.

@@ -63,7 +63,7 @@ async fn scripted_origin() -> (Origin, Arc<Mutex<HashMap<String, u32>>>) {
 
 fn config(origin: &Origin, cache: &str, extra: &str) -> String {
     format!(
-        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\ncache:\n  l1_max_bytes: 16MiB\n  max_object_bytes: 1MiB\nroutes:\n  - name: api\n    upstream: {}\n    cache: {cache}\n{extra}",
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\ncache:\n  l1_max_bytes: 16MiB\n  max_object_bytes: 1MiB\nroutes:\n  - name: api\n    upstream: {}\n    cache: {cache}\n    forward_headers: [\"x-respond-*\"]\n{extra}",
         origin.url()
     )
 }
@@ -604,7 +604,7 @@ async fn stale_if_error_serves_stale_when_the_origin_fails() {
     let (origin, _) = scripted_origin().await;
     let dead = format!("http://127.0.0.1:{}", free_port());
     let yaml = format!(
-        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    cache: {{ stale_if_error: 60s }}\n",
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    cache: {{ stale_if_error: 60s }}\n    forward_headers: [\"x-respond-*\"]\n",
         origin.url()
     );
     let gw = Gateway::start(&yaml);

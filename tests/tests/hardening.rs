@@ -57,7 +57,7 @@ async fn echo() -> (Origin, Arc<AtomicUsize>) {
 
 fn gateway(origin: &Origin, route_extra: &str, top_extra: &str) -> Gateway {
     Gateway::start(&format!(
-        "listen:\n  - addr: 127.0.0.1:0\n{top_extra}routes:\n  - name: api\n    upstream: {}\n    cache: {{ ttl: 60s }}\n{route_extra}",
+        "listen:\n  - addr: 127.0.0.1:0\n{top_extra}routes:\n  - name: api\n    upstream: {}\n    cache: {{ ttl: 60s }}\n    forward_headers: [x-foo, \"x-respond-*\"]\n{route_extra}",
         origin.url()
     ))
 }
@@ -275,7 +275,7 @@ async fn request_body_limit_holds_on_cached_routes() {
 async fn the_filling_client_keeps_its_cookie_nobody_else_gets_it() {
     let (origin, _) = echo().await;
     let gw = Gateway::start(&format!(
-        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    cache: {{ ttl: 60s, share_private: true }}\n",
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    cache: {{ ttl: 60s, share_private: true }}\n    forward_headers: [\"x-respond-*\"]\n",
         origin.url()
     ));
     let miss = call(&gw, Method::GET, "/s", &[("x-respond-set-cookie", "session=mine")], "").await;
@@ -491,7 +491,11 @@ async fn vary_keys_normalise_only_what_is_equivalent() {
         r
     })
     .await;
-    let gw = gateway(&origin, "", "");
+    // `Origin` is not forwarded from untrusted clients on a cached route unless listed.
+    let gw = Gateway::start(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nroutes:\n  - name: api\n    upstream: {}\n    cache: {{ ttl: 60s }}\n    forward_headers: [origin]\n",
+        origin.url()
+    ));
     let get = |headers: &'static [(&'static str, &'static str)]| call(&gw, Method::GET, "/cors", headers, "");
     // Primed by an attacker with a trailing comma: stored without the CORS header.
     let primed = get(&[("origin", "https://good.example,")]).await;
@@ -506,4 +510,39 @@ async fn vary_keys_normalise_only_what_is_equivalent() {
     assert_eq!((cs(&fr_en).as_str(), fr_en.text().as_str()), ("weir; fwd=vary-miss; stored", "lang=fr"));
     let same = get(&[("accept-language", "EN ,fr;q=1")]).await;
     assert_eq!((cs(&same).as_str(), same.text().as_str()), ("weir; hit; detail=l1", "lang=en"), "the same list");
+}
+
+/// On a cached route, an untrusted client's headers reach the origin from an allow list only:
+/// `X-Forwarded-Prefix: //evil.example`, which origins build asset URLs from, never does, so it
+/// cannot poison the entry everyone gets; `Accept-Language` and the route's `forward_headers`
+/// do. Through a trusted proxy, and on uncached routes, every header is forwarded as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_routes_forward_untrusted_headers_from_an_allow_list() {
+    let origin = Origin::start(|req| async move {
+        let h = req.headers();
+        let v = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+        let mut r = text(
+            200,
+            &format!("prefix={} lang={} extra={}", v("x-forwarded-prefix"), v("accept-language"), v("x-extra")),
+        );
+        r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+        r
+    })
+    .await;
+    let routes = format!(
+        "routes:\n  - name: cached\n    match: {{ path: /c }}\n    upstream: {u}\n    cache: {{}}\n    forward_headers: [x-extra]\n  - name: plain\n    match: {{ path: /p }}\n    upstream: {u}\n",
+        u = origin.url()
+    );
+    let headers = [("x-forwarded-prefix", "//evil.example"), ("accept-language", "fr"), ("x-extra", "1")];
+    let gw = Gateway::start(&format!("listen:\n  - addr: 127.0.0.1:0\n{routes}"));
+    let poisoned = call(&gw, Method::GET, "/c/page", &headers, "").await;
+    assert_eq!(poisoned.text(), "prefix=- lang=fr extra=1");
+    assert_eq!(call(&gw, Method::GET, "/p/page", &headers, "").await.text(), "prefix=//evil.example lang=fr extra=1");
+    // A trusted proxy in front is trusted to have cleaned the request.
+    let trusted =
+        Gateway::start(&format!("listen:\n  - addr: 127.0.0.1:0\nserver:\n  trusted_proxies: [127.0.0.0/8]\n{routes}"));
+    assert_eq!(
+        call(&trusted, Method::GET, "/c/page", &headers, "").await.text(),
+        "prefix=//evil.example lang=fr extra=1"
+    );
 }

@@ -214,12 +214,12 @@ async fn one_gib_download_and_upload_stream_with_bounded_memory() {
     assert!(rss > 0 && rss < 256 << 20, "gateway peak RSS {} MiB while streaming 2 GiB", rss >> 20);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn websocket_is_tunnelled_both_ways() {
+/// A WebSocket echo origin (`echo:TEXT`); a plain request gets `200 plain`.
+async fn ws_origin() -> Origin {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let origin = Origin::start(|mut req| async move {
-        let key = req.headers().get("sec-websocket-key").cloned().unwrap();
+    Origin::start(|mut req| async move {
+        let Some(key) = req.headers().get("sec-websocket-key").cloned() else { return text(200, "plain") };
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(on.await.unwrap());
@@ -232,7 +232,9 @@ async fn websocket_is_tunnelled_both_ways() {
             while let Some(Ok(msg)) = ws.next().await {
                 if msg.is_text() {
                     let reply = format!("echo:{}", msg.into_text().unwrap());
-                    ws.send(Message::text(reply)).await.unwrap();
+                    if ws.send(Message::text(reply)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -245,7 +247,14 @@ async fn websocket_is_tunnelled_both_ways() {
             .body(full(""))
             .unwrap()
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_is_tunnelled_both_ways() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let origin = ws_origin().await;
     let gw = Gateway::start(&config(&route(&origin)));
     let (mut ws, resp) =
         tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr())).await.expect("ws handshake");
@@ -562,4 +571,55 @@ async fn expect_continue_only_after_every_gate_accepted() {
     let (first, all) = expect_continue(gw.addr(), &head(alice, 5, "fast-lane"), "hello").await;
     assert!(first.starts_with("HTTP/1.1 417") && all.contains("expectation_failed"), "{all}");
     assert_eq!(origin.count(), 1);
+}
+
+/// A tunnel holds everything a request holds, for its whole life: its client connection's slot
+/// (`server.max_connections`), the route's upstream slot (`max_upstream_connections`), and a
+/// place in the tunnel caps (`server.max_tunnels_per_address` here); it counts in
+/// `weir_connections{state="tunnel"}`. Before: eight tunnels opened past a cap of four
+/// connections and two upstream slots, and an ordinary request was still served.
+#[tokio::test(flavor = "multi_thread")]
+async fn tunnels_hold_their_slots_and_have_caps_of_their_own() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let origin = ws_origin().await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nserver:\n  max_connections: 4\n  max_tunnels_per_address: 3\nroutes:\n  - name: ws\n    match: {{ path: /ws }}\n    upstream: {u}\n    max_upstream_connections: 2\n    timeouts: {{ connect: 300ms }}\n  - name: free\n    match: {{ path: /free }}\n    upstream: {u}\n",
+        u = origin.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let ws = |path: &str| tokio_tungstenite::connect_async(format!("ws://{}{path}", gw.addr()));
+    let refused = |r: Result<_, WsError>| match r {
+        Err(WsError::Http(resp)) => resp.status().as_u16(),
+        Ok(_) => 101,
+        Err(e) => panic!("{e}"),
+    };
+    let (a, _) = ws("/ws/a").await.expect("first tunnel");
+    let (b, _) = ws("/ws/b").await.expect("second tunnel");
+    // Both upstream slots are the tunnels': a third upgrade and a plain request wait, then 503.
+    assert_eq!(refused(ws("/ws/c").await), 503);
+    let plain = send(&client(), Request::get(gw.url("/ws/plain")).body(full("")).unwrap()).await;
+    assert_eq!((plain.status.as_u16(), plain.json()["error"].as_str()), (503, Some("upstream_busy")));
+    let metrics = get(&gw.admin_url("/metrics")).await.text();
+    assert!(metrics.lines().any(|l| l.contains("state=\"tunnel\"") && l.ends_with(" 2")), "{metrics}");
+    // The third tunnel of this address is its last.
+    let (c, _) = ws("/free/c").await.expect("third tunnel");
+    assert_eq!(refused(ws("/free/d").await), 429);
+    // Three tunnels hold three of the four connection slots: one idle connection takes the
+    // last, and a further client is not even accepted until a tunnel closes.
+    let mut idle = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    idle.write_all(b"GET /free/x HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 12];
+    idle.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    let waiting = tokio::spawn({
+        let url = gw.url("/free/y");
+        async move { send(&client(), Request::get(url).body(full("")).unwrap()).await.status }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiting.is_finished(), "served past server.max_connections");
+    drop(a);
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("served once a tunnel closed");
+    assert_eq!(status.unwrap(), 200);
+    drop((b, c));
 }

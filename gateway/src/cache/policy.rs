@@ -283,6 +283,70 @@ pub fn decide(
     Ok(lifetime)
 }
 
+/// What a cached route forwards of an untrusted peer's request: the default set below, plus
+/// the route's `forward_headers`. A header the origin reflects into its answer but that is not
+/// part of the key (`X-Forwarded-Prefix: //evil.example` in a `<script src>`) would poison the
+/// entry every client then gets; keying every header instead would let any client bust the
+/// cache with a random one. So an allow list, not a deny list.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardHeaders {
+    /// Exact names (lower case).
+    pub names: Vec<http::HeaderName>,
+    /// `PREFIX*` entries (lower case, without the `*`).
+    pub prefixes: Vec<String>,
+}
+
+/// Forwarded on every cached route: content negotiation, conditionals and ranges, the body's
+/// framing, the client's identity as the route passes it (`Authorization`, `Cookie` — the cache
+/// rules decide what is stored of such requests), the request's own cache directives, Weir's
+/// consumer, request id and trace context, and Weir's forwarding headers (`Host`, `Via`,
+/// `Forwarded`, `X-Forwarded-For/-Host/-Proto`, set by Weir itself).
+static DEFAULT_FORWARD: [http::HeaderName; 30] = [
+    http::header::HOST,
+    http::header::ACCEPT,
+    http::header::ACCEPT_CHARSET,
+    http::header::ACCEPT_ENCODING,
+    http::header::ACCEPT_LANGUAGE,
+    http::header::IF_MATCH,
+    http::header::IF_NONE_MATCH,
+    http::header::IF_MODIFIED_SINCE,
+    http::header::IF_UNMODIFIED_SINCE,
+    http::header::IF_RANGE,
+    http::header::RANGE,
+    http::header::CONTENT_TYPE,
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_ENCODING,
+    http::header::TRANSFER_ENCODING,
+    http::header::EXPECT,
+    http::header::USER_AGENT,
+    http::header::AUTHORIZATION,
+    http::header::COOKIE,
+    http::header::CACHE_CONTROL,
+    http::header::PRAGMA,
+    http::header::VIA,
+    http::header::FORWARDED,
+    http::HeaderName::from_static("x-forwarded-for"),
+    http::HeaderName::from_static("x-forwarded-host"),
+    http::HeaderName::from_static("x-forwarded-proto"),
+    http::HeaderName::from_static("weir-consumer"),
+    http::HeaderName::from_static("x-request-id"),
+    http::HeaderName::from_static("traceparent"),
+    http::HeaderName::from_static("tracestate"),
+];
+
+/// Forwarded too: the verified client certificate Weir adds (mTLS).
+static WEIR_CLIENT_CERT: http::HeaderName = http::HeaderName::from_static("weir-client-cert");
+
+impl ForwardHeaders {
+    /// Whether a cached route forwards `name` from an untrusted peer.
+    pub fn allows(&self, name: &http::HeaderName) -> bool {
+        DEFAULT_FORWARD.contains(name)
+            || *name == WEIR_CLIENT_CERT
+            || self.names.contains(name)
+            || self.prefixes.iter().any(|p| name.as_str().starts_with(p.as_str()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

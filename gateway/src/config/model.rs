@@ -110,6 +110,10 @@ pub struct ServerSettings {
     pub upgrade_protocols: Vec<String>,
     /// Bytes one upgraded (WebSocket) connection may carry, both directions together.
     pub max_tunnel_bytes: u64,
+    /// Tunnels this instance holds at once; past it an upgrade gets 503 `tunnels_busy`.
+    pub max_tunnels: usize,
+    /// Tunnels one client address (IPv6 by /64) holds at once; past it 429 `too_many_tunnels`.
+    pub max_tunnels_per_address: usize,
     pub http2: Http2Settings,
 }
 
@@ -138,6 +142,9 @@ pub struct Route {
     pub max_request_body: Option<u64>,
     /// Upstream requests of this route in flight at once (each holds a connection).
     pub max_upstream_connections: usize,
+    /// `forward_headers`: on a cached route, what untrusted peers' requests forward besides
+    /// the default set (`cache::policy::ForwardHeaders`).
+    pub forward_headers: crate::cache::policy::ForwardHeaders,
     /// TLS to `https://` upstreams (trust, client certificate, name, ALPN).
     pub upstream_tls: crate::tls::UpstreamTls,
     /// Send the upstream's own host as `Host` instead of the client's.

@@ -221,6 +221,8 @@ pub struct RawServer {
     pub auth_failures: Option<RawAuthFailures>,
     pub upgrade_protocols: Option<Vec<String>>,
     pub max_tunnel_bytes: Option<Text>,
+    pub max_tunnels: Option<Text>,
+    pub max_tunnels_per_address: Option<Text>,
     pub http2: Option<RawHttp2>,
 }
 
@@ -245,6 +247,10 @@ pub struct RawRoute {
     pub timeouts: Option<RawTimeouts>,
     pub max_request_body: Option<Text>,
     pub max_upstream_connections: Option<Text>,
+    /// Request headers a cached route forwards from untrusted peers besides the default set
+    /// (`NAME`, or `PREFIX*`).
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
     pub upstream_tls: Option<RawUpstreamTls>,
     /// Offer HTTP/2 (ALPN `h2`) to `https://` upstreams.
     pub upstream_http2: Option<bool>,

@@ -20,6 +20,7 @@
 
 pub mod gcra;
 mod policy;
+mod tunnels;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,7 @@ use smallvec::SmallVec;
 
 use self::gcra::Gcra;
 pub use self::policy::{Algorithm, LimitFail, LimitKey, LimitOverride, Rate, RateLimit};
+pub use self::tunnels::{TunnelRefusal, TunnelSlot, Tunnels};
 use crate::redis::Shared;
 
 /// Most keys the local limiter tracks at once by default (`server.rate_limit_keys`; a flood of
@@ -158,6 +160,8 @@ pub struct Limiter {
     instances: u64,
     /// The local limiter's clock (Redis uses its own `TIME`).
     clock: Arc<dyn Clock>,
+    /// Tunnels open now (`server.max_tunnels`, `server.max_tunnels_per_address`).
+    pub tunnels: Arc<Tunnels>,
 }
 
 impl Limiter {
@@ -187,6 +191,7 @@ impl Limiter {
             hash_key,
             instances: instances.max(1),
             clock,
+            tunnels: Arc::default(),
         }
     }
 

@@ -81,20 +81,20 @@ pub fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 
 pin_project! {
     /// A body that holds a permit (a route's upstream connection slot) until it ends or drops.
-    pub struct WithPermit<B> {
+    pub struct WithPermit<B, P = tokio::sync::OwnedSemaphorePermit> {
         #[pin]
         inner: B,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        permit: Option<P>,
     }
 }
 
-impl<B> WithPermit<B> {
-    pub fn new(inner: B, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+impl<B, P> WithPermit<B, P> {
+    pub fn new(inner: B, permit: P) -> Self {
         WithPermit { inner, permit: Some(permit) }
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for WithPermit<B> {
+impl<B: Body<Data = Bytes>, P> Body for WithPermit<B, P> {
     type Data = Bytes;
     type Error = B::Error;
 

@@ -25,11 +25,34 @@ pub struct ConnInfo {
     /// The peer's address as text, formatted once per connection (forwarding headers need it
     /// on every request; formatting it each time was a measurable share of proxying).
     pub peer_ip: PeerText,
+    /// The connection's slot of `server.max_connections` and its listener's tunnel gauge: a
+    /// tunnel keeps a clone, so an upgraded connection holds its slot for its whole life.
+    pub hold: Option<Arc<ConnHold>>,
+}
+
+/// What a connection holds while it (or a tunnel made of it) lives.
+#[derive(Debug)]
+pub struct ConnHold {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    pub tunnels: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ConnHold {
+    pub fn new(
+        slot: tokio::sync::OwnedSemaphorePermit,
+        tunnels: prometheus_client::metrics::gauge::Gauge,
+    ) -> Arc<ConnHold> {
+        Arc::new(ConnHold { _slot: slot, tunnels })
+    }
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, local: SocketAddr, scheme: &'static str) -> ConnInfo {
-        ConnInfo { peer, local, scheme, tls: None, peer_ip: PeerText::of(peer.ip().to_canonical()) }
+        ConnInfo { peer, local, scheme, tls: None, peer_ip: PeerText::of(peer.ip().to_canonical()), hold: None }
+    }
+
+    pub fn with_hold(self, hold: Arc<ConnHold>) -> ConnInfo {
+        ConnInfo { hold: Some(hold), ..self }
     }
 
     pub fn with_tls(self, tls: crate::tls::TlsConn) -> ConnInfo {
@@ -167,7 +190,22 @@ impl RequestCtx {
             *req.uri_mut() = uri;
         }
         let mut parts = req.into_parts().0;
-        parts.headers = self.canon.headers.clone();
+        let route = &self.route().route;
+        parts.headers = match &route.cache {
+            // A cached route forwards an untrusted peer's headers from its allow list only: a
+            // header the origin reflects but the key ignores would poison the shared entry.
+            Some(_) if !self.trusted => {
+                let allowed = &route.forward_headers;
+                let mut h = http::HeaderMap::with_capacity(self.canon.headers.len());
+                for (k, v) in &self.canon.headers {
+                    if allowed.allows(k) {
+                        h.append(k, v.clone());
+                    }
+                }
+                h
+            }
+            _ => self.canon.headers.clone(),
+        };
         set_forwarding(&mut parts.headers, &self.conn, Some(&self.canon.authority), self.trusted);
         add_via(&mut parts.headers, self.canon.version);
         parts

@@ -9,11 +9,12 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::body::ClientBody;
-use super::context::{Purpose, RequestCtx};
+use super::context::{ConnHold, Purpose, RequestCtx};
 use super::headers::strip_hop_by_hop;
-use super::send::{empty, finish_response, request_body, upstream};
+use super::send::{empty, finish_response, request_body, upstream, UpstreamSlot};
 use super::tunnel;
 use crate::error::GatewayError;
+use crate::limit::{TunnelRefusal, TunnelSlot};
 use crate::Body;
 
 /// Phases 6–7 for a route without a cache: forward, stream back, tunnel an allowed upgrade.
@@ -32,19 +33,60 @@ pub(super) async fn forward(
     } else {
         Purpose::Forward
     };
+    // A tunnel's place in the caps, taken before the origin is asked.
+    let slot = match &tunnel_to {
+        Some(_) => {
+            let server = &ctx.rt.config.server;
+            match ctx.rt.limits.tunnels.acquire(ctx.client_ip, server.max_tunnels, server.max_tunnels_per_address) {
+                Ok(s) => Some(s),
+                Err(TunnelRefusal::Full) => return Err(GatewayError::TunnelsBusy),
+                Err(TunnelRefusal::PerAddress) => return Err(GatewayError::TooManyTunnels),
+            }
+        }
+        None => None,
+    };
     let body = request_body(ctx, body);
     let mut resp = upstream(ctx, purpose, head, body).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some((client_on, _)) = tunnel_to {
-            return Ok(tunnel(route.route.timeouts.idle, ctx.rt.config.server.max_tunnel_bytes, client_on, &mut resp));
+        if let (Some((client_on, _)), Some(slot)) = (tunnel_to, slot) {
+            // Everything the tunnel holds, for as long as it lives: its place in the caps, the
+            // client connection's slot (`server.max_connections`), the route's upstream slot
+            // (`max_upstream_connections`), and a unit of `weir_connections{state="tunnel"}`.
+            let held = Held {
+                _slot: slot,
+                _conn: ctx.conn.hold.clone(),
+                _upstream: resp.extensions_mut().remove::<UpstreamSlot>(),
+                _gauge: ctx.conn.hold.as_ref().map(|h| crate::metrics::Held::new(&h.tunnels)),
+            };
+            return Ok(tunnel(
+                route.route.timeouts.idle,
+                ctx.rt.config.server.max_tunnel_bytes,
+                client_on,
+                &mut resp,
+                held,
+            ));
         }
     }
     Ok(finish_response(resp))
 }
 
+/// What a tunnel's task holds until it ends.
+struct Held {
+    _slot: TunnelSlot,
+    _conn: Option<std::sync::Arc<ConnHold>>,
+    _upstream: Option<UpstreamSlot>,
+    _gauge: Option<crate::metrics::Held>,
+}
+
 /// Answers 101 to the client and splices the two upgraded connections together, for as long
 /// as bytes keep flowing (the route's idle timeout) and up to `server.max_tunnel_bytes`.
-fn tunnel(idle: Duration, cap: u64, client_on: OnUpgrade, upstream_resp: &mut Response<Body>) -> Response<Body> {
+fn tunnel(
+    idle: Duration,
+    cap: u64,
+    client_on: OnUpgrade,
+    upstream_resp: &mut Response<Body>,
+    held: Held,
+) -> Response<Body> {
     let upstream_on = hyper::upgrade::on(&mut *upstream_resp);
     let mut out = Response::new(empty());
     *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -57,6 +99,7 @@ fn tunnel(idle: Duration, cap: u64, client_on: OnUpgrade, upstream_resp: &mut Re
     }
     *out.headers_mut() = headers;
     tokio::spawn(async move {
+        let _held = held;
         match tokio::try_join!(client_on, upstream_on) {
             Ok((c, u)) => {
                 let meter = tunnel::Meter::new(cap);

@@ -32,7 +32,7 @@ mod tests;
 mod tunnel;
 
 pub use cached::ops::{explain, warm, MAX_WARM_PATHS};
-pub use context::{ConnInfo, Hop, PeerText, Purpose, RequestCtx};
+pub use context::{ConnHold, ConnInfo, Hop, PeerText, Purpose, RequestCtx};
 pub(crate) use send::{content_length, empty, finish_response, request_body, upstream};
 
 use std::sync::Arc;

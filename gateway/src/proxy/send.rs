@@ -70,7 +70,16 @@ pub(crate) async fn upstream(
     match sent {
         Ok(resp) => {
             let idle = route.route.timeouts.idle;
-            let resp = resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed());
+            let resp = if purpose == Purpose::Tunnel {
+                // A tunnel keeps the slot for its whole life: one clone for the body (an answer
+                // that is not 101), one for the tunnel's task (`forward`).
+                let permit = std::sync::Arc::new(permit);
+                let mut resp = resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit.clone()).boxed());
+                resp.extensions_mut().insert(UpstreamSlot { _permit: permit });
+                resp
+            } else {
+                resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed())
+            };
             Ok(match metered {
                 Some(guard) => meter::meter(ctx, guard, resp),
                 None => resp,
@@ -81,6 +90,12 @@ pub(crate) async fn upstream(
             Err(e)
         }
     }
+}
+
+/// The route's upstream connection slot an upgrade answer carries to its tunnel.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamSlot {
+    _permit: std::sync::Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The response and which target gave it.

@@ -17,7 +17,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::ServerSettings;
 use crate::metrics::Held;
-use crate::proxy::ConnInfo;
+use crate::proxy::{ConnHold, ConnInfo};
 use crate::tls::Acceptor;
 use crate::Body;
 
@@ -101,7 +101,8 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let info = ConnInfo::new(peer, local, "http");
+                // The slot lives as long as the connection and any tunnel made of it.
+                let info = ConnInfo::new(peer, local, "http").with_hold(ConnHold::new(permit, gauges.tunnel.clone()));
                 let (h, b, watcher) = (handler.clone(), builder.clone(), graceful.watcher());
                 match &tls {
                     None => {
@@ -113,7 +114,6 @@ where
                             if let Err(e) = fut.await {
                                 tracing::debug!(%peer, error = %e, "connection ended with an error");
                             }
-                            drop(permit);
                         });
                     }
                     Some(acceptor) => {
@@ -137,7 +137,6 @@ where
                                     tracing::debug!(%peer, reason = why.as_str(), "TLS handshake failed: {detail}");
                                 }
                             }
-                            drop(permit);
                         });
                     }
                 }

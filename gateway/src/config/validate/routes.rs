@@ -136,6 +136,32 @@ impl Validator {
         ))
         .unwrap_or(1024);
 
+        let mut forward_headers = crate::cache::policy::ForwardHeaders::default();
+        for (i, h) in r.forward_headers.iter().enumerate() {
+            let lower = h.to_ascii_lowercase();
+            let (name, prefix) = match lower.strip_suffix('*') {
+                Some(pre) => (pre, true),
+                None => (lower.as_str(), false),
+            };
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(_) if prefix => forward_headers.prefixes.push(name.to_string()),
+                Ok(n) => forward_headers.names.push(n),
+                Err(_) => self.problems.at(
+                    src,
+                    &format!("{p}.forward_headers[{i}]"),
+                    format!("`{h}` is not a header name (or `PREFIX*`)"),
+                ),
+            }
+        }
+        if !r.forward_headers.is_empty() && r.cache.is_none() {
+            self.warnings.push(Problem {
+                file: src.path.clone(),
+                pos: src.spans.value(&format!("{p}.forward_headers")),
+                message: "`forward_headers` has no effect on a route without `cache`: it forwards every header"
+                    .to_string(),
+            });
+        }
+
         let plugin = r.plugin.as_ref().map(|pl| {
             let pp = format!("{p}.plugin");
             let path = self.file_exists(src, &format!("{pp}.path"), &pl.path, "plugin file");
@@ -324,6 +350,7 @@ impl Validator {
             timeouts,
             max_request_body,
             max_upstream_connections,
+            forward_headers,
             upstream_tls,
             upstream_host_own,
             plugin,
