@@ -299,49 +299,50 @@ pub struct ForwardHeaders {
 /// Forwarded on every cached route: content negotiation, conditionals and ranges, the body's
 /// framing, the client's identity as the route passes it (`Authorization`, `Cookie` — the cache
 /// rules decide what is stored of such requests), the request's own cache directives, Weir's
-/// consumer, request id and trace context, and Weir's forwarding headers (`Host`, `Via`,
-/// `Forwarded`, `X-Forwarded-For/-Host/-Proto`, set by Weir itself).
-static DEFAULT_FORWARD: [http::HeaderName; 30] = [
-    http::header::HOST,
-    http::header::ACCEPT,
-    http::header::ACCEPT_CHARSET,
-    http::header::ACCEPT_ENCODING,
-    http::header::ACCEPT_LANGUAGE,
-    http::header::IF_MATCH,
-    http::header::IF_NONE_MATCH,
-    http::header::IF_MODIFIED_SINCE,
-    http::header::IF_UNMODIFIED_SINCE,
-    http::header::IF_RANGE,
-    http::header::RANGE,
-    http::header::CONTENT_TYPE,
-    http::header::CONTENT_LENGTH,
-    http::header::CONTENT_ENCODING,
-    http::header::TRANSFER_ENCODING,
-    http::header::EXPECT,
-    http::header::USER_AGENT,
-    http::header::AUTHORIZATION,
-    http::header::COOKIE,
-    http::header::CACHE_CONTROL,
-    http::header::PRAGMA,
-    http::header::VIA,
-    http::header::FORWARDED,
-    http::HeaderName::from_static("x-forwarded-for"),
-    http::HeaderName::from_static("x-forwarded-host"),
-    http::HeaderName::from_static("x-forwarded-proto"),
-    http::HeaderName::from_static("weir-consumer"),
-    http::HeaderName::from_static("x-request-id"),
-    http::HeaderName::from_static("traceparent"),
-    http::HeaderName::from_static("tracestate"),
-];
-
-/// Forwarded too: the verified client certificate Weir adds (mTLS).
-static WEIR_CLIENT_CERT: http::HeaderName = http::HeaderName::from_static("weir-client-cert");
+/// consumer, client certificate, request id and trace context, and Weir's forwarding headers
+/// (`Host`, `Via`, `Forwarded`, `X-Forwarded-For/-Host/-Proto`, set by Weir itself). A `match`
+/// on the lower-case name: a length switch and one comparison, on every miss.
+fn forwarded_by_default(name: &str) -> bool {
+    matches!(
+        name,
+        "host"
+            | "accept"
+            | "accept-charset"
+            | "accept-encoding"
+            | "accept-language"
+            | "if-match"
+            | "if-none-match"
+            | "if-modified-since"
+            | "if-unmodified-since"
+            | "if-range"
+            | "range"
+            | "content-type"
+            | "content-length"
+            | "content-encoding"
+            | "transfer-encoding"
+            | "expect"
+            | "user-agent"
+            | "authorization"
+            | "cookie"
+            | "cache-control"
+            | "pragma"
+            | "via"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "weir-consumer"
+            | "weir-client-cert"
+            | "x-request-id"
+            | "traceparent"
+            | "tracestate"
+    )
+}
 
 impl ForwardHeaders {
     /// Whether a cached route forwards `name` from an untrusted peer.
     pub fn allows(&self, name: &http::HeaderName) -> bool {
-        DEFAULT_FORWARD.contains(name)
-            || *name == WEIR_CLIENT_CERT
+        forwarded_by_default(name.as_str())
             || self.names.contains(name)
             || self.prefixes.iter().any(|p| name.as_str().starts_with(p.as_str()))
     }

@@ -194,7 +194,7 @@ impl RequestCtx {
         parts.headers = match &route.cache {
             // A cached route forwards an untrusted peer's headers from its allow list only: a
             // header the origin reflects but the key ignores would poison the shared entry.
-            Some(_) if !self.trusted => {
+            Some(_) if !self.trusted && !self.canon.headers.keys().all(|k| route.forward_headers.allows(k)) => {
                 let allowed = &route.forward_headers;
                 let mut h = http::HeaderMap::with_capacity(self.canon.headers.len());
                 for (k, v) in &self.canon.headers {

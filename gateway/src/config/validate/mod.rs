@@ -185,6 +185,12 @@ impl Validator {
     }
 
     /// A whole number in `min..=max` (written plainly: `10000`).
+    /// `count` for sizes held as `usize` (`max` fits one on every target Weir builds for).
+    fn count_usize(&mut self, src: &Source, path: &str, t: Option<&Text>, default: usize, max: usize) -> usize {
+        let n = self.count(src, path, t, default as u64, 1, max as u64);
+        usize::try_from(n).unwrap_or(default)
+    }
+
     fn count(&mut self, src: &Source, path: &str, t: Option<&Text>, default: u64, min: u64, max: u64) -> u64 {
         let Some(t) = t else { return default };
         match t.text.trim().parse::<u64>() {

@@ -174,24 +174,20 @@ impl Validator {
                 s.and_then(|s| s.max_tunnel_bytes.as_ref()),
                 1 << 30,
             ),
-            max_tunnels: usize::try_from(self.count(
+            max_tunnels: self.count_usize(
                 src,
                 "server.max_tunnels",
                 s.and_then(|s| s.max_tunnels.as_ref()),
                 1000,
-                1,
                 1_000_000,
-            ))
-            .unwrap_or(1000),
-            max_tunnels_per_address: usize::try_from(self.count(
+            ),
+            max_tunnels_per_address: self.count_usize(
                 src,
                 "server.max_tunnels_per_address",
                 s.and_then(|s| s.max_tunnels_per_address.as_ref()),
                 32,
-                1,
                 1_000_000,
-            ))
-            .unwrap_or(32),
+            ),
             http2: self.http2(src, s.and_then(|s| s.http2.as_ref())),
         }
     }
