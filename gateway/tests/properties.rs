@@ -1,5 +1,7 @@
-//! Property tests for the code every request's cache key goes through: target normalisation,
-//! key construction and `Cache-Control` parsing. Bounded (`PROPTEST_CASES`, 512 by default) so
+//! Property tests for the code every request's cache key goes through — target normalisation,
+//! key construction, `Cache-Control` and targeted-field parsing, the canonical request on
+//! arbitrary heads — and for what reads untrusted bytes: the configuration loader and the L2
+//! entry decoder. Bounded (`PROPTEST_CASES`, 512 by default) so
 //! `make test` runs them on every change; set `PROPTEST_CASES=100000` for a long run.
 
 // Test code: a panic is how a failed expectation is reported.
@@ -165,5 +167,104 @@ proptest! {
         prop_assert_eq!(d.s_maxage, s_maxage.map(Duration::from_secs));
         prop_assert_eq!([d.no_store, d.private, d.must_revalidate, d.public], [flags[0], flags[1], flags[2], flags[3]]);
         prop_assert_eq!(d.stale_if_error, None);
+    }
+}
+
+/// A header name the `http` crate accepts (lower-case token characters).
+fn header_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("host".to_string()),
+        Just("x-forwarded-for".to_string()),
+        Just("connection".to_string()),
+        Just("upgrade".to_string()),
+        Just("forwarded".to_string()),
+        Just("x-original-url".to_string()),
+        Just("content-length".to_string()),
+        Just("weir-consumer".to_string()),
+        "[a-z0-9!#$%&'*+.^_`|~-]{1,12}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Any bytes as a configuration file: never a panic; every problem is positioned
+    /// (`FILE:LINE:COL: message`, line and column from 1).
+    #[test]
+    fn the_config_loader_never_panics_and_positions_every_problem(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.yaml");
+        std::fs::write(&path, &bytes).unwrap();
+        if let Err(e) = weir::config::load(&path) {
+            prop_assert!(!e.problems.is_empty());
+            for p in &e.problems {
+                prop_assert!(p.pos.line >= 1 && p.pos.col >= 1, "{p}");
+                prop_assert!(!p.message.is_empty());
+            }
+        }
+    }
+
+    /// YAML-shaped text from the configuration's own words: the same promise, deeper in.
+    #[test]
+    fn configuration_shaped_text_never_panics(
+        lines in proptest::collection::vec(
+            (0usize..3, prop_oneof![
+                Just("listen:"), Just("- addr: 127.0.0.1:0"), Just("routes:"), Just("- name: r"),
+                Just("upstream: http://127.0.0.1:9"), Just("cache: {ttl: 5s}"), Just("rate_limit: {rate: 1/s}"),
+                Just("consumer: {from: header:x-k}"), Just("budget: {name: b, cost: \"1\"}"), Just("match: {path: /a}"),
+                Just("server: {max_tunnels: 0}"), Just("forward_headers: [\"x-*\"]"), Just("admin: {addr: 1.2.3.4:5}"),
+                Just("\t"), Just(": :"), Just("- [")
+            ]),
+            0..12,
+        )
+    ) {
+        let text: String = lines.iter().map(|(indent, l)| format!("{}{l}\n", "  ".repeat(*indent))).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.yaml");
+        std::fs::write(&path, &text).unwrap();
+        if let Err(e) = weir::config::load(&path) {
+            for p in &e.problems {
+                prop_assert!(p.pos.line >= 1 && p.pos.col >= 1, "{p}\n{text}");
+            }
+        }
+    }
+
+    /// The canonical request on arbitrary heads: a value or a 400, never a panic; what it
+    /// keeps is what it was given (no header it removes ever reappears).
+    #[test]
+    fn the_canonical_request_never_panics_on_any_head(
+        target in "[ -~]{0,40}",
+        headers in proptest::collection::vec((header_name(), "[ -~]{0,24}"), 0..8),
+        trusted in any::<bool>(),
+    ) {
+        let Ok(uri) = target.parse::<http::Uri>() else { return Ok(()) };
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in &headers {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                b = b.header(k.as_str(), v);
+            }
+        }
+        let Ok(req) = b.body(()) else { return Ok(()) };
+        let (mut parts, ()) = req.into_parts();
+        if let Ok(c) = weir::proxy::canonical::Canonical::from_head(&mut parts, "http", trusted, &["websocket".to_string()]) {
+            prop_assert!(!c.headers.contains_key("weir-consumer"), "a client's Weir-Consumer is always removed");
+            prop_assert!(c.path_query.starts_with('/'));
+        }
+    }
+
+    /// Any bytes as a stored L2 value: an error or an object, never a panic.
+    #[test]
+    fn the_l2_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), key in "[ -~]{0,20}") {
+        let _ = weir::cache::codec::decode(&key, &bytes);
+    }
+
+    /// Targeted fields (RFC 9213) on any text: never a panic.
+    #[test]
+    fn targeted_fields_never_panic(v in "[ -~]{0,64}") {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert("cdn-cache-control", v);
+        }
+        let _ = ResponseDirectives::targeted(&h, &[http::HeaderName::from_static("cdn-cache-control")]);
     }
 }

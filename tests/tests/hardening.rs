@@ -546,3 +546,14 @@ async fn cached_routes_forward_untrusted_headers_from_an_allow_list() {
         "prefix=//evil.example lang=fr extra=1"
     );
 }
+
+/// An authority-form target (`CONNECT host:port`) names no path: 400, never routed (found by
+/// the canonical-request property test: the path was empty, not `/...`).
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_targets_are_refused_not_routed() {
+    let (origin, _) = echo().await;
+    let gw = gateway(&origin, "", "");
+    let got = raw_req(&gw, "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443").await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert_eq!(origin.count(), 0);
+}

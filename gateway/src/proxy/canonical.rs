@@ -126,6 +126,13 @@ impl Canonical {
         trusted: bool,
         upgrades: &[String],
     ) -> Result<Canonical, GatewayError> {
+        // Origin-form or absolute-form only: an authority-form (`CONNECT host:443`) or asterisk
+        // (`OPTIONS *`) target names no path to route, key or forward.
+        if !parts.uri.path().starts_with('/') {
+            return Err(GatewayError::BadRequest(
+                "the request target must be a path (`/...`) or an absolute URL".into(),
+            ));
+        }
         let authority = authority(parts, scheme)?;
         let path = normalize_path(parts.uri.path()).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
         let mut path_query = path;
