@@ -56,7 +56,10 @@ async fn status(gw: &Gateway, query: &str) -> serde_json::Value {
 async fn two_instances_admit_exactly_the_budget() {
     let (origin, hits) = origin().await;
     let redis = RedisServer::start();
-    let yaml = config(&origin, Some(redis.port), "limit: \"7.500\", per: 1d", "cost: \"0.001\"");
+    // About exactness, not Redis' latency: a loaded machine must not trip the 50 ms default
+    // `op_timeout` (a call that times out fails closed with 503).
+    let yaml = config(&origin, Some(redis.port), "limit: \"7.500\", per: 1d", "cost: \"0.001\"")
+        .replace("/0\n", "/0\n  op_timeout: 1s\n");
     let gws = [Arc::new(Gateway::start(&yaml)), Arc::new(Gateway::start(&yaml))];
     let admitted = Arc::new(AtomicUsize::new(0));
     let refused = Arc::new(AtomicUsize::new(0));

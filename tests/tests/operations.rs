@@ -400,6 +400,24 @@ async fn upgrade_hands_over_the_listeners_with_zero_failed_requests() {
     let origin = origin().await;
     let mut old = Gateway::start(&yaml(&origin, "", "server:\n  drain_delay: 1s\n  shutdown_timeout: 10s\n"));
     let (addr, admin) = (old.addr(), old.admin.unwrap());
+    // The hand-over socket is private: a 0700 directory of this user's, the socket 0600 (it
+    // gives whoever talks on it the listening sockets).
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
+        let dir = std::env::temp_dir().join(format!("weir-{uid}"));
+        let m = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o777 == 0o700, "{:o}", m.mode());
+        let socks: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+            .collect();
+        assert!(!socks.is_empty());
+        for p in socks {
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{}", p.display());
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));

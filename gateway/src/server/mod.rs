@@ -75,6 +75,17 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
                 if config.admin.is_some() { " and an admin API" } else { "" },
             )));
         }
+        // What was received must be what this configuration listens on, socket by socket.
+        let wanted = config.listeners.iter().map(|l| l.addr).chain(config.admin.as_ref().map(|a| a.addr));
+        for (l, want) in got.listeners.iter().chain(got.admin.iter()).zip(wanted) {
+            let have = l.local_addr().map_err(|e| StartError::Upgrade(e.to_string()))?;
+            let same = if want.port() == 0 { have.ip() == want.ip() } else { have == want };
+            if !same {
+                return Err(StartError::Upgrade(format!(
+                    "the running instance listens on {have} where this configuration has {want}: listeners change with a restart"
+                )));
+            }
+        }
         tracing::info!(sockets = got.listeners.len(), "took over the running instance's listeners");
         Some(got)
     } else {
