@@ -84,7 +84,11 @@ pub fn set_forwarding(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&st
     }
     if let Some(h) = host {
         elem.push_str(";host=\"");
-        elem.extend(h.chars().filter(|c| *c != '"' && *c != '\\'));
+        if h.bytes().any(|b| b == b'"' || b == b'\\') {
+            elem.extend(h.chars().filter(|c| *c != '"' && *c != '\\'));
+        } else {
+            elem.push_str(h);
+        }
         elem.push('"');
     }
     elem.push_str(";proto=");
@@ -110,19 +114,21 @@ pub fn set_forwarding(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&st
         }
         return;
     }
-    for n in [&X_FORWARDED_FOR, &X_FORWARDED_HOST, &X_FORWARDED_PROTO, &header::FORWARDED] {
-        headers.remove(n);
-    }
-    if let Ok(v) = HeaderValue::from_str(ip) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(X_FORWARDED_HOST.clone(), v);
-    }
+    // An untrusted client's own forwarding headers are replaced: `insert` drops every earlier
+    // value of a name, so each is removed only where Weir has nothing to put in its place.
+    match HeaderValue::from_str(ip) {
+        Ok(v) => headers.insert(X_FORWARDED_FOR.clone(), v),
+        Err(_) => headers.remove(&X_FORWARDED_FOR),
+    };
+    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        Some(v) => headers.insert(X_FORWARDED_HOST.clone(), v),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(elem)) {
-        headers.insert(header::FORWARDED, v);
-    }
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(elem)) {
+        Ok(v) => headers.insert(header::FORWARDED, v),
+        Err(_) => headers.remove(&header::FORWARDED),
+    };
 }
 
 /// Bytes the request head occupies, as a client would have sent it.
