@@ -146,10 +146,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { config } => match weir::config::load(&config) {
+        Command::Validate { config } => match weir::config::check(&config) {
             Ok(cfg) => {
                 for w in &cfg.warnings {
-                    eprintln!("warning: {w}");
+                    eprintln!("{w}");
                 }
                 println!("{}: ok ({} routes)", config.display(), cfg.routes.len());
                 ExitCode::SUCCESS

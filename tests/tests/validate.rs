@@ -115,3 +115,30 @@ fn includes_resolve_relative_to_the_including_file() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("(2 routes)"));
 }
+
+/// `weir validate` runs in CI without production secrets: an unset secret (a consumer's
+/// `key_env`, `debug.token_env`, `admin.token_env`) is a positioned warning and the exit status
+/// stays 0; `weir run` refuses the same configuration. One mistake, one message: the consumer
+/// whose variable is unset is not also told it needs `keys_sha256` or `key_env`.
+#[test]
+fn unset_secrets_warn_under_validate_and_stop_run() {
+    let yaml = "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n  token_env: WEIR_TEST_UNSET_ADMIN\ndebug:\n  token_env: WEIR_TEST_UNSET_DEBUG\nconsumers:\n  - id: acme\n    key_env: WEIR_TEST_UNSET_KEY\nroutes:\n  - name: r\n    upstream: http://127.0.0.1:9\n";
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = weir_e2e::validate_in(yaml, dir.path());
+    assert!(ok, "{out}");
+    for (line, var) in [(5, "WEIR_TEST_UNSET_ADMIN"), (7, "WEIR_TEST_UNSET_DEBUG"), (10, "WEIR_TEST_UNSET_KEY")] {
+        let w = out.lines().find(|l| l.contains(var)).unwrap_or_else(|| panic!("no warning for {var}: {out}"));
+        assert!(w.contains(&format!("weir.yaml:{line}:")) && w.contains(": warning: "), "{w}");
+    }
+    assert!(!out.contains("needs `keys_sha256`"), "{out}");
+    let run = Command::new(weir_bin())
+        .args(["run", "--config"])
+        .arg(dir.path().join("weir.yaml"))
+        .output()
+        .expect("run weir");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("WEIR_TEST_UNSET_KEY") && err.contains("is not set"), "{err}");
+    assert_eq!(err.matches("weir.yaml:").count(), err.lines().filter(|l| l.contains("weir.yaml:")).count());
+    assert!(!err.contains("needs `keys_sha256`"), "{err}");
+}

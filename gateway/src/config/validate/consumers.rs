@@ -67,14 +67,15 @@ impl Validator {
                         use sha2::Digest as _;
                         digests.push(sha2::Sha256::digest(key.as_bytes()).into());
                     }
-                    _ => self.problems.at(
+                    _ => self.missing_secret(
                         src,
                         &format!("{cp}.key_env"),
                         format!("consumer key variable `{var}` is not set"),
                     ),
                 }
             }
-            if digests.is_empty() {
+            // One mistake, one message: a key that is given but unset or malformed was reported.
+            if c.keys_sha256.is_empty() && c.key_env.is_none() {
                 self.problems.at(src, &cp, "a consumer needs `keys_sha256` or `key_env`");
             }
             for d in digests {

@@ -120,7 +120,15 @@ fn explain_serde(msg: &str) -> String {
     }
 }
 
-pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
+/// Whether an unset secret is an error (`weir run`, reload) or a warning (`weir validate`, which
+/// runs in CI without production secrets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Secrets {
+    Required,
+    Optional,
+}
+
+pub(super) fn load(root: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
     let mut problems = Problems::default();
     let Some((src, raw)) = parse_file::<RawConfig>(root, &mut problems) else {
         return Err(ConfigError { problems: problems.0 });
@@ -131,11 +139,16 @@ pub(super) fn load(root: &Path) -> Result<Config, ConfigError> {
         budgets: Default::default(),
         targeted_fields: default_targeted_fields(),
         client_no_cache: true,
+        secrets,
     };
     let cfg = v.config(&src, raw);
     if v.problems.0.is_empty() {
         let mut cfg = cfg;
-        cfg.warnings = v.warnings.iter().map(ToString::to_string).collect();
+        cfg.warnings = v
+            .warnings
+            .iter()
+            .map(|p| format!("{}:{}:{}: warning: {}", p.file.display(), p.pos.line, p.pos.col, p.message))
+            .collect();
         Ok(cfg)
     } else {
         Err(ConfigError { problems: v.problems.0 })
@@ -151,6 +164,7 @@ struct Validator {
     targeted_fields: std::sync::Arc<[HeaderName]>,
     /// `cache.client_no_cache` (honor: true), the default of the routes'.
     client_no_cache: bool,
+    secrets: Secrets,
 }
 
 /// Where a route was declared, for cross-route messages.
@@ -160,6 +174,19 @@ struct Declared {
 }
 
 impl Validator {
+    /// An environment variable holding a secret is unset: an error when the configuration is to
+    /// run, a warning under `weir validate`.
+    fn missing_secret(&mut self, src: &Source, path: &str, message: String) {
+        match self.secrets {
+            Secrets::Required => self.problems.at(src, path, message),
+            Secrets::Optional => self.warnings.push(Problem {
+                file: src.path.clone(),
+                pos: src.spans.value(path),
+                message: format!("{message} (needed by `weir run`)"),
+            }),
+        }
+    }
+
     fn duration(&mut self, src: &Source, path: &str, t: Option<&Text>, default: Duration) -> Duration {
         match t {
             None => default,
@@ -278,6 +305,12 @@ impl Validator {
             if let Some(env) = &a.token_env {
                 if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     self.problems.at(src, "admin.token_env", format!("invalid environment variable name `{env}`"));
+                } else if std::env::var(env).map_or(true, |t| t.is_empty()) {
+                    // `weir run` refuses to start without it (with the reason); a reload keeps the
+                    // token the process started with.
+                    if self.secrets == Secrets::Optional {
+                        self.missing_secret(src, "admin.token_env", format!("admin token variable `{env}` is not set"));
+                    }
                 }
             }
             let mut hosts = Vec::new();

@@ -97,7 +97,11 @@ impl Validator {
                 None
             }
             _ => {
-                self.problems.at(src, "debug.token_env", format!("debug token variable `{}` is not set", d.token_env));
+                self.missing_secret(
+                    src,
+                    "debug.token_env",
+                    format!("debug token variable `{}` is not set", d.token_env),
+                );
                 None
             }
         }
