@@ -269,11 +269,20 @@ async fn broken_plugins_are_refused_at_load_with_a_clear_error() {
     assert!(err.contains("imports `wasi:random/random@0.2.0`, which Weir does not grant"), "{err}");
     assert!(err.contains("weir.yaml:"), "positioned: {err}");
 
-    // Not a component at all.
+    // Not a component at all: said in words, with the file's first bytes (not a parser's dump).
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"\0asm not really").unwrap();
     let (ok, err) = validate(&config(&origin, &block(&junk, "{}"), ""));
-    assert!(!ok && err.contains("not a WebAssembly component"), "{err}");
+    assert!(!ok && err.contains("not a valid WebAssembly component"), "{err}");
+    let text = dir.path().join("text.wasm");
+    std::fs::write(&text, b"hello, plugin").unwrap();
+    let (ok, err) = validate(&config(&origin, &block(&text, "{}"), ""));
+    assert!(!ok && err.contains("it starts with `68 65 6c 6c 6f 2c 20 70`"), "{err}");
+    assert!(!err.contains("[104,"), "no byte-array dump: {err}");
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, wat::parse_str("(module)").unwrap()).unwrap();
+    let (ok, err) = validate(&config(&origin, &block(&core, "{}"), ""));
+    assert!(!ok && err.contains("a core WebAssembly module, not a component"), "{err}");
 
     // A component without the plugin world's exports.
     let empty = dir.path().join("empty.wasm");

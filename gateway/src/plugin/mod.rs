@@ -177,14 +177,34 @@ impl std::fmt::Debug for Loaded {
 
 /// Compiles (or takes from the cache) and checks a component: it must import nothing and export
 /// the `plugin` world of this WIT version.
+/// What a file that is not a component is, in words (its first bytes, not a parser's dump).
+fn not_a_component(bytes: &[u8]) -> Option<String> {
+    const BUILD: &str = "build plugins with `weir plugin build`";
+    if !bytes.starts_with(b"\0asm") {
+        let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        return Some(format!(
+            "is not a WebAssembly component (it starts with `{}`, not the `00 61 73 6d` of a WebAssembly binary): {BUILD}",
+            head.join(" ")
+        ));
+    }
+    // Version 1, layer 0: a core module (what `cargo build` alone makes), not a component.
+    if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+        return Some(format!("is a core WebAssembly module, not a component: {BUILD} (it makes the component)"));
+    }
+    None
+}
+
 fn compile(bytes: &[u8]) -> Result<(Component, [u8; 32]), String> {
     let host = host()?;
     let digest = *blake3::hash(bytes).as_bytes();
     if let Some(c) = host.compiled.lock().ok().and_then(|m| m.get(&digest).cloned()) {
         return Ok((c, digest));
     }
+    if let Some(why) = not_a_component(bytes) {
+        return Err(why);
+    }
     let component = Component::new(&host.engine, bytes).map_err(|e| {
-        format!("not a WebAssembly component (build plugins with `weir plugin build`): {}", root_cause(&e))
+        format!("is not a valid WebAssembly component (build plugins with `weir plugin build`): {}", root_cause(&e))
     })?;
     let ty = component.component_type();
     // The one thing a plugin may import is an interface of types only (the WIT's own `types`,

@@ -67,10 +67,11 @@ impl Validator {
                 Ok(served) => {
                     let left = served.not_after - crate::clock::unix_s(std::time::SystemTime::now());
                     if left < i64::try_from(crate::tls::EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX) {
+                        let days = |n: i64| if n == 1 { "1 day".to_string() } else { format!("{n} days") };
                         let when = if left <= 0 {
-                            format!("expired {} days ago", -left / 86_400)
+                            format!("expired {} ago", days(-left / 86_400))
                         } else {
-                            format!("expires in {} days", left / 86_400)
+                            format!("expires in {}", days(left / 86_400))
                         };
                         self.warnings.push(Problem {
                             file: src.path.clone(),
