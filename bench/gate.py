@@ -30,15 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from run import free_port  # bench/run.py, beside this file
+
 SCENARIOS = ("l1_hit", "proxy", "miss_store")
 CONNECTIONS = 4
 HOT = 100
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, proc, timeout=120):

@@ -140,7 +140,12 @@ impl RequestCtx {
         logging: bool,
     ) -> RequestCtx {
         RequestCtx {
-            client_ip: super::headers::client_addr(conn.peer.ip(), &rt.config.server.trusted_proxies, &canon.headers),
+            client_ip: super::headers::client_addr(
+                conn.peer.ip(),
+                trusted,
+                &rt.config.server.trusted_proxies,
+                &canon.headers,
+            ),
             rt,
             conn,
             trusted,

@@ -142,10 +142,16 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
 /// client. An entry that is not an address (`unknown`, junk, an obfuscated name) ends the walk:
 /// the nearest trusted hop's address is used, so a client can never choose its own by putting
 /// junk in front of a real proxy's entry.
-pub fn client_addr(peer: std::net::IpAddr, trusted: &[ipnet::IpNet], headers: &HeaderMap) -> std::net::IpAddr {
+/// `peer_trusted`: the peer is in `trusted` (the caller has checked it once per request).
+pub fn client_addr(
+    peer: std::net::IpAddr,
+    peer_trusted: bool,
+    trusted: &[ipnet::IpNet],
+    headers: &HeaderMap,
+) -> std::net::IpAddr {
     let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|n| n.contains(ip));
     let mut ip = peer.to_canonical();
-    if !is_trusted(&ip) {
+    if !peer_trusted {
         return ip;
     }
     let xff: Vec<&str> = headers
@@ -207,7 +213,7 @@ mod tests {
             for (k, v) in lines {
                 h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
             }
-            super::client_addr(peer, &trusted, &h).to_string()
+            super::client_addr(peer, trusted.iter().any(|n| n.contains(&peer)), &trusted, &h).to_string()
         };
         // The client's chosen address left of junk never counts: the nearest trusted hop does.
         assert_eq!(walk(&[("x-forwarded-for", "1.2.3.4, junk, 10.0.0.9")]), "10.0.0.9");
@@ -228,7 +234,9 @@ mod tests {
             h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
             h
         };
-        assert_eq!(super::client_addr("192.0.2.1".parse().unwrap(), &trusted, &h).to_string(), "192.0.2.1");
+        let peer: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let peer_trusted = trusted.iter().any(|n| n.contains(&peer));
+        assert_eq!(super::client_addr(peer, peer_trusted, &trusted, &h).to_string(), "192.0.2.1");
     }
 
     use super::*;

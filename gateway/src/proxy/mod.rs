@@ -84,12 +84,13 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let mut resp = match served.result {
         Ok(resp) => resp,
         Err(e) => {
-            match e.upstream() {
-                // The client's answer names no upstream: the address and the cause are logged.
-                Some(_) => tracing::warn!(%method, path = uri.path(), %peer, error = %e, "upstream request failed"),
-                None => tracing::debug!(%method, path = uri.path(), %peer, error = %e, "request failed"),
-            }
             failed_upstream = e.upstream().map(str::to_string);
+            if failed_upstream.is_some() {
+                // The client's answer names no upstream: the address and the cause are logged.
+                tracing::warn!(%method, path = uri.path(), %peer, error = %e, "upstream request failed");
+            } else {
+                tracing::debug!(%method, path = uri.path(), %peer, error = %e, "request failed");
+            }
             let status = (cached_route && served.annotate.is_some()).then(|| cached::error_status(&e)).flatten();
             let mut r = e.into_response();
             match status {
@@ -227,9 +228,15 @@ async fn phases(
 
     // Phase 3: the consumer first (an unknown key on a required route never gets a quota),
     // then the `count: all` rate limits, all or nothing, before the cache (a hit counts too).
-    let consumer = admitted.and_then(|()| consumer(&mut ctx));
-    let ctx = Arc::new(RequestCtx { consumer: consumer.as_ref().ok().cloned().flatten(), ..ctx });
-    if let Err(e) = consumer {
+    let failed = match admitted.and_then(|()| consumer(&mut ctx)) {
+        Ok(id) => {
+            ctx.consumer = id;
+            None
+        }
+        Err(e) => Some(e),
+    };
+    let ctx = Arc::new(ctx);
+    if let Some(e) = failed {
         return Served { ctx: Some(ctx), target: None, annotate: None, result: Err(e) };
     }
     let limit_headers = match limits(&ctx, false).await {
@@ -318,10 +325,11 @@ fn admit_route(ctx: &RequestCtx) -> Result<(), GatewayError> {
 /// 401 (or 429 once this address is past `server.auth_failures`); a plugin that cannot answer
 /// is 503 where the consumer is required, anonymous otherwise.
 fn consumer(ctx: &mut RequestCtx) -> Result<Option<String>, GatewayError> {
-    let rt = ctx.rt.clone();
+    // Disjoint borrows of the context: the canonical request is written (`Weir-Consumer`).
+    let (rt, canon) = (&ctx.rt, &mut ctx.canon);
     let route = &rt.routes[ctx.route];
     let Some(from) = &route.route.consumer else { return Ok(None) };
-    match identify(&rt, route, &ctx.conn, from, &mut ctx.canon) {
+    match identify(rt, route, &ctx.conn, from, canon) {
         Ok(Some(id)) => Ok(Some(id)),
         Ok(None) if from.required => {
             // Failed credentials are counted per client address: a guesser gets 429 once past

@@ -126,15 +126,13 @@ impl Validator {
             &[("client", false), ("upstream", true)],
             false,
         );
-        let max_upstream_connections = usize::try_from(self.count(
+        let max_upstream_connections = self.count_usize(
             src,
             &format!("{p}.max_upstream_connections"),
             r.max_upstream_connections.as_ref(),
             1024,
-            1,
             1 << 20,
-        ))
-        .unwrap_or(1024);
+        );
 
         let mut forward_headers = crate::cache::policy::ForwardHeaders::default();
         for (i, h) in r.forward_headers.iter().enumerate() {

@@ -48,9 +48,7 @@ impl Validator {
                     Sink::File(p)
                 }
             };
-            out.buffer =
-                usize::try_from(self.count(src, "log.access.buffer", a.buffer.as_ref(), 16_384, 1, 10_000_000))
-                    .unwrap_or(16_384);
+            out.buffer = self.count_usize(src, "log.access.buffer", a.buffer.as_ref(), 16_384, 10_000_000);
         }
         out
     }
@@ -148,15 +146,13 @@ impl Validator {
             ),
             upgrade_socket: s.and_then(|s| s.upgrade_socket.as_ref()).map(|p| src.dir.join(p)),
             trusted_proxies: trusted,
-            max_connections: usize::try_from(self.count(
+            max_connections: self.count_usize(
                 src,
                 "server.max_connections",
                 s.and_then(|s| s.max_connections.as_ref()),
                 10_000,
-                1,
                 1 << 20,
-            ))
-            .unwrap_or(10_000),
+            ),
             auth_failures: self.auth_failures(src, s.and_then(|s| s.auth_failures.as_ref())),
             rate_limit_keys: self.count(
                 src,
