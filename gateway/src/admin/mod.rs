@@ -66,12 +66,10 @@ impl Admin {
     }
 
     fn host_allowed(&self, host: &str) -> bool {
-        // The name without its port (`[v6]:port`, `v4:port`, `name:port`).
-        let name = match host.strip_prefix('[') {
-            Some(rest) => return rest.split_once(']').is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok()),
-            None => host.rsplit_once(':').map_or(host, |(n, _)| n),
-        };
-        if name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost") {
+        // The name without its port, as the data plane reads it (`[v6]` keeps its brackets).
+        let name = crate::proxy::canonical::host_of(host);
+        let ip = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+        if ip.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost") {
             return true;
         }
         let rt = self.gateway.runtime();

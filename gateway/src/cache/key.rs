@@ -125,21 +125,21 @@ fn member(m: &str) -> Option<String> {
     let mut params = m.split(';').map(str::trim);
     let mut out = params.next().filter(|t| !t.is_empty())?.to_ascii_lowercase();
     for p in params {
-        match p.split_once('=') {
-            Some((k, v)) if k.eq_ignore_ascii_case("q") && qvalue(v).is_some() => {
-                let q = qvalue(v).unwrap_or(1000);
-                if q != 1000 {
-                    out.push_str(";q=");
-                    out.push_str(&format!("{}", f64::from(q) / 1000.0));
-                }
+        let pair = p.split_once('=');
+        let weight = pair.filter(|(k, _)| k.eq_ignore_ascii_case("q")).and_then(|(_, v)| qvalue(v));
+        match (weight, pair) {
+            (Some(1000), _) => {}
+            (Some(q), _) => {
+                out.push_str(";q=");
+                out.push_str(&(f64::from(q) / 1000.0).to_string());
             }
-            Some((k, v)) => {
+            (None, Some((k, v))) => {
                 out.push(';');
                 out.push_str(&k.to_ascii_lowercase());
                 out.push('=');
                 out.push_str(v);
             }
-            None => {
+            (None, None) => {
                 out.push(';');
                 out.push_str(&p.to_ascii_lowercase());
             }
