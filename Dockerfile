@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # Weir's image: built with the example plugins, run from a slim, non-root image.
 # Used by docker-compose.yml; `docker build -t weir .` on its own.
 
@@ -6,8 +7,15 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 RUN rustup target add wasm32-unknown-unknown
 COPY . .
-RUN cargo build --release --locked --bins \
- && for p in catalog tenant-key llm-cost; do target/release/weir plugin build plugins/$p -o plugins/$p.wasm || exit 1; done
+# The registry and the build directory are BuildKit cache mounts: a change to Weir's code
+# rebuilds Weir, not its dependencies (wasmtime is most of the build). What the runtime stage
+# needs is copied out of the cache into /out.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bins \
+ && mkdir -p /out/bin /out/plugins \
+ && cp target/release/weir target/release/weir-demo-origin /out/bin/ \
+ && for p in catalog tenant-key llm-cost; do target/release/weir plugin build plugins/$p -o /out/plugins/$p.wasm || exit 1; done
 
 # --- runtime: no compiler, no shell tools beyond Debian's base, no root ---
 FROM debian:bookworm-slim
@@ -15,8 +23,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin weir
-COPY --from=build /src/target/release/weir /src/target/release/weir-demo-origin /usr/local/bin/
-COPY --from=build /src/plugins/catalog.wasm /src/plugins/tenant-key.wasm /src/plugins/llm-cost.wasm /etc/weir/plugins/
+COPY --from=build /out/bin/weir /out/bin/weir-demo-origin /usr/local/bin/
+COPY --from=build /out/plugins/catalog.wasm /out/plugins/tenant-key.wasm /out/plugins/llm-cost.wasm /etc/weir/plugins/
 COPY policies /etc/weir/policies
 USER 10001
 EXPOSE 8080 9901

@@ -76,6 +76,10 @@ pub enum GatewayError {
     /// has already sent its credentials in clear, and a redirect would teach it that works.
     #[error("this route is served over HTTPS only")]
     HttpsRequired,
+    /// The connection's client certificate was revoked (`client_crl`) after its handshake: the
+    /// request is refused and the connection closed.
+    #[error("the client certificate of this connection has been revoked")]
+    ClientCertRevoked,
     /// A budgeted call that would take the consumer's spend over the limit (nothing reserved).
     #[error("budget `{budget}` is spent for this window; retry in {retry_after_s} s")]
     BudgetExhausted { budget: String, retry_after_s: u64 },
@@ -145,7 +149,7 @@ impl GatewayError {
             GatewayError::TooManyTunnels => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
-            GatewayError::HttpsRequired => StatusCode::FORBIDDEN,
+            GatewayError::HttpsRequired | GatewayError::ClientCertRevoked => StatusCode::FORBIDDEN,
             GatewayError::ExpectationFailed(_) => StatusCode::EXPECTATION_FAILED,
             GatewayError::BudgetUnavailable
             | GatewayError::UpstreamBusy { .. }
@@ -186,6 +190,7 @@ impl GatewayError {
             GatewayError::IdentifyUnavailable { .. } => "consumer_unavailable",
             GatewayError::Misdirected { .. } => "misdirected_request",
             GatewayError::HttpsRequired => "https_required",
+            GatewayError::ClientCertRevoked => "client_cert_revoked",
             GatewayError::ExpectationFailed(_) => "expectation_failed",
         }
     }
@@ -248,8 +253,10 @@ impl GatewayError {
             }
             GatewayError::HeadersTooLarge { .. }
             | GatewayError::PayloadTooLarge { .. }
-            | GatewayError::BadRequest(_) => {
-                // The rest of the request was not read: the connection cannot be reused safely.
+            | GatewayError::BadRequest(_)
+            | GatewayError::ClientCertRevoked => {
+                // The rest of the request was not read, or the connection's certificate is
+                // revoked: the connection is not reused.
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}

@@ -62,9 +62,10 @@ enum PluginCommand {
     /// Scaffold a plugin crate NAME/ (a 20-line example to edit).
     New {
         name: String,
-        /// The guest SDK, as a path from the new crate.
-        #[arg(long, default_value = "../sdk")]
-        sdk: PathBuf,
+        /// Use this guest SDK (a path from the new crate) instead of the copy `new` writes into
+        /// NAME/sdk/ (the SDK this Weir was built with).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
     /// Build the plugin crate in DIR into a component (default: DIR/../NAME.wasm).
     Build {
@@ -79,44 +80,87 @@ enum PluginCommand {
         #[arg(long, default_value = "{}")]
         config: String,
     },
-    /// Run one hook on a request and print the decision and the time it took.
-    Run {
-        file: PathBuf,
-        #[arg(long, default_value = "cache-key")]
-        hook: String,
-        /// `METHOD /path?query`
-        #[arg(long, default_value = "GET /")]
-        request: String,
-        /// Request header `name: value` (repeatable).
-        #[arg(short = 'H', long = "header")]
-        headers: Vec<String>,
-        #[arg(long, default_value = "localhost")]
-        host: String,
-        #[arg(long, default_value = "{}")]
-        config: String,
-        /// Response status for ttl / invalidate / cost.
-        #[arg(long, default_value_t = 200)]
-        status: u16,
-        /// Response body for ttl / invalidate / cost.
-        #[arg(long)]
-        response_file: Option<PathBuf>,
-    },
+    /// Run one hook on a request and print its decision, what the gateway would do with it,
+    /// and the time it took.
+    Run(Box<RunArgs>),
+}
+
+/// `weir plugin run`'s arguments.
+#[derive(clap::Args)]
+struct RunArgs {
+    file: PathBuf,
+    /// cache-key (the request's key, or bypass), ttl (lifetimes and tags of a response),
+    /// invalidate (what a successful write purges), cost (the call's price), identify (the
+    /// consumer, given the clock).
+    #[arg(long, default_value = "cache-key", value_parser = weir::plugin::cli::HOOKS)]
+    hook: String,
+    /// `METHOD /path?query`
+    #[arg(long, default_value = "GET /")]
+    request: String,
+    /// Request header `name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    #[arg(long, default_value = "{}")]
+    config: String,
+    /// Response status for ttl / invalidate / cost.
+    #[arg(long, default_value_t = 200)]
+    status: u16,
+    /// Response body for ttl / invalidate / cost.
+    #[arg(long)]
+    response_file: Option<PathBuf>,
+    /// Response header `name: value` for ttl / invalidate / cost (repeatable).
+    #[arg(long = "response-header")]
+    response_headers: Vec<String>,
+    /// Request body (given to plugins that ask for it).
+    #[arg(long)]
+    body_file: Option<PathBuf>,
+    /// The clock `identify` is given, Unix seconds (default: now).
+    #[arg(long)]
+    now: Option<u64>,
+    /// The consumer identified before the hook (phase 3).
+    #[arg(long)]
+    consumer: Option<String>,
 }
 
 fn plugin_command(cmd: PluginCommand) -> Result<String, String> {
     use weir::plugin::cli;
     let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).map_err(|e| format!("--config is not JSON: {e}"));
     match cmd {
-        PluginCommand::New { name, sdk } => cli::new(&name, &sdk),
+        PluginCommand::New { name, sdk } => cli::new(&name, sdk.as_deref()),
         PluginCommand::Build { dir, out } => cli::build(&dir, out.as_deref()).map(|p| format!("built {}", p.display())),
         PluginCommand::Check { file, config } => cli::check(&file, &json(&config)?),
-        PluginCommand::Run { file, hook, request, headers, host, config, status, response_file } => {
-            let (req, _) = cli::request(&request, &headers, &host)?;
-            let body = match response_file {
-                Some(f) => Some(std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?),
-                None => None,
+        PluginCommand::Run(args) => {
+            let RunArgs {
+                file,
+                hook,
+                request,
+                headers,
+                host,
+                config,
+                status,
+                response_file,
+                response_headers,
+                body_file,
+                now,
+                consumer,
+            } = *args;
+            let (mut req, _) = cli::request(&request, &headers, &host)?;
+            req.consumer = consumer;
+            let read = |f: Option<PathBuf>| match f {
+                Some(f) => std::fs::read(&f).map(Some).map_err(|e| format!("cannot read {}: {e}", f.display())),
+                None => Ok(None),
             };
-            cli::run(&file, &json(&config)?, &hook, req, status, body)
+            let (response, _) = cli::request("GET /", &response_headers, &host)?;
+            let input = cli::RunInput {
+                status,
+                response_headers: response.headers,
+                response_body: read(response_file)?,
+                request_body: read(body_file)?,
+                now: now.map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)),
+            };
+            cli::run(&file, &json(&config)?, &hook, req, input)
         }
     }
 }

@@ -77,6 +77,11 @@ pub struct NameLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabel {
+    pub issuer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -103,6 +108,7 @@ pub struct Metrics {
     tls_handshakes: Family<KindLabel, Counter>,
     tls_handshake_errors: Family<ReasonLabel, Counter>,
     tls_cert_expiry: Family<NameLabel, Gauge>,
+    tls_crl_expiry: Family<IssuerLabel, Gauge>,
     config_reloads: Family<ResultLabel, Counter>,
     budget_rejected: Family<RouteLabel, Counter>,
     budget_unmetered: Family<RouteLabel, Counter>,
@@ -250,6 +256,7 @@ impl Metrics {
         let tls_handshakes = Family::<KindLabel, Counter>::default();
         let tls_handshake_errors = Family::<ReasonLabel, Counter>::default();
         let tls_cert_expiry = Family::<NameLabel, Gauge>::default();
+        let tls_crl_expiry = Family::<IssuerLabel, Gauge>::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         registry.register("weir_tls_handshakes", "TLS handshakes completed, full or resumed", tls_handshakes.clone());
         registry.register(
@@ -261,6 +268,11 @@ impl Metrics {
             "weir_tls_cert_expiry_seconds",
             "Seconds until each served certificate expires (negative: expired)",
             tls_cert_expiry.clone(),
+        );
+        registry.register(
+            "weir_tls_crl_expiry_seconds",
+            "Seconds until each client CRL's nextUpdate (negative: stale, and the certificates it covers are refused)",
+            tls_crl_expiry.clone(),
         );
         registry.register(
             "weir_config_reloads",
@@ -367,6 +379,7 @@ impl Metrics {
             tls_handshakes,
             tls_handshake_errors,
             tls_cert_expiry,
+            tls_crl_expiry,
             config_reloads,
         })
     }
@@ -463,6 +476,14 @@ impl Metrics {
         self.tls_cert_expiry.clear();
         for (name, left) in certs {
             self.tls_cert_expiry.get_or_create(&NameLabel { name: name.clone() }).set(*left);
+        }
+    }
+
+    /// `weir_tls_crl_expiry_seconds{issuer}` for the client CRLs loaded now.
+    pub fn crl_expiry(&self, lists: &[(String, i64)]) {
+        self.tls_crl_expiry.clear();
+        for (issuer, left) in lists {
+            self.tls_crl_expiry.get_or_create(&IssuerLabel { issuer: issuer.clone() }).set(*left);
         }
     }
 

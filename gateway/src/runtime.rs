@@ -122,6 +122,9 @@ pub struct Gateway {
     spans: std::sync::OnceLock<Arc<crate::observe::SpanExporter>>,
     /// Every listener is bound and serving (`/readyz`).
     pub ready: std::sync::atomic::AtomicBool,
+    /// The first listener's scheme and bound port (set once bound): the host an admin warm-up
+    /// or explain of a bare path addresses.
+    first_listener: std::sync::OnceLock<(&'static str, u16)>,
     /// Shutting down or handing over to a new process: `/readyz` fails from here on.
     pub draining: std::sync::atomic::AtomicBool,
 }
@@ -162,6 +165,7 @@ impl Gateway {
             access: std::sync::OnceLock::new(),
             spans: std::sync::OnceLock::new(),
             ready: std::sync::atomic::AtomicBool::new(false),
+            first_listener: std::sync::OnceLock::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -228,6 +232,23 @@ impl Gateway {
         Ok(())
     }
 
+    /// The first listener as bound (once, at start).
+    pub fn set_first_listener(&self, scheme: &'static str, port: u16) {
+        let _ = self.first_listener.set((scheme, port));
+    }
+
+    /// What `curl localhost:PORT` sends to the first listener: its scheme and `localhost:PORT`
+    /// (the port left out when it is the scheme's default, as clients do).
+    pub fn default_authority(&self) -> (&'static str, String) {
+        match self.first_listener.get() {
+            Some(&(scheme, port)) if (scheme, port) != ("http", 80) && (scheme, port) != ("https", 443) => {
+                (scheme, format!("localhost:{port}"))
+            }
+            Some(&(scheme, _)) => (scheme, "localhost".into()),
+            None => ("http", "localhost".into()),
+        }
+    }
+
     /// The TLS listeners' acceptors (once, at start).
     pub fn set_tls(&self, acceptors: Vec<(usize, Arc<crate::tls::Acceptor>)>) {
         let _ = self.tls.set(acceptors);
@@ -241,6 +262,23 @@ impl Gateway {
             for c in a.certs().all().iter() {
                 if !out.iter().any(|(n, _)| n == &c.name) {
                     out.push((c.name.clone(), c.not_after - now));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every TLS listener's client CRLs now: issuer and seconds until `nextUpdate`.
+    pub fn crl_expiry(&self) -> Vec<(String, i64)> {
+        let now = crate::clock::unix_s(std::time::SystemTime::now());
+        let mut out: Vec<(String, i64)> = Vec::new();
+        let rt = self.runtime();
+        for crl in rt.config.listeners.iter().filter_map(|l| l.tls.as_ref()?.client_crl.as_ref()) {
+            for (issuer, next) in &crl.issuers {
+                if let Some(next) = next {
+                    if !out.iter().any(|(i, _)| i == issuer) {
+                        out.push((issuer.clone(), next - now));
+                    }
                 }
             }
         }

@@ -19,6 +19,7 @@
 //!   provider serves every connection and the build carries no second C crypto library; the
 //!   choice is this one function ([`provider`]).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -26,7 +27,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
@@ -163,6 +164,72 @@ pub fn load_client_ca(path: &Path) -> Result<ClientCa, String> {
     Ok(ClientCa { roots: Arc::new(roots), digest: sha2::Sha256::digest(&bytes).into() })
 }
 
+/// A certificate named by its issuer (the issuer name's DER) and serial number: what a CRL
+/// entry revokes.
+pub type CertId = (Vec<u8>, Vec<u8>);
+
+/// `client_crl`: the revocation lists of the client CA (and of any intermediate that signs
+/// client certificates), checked in every handshake and again on every request of a connection
+/// that presented a certificate.
+#[derive(Debug)]
+pub struct ClientCrl {
+    pub lists: Vec<CertificateRevocationListDer<'static>>,
+    /// Every revoked certificate of every list, for the per-request check.
+    pub revoked: Arc<HashSet<CertId>>,
+    /// Each list's issuer (RFC 4514) and `nextUpdate` (Unix seconds; `None`: the list gives none).
+    pub issuers: Vec<(String, Option<i64>)>,
+    pub digest: [u8; 32],
+}
+
+/// Reads a CRL file: PEM (`X509 CRL` blocks, one per issuer) or a single DER list.
+pub fn load_client_crl(path: &Path) -> Result<ClientCrl, String> {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read client CRL `{}`: {e}", path.display()))?;
+    let lists: Vec<CertificateRevocationListDer<'static>> = if bytes.first() == Some(&0x30) {
+        vec![CertificateRevocationListDer::from(bytes.clone())]
+    } else {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("client CRL `{}` is not valid PEM: {}", path.display(), pem_error(&e)))?
+    };
+    if lists.is_empty() {
+        return Err(format!("client CRL `{}` holds no X509 CRL block", path.display()));
+    }
+    let mut revoked = HashSet::new();
+    let mut issuers = Vec::new();
+    for (i, der) in lists.iter().enumerate() {
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+            .map_err(|e| format!("client CRL `{}`: list {} is not an X.509 CRL: {e}", path.display(), i + 1))?;
+        let issuer = crl.issuer().as_raw().to_vec();
+        for r in crl.iter_revoked_certificates() {
+            revoked.insert((issuer.clone(), r.raw_serial().to_vec()));
+        }
+        issuers.push((crl.issuer().to_string(), crl.next_update().map(|t| t.timestamp())));
+    }
+    Ok(ClientCrl { lists, revoked: Arc::new(revoked), issuers, digest: sha2::Sha256::digest(&bytes).into() })
+}
+
+/// The verifier of client certificates: signed by `ca`; with `crl`, not revoked anywhere in
+/// the chain (every CA below the trust anchor needs its list: a certificate whose status no list
+/// gives is refused, as nginx and Envoy do), by lists whose `nextUpdate` has not passed.
+pub fn client_verifier(
+    ca: &ClientCa,
+    crl: Option<&ClientCrl>,
+    auth: ClientAuth,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let mut v = WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider());
+    if let Some(crl) = crl {
+        v = v.with_crls(crl.lists.iter().cloned()).enforce_revocation_expiration();
+    }
+    if auth == ClientAuth::Optional {
+        v = v.allow_unauthenticated();
+    }
+    v.build().map_err(|e| match e {
+        rustls::server::VerifierBuilderError::InvalidCrl(e) => format!("client CRL: not usable ({e:?})"),
+        e => format!("client CA: {e}"),
+    })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientAuth {
     /// A client certificate signed by `client_ca` is needed to connect.
@@ -182,6 +249,7 @@ pub enum MinVersion {
 pub struct TlsSettings {
     pub certs: Arc<Vec<Arc<Served>>>,
     pub client_ca: Option<Arc<ClientCa>>,
+    pub client_crl: Option<Arc<ClientCrl>>,
     pub client_auth: ClientAuth,
     pub min_version: MinVersion,
     pub handshake_timeout: Duration,
@@ -253,9 +321,41 @@ pub struct TlsConn {
     pub cert: Arc<Served>,
     /// The verified client certificate (mTLS), if one was presented.
     pub client: Option<ClientIdentity>,
+    /// The presented chain and the listener's current revocations (with a client certificate).
+    pub revocation: Option<Revocation>,
     pub resumed: bool,
     /// `Strict-Transport-Security` to add to responses on this connection.
     pub hsts: Option<http::HeaderValue>,
+}
+
+impl TlsConn {
+    /// Whether a certificate of the chain this connection presented is revoked by the listener's
+    /// current `client_crl` (a list loaded after the handshake counts: the connection's next
+    /// request is refused).
+    pub fn revoked(&self) -> bool {
+        self.revocation.as_ref().is_some_and(|r| {
+            let set = r.current.load();
+            !set.is_empty() && r.chain.iter().any(|id| set.contains(id))
+        })
+    }
+}
+
+/// A connection's client chain, held against the listener's revocations.
+#[derive(Debug)]
+pub struct Revocation {
+    chain: Vec<CertId>,
+    current: Arc<ArcSwap<HashSet<CertId>>>,
+}
+
+impl Revocation {
+    fn of(chain: &[CertificateDer<'_>], current: &Arc<ArcSwap<HashSet<CertId>>>) -> Revocation {
+        let chain = chain
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, c)| (c.issuer().as_raw().to_vec(), c.raw_serial().to_vec()))
+            .collect();
+        Revocation { chain, current: current.clone() }
+    }
 }
 
 /// A verified client certificate: who it names.
@@ -374,7 +474,18 @@ impl HandshakeFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct AuthKey {
     ca: Option<[u8; 32]>,
+    crl: Option<[u8; 32]>,
     auth: ClientAuth,
+}
+
+impl AuthKey {
+    fn of(s: &TlsSettings) -> AuthKey {
+        AuthKey {
+            ca: s.client_ca.as_ref().map(|c| c.digest),
+            crl: s.client_crl.as_ref().map(|c| c.digest),
+            auth: s.client_auth,
+        }
+    }
 }
 
 /// Resumption state that outlives `ServerConfig` rebuilds.
@@ -403,6 +514,12 @@ pub struct Acceptor {
     state: Mutex<(AuthKey, Resumption)>,
     timeout: ArcSwap<Duration>,
     hsts: ArcSwap<Option<http::HeaderValue>>,
+    /// The current `client_crl`'s revoked certificates, shared with open connections.
+    revoked: Arc<ArcSwap<HashSet<CertId>>>,
+}
+
+fn revoked_of(s: &TlsSettings) -> Arc<HashSet<CertId>> {
+    s.client_crl.as_ref().map_or_else(Default::default, |c| c.revoked.clone())
 }
 
 fn server_config(s: &TlsSettings, certs: &Arc<Certs>, resumption: &Resumption) -> Result<ServerConfig, String> {
@@ -415,14 +532,7 @@ fn server_config(s: &TlsSettings, certs: &Arc<Certs>, resumption: &Resumption) -
         .map_err(|e| format!("TLS versions: {e}"))?;
     let builder = match &s.client_ca {
         None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let v = WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider());
-            let v = match s.client_auth {
-                ClientAuth::Required => v,
-                ClientAuth::Optional => v.allow_unauthenticated(),
-            };
-            builder.with_client_cert_verifier(v.build().map_err(|e| format!("client CA: {e}"))?)
-        }
+        Some(ca) => builder.with_client_cert_verifier(client_verifier(ca, s.client_crl.as_deref(), s.client_auth)?),
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(Resolver(certs.clone())));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -436,7 +546,7 @@ impl Acceptor {
         let certs = Arc::new(Certs::new(s.certs.clone()));
         let resumption = Resumption::new()?;
         let cfg = server_config(s, &certs, &resumption)?;
-        let key = AuthKey { ca: s.client_ca.as_ref().map(|c| c.digest), auth: s.client_auth };
+        let key = AuthKey::of(s);
         Ok(Acceptor {
             certs,
             metrics,
@@ -444,14 +554,15 @@ impl Acceptor {
             state: Mutex::new((key, resumption)),
             timeout: ArcSwap::from_pointee(s.handshake_timeout),
             hsts: ArcSwap::from_pointee(s.hsts.clone()),
+            revoked: Arc::new(ArcSwap::new(revoked_of(s))),
         })
     }
 
     /// Applies reloaded settings: new certificates for new handshakes; the same ticket keys and
-    /// session cache unless the client CA or `client_auth` changed. Returns whether resumption
-    /// state was replaced.
+    /// session cache unless the client CA, its CRL or `client_auth` changed (a revoked
+    /// certificate must not resume). Returns whether resumption state was replaced.
     pub fn update(&self, s: &TlsSettings) -> Result<bool, String> {
-        let key = AuthKey { ca: s.client_ca.as_ref().map(|c| c.digest), auth: s.client_auth };
+        let key = AuthKey::of(s);
         let mut state = self.state.lock().map_err(|_| "TLS state poisoned".to_string())?;
         let replace = state.0 != key;
         let resumption = if replace { Resumption::new()? } else { state.1.clone() };
@@ -464,6 +575,7 @@ impl Acceptor {
                 *state = (key, resumption);
                 self.timeout.store(Arc::new(s.handshake_timeout));
                 self.hsts.store(Arc::new(s.hsts.clone()));
+                self.revoked.store(revoked_of(s));
                 Ok(replace)
             }
             Err(e) => {
@@ -523,14 +635,24 @@ impl Acceptor {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "TLS",
         };
-        let client = conn.peer_certificates().and_then(|c| c.first()).and_then(ClientIdentity::of);
+        let peer = conn.peer_certificates().filter(|c| !c.is_empty());
+        let client = peer.and_then(|c| c.first()).and_then(ClientIdentity::of);
+        let revocation = peer.map(|c| Revocation::of(c, &self.revoked));
+        let conn_revoked = revocation.as_ref().is_some_and(|r| {
+            let set = r.current.load();
+            r.chain.iter().any(|id| set.contains(id))
+        });
+        if conn_revoked {
+            // Resumption state is replaced when the list changes; this catches the rest.
+            return Err((HandshakeFailure::BadClientCert, "client certificate revoked".into()));
+        }
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         self.metrics.tls_handshake(if resumed { "resumed" } else { "full" });
         let Some(cert) = self.certs.pick(sni.as_deref()) else {
             return Err((HandshakeFailure::Other, "no certificate".into()));
         };
         let hsts = (**self.hsts.load()).clone();
-        Ok((stream, TlsConn { version, sni, cert, client, resumed, hsts }))
+        Ok((stream, TlsConn { version, sni, cert, client, revocation, resumed, hsts }))
     }
 }
 

@@ -266,6 +266,15 @@ impl Gateway {
         format!("http://{}{}", self.admin.expect("admin listener"), path)
     }
 
+    /// `POST /reload` on the admin API (as JSON, as it must be sent): its answer.
+    pub async fn reload(&self) -> Got {
+        let req = Request::post(self.admin_url("/reload"))
+            .header("content-type", "application/json")
+            .body(full(""))
+            .expect("reload request");
+        send(&client(), req).await
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }

@@ -30,6 +30,8 @@ pub struct Leaf {
     pub key_pem: String,
     pub der: CertificateDer<'static>,
     pub key_der: Vec<u8>,
+    /// The serial number's bytes (what a CRL entry names).
+    pub serial: Vec<u8>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -74,6 +76,11 @@ impl Ca {
             });
         }
         p.distinguished_name.push(DnType::CommonName, cn.unwrap_or(names.first().copied().unwrap_or("leaf")));
+        // Serials unique in the process (a CRL names certificates by issuer and serial).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let mut serial = vec![0x01];
+        serial.extend_from_slice(&NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_be_bytes());
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         if expired {
             p.not_before = rcgen::date_time_ymd(2020, 1, 1);
             p.not_after = rcgen::date_time_ymd(2021, 1, 1);
@@ -84,7 +91,30 @@ impl Ca {
             key_pem: key.serialize_pem(),
             der: cert.der().clone(),
             key_der: key.serialize_der(),
+            serial,
         }
+    }
+
+    /// A CRL (PEM) of this CA revoking `revoked`; `stale`: its nextUpdate has passed.
+    pub fn crl(&self, revoked: &[&Leaf], stale: bool) -> String {
+        use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+        let p = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: if stale { rcgen::date_time_ymd(2021, 1, 1) } else { rcgen::date_time_ymd(2099, 1, 1) },
+            crl_number: SerialNumber::from(u64::try_from(revoked.len()).expect("count") + 1),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|l| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&l.serial),
+                    revocation_time: rcgen::date_time_ymd(2020, 6, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        p.signed_by(&self.cert, &self.key).expect("CRL").pem().expect("CRL PEM")
     }
 
     pub fn roots(&self) -> RootCertStore {

@@ -88,6 +88,47 @@ fn refuses_to_start_when_the_token_variable_is_unset() {
     assert!(err.contains("WEIR_TEST_TOKEN_UNSET"), "{err}");
 }
 
+/// `admin.token_file` (a container secret): the token is the file's content without its line
+/// break; a missing or empty file refuses to start, naming it; a non-loopback admin with a
+/// token file is accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_token_can_come_from_a_file() {
+    let origin = Origin::hello().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("admin-token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    let yaml = config(&format!("  addr: 127.0.0.1:0\n  token_file: {}\n", file.display()), &origin, "/");
+    let gw = Gateway::start(&yaml);
+    let metrics = |auth: Option<String>| {
+        let mut b = Request::get(gw.admin_url("/metrics"));
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        send_owned(b.body(full("")).unwrap())
+    };
+    assert_eq!(metrics(None).await.status, 401);
+    assert_eq!(metrics(Some(format!("Bearer {TOKEN}\n").trim().to_string())).await.status, 200);
+    drop(gw);
+
+    for (content, expect) in [(None, "cannot be read"), (Some(""), "is empty"), (Some("short\n"), "at least 32")] {
+        match content {
+            Some(c) => std::fs::write(&file, c).unwrap(),
+            None => std::fs::remove_file(&file).unwrap(),
+        }
+        let err = Gateway::builder().try_start(&yaml).expect_err("must refuse to start");
+        assert!(err.contains(expect) && (expect == "at least 32" || err.contains("admin-token")), "{err}");
+    }
+    // Both ways at once is a mistake.
+    let both =
+        config(&format!("  addr: 127.0.0.1:0\n  token_env: X\n  token_file: {}\n", file.display()), &origin, "/");
+    let err = Gateway::builder().try_start(&both).expect_err("must refuse");
+    assert!(err.contains("not both"), "{err}");
+}
+
+async fn send_owned(req: Request<weir_e2e::Body>) -> Got {
+    send(&client(), req).await
+}
+
 #[test]
 fn refuses_a_non_loopback_admin_without_token() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -120,11 +161,7 @@ async fn sighup_reloads_and_a_broken_config_keeps_the_old_one() {
 
     std::fs::write(&gw.config_path, "listen: [{addr: 127.0.0.1:0}]\nroutes:\n  - name: r\n    upstream: ftp://x\n")
         .unwrap();
-    let got = send(
-        &client(),
-        Request::post(gw.admin_url("/reload")).header("content-type", "application/json").body(full("")).unwrap(),
-    )
-    .await;
+    let got = gw.reload().await;
     assert_eq!(got.status, 400);
     assert_eq!(got.json()["error"], "invalid_config");
     assert!(got.json()["message"].as_str().unwrap().contains("weir.yaml:"), "{}", got.text());

@@ -622,11 +622,7 @@ async fn stale_if_error_serves_stale_when_the_origin_fails() {
     assert_eq!(g.status, 503);
     // Origin down entirely: reload onto a dead upstream, keep the cache.
     std::fs::write(&gw.config_path, yaml.replace(&origin.url(), &dead)).unwrap();
-    let r = send(
-        &client(),
-        Request::post(gw.admin_url("/reload")).header("content-type", "application/json").body(full("")).unwrap(),
-    )
-    .await;
+    let r = gw.reload().await;
     assert_eq!(r.status, 200);
     let g = call(&gw, Method::GET, "/sie", &[]).await;
     assert_eq!(g.status, 200, "{}", g.text());

@@ -128,11 +128,7 @@ async fn dashboard_queries_select_series_that_exist() {
     let mut conn = connect(tls_addr, "localhost", &client_config(ca.roots(), &["http/1.1"], None)).await.unwrap();
     assert_eq!(conn.get("localhost", "/c/2", &[]).await.unwrap().status, 200);
     raw(tls_addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(2)).await;
-    let reload = send(
-        &c,
-        Request::post(gw.admin_url("/reload")).header("content-type", "application/json").body(full("")).unwrap(),
-    )
-    .await;
+    let reload = gw.reload().await;
     assert_eq!(reload.status, 200);
     redis.kill();
     for _ in 0..3 {
@@ -219,8 +215,13 @@ fn compose_and_dockerfile_agree_with_the_policies() {
         for src in srcs {
             if from_build {
                 let file = src.rsplit('/').next().unwrap();
-                let made = (src.contains("target/release/") && build_run.contains("cargo build --release"))
-                    || (file.ends_with(".wasm") && build_run.contains("plugin build"));
+                // The build directory is a cache mount: binaries are copied out to /out.
+                let made = (src.starts_with("/out/bin/")
+                    && build_run.contains("cargo build --release")
+                    && build_run.contains(&format!("target/release/{file}")))
+                    || (src.starts_with("/out/plugins/")
+                        && file.ends_with(".wasm")
+                        && build_run.contains("plugin build"));
                 assert!(made, "{op} {src}: the build stage does not make it");
                 installed.push(file.to_string());
             } else {
@@ -238,12 +239,7 @@ fn compose_and_dockerfile_agree_with_the_policies() {
     let policy_in_image = "/etc/weir/policies/compose.yaml";
     let policy = root.join("policies/compose.yaml");
     let (ok, out) = {
-        let o = std::process::Command::new(weir_bin())
-            .args(["validate", "--config"])
-            .arg(&policy)
-            .env("WEIR_ADMIN_TOKEN", "change-me-to-32-or-more-random-bytes-0000")
-            .output()
-            .unwrap();
+        let o = std::process::Command::new(weir_bin()).args(["validate", "--config"]).arg(&policy).output().unwrap();
         (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
     };
     assert!(ok, "{out}");
@@ -319,8 +315,57 @@ fn compose_and_dockerfile_agree_with_the_policies() {
     for w in &weirs {
         assert!(targets.contains(&format!("{w}:{admin_port}")), "{targets}");
     }
-    let token = services[weirs[0]]["environment"]["WEIR_ADMIN_TOKEN"].as_str().unwrap();
-    assert_eq!(prom["scrape_configs"][0]["authorization"]["credentials"].as_str(), Some(token));
+    // The token: one secret file, read by Weir (`admin.token_file`) and Prometheus
+    // (`credentials_file`) at the path compose mounts it; an example committed, the real one
+    // ignored by git and by the image build.
+    let secret_path = "/run/secrets/admin_token";
+    assert_eq!(p["admin"]["token_file"].as_str(), Some(secret_path));
+    assert_eq!(prom["scrape_configs"][0]["authorization"]["credentials_file"].as_str(), Some(secret_path));
+    for svc in weirs.iter().copied().chain(["prometheus"]) {
+        assert_eq!(services[svc]["secrets"], serde_json::json!(["admin_token"]), "{svc} gets the token file");
+    }
+    let secret_file = compose["secrets"]["admin_token"]["file"].as_str().unwrap().trim_start_matches("./");
+    assert!(root.join(format!("{secret_file}.example")).is_file(), "an example of {secret_file}");
+    let gitignore = std::fs::read_to_string(root.join(".gitignore")).unwrap();
+    assert!(gitignore.lines().any(|l| l.trim_start_matches('/') == secret_file), "{secret_file} is not ignored by git");
+    let dockerignore = std::fs::read_to_string(root.join(".dockerignore")).expect("a .dockerignore");
+    for must in ["target", ".git", secret_file] {
+        assert!(dockerignore.lines().any(|l| l.trim() == must), ".dockerignore leaves `{must}` in the context");
+    }
+    let example = std::fs::read_to_string(root.join(format!("{secret_file}.example"))).unwrap();
+    for file in ["docker-compose.yml", "deploy/prometheus/prometheus.yml", "policies/compose.yaml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(!text.contains(example.trim()), "{file} holds the token itself");
+    }
+
+    // Rules for the container files (hadolint-style, checked here since no engine runs):
+    // 1. A service of Weir's image that runs something else has its own healthcheck (the
+    //    image's asks Weir's admin API).
+    for (name, s) in services {
+        let weir_image = s["build"].is_string();
+        let runs_weir = s["entrypoint"].is_null();
+        if weir_image && !runs_weir {
+            let test = s["healthcheck"]["test"].to_string();
+            assert!(
+                s["healthcheck"]["disable"] == true || !test.contains("/readyz") && test.contains("CMD"),
+                "{name} inherits Weir's HEALTHCHECK: {test}"
+            );
+        }
+        // 2. Nothing but the data plane's balancer is published beyond this machine.
+        for port in s["ports"].as_array().map_or(&[][..], Vec::as_slice) {
+            let port = port.as_str().unwrap();
+            assert!(name == "lb" || port.starts_with("127.0.0.1:"), "{name} publishes {port} on every interface");
+        }
+    }
+    // 3. The build keeps its dependencies between builds.
+    assert!(build_run.contains("--mount=type=cache,target=/src/target"), "no build cache: {build_run}");
+    // 4. The balancer sends X-Forwarded-For from a fixed address, the only one the policy trusts.
+    let lb_ip = lb["networks"]["default"]["ipv4_address"].as_str().expect("a fixed balancer address");
+    let subnet = compose["networks"]["default"]["ipam"]["config"][0]["subnet"].as_str().unwrap();
+    let prefix = subnet.rsplit_once('.').unwrap().0;
+    assert!(lb_ip.starts_with(&format!("{prefix}.")), "{lb_ip} is outside {subnet}");
+    assert_eq!(p["server"]["trusted_proxies"], serde_json::json!([format!("{lb_ip}/32")]));
+    assert!(conf.contains("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"), "{conf}");
     let provider = yaml_file("deploy/grafana/provisioning/dashboards/weir.yaml");
     let dash_dir = provider["providers"][0]["options"]["path"].as_str().unwrap();
     let mounts = services["grafana"]["volumes"].to_string();

@@ -405,6 +405,38 @@ async fn admin_reads_and_resets_a_key() {
         );
         assert_eq!(get_path(&gw, "/x", &[("x-api-key", "alice key")]).await.status, 200);
         assert_eq!(get(&gw.admin_url("/ratelimits/nope/x")).await.status, 404);
+
+        // The same bucket named by the value's SHA-256: no raw key in the URL.
+        use sha2::Digest as _;
+        let digest: String = sha2::Sha256::digest(b"alice key").iter().map(|b| format!("{b:02x}")).collect();
+        let v = get(&gw.admin_url(&format!("/ratelimits/api?kind=header&sha256={digest}"))).await.json();
+        assert_eq!(v["policies"][0]["remaining"], 2, "{v}");
+        assert_eq!(v["key"], format!("sha256:{digest}"), "{v}");
+        // Requests without the header are counted by address: that bucket is `kind=address`.
+        for _ in 0..2 {
+            get_path(&gw, "/x", &[]).await;
+        }
+        let by_addr = get(&gw.admin_url("/ratelimits/api/127.0.0.1?kind=address")).await.json();
+        assert_eq!(by_addr["policies"][0]["remaining"], 1, "{by_addr}");
+        // ... and not under its own kind (the header value `127.0.0.1` was never sent).
+        assert_eq!(get(&gw.admin_url("/ratelimits/api/127.0.0.1")).await.json()["policies"][0]["remaining"], 3);
+        let delete = |path: String| {
+            let url = gw.admin_url(&path);
+            async move {
+                send(&client(), Request::delete(url).header("content-type", "application/json").body(full("")).unwrap())
+                    .await
+                    .json()
+            }
+        };
+        assert_eq!(delete("/ratelimits/api/127.0.0.1?kind=address".into()).await["reset"], true);
+        assert_eq!(
+            get(&gw.admin_url("/ratelimits/api/127.0.0.1?kind=address")).await.json()["policies"][0]["remaining"],
+            3
+        );
+        // Nothing to forget: said so.
+        assert_eq!(delete("/ratelimits/api/nobody?kind=consumer".into()).await["reset"], false);
+        assert_eq!(delete(format!("/ratelimits/api?kind=header&sha256={digest}")).await["reset"], true);
+        assert_eq!(get(&gw.admin_url("/ratelimits/api?kind=header&sha256=xyz")).await.status, 400);
     }
 }
 

@@ -408,16 +408,45 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_runs() {
             String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let sdk = repo_root().join("plugins/sdk").display().to_string();
-    let (ok, out) = weir(&["new", "hello", "--sdk", &sdk]);
+    // Anywhere, with no source tree: the SDK is vendored into the new crate.
+    let (ok, out) = weir(&["new", "hello"]);
     assert!(ok, "{out}");
+    assert!(dir.path().join("hello/sdk/wit/weir-plugin.wit").is_file(), "the SDK and its WIT are written");
     let (ok, out) = weir(&["build", "hello"]);
     assert!(ok && out.contains("built"), "{out}");
-    let (ok, out) =
-        weir(&["run", "hello.wasm", "--hook", "ttl", "--request", "GET /docs/1", "--config", r#"{"ttl_seconds": 42}"#]);
+    let (ok, out) = weir(&[
+        "run",
+        "hello.wasm",
+        "--hook",
+        "ttl",
+        "--request",
+        "GET /docs/1",
+        "--config",
+        r#"{"ttl_seconds": 42}"#,
+        "--response-header",
+        "content-type: text/html",
+    ]);
     assert!(ok && out.contains("ttl: Some(42)") && out.contains(r#"tags: ["docs"]"#), "{out}");
+    // ... said as the gateway applies it.
+    assert!(out.contains("applied: stored: fresh for 42 s") && out.contains("tags docs"), "{out}");
     let (ok, out) = weir(&["new", "hello"]);
     assert!(!ok && out.contains("already exists"), "{out}");
+    // `--sdk` still overrides, and is checked at `new`, not at the first build.
+    let sdk = repo_root().join("plugins/sdk").display().to_string();
+    let (ok, out) = weir(&["new", "with-repo-sdk", "--sdk", &sdk]);
+    assert!(ok, "{out}");
+    let (ok, out) = weir(&["new", "bad-sdk", "--sdk", "/nonexistent/sdk"]);
+    assert!(!ok && out.contains("--sdk /nonexistent/sdk"), "{out}");
+    // The hooks are listed in --help, and an unknown one is refused before loading anything.
+    let (ok, out) = weir(&["run", "--help"]);
+    assert!(
+        ok && ["cache-key", "ttl", "invalidate", "cost", "identify", "--now", "--body-file"]
+            .iter()
+            .all(|h| out.contains(h)),
+        "{out}"
+    );
+    let (ok, out) = weir(&["run", "hello.wasm", "--hook", "bogus"]);
+    assert!(!ok && out.contains("identify"), "{out}");
 }
 
 fn unix_now() -> u64 {

@@ -321,11 +321,7 @@ async fn mtls_identifies_the_consumer_and_a_ca_change_ends_old_sessions() {
 
     // The client CA is replaced: alice's old session must not resume into the new trust.
     std::fs::write(&gw.config_path, yaml(&origin, &tls(&other_file), &route)).unwrap();
-    let r = send(
-        &client(),
-        http::Request::post(gw.admin_url("/reload")).header("content-type", "application/json").body(full("")).unwrap(),
-    )
-    .await;
+    let r = gw.reload().await;
     assert_eq!(r.status, 200, "{}", r.text());
     match connect(addr, "api.test", &sessions).await {
         Err(_) => {}
@@ -552,4 +548,140 @@ async fn silent_clients_are_cut_at_the_handshake_timeout_and_hsts_is_tls_only() 
     assert_eq!(g.header("strict-transport-security"), Some("max-age=31536000"));
     let g = get(&format!("http://{}/", gw.listen[0])).await;
     assert_eq!(g.header("strict-transport-security"), None, "never over plain HTTP");
+}
+
+/// `client_crl`: a revoked certificate is refused in new handshakes, cannot resume a session
+/// from before the revocation, and a connection it opened earlier is refused on its next request;
+/// a list whose nextUpdate has passed refuses every certificate it covers; the gauge tells.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_client_certificate_is_refused_in_new_resumed_and_open_connections() {
+    let (origin, hits) = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Weir Test CA");
+    let clients = Ca::new("Client CA");
+    let (c, k) = ca.server(&["api.test"]).write(dir.path(), "api");
+    let ca_file = dir.path().join("clients.pem");
+    std::fs::write(&ca_file, &clients.pem).unwrap();
+    let crl_file = dir.path().join("clients.crl");
+    // Replaced by rename, as a CRL fetcher would.
+    let publish = |pem: String| {
+        let tmp = dir.path().join("clients.crl.tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, &crl_file).unwrap();
+    };
+    let (alice, bob) = (clients.client("alice"), clients.client("bob"));
+    publish(clients.crl(&[], false));
+    let tls = format!(
+        "{}      client_ca: {}\n      client_crl: {}\n",
+        certs_block(&[(&c, &k)]),
+        ca_file.display(),
+        crl_file.display()
+    );
+    let route = "  - name: mtls\n    match: { path: /m }\n    upstream: ORIGIN\n    consumer: { from: client_cert, required: true }\n"
+        .replace("ORIGIN", &origin.url());
+    let gw = Gateway::start(&yaml(&origin, &tls, &route));
+    let addr = gw.listen[1];
+    let reload = || async {
+        let r = gw.reload().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+
+    let bob_sessions = client_config(ca.roots(), &["http/1.1"], Some(&bob));
+    let mut bob_open = connect(addr, "api.test", &bob_sessions).await.unwrap();
+    let g = bob_open.get("api.test", "/m", &[]).await.unwrap();
+    assert_eq!((g.status.as_u16(), g.json()["consumer"].as_str()), (200, Some("bob")));
+    let mut alice_open =
+        connect(addr, "api.test", &client_config(ca.roots(), &["http/1.1"], Some(&alice))).await.unwrap();
+    assert_eq!(alice_open.get("api.test", "/m", &[]).await.unwrap().status, 200);
+    // Before the revocation bob resumes.
+    let mut again = connect(addr, "api.test", &bob_sessions).await.unwrap();
+    assert_eq!(again.handshake.kind, Some(HandshakeKind::Resumed));
+    assert_eq!(again.get("api.test", "/m", &[]).await.unwrap().status, 200);
+    let m = metrics(&gw).await;
+    let left = m
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"weir_tls_crl_expiry_seconds{issuer="CN=Client CA"} "#))
+        .map(|v| v.trim().parse::<i64>().unwrap());
+    assert!(left.is_some_and(|s| s > 86_400 * 365), "{m}");
+    let served_before = hits.load(Ordering::SeqCst);
+
+    // bob is revoked.
+    publish(clients.crl(&[&bob], false));
+    reload().await;
+    // The connection he opened before: refused on its next request, and closed.
+    let g = bob_open.get("api.test", "/m", &[]).await.unwrap();
+    assert_eq!((g.status.as_u16(), g.json()["error"].as_str()), (403, Some("client_cert_revoked")), "{}", g.text());
+    assert!(bob_open.get("api.test", "/m", &[]).await.is_err(), "the revoked connection stays open");
+    // His session from before cannot be resumed, and a new handshake is refused.
+    match connect(addr, "api.test", &bob_sessions).await {
+        Err(_) => {}
+        Ok(mut conn) => {
+            assert_ne!(conn.handshake.kind, Some(HandshakeKind::Resumed), "a revoked certificate resumed");
+            assert!(conn.get("api.test", "/m", &[]).await.is_err(), "a revoked certificate was served");
+        }
+    }
+    match connect(addr, "api.test", &client_config(ca.roots(), &["http/1.1"], Some(&bob))).await {
+        Err(_) => {}
+        Ok(mut conn) => assert!(conn.get("api.test", "/m", &[]).await.is_err(), "a revoked certificate was served"),
+    }
+    // alice, on her open connection and on a new one, is not affected.
+    assert_eq!(alice_open.get("api.test", "/m", &[]).await.unwrap().status, 200);
+    let mut fresh = connect(addr, "api.test", &client_config(ca.roots(), &["http/1.1"], Some(&alice))).await.unwrap();
+    assert_eq!(fresh.get("api.test", "/m", &[]).await.unwrap().status, 200);
+    assert_eq!(hits.load(Ordering::SeqCst), served_before + 2, "only alice's two requests reached the origin");
+    let m = metrics(&gw).await;
+    assert!(metric(&m, r#"weir_tls_handshake_errors_total{reason="bad_client_cert"} "#) >= 1, "{m}");
+
+    // A list past its nextUpdate: nobody it covers is let in (it is enforced), and the gauge
+    // turns negative.
+    publish(clients.crl(&[], true));
+    reload().await;
+    match connect(addr, "api.test", &client_config(ca.roots(), &["http/1.1"], Some(&alice))).await {
+        Err(_) => {}
+        Ok(mut conn) => assert!(conn.get("api.test", "/m", &[]).await.is_err(), "served under a stale CRL"),
+    }
+    let m = metrics(&gw).await;
+    assert!(m.contains(r#"weir_tls_crl_expiry_seconds{issuer="CN=Client CA"} -"#), "{m}");
+}
+
+#[test]
+fn validate_checks_the_client_crl() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Weir Test CA");
+    let clients = Ca::new("Client CA");
+    let (c, k) = ca.server(&["api.test"]).write(dir.path(), "api");
+    let ca_file = dir.path().join("clients.pem");
+    std::fs::write(&ca_file, &clients.pem).unwrap();
+    let doc = |extra: &str| {
+        format!(
+            "listen:\n  - addr: 127.0.0.1:0\n    tls:\n{}{extra}routes:\n  - name: r\n    upstream: http://127.0.0.1:1\n",
+            certs_block(&[(&c, &k)])
+        )
+    };
+    let crl = dir.path().join("clients.crl");
+    std::fs::write(&crl, clients.crl(&[], false)).unwrap();
+    let (ok, out) = validate_in(
+        &doc(&format!("      client_ca: {}\n      client_crl: {}\n", ca_file.display(), crl.display())),
+        dir.path(),
+    );
+    assert!(ok && !out.contains("warning"), "{out}");
+    // Without the CA it revokes for.
+    let (ok, out) = validate_in(&doc(&format!("      client_crl: {}\n", crl.display())), dir.path());
+    assert!(!ok && out.contains("weir.yaml:6:") && out.contains("client_crl needs `client_ca`"), "{out}");
+    // Not a CRL.
+    let junk = dir.path().join("junk.crl");
+    std::fs::write(&junk, &clients.pem).unwrap();
+    let (ok, out) = validate_in(
+        &doc(&format!("      client_ca: {}\n      client_crl: {}\n", ca_file.display(), junk.display())),
+        dir.path(),
+    );
+    assert!(!ok && out.contains("weir.yaml:7:") && out.contains("junk.crl"), "{out}");
+    // Stale: a warning that says what it does.
+    std::fs::write(&crl, clients.crl(&[], true)).unwrap();
+    let (ok, out) = validate_in(
+        &doc(&format!("      client_ca: {}\n      client_crl: {}\n", ca_file.display(), crl.display())),
+        dir.path(),
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("weir.yaml:7:") && out.contains("warning:") && out.contains("refused"), "{out}");
 }

@@ -79,7 +79,8 @@ impl Admin {
     async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
         self.refuse_browsers(&req)?;
         let path = req.uri().path().to_string();
-        if req.method() == Method::GET {
+        // Load balancers probe with HEAD as often as with GET (hyper sends no body for HEAD).
+        if req.method() == Method::GET || req.method() == Method::HEAD {
             match path.as_str() {
                 "/health" => return Ok(self.health().await),
                 "/livez" => return Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "alive"}))),
@@ -126,7 +127,8 @@ impl Admin {
             }
             (&Method::GET, "/metrics") => Ok(self.metrics().await),
             (m @ (&Method::GET | &Method::DELETE), p) if p.starts_with("/ratelimits/") => {
-                self.ratelimits(m == Method::DELETE, p).await
+                let query = req.uri().query().unwrap_or("").to_string();
+                self.ratelimits(m == Method::DELETE, p, &query).await
             }
             (m @ (&Method::GET | &Method::DELETE), p) if p.starts_with("/budgets/") => {
                 let query = req.uri().query().unwrap_or("").to_string();
@@ -202,15 +204,53 @@ impl Admin {
         ))
     }
 
-    /// `GET /ratelimits/{route}/{key}`: `{"route", "key", "policies": [{name, remaining,
-    /// reset_seconds}]}`, read without consuming; `DELETE` forgets the key in every policy.
+    /// `GET /ratelimits/{route}/{key}[?kind=address|consumer|header]`: `{"route", "key",
+    /// "kind", "policies": [{name, remaining, reset_seconds}]}`, read without consuming; `DELETE`
+    /// forgets the key in every policy and says whether there was anything to forget. Without
+    /// `kind` the key is read as each policy counts (an address, a consumer id, a header's
+    /// value); `kind=address` names the address bucket (also the fallback of `header:` and
+    /// `consumer` policies); `kind=header&sha256=HEX` names a header value by its digest, so a
+    /// raw API key never sits in an admin URL (`/ratelimits/{route}?kind=header&sha256=...`).
     /// `{key}` is percent-decoded (an IPv6 address, a header value).
-    async fn ratelimits(&self, delete: bool, path: &str) -> Result<Response<Body>, GatewayError> {
+    async fn ratelimits(&self, delete: bool, path: &str, query: &str) -> Result<Response<Body>, GatewayError> {
+        use crate::limit::AdminKey;
         let rest = path.trim_start_matches("/ratelimits/");
-        let (route_name, key) = rest
-            .split_once('/')
-            .ok_or_else(|| GatewayError::BadRequest("expected /ratelimits/{route}/{key}".into()))?;
-        let key = percent_decode(key)?;
+        let (route_name, raw_key) = match rest.split_once('/') {
+            Some((r, k)) => (r, Some(percent_decode(k)?)),
+            None => (rest, None),
+        };
+        let (mut kind, mut sha256) = (None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=').unwrap_or((pair, "")) {
+                ("kind", v) => kind = Some(v.to_string()),
+                ("sha256", v) => sha256 = Some(v.to_ascii_lowercase()),
+                (other, _) => return Err(GatewayError::BadRequest(format!("unknown parameter `{other}`"))),
+            }
+        }
+        let usage = "expected /ratelimits/{route}/{key}[?kind=address|consumer|header] or /ratelimits/{route}?kind=header&sha256=HEX";
+        let key = match (kind.as_deref(), raw_key, sha256) {
+            (None, Some(k), None) => AdminKey::Own(k),
+            (Some("address"), Some(k), None) => AdminKey::Address(
+                k.parse().map_err(|_| GatewayError::BadRequest(format!("`{k}` is not an IP address")))?,
+            ),
+            (Some("consumer"), Some(k), None) => AdminKey::Consumer(k),
+            (Some("header"), None, Some(h)) => {
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(GatewayError::BadRequest("`sha256` is 64 hex digits".into()));
+                }
+                AdminKey::HeaderSha256(h)
+            }
+            (Some("header"), Some(k), None) => {
+                use sha2::Digest as _;
+                AdminKey::HeaderSha256(crate::hex::encode(&sha2::Sha256::digest(k.as_bytes())))
+            }
+            _ => return Err(GatewayError::BadRequest(usage.into())),
+        };
+        let shown = match &key {
+            AdminKey::Own(k) | AdminKey::Consumer(k) => k.clone(),
+            AdminKey::Address(ip) => ip.to_string(),
+            AdminKey::HeaderSha256(h) => format!("sha256:{h}"),
+        };
         let rt = self.gateway.runtime();
         let route = rt
             .config
@@ -219,11 +259,12 @@ impl Admin {
             .find(|r| r.name == route_name && !r.rate_limit.is_empty())
             .ok_or_else(|| GatewayError::NotFound(format!("no route `{route_name}` with a rate_limit")))?;
         if delete {
-            rt.limits
+            let reset = rt
+                .limits
                 .reset(&route.name, &route.rate_limit, &key)
                 .await
                 .map_err(|_| GatewayError::RateLimitUnavailable)?;
-            return Ok(json_response(StatusCode::OK, &serde_json::json!({"reset": true})));
+            return Ok(json_response(StatusCode::OK, &serde_json::json!({"reset": reset, "key": shown})));
         }
         let policies: Vec<serde_json::Value> = rt
             .limits
@@ -235,7 +276,10 @@ impl Admin {
                 serde_json::json!({"name": name, "remaining": s.remaining, "reset_seconds": s.reset_us.div_ceil(1_000_000)})
             })
             .collect();
-        Ok(json_response(StatusCode::OK, &serde_json::json!({"route": route_name, "key": key, "policies": policies})))
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"route": route_name, "key": shown, "kind": kind, "policies": policies}),
+        ))
     }
 
     /// `POST /cache/purge` `{"keys": [...], "tags": [...], "prefixes": [...]}` → `{"purged": n}`.
@@ -273,7 +317,10 @@ impl Admin {
         }
         let headers = header_map(w.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
         let rt = self.gateway.runtime();
-        let results = crate::proxy::warm(&rt, w.paths, &headers, w.consumer).await;
+        // A path named twice is warmed (and counted) once.
+        let mut seen = std::collections::HashSet::new();
+        let paths: Vec<String> = w.paths.into_iter().filter(|p| seen.insert(p.clone())).collect();
+        let results = crate::proxy::warm(&rt, paths, &headers, w.consumer, &self.gateway.default_authority()).await;
         let stored = results.iter().filter(|r| r["stored"] == true).count();
         tracing::info!(paths = results.len(), stored, "admin cache warm-up");
         Ok(json_response(StatusCode::OK, &serde_json::json!({"stored": stored, "results": results})))
@@ -306,7 +353,15 @@ impl Admin {
         }
         let url = url.ok_or_else(|| GatewayError::BadRequest("expected ?url=/path or a full URL".into()))?;
         let headers = header_map(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
-        let doc = crate::proxy::explain(&self.gateway.runtime(), method, &url, &headers, consumer).await?;
+        let doc = crate::proxy::explain(
+            &self.gateway.runtime(),
+            method,
+            &url,
+            &headers,
+            consumer,
+            &self.gateway.default_authority(),
+        )
+        .await?;
         Ok(json_response(StatusCode::OK, &doc))
     }
 
@@ -323,6 +378,7 @@ impl Admin {
             .map(|p| (p.name.clone(), p.live_instances()))
             .collect();
         rt.metrics.tls_expiry(&self.gateway.tls_expiry());
+        rt.metrics.crl_expiry(&self.gateway.crl_expiry());
         let text = rt.metrics.render(rt.cache.stats(), up, &plugins, rt.limits.local_keys());
         let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
         resp.headers_mut().insert(

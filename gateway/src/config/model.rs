@@ -61,11 +61,53 @@ pub struct Listener {
     pub tls: Option<crate::tls::TlsSettings>,
 }
 
+/// Where the admin bearer token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminToken {
+    /// `admin.token_env`: an environment variable.
+    Env(String),
+    /// `admin.token_file`: a file (a container secret, say); one trailing line break is not
+    /// part of the token.
+    File(std::path::PathBuf),
+}
+
+impl AdminToken {
+    /// The token now, or why there is none.
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            AdminToken::Env(var) => match std::env::var(var) {
+                Ok(t) if !t.is_empty() => Ok(t),
+                _ => Err(format!("admin.token_env names `{var}`, but that environment variable is not set (or empty)")),
+            },
+            AdminToken::File(path) => match std::fs::read_to_string(path) {
+                Ok(t) => {
+                    let t = t.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&t);
+                    if t.is_empty() {
+                        Err(format!("admin.token_file `{}` is empty", path.display()))
+                    } else {
+                        Ok(t.to_string())
+                    }
+                }
+                Err(e) => Err(format!("admin.token_file `{}` cannot be read: {e}", path.display())),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminToken::Env(var) => write!(f, "`{var}`"),
+            AdminToken::File(path) => write!(f, "`{}`", path.display()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub addr: SocketAddr,
-    /// Name of the environment variable holding the bearer token.
-    pub token_env: Option<String>,
+    /// Where the bearer token is read from at start (`admin.token_env` or `admin.token_file`).
+    pub token: Option<AdminToken>,
     /// `admin.hosts`: the names (lowercase, no port) a `Host` may carry besides IP addresses
     /// and `localhost` — any other name is refused (DNS rebinding).
     pub hosts: Vec<String>,

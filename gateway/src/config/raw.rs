@@ -131,6 +131,8 @@ pub struct RawListen {
 pub struct RawTls {
     pub certs: Vec<RawCert>,
     pub client_ca: Option<String>,
+    /// Revocation lists (PEM `X509 CRL` blocks, or one DER list) for `client_ca`.
+    pub client_crl: Option<String>,
     /// `required` (default with `client_ca`) | `optional`.
     pub client_auth: Option<String>,
     pub min_version: Option<String>,
@@ -151,6 +153,8 @@ pub struct RawCert {
 pub struct RawAdmin {
     pub addr: String,
     pub token_env: Option<String>,
+    /// A file holding the token (a container secret); instead of `token_env`.
+    pub token_file: Option<String>,
     /// Names the admin API answers to in `Host` besides IP addresses and `localhost`.
     #[serde(default)]
     pub hosts: Vec<String>,

@@ -126,12 +126,33 @@ impl MarkedEventReceiver for Builder {
     }
 }
 
+/// The first tab at or after `from`.
+fn first_tab_from(text: &str, from: Pos) -> Option<Pos> {
+    for (i, line) in text.split('\n').enumerate().skip(from.line - 1) {
+        let skip = if i + 1 == from.line { from.col - 1 } else { 0 };
+        if let Some(col) = line.chars().skip(skip).position(|c| c == '\t') {
+            return Some(Pos { line: i + 1, col: skip + col + 1 });
+        }
+    }
+    None
+}
+
 impl SpanIndex {
     /// Parses `text` (syntax only) and records every node's position.
     pub fn build(text: &str) -> Result<Self, SyntaxError> {
         let mut b = Builder { index: SpanIndex::default(), stack: Vec::new(), nodes: 0, aliases: 0 };
         let mut parser = Parser::new_from_str(text);
-        parser.load(&mut b, false).map_err(|e| SyntaxError { pos: pos(*e.marker()), message: e.info().to_string() })?;
+        parser.load(&mut b, false).map_err(|e| {
+            let mut at = pos(*e.marker());
+            let mut message = e.info().to_string();
+            if message.contains("tab") {
+                // The scanner reports the token before the tab (`4:11` for a tab at `5:1`):
+                // point at the tab itself.
+                at = first_tab_from(text, at).unwrap_or(at);
+                message.push_str(" (YAML indents with spaces, never tabs)");
+            }
+            SyntaxError { pos: at, message }
+        })?;
         if b.nodes > MAX_NODES {
             return Err(SyntaxError {
                 pos: Pos { line: 1, col: 1 },
@@ -153,6 +174,24 @@ impl SpanIndex {
                 None => return self.values.get("").copied().unwrap_or(Pos { line: 1, col: 1 }),
             }
         }
+    }
+
+    /// The path of the mapping key at `pos`, if a key starts there.
+    pub fn key_at(&self, pos: Pos) -> Option<&str> {
+        self.keys.iter().find(|(_, p)| **p == pos).map(|(k, _)| k.as_str())
+    }
+
+    /// The first node after `path`'s key that is not inside `path` (where its entry ends, or
+    /// later when it is the last of its mapping).
+    pub fn next_outside(&self, path: &str) -> Option<Pos> {
+        let start = self.keys.get(path)?;
+        let inside = |q: &str| q == path || q.strip_prefix(path).is_some_and(|r| r.starts_with(['.', '[']));
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .filter(|(q, p)| !inside(q) && (p.line, p.col) > (start.line, start.col))
+            .map(|(_, p)| *p)
+            .min_by_key(|p| (p.line, p.col))
     }
 
     /// Position of the key that introduces `path` (falls back to the value).

@@ -401,33 +401,37 @@ impl Limiter {
         &self,
         route: &str,
         policies: &[RateLimit],
-        key: &str,
+        key: &AdminKey,
     ) -> Result<Vec<(String, PolicyState)>, Unavailable> {
-        let keys: Vec<String> = policies.iter().map(|p| admin_key(&p.key, key)).collect();
+        let keys: Vec<String> = policies.iter().map(|p| key.internal(&p.key)).collect();
         let mut states = vec![PolicyState { remaining: 0, reset_us: 0, retry_us: 0 }; policies.len()];
         let all: Vec<usize> = (0..policies.len()).collect();
         self.check(Query { route, policies, keys: &keys }, &all, &mut states, false, &mut false).await?;
         Ok(policies.iter().map(|p| p.name.clone()).zip(states).collect())
     }
 
-    /// `DELETE /ratelimits/{route}/{key}`: forgets `key`'s state in every policy (Redis and here).
-    pub async fn reset(&self, route: &str, policies: &[RateLimit], key: &str) -> Result<(), Unavailable> {
+    /// `DELETE /ratelimits/{route}/{key}`: forgets `key`'s state in every policy (Redis and
+    /// here). Returns whether there was any to forget.
+    pub async fn reset(&self, route: &str, policies: &[RateLimit], key: &AdminKey) -> Result<bool, Unavailable> {
         let mut names = Vec::new();
+        let mut found = false;
         for p in policies {
-            let k = admin_key(&p.key, key);
-            self.local.invalidate(&self.id(route, &k, &p.name));
+            let k = key.internal(&p.key);
+            let id = self.id(route, &k, &p.name);
+            found |= self.local.remove(&id).is_some();
             names.push(format!("weir:{{rl:{}}}:{}", self.id_hex(route, &k), p.name));
         }
         if let Some(redis) = &self.redis {
             // One DEL per key: keys of different limit kinds may sit in different slots.
             for name in names {
-                redis
+                let n = redis
                     .call(|mut c| async move { redis::cmd("DEL").arg(name).query_async::<i64>(&mut c).await })
                     .await
                     .map_err(|_| Unavailable)?;
+                found |= n > 0;
             }
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Length-prefixed fields in one buffer (on the stack for the usual sizes), then one keyed
@@ -540,14 +544,47 @@ fn field(name: &str, remaining: u64, reset_us: u64) -> Option<HeaderValue> {
     HeaderValue::from_str(&format!("\"{name}\";r={remaining};t={}", reset_us.div_ceil(1_000_000))).ok()
 }
 
-/// The internal key for an admin-given one.
-fn admin_key(kind: &LimitKey, key: &str) -> String {
-    match kind {
-        LimitKey::Route => String::new(),
-        LimitKey::ClientIp => format!("ip:{key}"),
-        LimitKey::Header(_) => format!("h:{key}"),
-        LimitKey::Consumer => format!("c:{key}"),
+/// A key named through the admin API (`/ratelimits/{route}/{key}?kind=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminKey {
+    /// No `kind`: the key as each policy counts by its own kind (an address for `client_ip`, a
+    /// consumer id, a header's value).
+    Own(String),
+    /// A client address: the bucket of `client_ip` policies, and the fallback bucket of
+    /// `header:` and `consumer` policies for requests without the header or a consumer.
+    Address(IpAddr),
+    Consumer(String),
+    /// A header's value by its SHA-256 (lower-case hex): how a `header:` policy keys it.
+    HeaderSha256(String),
+}
+
+impl AdminKey {
+    /// The internal key it names under a policy of `kind`.
+    fn internal(&self, kind: &LimitKey) -> String {
+        match (self, kind) {
+            (_, LimitKey::Route) => String::new(),
+            (AdminKey::Own(k), LimitKey::ClientIp) => match k.parse::<IpAddr>() {
+                Ok(ip) => format!("ip:{}", address_key(ip.to_canonical())),
+                Err(_) => format!("ip:{k}"),
+            },
+            (AdminKey::Own(k), LimitKey::Header(_)) => header_key(k.as_bytes()),
+            (AdminKey::Own(k) | AdminKey::Consumer(k), LimitKey::Consumer) => format!("c:{k}"),
+            (AdminKey::Address(ip), _) => format!("ip:{}", address_key(ip.to_canonical())),
+            (AdminKey::HeaderSha256(h), LimitKey::Header(_)) => format!("h:{h}"),
+            // A kind the policy does not count by: a key no request has.
+            (AdminKey::Consumer(_) | AdminKey::HeaderSha256(_), _) => "-".to_string(),
+        }
     }
+}
+
+/// A header value as a limit key: its SHA-256, so the admin API can name it by digest (a raw
+/// API key never sits in an admin URL or a log) and Redis never holds it.
+fn header_key(value: &[u8]) -> String {
+    use sha2::Digest as _;
+    let mut s = String::with_capacity(66);
+    s.push_str("h:");
+    s.push_str(&crate::hex::encode(&sha2::Sha256::digest(value)));
+    s
 }
 
 /// What a policy counts by, for this request.
@@ -560,11 +597,7 @@ fn limit_key(who: &Subject<'_>, key: &LimitKey) -> String {
             None => format!("ip:{}", client_ip(who)),
         },
         LimitKey::Header(h) => match who.headers.get(h) {
-            Some(v) => {
-                let mut s = String::from("h:");
-                s.push_str(&String::from_utf8_lossy(v.as_bytes()));
-                s
-            }
+            Some(v) => header_key(v.as_bytes()),
             None => format!("ip:{}", client_ip(who)),
         },
     }

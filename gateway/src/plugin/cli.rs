@@ -6,10 +6,28 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
-use super::{load, Header, PluginRequest};
+use super::{load, Header, KeyDecision, PluginRequest};
 
-/// Scaffolds a guest crate `NAME/` using the SDK at `sdk` (a path, relative to the new crate).
-pub fn new(name: &str, sdk: &Path) -> Result<String, String> {
+/// The guest SDK, vendored into every crate `weir plugin new` writes: a machine that installs
+/// Weir may reach no source tree. Its `Cargo.lock` pins what the SDK was tested with.
+const SDK_LIB: &str = include_str!("../../../plugins/sdk/src/lib.rs");
+const SDK_WIT: &str = include_str!("../../../wit/weir-plugin.wit");
+const SDK_LOCK: &str = include_str!("../../../plugins/Cargo.lock");
+const SDK_MANIFEST: &str = r#"[package]
+name = "weir-plugin-sdk"
+description = "Write Weir plugins: implement the hooks you need, export with one macro"
+version = "0.1.0"
+edition = "2021"
+license = "Apache-2.0"
+
+[dependencies]
+wit-bindgen = { version = "=0.61.1", default-features = false, features = ["macros", "realloc", "std"] }
+serde_json = "1"
+"#;
+
+/// Scaffolds a guest crate `NAME/` with the SDK vendored in `NAME/sdk/`, or, with `sdk`, using
+/// the SDK at that path (relative to the new crate, or absolute), which must be one.
+pub fn new(name: &str, sdk: Option<&Path>) -> Result<String, String> {
     let dir = PathBuf::from(name);
     if dir.exists() {
         return Err(format!("{} already exists", dir.display()));
@@ -18,6 +36,30 @@ pub fn new(name: &str, sdk: &Path) -> Result<String, String> {
     if crate_name.is_empty() || !crate_name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         return Err(format!("`{crate_name}` is not a crate name (letters, digits, - and _)"));
     }
+    if let Some(sdk) = sdk {
+        // Checked now, not at the first build: the path is read from the new crate.
+        let manifest = dir.join(sdk).join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest)
+            .map_err(|e| format!("--sdk {}: cannot read {}: {e}", sdk.display(), manifest.display()))?;
+        if !text.contains("name = \"weir-plugin-sdk\"") {
+            return Err(format!("--sdk {}: {} is not the weir-plugin-sdk crate", sdk.display(), manifest.display()));
+        }
+    }
+    let sdk_path = match sdk {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let vendored = dir.join("sdk");
+            std::fs::create_dir_all(vendored.join("src")).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(vendored.join("wit")).map_err(|e| e.to_string())?;
+            let write =
+                |path: PathBuf, text: &str| std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()));
+            write(vendored.join("Cargo.toml"), SDK_MANIFEST)?;
+            write(vendored.join("src/lib.rs"), &SDK_LIB.replace("path: \"../../wit\"", "path: \"wit\""))?;
+            write(vendored.join("wit/weir-plugin.wit"), SDK_WIT)?;
+            write(dir.join("Cargo.lock"), SDK_LOCK)?;
+            PathBuf::from("sdk")
+        }
+    };
     std::fs::create_dir_all(dir.join("src")).map_err(|e| e.to_string())?;
     let cargo = format!(
         r#"[package]
@@ -40,7 +82,7 @@ strip = true
 # Standalone: not part of another workspace.
 [workspace]
 "#,
-        sdk.display()
+        sdk_path.display()
     );
     let lib = r#"//! A Weir plugin: implement only the hooks you need (see the SDK's `Plugin` trait).
 use weir_plugin_sdk::*;
@@ -153,35 +195,99 @@ pub fn request(line: &str, headers: &[String], host: &str) -> Result<(PluginRequ
     Ok((req, map))
 }
 
-/// Runs one hook and describes the decision and the time it took.
+/// The hooks `weir plugin run --hook` can call.
+pub const HOOKS: [&str; 5] = ["cache-key", "ttl", "invalidate", "cost", "identify"];
+
+/// What `weir plugin run` gives a hook besides the request.
+#[derive(Debug, Default)]
+pub struct RunInput {
+    pub status: u16,
+    pub response_headers: Vec<Header>,
+    pub response_body: Option<Vec<u8>>,
+    pub request_body: Option<Vec<u8>>,
+    /// `identify`'s clock (default: now).
+    pub now: Option<std::time::SystemTime>,
+}
+
+/// Runs one hook and describes the decision, what the gateway would do with it, and the time
+/// it took.
 pub fn run(
     file: &Path,
     config: &serde_json::Value,
     hook: &str,
     req: PluginRequest,
-    status: u16,
-    response_body: Option<Vec<u8>>,
+    input: RunInput,
 ) -> Result<String, String> {
     let p = load(file, config, Duration::from_millis(100), 64 << 20)?;
-    // The gateway passes only the headers the plugin asked for.
-    let req = PluginRequest { headers: req.headers.into_iter().filter(|h| p.wants_header(&h.name)).collect(), ..req };
+    // The gateway passes only the headers and bodies the plugin asked for.
+    let req = PluginRequest {
+        headers: req.headers.into_iter().filter(|h| p.wants_header(&h.name)).collect(),
+        body: if p.needs.request_body { input.request_body } else { None },
+        ..req
+    };
     let resp = super::PluginResponse {
-        status,
-        headers: Vec::new(),
-        body: if p.needs.response_body { response_body } else { None },
+        status: input.status,
+        headers: input.response_headers,
+        body: if p.needs.response_body { input.response_body } else { None },
     };
     let t = Instant::now();
+    let list = |l: &[String]| if l.is_empty() { "none".to_string() } else { l.join(", ") };
     let out = match hook {
-        "cache-key" => p.cache_key_uncached(&req).map(|d| format!("{d:?}")),
-        "ttl" => p.ttl(&req, &resp).map(|d| format!("{d:?}")),
-        "invalidate" => p.invalidate(&req, &resp).map(|d| format!("{d:?}")),
-        "cost" => p.cost(&req, &resp).map(|d| format!("{d:?}")),
-        "identify" => p.identify(&req, std::time::SystemTime::now()).map(|d| format!("{d:?}")),
-        other => return Err(format!("unknown hook `{other}`: cache-key, ttl, invalidate, cost or identify")),
+        "cache-key" => p.cache_key_uncached(&req).map(|d| {
+            let applied = match &d {
+                KeyDecision::Policy => "the route's policy key".to_string(),
+                KeyDecision::Key(k) => format!("cached under `{k}` (namespaced by the route)"),
+                KeyDecision::Bypass(r) => format!("not cached: Cache-Status: weir; fwd=bypass; detail={r}"),
+            };
+            (format!("{d:?}"), applied)
+        }),
+        "ttl" => p.ttl(&req, &resp).map(|d| {
+            let applied = match &d {
+                None => "the origin's headers and the policy decide".to_string(),
+                Some(d) if !d.store => "not stored".to_string(),
+                Some(d) => {
+                    let secs = |v: Option<u32>| v.map_or_else(|| "the policy's".to_string(), |s| format!("{s} s"));
+                    format!(
+                        "stored: fresh for {}, stale-while-revalidate {}, stale-if-error {}, tags {}",
+                        secs(d.ttl),
+                        secs(d.stale_while_revalidate),
+                        secs(d.stale_if_error),
+                        list(&d.tags)
+                    )
+                }
+            };
+            (format!("{d:?}"), applied)
+        }),
+        "invalidate" => p.invalidate(&req, &resp).map(|d| {
+            let applied = format!(
+                "purges keys {}; tags {}; prefixes {} — on every tier and instance",
+                list(&d.keys),
+                list(&d.tags),
+                list(&d.prefixes)
+            );
+            (format!("{d:?}"), applied)
+        }),
+        "cost" => p.cost(&req, &resp).map(|d| {
+            let applied = match &d {
+                None => "the route's `budget.cost`".to_string(),
+                Some(c) => format!("{c} charged to the consumer's budget"),
+            };
+            (format!("{d:?}"), applied)
+        }),
+        "identify" => p.identify(&req, input.now.unwrap_or_else(std::time::SystemTime::now)).map(|d| {
+            let applied = match &d {
+                None => "not identified: a `required` route answers 401 unknown_consumer".to_string(),
+                Some(id) => {
+                    format!("consumer `{id}`: keys its rate limits and budgets, sent upstream as Weir-Consumer")
+                }
+            };
+            (format!("{d:?}"), applied)
+        }),
+        other => return Err(format!("unknown hook `{other}`: {}", HOOKS.join(", "))),
     };
     let took = t.elapsed();
     match out {
-        Ok(d) => Ok(format!("{hook}: {d}\ntook {:.1} µs", took.as_secs_f64() * 1e6)),
+        Ok((d, applied)) => Ok(format!("{hook}: {d}\napplied: {applied}\ntook {:.1} µs", took.as_secs_f64() * 1e6)),
         Err(f) => Err(format!(
             "{hook} failed: {} after {:.1} ms (the gateway would fall back to the policy)",
             f.as_str(),

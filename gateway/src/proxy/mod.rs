@@ -300,6 +300,9 @@ fn accept(
         if tls.sni.is_some() && !tls.cert.covers(canon.host()) {
             return Err(GatewayError::Misdirected { host: canon.host().to_string() });
         }
+        if tls.revoked() {
+            return Err(GatewayError::ClientCertRevoked);
+        }
         if let Some(v) = tls.client.as_ref().and_then(|c| c.header.clone()) {
             canon.headers.insert(canonical::WEIR_CLIENT_CERT.clone(), v);
         }

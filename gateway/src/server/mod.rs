@@ -20,10 +20,10 @@ use crate::runtime::Gateway;
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("admin.token_env names `{var}`, but that environment variable is not set (or empty): refusing to start an admin API without its token")]
-    TokenUnset { var: String },
-    #[error("the admin token in `{var}` is {len} bytes: use at least {MIN_TOKEN_BYTES} (e.g. `openssl rand -hex 32`)")]
-    TokenTooShort { var: String, len: usize },
+    #[error("{why}: refusing to start an admin API without its token")]
+    TokenUnset { why: String },
+    #[error("the admin token in {from} is {len} bytes: use at least {MIN_TOKEN_BYTES} (e.g. `openssl rand -hex 32`)")]
+    TokenTooShort { from: String, len: usize },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
     #[error("{0}")]
@@ -50,11 +50,11 @@ pub struct RunOptions {
 pub const MIN_TOKEN_BYTES: usize = 32;
 
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
-    let token = match config.admin.as_ref().and_then(|a| a.token_env.clone()) {
-        Some(var) => match std::env::var(&var) {
+    let token = match config.admin.as_ref().and_then(|a| a.token.as_ref()) {
+        Some(from) => match from.read() {
             Ok(t) if t.len() >= MIN_TOKEN_BYTES => Some(crate::config::values::Token::new(&t)),
-            Ok(t) if !t.is_empty() => return Err(StartError::TokenTooShort { var, len: t.len() }),
-            _ => return Err(StartError::TokenUnset { var }),
+            Ok(t) => return Err(StartError::TokenTooShort { from: from.to_string(), len: t.len() }),
+            Err(why) => return Err(StartError::TokenUnset { why }),
         },
         None => None,
     };
@@ -156,6 +156,10 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         }
     }
     gateway.set_tls(acceptors.clone());
+    if let Some(port) = bound.first().and_then(|l| l.local_addr().ok()).map(|a| a.port()) {
+        let scheme = if tls_settings.first().is_some_and(Option::is_some) { "https" } else { "http" };
+        gateway.set_first_listener(scheme, port);
+    }
     tokio::spawn(sample_hits(gateway.clone()));
     if !acceptors.is_empty() {
         tokio::spawn(watch_tls_files(gateway.clone()));

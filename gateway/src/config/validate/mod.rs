@@ -84,15 +84,77 @@ fn parse_file<T: DeserializeOwned>(file: &Path, problems: &mut Problems) -> Opti
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let src = Source { path: file.to_path_buf(), dir, spans };
     // An empty document is an empty mapping, so `routes: []` errors read the same as an empty file.
-    let parsed = if text.trim().is_empty() { serde_norway::from_str("{}") } else { serde_norway::from_str(&text) };
-    match parsed {
-        Ok(v) => Some((src, v)),
-        Err(e) => {
-            let pos = e.location().map(|l| Pos { line: l.line(), col: l.column() }).unwrap_or(origin);
-            problems.at_pos(file, pos, explain_serde(&e.to_string()));
-            None
+    // serde stops at the first unknown key: each is reported, blanked out of the text (every
+    // other position unchanged) and the document read again, so one run reports them all.
+    let mut text = if text.trim().is_empty() { "{}".to_string() } else { text };
+    let mut unknown = 0;
+    loop {
+        match serde_norway::from_str(&text) {
+            Ok(v) => return Some((src, v)),
+            Err(e) => {
+                let pos = e.location().map(|l| Pos { line: l.line(), col: l.column() }).unwrap_or(origin);
+                let msg = explain_serde(&e.to_string());
+                problems.at_pos(file, pos, msg.clone());
+                let blanked = (msg.starts_with("unknown key") && unknown < MAX_UNKNOWN_KEYS)
+                    .then(|| src.spans.key_at(pos).and_then(|k| blank_entry(&text, &src.spans, k)))
+                    .flatten();
+                match blanked {
+                    Some(t) => {
+                        text = t;
+                        unknown += 1;
+                    }
+                    None => return None,
+                }
+            }
         }
     }
+}
+
+/// Unknown keys reported in one run before the rest is given up on.
+const MAX_UNKNOWN_KEYS: usize = 100;
+
+/// `text` with the mapping entry whose key is at `path` replaced by spaces (line breaks kept,
+/// so every other node keeps its position): the key's line from the key on (in a flow mapping,
+/// up to the next entry or the closing bracket, with its comma), then the lines below that are
+/// indented deeper (its block value).
+fn blank_entry(text: &str, spans: &SpanIndex, path: &str) -> Option<String> {
+    let start = spans.key(path);
+    let next = spans.next_outside(path);
+    let mut lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+    let first = lines.get_mut(start.line - 1)?;
+    let chars: Vec<char> = first.chars().collect();
+    let from = start.col - 1;
+    let mut to = match next {
+        Some(n) if n.line == start.line => n.col - 1,
+        _ => chars.len(),
+    };
+    // A flow collection's closing bracket stays.
+    let mut depth = 0i32;
+    for (i, c) in chars.iter().enumerate().take(to).skip(from) {
+        match c {
+            '{' | '[' => depth += 1,
+            '}' | ']' if depth == 0 => {
+                to = i;
+                break;
+            }
+            '}' | ']' => depth -= 1,
+            _ => {}
+        }
+    }
+    *first = chars.iter().enumerate().map(|(i, c)| if (from..to).contains(&i) { ' ' } else { *c }).collect();
+    let indent = from;
+    let stop = next.map_or(lines.len(), |n| n.line - 1);
+    for line in lines.iter_mut().take(stop).skip(start.line) {
+        let lead = line.chars().take_while(|c| *c == ' ').count();
+        let rest = line.trim_start_matches(' ');
+        let inner =
+            lead > indent || (lead == indent && rest.starts_with("- ")) || rest.is_empty() || rest.starts_with('#');
+        if !inner {
+            break;
+        }
+        *line = " ".repeat(line.chars().count());
+    }
+    Some(lines.join("\n"))
 }
 
 /// Rewrites serde's messages for people: strips the trailing position, suggests the closest known key.
@@ -131,7 +193,7 @@ pub(super) enum Secrets {
 pub(super) fn load(root: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
     let mut problems = Problems::default();
     let Some((src, raw)) = parse_file::<RawConfig>(root, &mut problems) else {
-        return Err(ConfigError { problems: problems.0 });
+        return Err(ConfigError { problems: in_file_order(problems.0, root) });
     };
     let mut v = Validator {
         problems,
@@ -140,6 +202,7 @@ pub(super) fn load(root: &Path, secrets: Secrets) -> Result<Config, ConfigError>
         targeted_fields: default_targeted_fields(),
         client_no_cache: true,
         secrets,
+        route_names: Vec::new(),
     };
     let cfg = v.config(&src, raw);
     if v.problems.0.is_empty() {
@@ -151,8 +214,16 @@ pub(super) fn load(root: &Path, secrets: Secrets) -> Result<Config, ConfigError>
             .collect();
         Ok(cfg)
     } else {
-        Err(ConfigError { problems: v.problems.0 })
+        Err(ConfigError { problems: in_file_order(v.problems.0, root) })
     }
+}
+
+/// Problems by position: the root file's first, then each included file's.
+fn in_file_order(mut problems: Vec<Problem>, root: &Path) -> Vec<Problem> {
+    problems.sort_by(|a, b| {
+        (a.file != root, &a.file, a.pos.line, a.pos.col).cmp(&(b.file != root, &b.file, b.pos.line, b.pos.col))
+    });
+    problems
 }
 
 struct Validator {
@@ -165,6 +236,8 @@ struct Validator {
     /// `cache.client_no_cache` (honor: true), the default of the routes'.
     client_no_cache: bool,
     secrets: Secrets,
+    /// Every route's name where it was declared (valid routes or not), for the duplicate check.
+    route_names: Vec<(String, Declared)>,
 }
 
 /// Where a route was declared, for cross-route messages.
@@ -295,22 +368,33 @@ impl Validator {
 
         let admin = raw.admin.as_ref().and_then(|a| {
             let addr = self.addr(src, "admin.addr", &a.addr)?;
-            if a.token_env.is_none() && !addr.ip().is_loopback() {
+            if a.token_env.is_none() && a.token_file.is_none() && !addr.ip().is_loopback() {
                 self.problems.at(
                     src,
                     "admin.addr",
-                    format!("admin listener `{addr}` is not on loopback: set `admin.token_env` so every admin call needs a token"),
+                    format!("admin listener `{addr}` is not on loopback: set `admin.token_env` or `admin.token_file` so every admin call needs a token"),
                 );
             }
-            if let Some(env) = &a.token_env {
-                if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    self.problems.at(src, "admin.token_env", format!("invalid environment variable name `{env}`"));
-                } else if std::env::var(env).map_or(true, |t| t.is_empty()) {
-                    // `weir run` refuses to start without it (with the reason); a reload keeps the
-                    // token the process started with.
-                    if self.secrets == Secrets::Optional {
-                        self.missing_secret(src, "admin.token_env", format!("admin token variable `{env}` is not set"));
+            let token = match (&a.token_env, &a.token_file) {
+                (Some(_), Some(_)) => {
+                    self.problems.at(src, "admin.token_file", "give the admin token by `token_env` or by `token_file`, not both");
+                    None
+                }
+                (Some(env), None) => {
+                    if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        self.problems.at(src, "admin.token_env", format!("invalid environment variable name `{env}`"));
                     }
+                    Some(AdminToken::Env(env.clone()))
+                }
+                (None, Some(file)) => Some(AdminToken::File(src.dir.join(file))),
+                (None, None) => None,
+            };
+            // `weir run` refuses to start without the token (with the reason); a reload keeps the
+            // token the process started with. `weir validate` warns.
+            if let Some(t) = &token {
+                if let (Err(why), Secrets::Optional) = (t.read(), self.secrets) {
+                    let key = if a.token_file.is_some() { "admin.token_file" } else { "admin.token_env" };
+                    self.missing_secret(src, key, why);
                 }
             }
             let mut hosts = Vec::new();
@@ -330,7 +414,7 @@ impl Validator {
                     );
                 }
             }
-            Some(Admin { addr, token_env: a.token_env.clone(), hosts })
+            Some(Admin { addr, token, hosts })
         });
 
         let redis = raw.redis.as_ref().map(|r| self.redis(src, r));

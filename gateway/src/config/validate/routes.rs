@@ -46,6 +46,11 @@ impl Validator {
     ) {
         for (i, r) in raws.into_iter().enumerate() {
             let p = format!("routes[{i}]");
+            // Every name, valid route or not: a duplicate is reported with the field errors.
+            self.route_names.push((
+                r.name.clone(),
+                Declared { file: src.path.clone(), pos: src.spans.value(&format!("{p}.name")) },
+            ));
             if let Some(route) = self.route(src, &p, r) {
                 declared.push(Declared { file: src.path.clone(), pos: src.spans.value(&format!("{p}.name")) });
                 routes.push(route);
@@ -446,23 +451,27 @@ impl Validator {
             });
         }
         let mut names: HashMap<&str, usize> = HashMap::new();
-        for (i, r) in routes.iter().enumerate() {
-            if let Some(&first) = names.get(r.name.as_str()) {
-                let d = &declared[first];
-                self.problems.at_pos(
-                    &declared[i].file,
-                    declared[i].pos,
-                    format!(
-                        "duplicate route name `{}` (first defined at {}:{}:{})",
-                        r.name,
-                        d.file.display(),
-                        d.pos.line,
-                        d.pos.col
-                    ),
-                );
-            } else {
-                names.insert(&r.name, i);
+        for (i, (name, at)) in self.route_names.iter().enumerate() {
+            match names.get(name.as_str()) {
+                Some(&first) => {
+                    let d = &self.route_names[first].1;
+                    self.problems.0.push(Problem {
+                        file: at.file.clone(),
+                        pos: at.pos,
+                        message: format!(
+                            "duplicate route name `{name}` (first defined at {}:{}:{})",
+                            d.file.display(),
+                            d.pos.line,
+                            d.pos.col
+                        ),
+                    });
+                }
+                None => {
+                    names.insert(name, i);
+                }
             }
+        }
+        for (i, r) in routes.iter().enumerate() {
             // A later route whose match is covered by an earlier identical one can never be selected.
             if let Some(j) = routes[..i].iter().position(|e| {
                 e.host == r.host

@@ -80,7 +80,7 @@ impl Validator {
         admin: Option<&RawAdmin>,
     ) -> Option<std::sync::Arc<crate::config::values::Token>> {
         let d = d?;
-        if admin.and_then(|a| a.token_env.as_deref()) == Some(d.token_env.as_str()) {
+        if admin.and_then(|a| a.token_env.as_deref()) == Some(d.token_env.as_str()) && !d.token_env.is_empty() {
             self.problems.at(src, "debug.token_env", "debug.token_env must name its own secret, not the admin token's: the admin token must never travel on the data plane");
             return None;
         }

@@ -65,14 +65,8 @@ impl Validator {
             }
             match crate::tls::load_cert(&cert, &key) {
                 Ok(served) => {
-                    let left = served.not_after - crate::clock::unix_s(std::time::SystemTime::now());
-                    if left < i64::try_from(crate::tls::EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX) {
-                        let days = |n: i64| if n == 1 { "1 day".to_string() } else { format!("{n} days") };
-                        let when = if left <= 0 {
-                            format!("expired {} ago", days(-left / 86_400))
-                        } else {
-                            format!("expires in {}", days(left / 86_400))
-                        };
+                    if let Some((passed, days)) = expiry_soon(served.not_after) {
+                        let when = if passed { format!("expired {days} ago") } else { format!("expires in {days}") };
                         self.warnings.push(Problem {
                             file: src.path.clone(),
                             pos: src.spans.value(&format!("{cp}.cert")),
@@ -103,6 +97,10 @@ impl Validator {
                 }
             }
         });
+        let client_crl = t.client_crl.as_ref().and_then(|crl| self.client_crl(src, p, t, crl, &mut files));
+        if client_crl.is_none() && t.client_crl.is_some() {
+            ok = false;
+        }
         let client_auth = self.keyword(
             src,
             &format!("{p}.client_auth"),
@@ -138,9 +136,16 @@ impl Validator {
             let max_age = self.duration(src, &format!("{p}.hsts"), Some(h), std::time::Duration::ZERO).as_secs();
             http::HeaderValue::from_str(&format!("max-age={max_age}")).ok()
         });
+        if let (Some(ca), Some(crl)) = (&client_ca, &client_crl) {
+            if let Err(e) = crate::tls::client_verifier(ca, Some(crl), client_auth) {
+                ok = false;
+                self.problems.at(src, &format!("{p}.client_crl"), e);
+            }
+        }
         (ok && !certs.is_empty()).then(|| crate::tls::TlsSettings {
             certs: std::sync::Arc::new(certs),
             client_ca,
+            client_crl,
             client_auth,
             min_version,
             handshake_timeout,
@@ -148,4 +153,59 @@ impl Validator {
             files,
         })
     }
+
+    /// `client_crl`: loaded and checked now; a list whose `nextUpdate` has passed (or soon will)
+    /// is a warning, since every certificate it covers is refused while it is stale.
+    fn client_crl(
+        &mut self,
+        src: &Source,
+        p: &str,
+        t: &RawTls,
+        crl: &str,
+        files: &mut Vec<std::path::PathBuf>,
+    ) -> Option<std::sync::Arc<crate::tls::ClientCrl>> {
+        let key = format!("{p}.client_crl");
+        if t.client_ca.is_none() {
+            self.problems.at(src, &key, "client_crl needs `client_ca` (it revokes certificates that CA signed)");
+        }
+        let path = self.file_exists(src, &key, crl, "client CRL file");
+        files.push(path.clone());
+        if !path.is_file() {
+            return None;
+        }
+        match crate::tls::load_client_crl(&path) {
+            Ok(c) => {
+                for (issuer, next) in &c.issuers {
+                    if let Some((passed, days)) = next.and_then(expiry_soon) {
+                        let when = if passed {
+                            format!("passed its nextUpdate {days} ago: every certificate it covers is refused until a newer list is loaded")
+                        } else {
+                            format!("reaches its nextUpdate in {days}: replace it before, or the certificates it covers are refused")
+                        };
+                        self.warnings.push(Problem {
+                            file: src.path.clone(),
+                            pos: src.spans.value(&key),
+                            message: format!("client CRL `{crl}` ({issuer}) {when}"),
+                        });
+                    }
+                }
+                Some(std::sync::Arc::new(c))
+            }
+            Err(e) => {
+                self.problems.at(src, &key, e);
+                None
+            }
+        }
+    }
+}
+
+/// Whether `until` (Unix seconds) is within [`crate::tls::EXPIRY_WARNING`] or past: whether
+/// it has passed, and how long ago or ahead (`1 day`, `3 days`).
+fn expiry_soon(until: i64) -> Option<(bool, String)> {
+    let left = until - crate::clock::unix_s(std::time::SystemTime::now());
+    let window = i64::try_from(crate::tls::EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX);
+    (left < window).then(|| {
+        let n = left.abs() / 86_400;
+        (left <= 0, if n == 1 { "1 day".to_string() } else { format!("{n} days") })
+    })
 }

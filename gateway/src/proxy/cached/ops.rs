@@ -27,13 +27,16 @@ const WARM_CONCURRENCY: usize = 8;
 /// Paths one warm call may name.
 pub const MAX_WARM_PATHS: usize = 10_000;
 
-/// A request made by Weir itself, as the router and the cache see it.
+/// A request made by Weir itself, as the router and the cache see it. A bare path (no
+/// absolute URL, no `Host` header) addresses `default` (`localhost:PORT` of the first listener:
+/// what `curl localhost:PORT/path` sends).
 fn synthetic(
     rt: &Arc<Runtime>,
     method: Method,
     target: &str,
     headers: &HeaderMap,
     consumer: Option<String>,
+    default: &(&'static str, String),
 ) -> Result<Arc<RequestCtx>, GatewayError> {
     let mut b = Request::builder().method(method).uri(target);
     for (k, v) in headers {
@@ -41,9 +44,12 @@ fn synthetic(
     }
     let (mut parts, ()) =
         b.body(()).map_err(|e| GatewayError::BadRequest(format!("invalid request `{target}`: {e}")))?.into_parts();
-    let scheme = if parts.uri.scheme_str() == Some("https") { "https" } else { "http" };
+    let mut scheme = if parts.uri.scheme_str() == Some("https") { "https" } else { "http" };
     if parts.uri.authority().is_none() && !parts.headers.contains_key(http::header::HOST) {
-        parts.headers.insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+        let host = http::HeaderValue::from_str(&default.1)
+            .map_err(|_| GatewayError::BadRequest(format!("invalid default host `{}`", default.1)))?;
+        parts.headers.insert(http::header::HOST, host);
+        scheme = default.0;
     }
     let mut canon = Canonical::from_head(&mut parts, scheme, false, &rt.config.server.upgrade_protocols)?;
     // As phase 3 forwards a verified consumer: a cache keyed by consumer is warmed for this one.
@@ -69,16 +75,17 @@ pub async fn warm(
     paths: Vec<String>,
     headers: &HeaderMap,
     consumer: Option<String>,
+    default: &(&'static str, String),
 ) -> Vec<serde_json::Value> {
     futures_util::stream::iter(paths)
         .map(|path| {
             let consumer = consumer.clone();
             async move {
-                let (stored, reason, status) = match warm_one(rt, &path, headers, consumer).await {
+                let (stored, reason, status, authority) = match warm_one(rt, &path, headers, consumer, default).await {
                     Ok(r) => r,
-                    Err(e) => (false, e.code().to_string(), None),
+                    Err(e) => (false, e.code().to_string(), None, None),
                 };
-                serde_json::json!({"path": path, "stored": stored, "reason": reason, "status": status})
+                serde_json::json!({"path": path, "authority": authority, "stored": stored, "reason": reason, "status": status})
             }
         })
         .buffered(WARM_CONCURRENCY)
@@ -91,10 +98,12 @@ async fn warm_one(
     path: &str,
     headers: &HeaderMap,
     consumer: Option<String>,
-) -> Result<(bool, String, Option<u16>), GatewayError> {
-    let ctx = synthetic(rt, Method::GET, path, headers, consumer)?;
+    default: &(&'static str, String),
+) -> Result<(bool, String, Option<u16>, Option<String>), GatewayError> {
+    let ctx = synthetic(rt, Method::GET, path, headers, consumer, default)?;
+    let authority = Some(ctx.canon.authority.clone());
     let Some(cfg) = ctx.route().route.cache.clone() else {
-        return Ok((false, "route has no cache".into(), None));
+        return Ok((false, "route has no cache".into(), None, authority));
     };
     let resp = serve(ctx, &cfg, ClientBody::Empty).await?;
     let status = resp.status().as_u16();
@@ -103,17 +112,18 @@ async fn warm_one(
     let _ = resp.into_body().collect().await;
     let fields: Vec<&str> = cache_status.split(';').map(str::trim).collect();
     let detail = fields.iter().find_map(|f| f.strip_prefix("detail=")).unwrap_or("");
-    Ok(if fields.contains(&"hit") {
-        (true, "already cached".into(), Some(status))
+    let (stored, reason) = if fields.contains(&"hit") {
+        (true, "already cached".into())
     } else if fields.contains(&"stored") {
-        (true, "stored".into(), Some(status))
+        (true, "stored".into())
     } else if fields.contains(&"collapsed") {
         // Answered by a concurrent fetch of the same key (another path of this call, or a
         // client's miss), which a waiter only shares when it was stored.
-        (true, "coalesced".into(), Some(status))
+        (true, "coalesced".into())
     } else {
-        (false, if detail.is_empty() { "not stored".into() } else { detail.to_string() }, Some(status))
-    })
+        (false, if detail.is_empty() { "not stored".into() } else { detail.to_string() })
+    };
+    Ok((stored, reason, Some(status), authority))
 }
 
 /// `GET /cache/explain`: the route, the canonical request, the key and who chose it, the
@@ -124,8 +134,9 @@ pub async fn explain(
     url: &str,
     headers: &HeaderMap,
     consumer: Option<String>,
+    default: &(&'static str, String),
 ) -> Result<serde_json::Value, GatewayError> {
-    let ctx = synthetic(rt, method, url, headers, consumer)?;
+    let ctx = synthetic(rt, method, url, headers, consumer, default)?;
     let route = ctx.route();
     let c = &ctx.canon;
     let canonical = serde_json::json!({
