@@ -278,6 +278,37 @@ async fn redis_killed_under_load_then_restarted() {
     assert!(gw.log().contains("redis circuit breaker open"), "{}", gw.log());
 }
 
+/// A Redis that was away for a while is used again within about `open_for` (the longest wait
+/// between probes; probes start at twice op_timeout and back off), not after a whole `open_for`
+/// per failed probe on top of the outage.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_back_after_an_outage_closes_the_breaker_within_open_for() {
+    let mut redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    let extra = "  op_timeout: 50ms\n  breaker: {failures: 1, window: 10s}\n";
+    let gw = Gateway::start(&config(&origin, &redis_block(&[redis.url()], extra), "16MiB"));
+    wait_subscribed(&[&gw]).await;
+    redis.kill();
+    let open = eventually(Duration::from_secs(10), || async {
+        call(&gw, Method::GET, "/during").await;
+        health(&gw).await["redis"]["breaker"] == serde_json::json!("open")
+    })
+    .await;
+    assert!(open, "the breaker did not open: {}", gw.log());
+    // Away long enough for several failed probes (at the old fixed 5 s, one more would come at 10 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    redis.restart();
+    let back = Instant::now();
+    let closed = eventually(Duration::from_secs(15), || async {
+        health(&gw).await["redis"]["breaker"] == serde_json::json!("closed")
+    })
+    .await;
+    let took = back.elapsed();
+    assert!(closed, "breaker never closed: {}", gw.log());
+    // open_for defaults to 1 s here; a second of supervisor tick and reconnection on top.
+    assert!(took < Duration::from_millis(3500), "closed {took:?} after Redis came back: {}", gw.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn paused_redis_costs_about_op_timeout_then_the_breaker_opens_and_recovers() {
     let redis = RedisServer::start();
@@ -321,6 +352,8 @@ async fn requirepass_good_password_works_and_a_wrong_one_stops_start_up() {
     let err = Gateway::builder().env("WEIR_TEST_REDIS_PASSWORD", "wrong").try_start(&yaml).unwrap_err();
     assert!(err.contains("Redis refused Weir's credentials"), "{err}");
     assert!(!err.contains("wrong"), "the password leaked into the log: {err}");
+    // Nothing announced as listening by an instance that will not serve.
+    assert!(!err.contains("listening"), "announced before Redis was checked: {err}");
     let err = Gateway::builder().try_start(&yaml).unwrap_err();
     assert!(err.contains("WEIR_TEST_REDIS_PASSWORD"), "{err}");
 

@@ -1,6 +1,10 @@
 //! Circuit breaker for the shared tier: closed (calls go to Redis), open (calls are skipped at
 //! once, so a sick Redis adds no latency), half-open (one probe decides). Lock-free reads on the
 //! request path: `allow()` is one atomic load while closed.
+//!
+//! The first probe goes soon after the breaker opens (twice the op timeout); each failed probe
+//! doubles the wait, up to `open_for`. A Redis that is back is found within `open_for` however
+//! long it was away, and a dead one costs one probe per `open_for`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -38,8 +42,11 @@ struct Inner {
     /// Failures counted since `window_start` (a fixed window, restarted when it runs out).
     failures: u32,
     window_start: Instant,
-    /// Open: when a probe may go. Half-open: when the probe went (a lost probe is retried).
+    /// Open: since when it has been open. Half-open: when the probe went (a lost probe is
+    /// retried).
     since: Instant,
+    /// How long after `since` the next probe may go: doubles per failed probe, up to `open_for`.
+    wait: Duration,
 }
 
 #[derive(Debug)]
@@ -49,16 +56,21 @@ pub struct Breaker {
     inner: Mutex<Inner>,
     /// How long a half-open probe may take before another caller may probe.
     probe_timeout: Duration,
+    /// The wait before the first probe after opening.
+    first_wait: Duration,
 }
 
 impl Breaker {
-    pub fn new(settings: BreakerSettings, probe_timeout: Duration) -> Breaker {
+    /// `op_timeout`: the longest a Redis call may take (a probe is retried after four of them).
+    pub fn new(settings: BreakerSettings, op_timeout: Duration) -> Breaker {
         let now = Instant::now();
+        let first_wait = (op_timeout * 2).min(settings.open_for);
         Breaker {
             settings,
             state: AtomicU8::new(State::Closed as u8),
-            inner: Mutex::new(Inner { failures: 0, window_start: now, since: now }),
-            probe_timeout,
+            inner: Mutex::new(Inner { failures: 0, window_start: now, since: now, wait: first_wait }),
+            probe_timeout: op_timeout * 4,
+            first_wait,
         }
     }
 
@@ -87,7 +99,7 @@ impl Breaker {
                 let now = Instant::now();
                 match self.state() {
                     State::Closed => true,
-                    State::Open if now.duration_since(inner.since) >= self.settings.open_for => {
+                    State::Open if now.duration_since(inner.since) >= inner.wait => {
                         inner.since = now;
                         self.set(State::HalfOpen, "probing");
                         true
@@ -109,6 +121,7 @@ impl Breaker {
         if let Ok(mut inner) = self.inner.lock() {
             inner.failures = 0;
             inner.window_start = Instant::now();
+            inner.wait = self.first_wait;
         }
         self.set(State::Closed, "probe succeeded");
     }
@@ -119,7 +132,8 @@ impl Breaker {
         match self.state() {
             State::HalfOpen => {
                 inner.since = now;
-                self.set(State::Open, &format!("probe failed: {what}"));
+                inner.wait = (inner.wait * 2).min(self.settings.open_for);
+                self.set(State::Open, &format!("probe failed: {what}; next in {:?}", inner.wait));
             }
             State::Open => {}
             State::Closed => {
@@ -130,6 +144,7 @@ impl Breaker {
                 inner.failures += 1;
                 if inner.failures >= self.settings.failures {
                     inner.since = now;
+                    inner.wait = self.first_wait;
                     let n = inner.failures;
                     self.set(State::Open, &format!("{n} failures within {:?}, last: {what}", self.settings.window));
                 }
@@ -148,7 +163,7 @@ mod tests {
             window: Duration::from_secs(10),
             open_for: Duration::from_millis(open_for_ms),
         };
-        Breaker::new(s, Duration::from_secs(1))
+        Breaker::new(s, Duration::from_millis(250))
     }
 
     #[test]
@@ -181,5 +196,37 @@ mod tests {
         b.failure("still down");
         assert_eq!(b.state(), State::Open);
         assert!(!b.allow());
+    }
+
+    #[test]
+    fn probes_start_soon_and_back_off_to_open_for() {
+        // op_timeout 5 ms: the first probe 10 ms after opening, then 20, 40, capped at 50.
+        let s = BreakerSettings { failures: 1, window: Duration::from_secs(10), open_for: Duration::from_millis(50) };
+        let b = Breaker::new(s, Duration::from_millis(5));
+        b.failure("x");
+        let waits: Vec<u128> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                while !b.allow() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let waited = t.elapsed().as_millis();
+                b.failure("still down");
+                waited
+            })
+            .collect();
+        for (w, want) in waits.iter().zip([10, 20, 40, 50, 50]) {
+            assert!(*w >= want && *w < want + 40, "waits {waits:?}");
+        }
+        std::thread::sleep(Duration::from_millis(55));
+        assert!(b.allow());
+        b.success();
+        // Closed again: the next opening starts over at the first wait.
+        b.failure("x");
+        let t = Instant::now();
+        while !b.allow() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(t.elapsed() < Duration::from_millis(45), "{:?}", t.elapsed());
     }
 }

@@ -230,7 +230,7 @@ impl Shared {
         };
         let shared = Arc::new(Shared {
             key_secret,
-            breaker: Breaker::new(settings.breaker, settings.op_timeout * 4),
+            breaker: Breaker::new(settings.breaker, settings.op_timeout),
             settings,
             cluster,
             pubsub_clients,

@@ -119,17 +119,18 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     let addrs: Vec<String> = bound.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string());
+    // Redis first (with `redis.required`, bad credentials end the start here): the listeners
+    // are announced only once Weir will serve them.
+    let redis = match &config.redis {
+        Some(r) => Some(crate::redis::Shared::connect(r.clone()).await?),
+        None => None,
+    };
     for a in &addrs {
         tracing::info!(addr = %a, "listening");
     }
     if let Some(a) = &admin_addr {
         tracing::info!(addr = %a, "admin API listening");
     }
-
-    let redis = match &config.redis {
-        Some(r) => Some(crate::redis::Shared::connect(r.clone()).await?),
-        None => None,
-    };
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -199,8 +200,12 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 
     gateway.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(path) = &opts.ready_file {
+        // Written whole, then renamed: a reader never sees half of it.
         let doc = serde_json::json!({"listen": addrs, "admin": admin_addr});
-        std::fs::write(path, doc.to_string()).map_err(|source| StartError::ReadyFile { path: path.clone(), source })?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, doc.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|source| StartError::ReadyFile { path: path.clone(), source })?;
     }
     if let Some(inh) = inherited {
         // Serving now: the old instance may let go.

@@ -50,11 +50,13 @@ impl Validator {
                 b.and_then(|b| b.window.as_ref()),
                 Duration::from_secs(10),
             ),
+            // The longest wait between probes (they start at twice op_timeout): by default 20
+            // op timeouts (1 s at 50 ms), between 250 ms and 5 s.
             open_for: self.duration(
                 src,
                 "redis.breaker.open_for",
                 b.and_then(|b| b.open_for.as_ref()),
-                Duration::from_secs(5),
+                (op_timeout * 20).clamp(Duration::from_millis(250), Duration::from_secs(5)),
             ),
         };
         if breaker.failures == 0 {
