@@ -142,3 +142,17 @@ fn unset_secrets_warn_under_validate_and_stop_run() {
     assert_eq!(err.matches("weir.yaml:").count(), err.lines().filter(|l| l.contains("weir.yaml:")).count());
     assert!(!err.contains("needs `keys_sha256`"), "{err}");
 }
+
+/// A configuration `weir run` refuses is said once (no log line repeating it), positioned.
+#[test]
+fn run_says_a_fatal_configuration_error_once() {
+    let out = Command::new(weir_bin())
+        .current_dir(repo_root())
+        .args(["run", "--config", "policies/invalid/unknown_key.yaml"])
+        .output()
+        .expect("run weir");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.matches("unknown key `ttll`").count(), 1, "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("policies/invalid/unknown_key.yaml:8:7:")), "{stderr}");
+}

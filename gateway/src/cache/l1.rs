@@ -102,6 +102,9 @@ fn weight(k: &Arc<str>, v: &Object) -> usize {
     MOKA_ENTRY + k.len() + 32 + v.weight() + rows * INDEX_ROW + v.path().len() + 64
 }
 
+/// Entries this heavy make moka evict at once rather than at its next housekeeping.
+const LARGE_ENTRY: usize = 256 << 10;
+
 /// Keys are request-derived: a seeded, quality hash (foldhash) instead of moka's default SipHash,
 /// which was a measurable share of a hit.
 type Hasher = foldhash::quality::RandomState;
@@ -180,7 +183,14 @@ impl Storage for L1 {
                 }
                 i.add(&key, &obj);
             }
+            let large = weight(&key, &obj) >= LARGE_ENTRY;
             self.cache.insert(key, obj);
+            if large {
+                // moka evicts lazily, in batches: a run of large inserts would hold several times
+                // the bound until its next housekeeping. A large entry settles at once, so the
+                // bound holds (the cost is small next to the fill that made the entry).
+                self.cache.run_pending_tasks();
+            }
             Ok(())
         })
     }

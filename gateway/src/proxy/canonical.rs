@@ -40,13 +40,6 @@ use crate::error::GatewayError;
 #[error("malformed percent-encoding in `{0}`")]
 pub struct MalformedTarget(pub String);
 
-/// Headers that ask an application to use another method than the request line's.
-static METHOD_OVERRIDES: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
-
 /// Headers some frameworks read to rewrite the target: believed only from trusted proxies.
 static TARGET_OVERRIDES: [HeaderName; 6] = [
     HeaderName::from_static("x-original-url"),
@@ -84,6 +77,39 @@ pub struct Canonical {
     pub upgrade: Option<HeaderValue>,
     /// The request carries a method-override header: the cache stays out of it.
     pub method_override: bool,
+}
+
+/// Which of `from_head`'s rules a head needs, read from its header names in one pass.
+#[derive(Debug, Default)]
+struct Survey {
+    expect: bool,
+    /// `Connection` (and what it names), `Upgrade`, or another hop-by-hop field.
+    hop: bool,
+    target_override: bool,
+    /// Identity headers only Weir sets (`Weir-Consumer`, client-certificate headers,
+    /// `X-Consumer-*`).
+    identity: bool,
+    method_override: bool,
+}
+
+impl Survey {
+    fn of(headers: &HeaderMap) -> Survey {
+        let mut s = Survey::default();
+        for name in headers.keys() {
+            match name.as_str() {
+                "expect" => s.expect = true,
+                "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade" => s.hop = true,
+                n if n.starts_with("proxy-") => s.hop = true,
+                "x-original-url" | "x-rewrite-url" | "x-host" | "x-forwarded-port" | "x-forwarded-scheme"
+                | "x-forwarded-server" => s.target_override = true,
+                "weir-consumer" | "x-forwarded-client-cert" | "weir-client-cert" => s.identity = true,
+                n if n.starts_with("x-consumer-") => s.identity = true,
+                "x-http-method-override" | "x-http-method" | "x-method-override" => s.method_override = true,
+                _ => {}
+            }
+        }
+        s
+    }
 }
 
 /// `Expect` is answered by Weir and never forwarded (RFC 9110 §10.1.1): hyper sends
@@ -145,25 +171,33 @@ impl Canonical {
             }
         }
         let mut headers = std::mem::take(&mut parts.headers);
-        expectation(&mut headers)?;
-        let upgrade = (parts.version == Version::HTTP_11).then(|| allowed_upgrade(&headers, upgrades)).flatten();
-        strip_hop_by_hop(&mut headers);
-        if !trusted {
+        // One pass over the names says which rules apply; a request that carries none of the
+        // headers they remove pays for no lookups (each is a hash of the name).
+        let seen = Survey::of(&headers);
+        if seen.expect {
+            expectation(&mut headers)?;
+        }
+        let upgrade =
+            (seen.hop && parts.version == Version::HTTP_11).then(|| allowed_upgrade(&headers, upgrades)).flatten();
+        if seen.hop {
+            strip_hop_by_hop(&mut headers);
+        }
+        if seen.target_override && !trusted {
             for h in &TARGET_OVERRIDES {
                 headers.remove(h);
             }
         }
-        headers.remove(&WEIR_CONSUMER);
-        headers.remove(&CLIENT_CERT);
-        headers.remove(&WEIR_CLIENT_CERT);
-        if headers.keys().any(|k| k.as_str().starts_with("x-consumer-")) {
+        if seen.identity {
+            headers.remove(&WEIR_CONSUMER);
+            headers.remove(&CLIENT_CERT);
+            headers.remove(&WEIR_CLIENT_CERT);
             let names: Vec<HeaderName> =
                 headers.keys().filter(|k| k.as_str().starts_with("x-consumer-")).cloned().collect();
             for n in names {
                 headers.remove(n);
             }
         }
-        let method_override = METHOD_OVERRIDES.iter().any(|h| headers.contains_key(h));
+        let method_override = seen.method_override;
         let host = HeaderValue::from_str(&authority).map_err(|_| bad_host("not a valid host"))?;
         headers.insert(header::HOST, host);
         Ok(Canonical {
@@ -233,6 +267,9 @@ fn authority(parts: &Parts, scheme: &'static str) -> Result<String, GatewayError
 
 /// `host[:port]` validated, lower-cased, trailing dot removed, default port removed.
 pub fn normalize_authority(raw: &str, scheme: &str) -> Result<String, GatewayError> {
+    if already_normal(raw, scheme) {
+        return Ok(raw.to_string());
+    }
     if raw.is_empty() || raw.contains('@') {
         return Err(bad_host("not a valid host"));
     }
@@ -262,6 +299,35 @@ pub fn normalize_authority(raw: &str, scheme: &str) -> Result<String, GatewayErr
         None => {}
     }
     Ok(out)
+}
+
+/// What clients almost always send: a lower-case name or IPv4 address and, maybe, a port that
+/// is not the scheme's default, written without leading zeros. Such an authority is its own
+/// normal form (the full parse below would return it unchanged).
+fn already_normal(raw: &str, scheme: &str) -> bool {
+    let (host, port) = match raw.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (raw, None),
+    };
+    let host_ok = !host.is_empty()
+        && !host.starts_with('.')
+        && !host.ends_with('.')
+        && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_'));
+    let port_ok = match port {
+        None => true,
+        Some(p) => {
+            let n = (p.len() <= 5 && !p.starts_with('0') && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse::<u16>().ok())
+                .flatten();
+            match n {
+                Some(80) => scheme != "http",
+                Some(443) => scheme != "https",
+                Some(_) => true,
+                None => false,
+            }
+        }
+    };
+    host_ok && port_ok
 }
 
 /// The host part of a normalised authority (IPv6 keeps its brackets).
@@ -452,6 +518,80 @@ mod tests {
         assert_eq!(normalize_query("id=2&id=1").unwrap(), "id=2&id=1");
         assert_ne!(normalize_query("id=2&id=1").unwrap(), normalize_query("id=1&id=2").unwrap());
         assert_eq!(normalize_query("b=%41&a").unwrap(), "a&b=A");
+    }
+
+    /// The fast path never disagrees with the full parse.
+    #[test]
+    fn the_normal_form_shortcut_agrees_with_the_parse() {
+        let cases = [
+            "a",
+            "api.example.com",
+            "h:8080",
+            "h:80",
+            "h:443",
+            "h:080",
+            "h:65535",
+            "h:65536",
+            "h:0",
+            "10.0.0.1:3000",
+            "a_b.c-d",
+            "A.b",
+            "a.",
+            ".a",
+            "a..b",
+            "h:",
+            "h:1:2",
+            "[::1]:80",
+            "a@b",
+            "",
+            "h:+1",
+            "h:99999",
+        ];
+        for raw in cases {
+            for scheme in ["http", "https"] {
+                if already_normal(raw, scheme) {
+                    let slow = {
+                        let a: http::uri::Authority = raw.parse().unwrap();
+                        let mut out = a.host().trim_end_matches('.').to_ascii_lowercase();
+                        match a.port_u16() {
+                            Some(80) if scheme == "http" => {}
+                            Some(443) if scheme == "https" => {}
+                            Some(p) => out.push_str(&format!(":{p}")),
+                            None => {}
+                        }
+                        out
+                    };
+                    assert_eq!(raw, slow, "{raw} ({scheme})");
+                }
+            }
+        }
+        assert!(already_normal("h:8080", "http") && !already_normal("h:80", "http") && already_normal("h:80", "https"));
+    }
+
+    /// Every header a rule of `from_head` removes or reads is noticed by the survey.
+    #[test]
+    fn the_survey_sees_every_header_a_rule_acts_on() {
+        let survey = |name: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("x"));
+            Survey::of(&h)
+        };
+        for n in &TARGET_OVERRIDES {
+            assert!(survey(n.as_str()).target_override, "{n}");
+        }
+        for n in [&WEIR_CONSUMER, &CLIENT_CERT, &WEIR_CLIENT_CERT] {
+            assert!(survey(n.as_str()).identity, "{n}");
+        }
+        assert!(survey("x-consumer-id").identity);
+        for n in ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization"] {
+            assert!(survey(n).hop, "{n}");
+        }
+        for n in ["x-http-method-override", "x-http-method", "x-method-override"] {
+            assert!(survey(n).method_override, "{n}");
+        }
+        assert!(survey("expect").expect);
+        let plain = survey("user-agent");
+        assert!(!(plain.expect || plain.hop || plain.target_override || plain.identity || plain.method_override));
     }
 
     #[test]

@@ -211,6 +211,8 @@ impl RequestCtx {
             }
             _ => self.canon.headers.clone(),
         };
+        // Room for the forwarding headers and `Via` at once, not a reallocation per insert.
+        parts.headers.reserve(6);
         set_forwarding(&mut parts.headers, &self.conn, Some(&self.canon.authority), self.trusted);
         add_via(&mut parts.headers, self.canon.version);
         parts

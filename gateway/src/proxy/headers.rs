@@ -14,6 +14,14 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `TE`,
 /// `Trailer`, `Transfer-Encoding`, `Upgrade` and all `Proxy-*`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most heads carry none: one pass over the names instead of a lookup (a hash) per field.
+    let any = headers.keys().any(|k| {
+        matches!(k.as_str(), "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade")
+            || k.as_str().starts_with("proxy-")
+    });
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

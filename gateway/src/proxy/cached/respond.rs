@@ -85,8 +85,8 @@ fn not_modified(method: &Method, ch: &HeaderMap, e: &Entry) -> bool {
         let date = |v: Option<&http::HeaderValue>| {
             v.and_then(|v| v.to_str().ok()).and_then(|s| httpdate::parse_http_date(s).ok())
         };
-        let lm = date(e.last_modified()).or_else(|| date(e.headers.get(header::DATE))).unwrap_or(e.stored_at);
         if let Some(ims) = ims {
+            let lm = date(e.last_modified()).or_else(|| date(e.headers.get(header::DATE))).unwrap_or(e.stored_at);
             return lm <= ims;
         }
     }
