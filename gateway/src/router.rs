@@ -48,7 +48,16 @@ impl Router {
     /// catch-all `/`) never answers for a path a more specific route claims, so a method a route
     /// leaves out cannot walk around its consumer, limits, budget or invalidation.
     pub fn route(&self, host: Option<&str>, path: &str, method: &Method) -> RouteMatch {
-        let host = host.map(normalize_host);
+        // The data plane passes hosts already normal (`Canonical::host`): no copy for those.
+        let owned;
+        let host = match host {
+            Some(h) if h.bytes().all(|b| !b.is_ascii_uppercase() && b != b':') && !h.ends_with('.') => Some(h),
+            Some(h) => {
+                owned = normalize_host(h);
+                Some(owned.as_str())
+            }
+            None => None,
+        };
         let mut allowed: Vec<Method> = Vec::new();
         let mut tier = None;
         for &i in &self.order {
@@ -57,7 +66,7 @@ impl Router {
             if tier.is_some_and(|t| t != rank) {
                 break;
             }
-            if !host_matches(h.as_ref(), host.as_deref()) || !path_matches(prefix, path) {
+            if !host_matches(h.as_ref(), host) || !path_matches(prefix, path) {
                 continue;
             }
             match methods {

@@ -77,6 +77,10 @@ pub struct Canonical {
     pub upgrade: Option<HeaderValue>,
     /// The request carries a method-override header: the cache stays out of it.
     pub method_override: bool,
+    /// The head, as received, had a field the cache's request rules read (`Authorization`,
+    /// `Cookie`, `Cache-Control`, `Pragma`). Fields are only ever removed from `headers` after,
+    /// so when this is false none is there now.
+    pub cache_fields: bool,
 }
 
 /// Which of `from_head`'s rules a head needs, read from its header names in one pass.
@@ -90,6 +94,8 @@ struct Survey {
     /// `X-Consumer-*`).
     identity: bool,
     method_override: bool,
+    /// Fields the cache reads (`Authorization`, `Cookie`, `Cache-Control`, `Pragma`).
+    cache_fields: bool,
 }
 
 impl Survey {
@@ -105,6 +111,7 @@ impl Survey {
                 "weir-consumer" | "x-forwarded-client-cert" | "weir-client-cert" => s.identity = true,
                 n if n.starts_with("x-consumer-") => s.identity = true,
                 "x-http-method-override" | "x-http-method" | "x-method-override" => s.method_override = true,
+                "authorization" | "cookie" | "cache-control" | "pragma" => s.cache_fields = true,
                 _ => {}
             }
         }
@@ -210,6 +217,7 @@ impl Canonical {
             headers,
             upgrade,
             method_override,
+            cache_fields: seen.cache_fields,
         })
     }
 

@@ -137,7 +137,12 @@ pub(super) async fn serve(
         return Ok(with_status(route, resp, &Outcome::Bypass { reason: BypassReason::MethodOverride, stored: false }));
     }
 
-    let facts = RequestFacts::of(&method, &req.canon.headers);
+    // A head without any field the cache's request rules read skips their lookups.
+    let facts = if req.canon.cache_fields {
+        RequestFacts::of(&method, &req.canon.headers)
+    } else {
+        RequestFacts::of(&method, &http::HeaderMap::new())
+    };
     // A cached POST is keyed by its body: buffer it, bounded by the key limit and the route's
     // `max_request_body`. A GET or HEAD with a body goes past the cache.
     let mut post_body = None;
