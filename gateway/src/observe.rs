@@ -27,14 +27,12 @@ const MAX_REQUEST_ID: usize = 128;
 pub struct Ids {
     pub request_id: HeaderValue,
     pub trace: Trace,
-    /// `traceparent` for the upstream hop (and the access log).
-    pub traceparent: HeaderValue,
 }
 
 impl Ids {
     /// The id from a trusted peer's `X-Request-Id` when it is printable and short, else a new
-    /// one; the trace continued from a valid `traceparent`, else a new trace. Both values come
-    /// out of one buffer (one allocation per request).
+    /// one; the trace continued from a valid `traceparent`, else a new trace. The `traceparent`
+    /// text is made only for what uses it (an upstream hop, the log): a hit never does.
     pub fn of(headers: &HeaderMap, trusted: bool, sample_new: bool) -> Ids {
         let mut trace = Trace::of(headers);
         if sample_new && trace.parent_id.is_none() {
@@ -50,27 +48,37 @@ impl Ids {
                     && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
             })
             .cloned();
-        // `00-<32 hex>-<16 hex>-<2 hex>` then 32 hex of a new request id.
-        let mut buf = [0u8; 55 + 32];
-        buf[..3].copy_from_slice(b"00-");
-        hex_into(&mut buf[3..35], &trace.trace_id.to_be_bytes());
-        buf[35] = b'-';
-        hex_into(&mut buf[36..52], &trace.span_id.to_be_bytes());
-        buf[52] = b'-';
-        hex_into(&mut buf[53..55], &[trace.flags]);
-        let len = if kept.is_none() {
-            hex_into(&mut buf[55..], &fastrand::u128(..).to_be_bytes());
-            buf.len()
-        } else {
-            55
-        };
-        let buf = bytes::Bytes::copy_from_slice(&buf[..len]);
-        let value =
-            |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).unwrap_or_else(|_| HeaderValue::from_static("0"));
-        let traceparent = value(buf.slice(..55));
-        let request_id = kept.unwrap_or_else(|| value(buf.slice(55..)));
-        Ids { request_id, trace, traceparent }
+        let request_id = kept.unwrap_or_else(|| {
+            let mut buf = [0u8; 32];
+            hex_into(&mut buf, &fastrand::u128(..).to_be_bytes());
+            header_value(&buf)
+        });
+        Ids { request_id, trace }
     }
+
+    /// `traceparent` for the upstream hop (and the access log).
+    pub fn traceparent(&self) -> HeaderValue {
+        self.trace.traceparent()
+    }
+}
+
+impl Trace {
+    /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`, Weir's span as the parent.
+    pub fn traceparent(&self) -> HeaderValue {
+        let mut buf = [0u8; 55];
+        buf[..3].copy_from_slice(b"00-");
+        hex_into(&mut buf[3..35], &self.trace_id.to_be_bytes());
+        buf[35] = b'-';
+        hex_into(&mut buf[36..52], &self.span_id.to_be_bytes());
+        buf[52] = b'-';
+        hex_into(&mut buf[53..55], &[self.flags]);
+        header_value(&buf)
+    }
+}
+
+/// Hex text as a header value (always valid; the fallback is never taken).
+fn header_value(hex: &[u8]) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(hex)).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Lower-case hex of `bytes` into `out` (twice as long).
@@ -448,13 +456,14 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         let ids = Ids::of(&h, false, false);
-        let tp = ids.traceparent.to_str().unwrap();
+        let tp = ids.traceparent();
+        let tp = tp.to_str().unwrap();
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"), "{tp}");
         assert_eq!(parse_traceparent(tp.as_bytes()).map(|t| t.1), Some(ids.trace.span_id));
         assert_ne!(ids.trace.span_id, 0x00f067aa0ba902b7);
         assert_eq!(ids.trace.parent_id, Some(0x00f067aa0ba902b7));
         let fresh = Ids::of(&HeaderMap::new(), false, false);
-        assert!(parse_traceparent(fresh.traceparent.as_bytes()).is_some());
+        assert!(parse_traceparent(fresh.traceparent().as_bytes()).is_some());
     }
 
     #[test]

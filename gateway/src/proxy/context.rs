@@ -117,6 +117,9 @@ pub struct RequestCtx {
     /// Weir's own request (an admin warm-up): no consumer, no rate limit, budgets charge
     /// `_system`.
     pub system: bool,
+    /// The trace this request belongs to, with Weir's span: its `traceparent` goes upstream
+    /// (made only when a request goes there). `None` for Weir's own requests.
+    pub trace: Option<crate::observe::Trace>,
 }
 
 /// One upstream call: which target answered, with what, how fast (to the response head).
@@ -158,6 +161,7 @@ impl RequestCtx {
             cache_key: std::sync::OnceLock::new(),
             debug,
             system: false,
+            trace: None,
         }
     }
 
@@ -211,8 +215,14 @@ impl RequestCtx {
             }
             _ => self.canon.headers.clone(),
         };
-        // Room for the forwarding headers and `Via` at once, not a reallocation per insert.
-        parts.headers.reserve(6);
+        // Room for the forwarding headers, `traceparent` and `Via` at once, not a reallocation
+        // per insert.
+        parts.headers.reserve(7);
+        // Weir's span is the upstream hop's parent (a client's own `traceparent` is replaced; its
+        // `tracestate` passes unchanged).
+        if let Some(t) = &self.trace {
+            parts.headers.insert(crate::observe::TRACEPARENT.clone(), t.traceparent());
+        }
         set_forwarding(&mut parts.headers, &self.conn, Some(&self.canon.authority), self.trusted);
         add_via(&mut parts.headers, self.canon.version);
         parts

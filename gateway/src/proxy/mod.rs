@@ -51,7 +51,7 @@ use self::headers::header_bytes;
 use crate::config::{ConsumerFrom, ConsumerSource};
 use crate::error::{ConsumerMissing, GatewayError};
 use crate::limit::Decision;
-use crate::observe::{Ids, Record, TRACEPARENT, X_REQUEST_ID};
+use crate::observe::{Ids, Record, X_REQUEST_ID};
 use crate::router::RouteMatch;
 use crate::runtime::{Gateway, RouteRuntime, Runtime};
 use crate::Body;
@@ -153,7 +153,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
                 client_ip: Some(ctx.map_or_else(|| peer.ip().to_canonical(), |c| c.client_ip)),
                 consumer: ctx.and_then(|c| c.consumer.clone()),
                 tls: tls_version,
-                traceparent: ids.traceparent.clone(),
+                traceparent: ids.traceparent(),
                 error,
                 trace: Some(ids.trace),
             }),
@@ -219,6 +219,7 @@ async fn phases(
     };
     let route = &rt.routes[idx];
     let mut ctx = RequestCtx::new(rt.clone(), conn, trusted, canon, idx, debug, logging);
+    ctx.trace = Some(ids.trace);
     let admitted = admit_route(&ctx);
     // Upgrades are tunnelled on uncached routes only.
     let on_upgrade = match (&ctx.canon.upgrade, &route.route.cache) {
@@ -279,11 +280,9 @@ fn accept(
         return Err(GatewayError::HeadersTooLarge { size, limit: server.max_header_bytes });
     }
     let mut canon = Canonical::from_head(parts, conn.scheme, trusted, &server.upgrade_protocols)?;
-    // The request's id and Weir's span go upstream (the client's own were replaced; its
-    // `tracestate` passes unchanged).
-    canon.headers.reserve(2);
+    // The request's id goes upstream (a client's own is replaced); Weir's span goes with the
+    // upstream head (`RequestCtx::upstream_head`).
     canon.headers.insert(X_REQUEST_ID.clone(), ids.request_id.clone());
-    canon.headers.insert(TRACEPARENT.clone(), ids.traceparent.clone());
     // `Weir-Debug` never goes upstream; with the right token the answer explains itself.
     let debug = match (canon.headers.remove(&WEIR_DEBUG), &rt.config.debug_token) {
         (Some(v), Some(token)) if token.matches(v.as_bytes()) => true,
