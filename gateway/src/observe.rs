@@ -39,14 +39,11 @@ impl Ids {
             // Weir starts the trace and records its span: say so downstream.
             trace.flags |= 1;
         }
-        let kept = headers
-            .get(&X_REQUEST_ID)
-            .filter(|v| {
-                trusted
-                    && !v.is_empty()
-                    && v.len() <= MAX_REQUEST_ID
-                    && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-            })
+        // Only a trusted peer's id is kept: nobody else's is looked up.
+        let kept = trusted
+            .then(|| headers.get(&X_REQUEST_ID))
+            .flatten()
+            .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
             .cloned();
         let request_id = kept.unwrap_or_else(|| {
             let mut buf = [0u8; 32];

@@ -98,6 +98,15 @@ pub struct RequestFacts {
 
 impl RequestFacts {
     pub fn of(method: &Method, headers: &HeaderMap) -> Self {
+        if headers.is_empty() {
+            // Nothing to look up (a lookup hashes the name even in an empty map).
+            return RequestFacts {
+                method: method.clone(),
+                authorization: false,
+                cookie: false,
+                directives: RequestDirectives::default(),
+            };
+        }
         RequestFacts {
             method: method.clone(),
             authorization: headers.contains_key(http::header::AUTHORIZATION),
