@@ -81,6 +81,8 @@ pub struct Canonical {
     /// `Cookie`, `Cache-Control`, `Pragma`). Fields are only ever removed from `headers` after,
     /// so when this is false none is there now.
     pub cache_fields: bool,
+    /// The head carried `Weir-Debug` (phase 1 takes it out of `headers`).
+    pub debug_header: bool,
 }
 
 /// Which of `from_head`'s rules a head needs, read from its header names in one pass.
@@ -96,6 +98,8 @@ struct Survey {
     method_override: bool,
     /// Fields the cache reads (`Authorization`, `Cookie`, `Cache-Control`, `Pragma`).
     cache_fields: bool,
+    /// `Weir-Debug`.
+    debug: bool,
 }
 
 impl Survey {
@@ -112,6 +116,7 @@ impl Survey {
                 n if n.starts_with("x-consumer-") => s.identity = true,
                 "x-http-method-override" | "x-http-method" | "x-method-override" => s.method_override = true,
                 "authorization" | "cookie" | "cache-control" | "pragma" => s.cache_fields = true,
+                "weir-debug" => s.debug = true,
                 _ => {}
             }
         }
@@ -218,6 +223,7 @@ impl Canonical {
             upgrade,
             method_override,
             cache_fields: seen.cache_fields,
+            debug_header: seen.debug,
         })
     }
 
@@ -602,8 +608,20 @@ mod tests {
             assert!(survey(n).method_override, "{n}");
         }
         assert!(survey("expect").expect);
+        assert!(survey("weir-debug").debug);
+        for n in ["authorization", "cookie", "cache-control", "pragma"] {
+            assert!(survey(n).cache_fields, "{n}");
+        }
         let plain = survey("user-agent");
-        assert!(!(plain.expect || plain.hop || plain.target_override || plain.identity || plain.method_override));
+        assert!(
+            !(plain.expect
+                || plain.hop
+                || plain.target_override
+                || plain.identity
+                || plain.method_override
+                || plain.cache_fields
+                || plain.debug)
+        );
     }
 
     #[test]

@@ -284,7 +284,8 @@ fn accept(
     // upstream head (`RequestCtx::upstream_head`).
     canon.headers.insert(X_REQUEST_ID.clone(), ids.request_id.clone());
     // `Weir-Debug` never goes upstream; with the right token the answer explains itself.
-    let debug = match (canon.headers.remove(&WEIR_DEBUG), &rt.config.debug_token) {
+    let asked = if canon.debug_header { canon.headers.remove(&WEIR_DEBUG) } else { None };
+    let debug = match (asked, &rt.config.debug_token) {
         (Some(v), Some(token)) if token.matches(v.as_bytes()) => true,
         (Some(_), Some(_)) => {
             rt.metrics.debug_rejected.inc();
