@@ -146,16 +146,15 @@ fn plugin_command(cmd: PluginCommand) -> Result<String, String> {
                 now,
                 consumer,
             } = *args;
-            let (mut req, _) = cli::request(&request, &headers, &host)?;
+            let mut req = cli::request(&request, &headers, &host)?;
             req.consumer = consumer;
             let read = |f: Option<PathBuf>| match f {
                 Some(f) => std::fs::read(&f).map(Some).map_err(|e| format!("cannot read {}: {e}", f.display())),
                 None => Ok(None),
             };
-            let (response, _) = cli::request("GET /", &response_headers, &host)?;
             let input = cli::RunInput {
                 status,
-                response_headers: response.headers,
+                response_headers: cli::header_list(&response_headers)?,
                 response_body: read(response_file)?,
                 request_body: read(body_file)?,
                 now: now.map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)),

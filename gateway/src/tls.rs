@@ -333,10 +333,7 @@ impl TlsConn {
     /// current `client_crl` (a list loaded after the handshake counts: the connection's next
     /// request is refused).
     pub fn revoked(&self) -> bool {
-        self.revocation.as_ref().is_some_and(|r| {
-            let set = r.current.load();
-            !set.is_empty() && r.chain.iter().any(|id| set.contains(id))
-        })
+        self.revocation.as_ref().is_some_and(Revocation::revoked)
     }
 }
 
@@ -355,6 +352,12 @@ impl Revocation {
             .map(|(_, c)| (c.issuer().as_raw().to_vec(), c.raw_serial().to_vec()))
             .collect();
         Revocation { chain, current: current.clone() }
+    }
+
+    /// Whether a certificate of the chain is in the listener's current list.
+    fn revoked(&self) -> bool {
+        let set = self.current.load();
+        !set.is_empty() && self.chain.iter().any(|id| set.contains(id))
     }
 }
 
@@ -638,11 +641,7 @@ impl Acceptor {
         let peer = conn.peer_certificates().filter(|c| !c.is_empty());
         let client = peer.and_then(|c| c.first()).and_then(ClientIdentity::of);
         let revocation = peer.map(|c| Revocation::of(c, &self.revoked));
-        let conn_revoked = revocation.as_ref().is_some_and(|r| {
-            let set = r.current.load();
-            r.chain.iter().any(|id| set.contains(id))
-        });
-        if conn_revoked {
+        if revocation.as_ref().is_some_and(Revocation::revoked) {
             // Resumption state is replaced when the list changes; this catches the rest.
             return Err((HandshakeFailure::BadClientCert, "client certificate revoked".into()));
         }

@@ -117,6 +117,13 @@ impl Ca {
         p.signed_by(&self.cert, &self.key).expect("CRL").pem().expect("CRL PEM")
     }
 
+    /// Writes this CA's certificate (a client-CA or upstream-CA bundle) to `dir/file`.
+    pub fn write(&self, dir: &Path, file: &str) -> PathBuf {
+        let path = dir.join(file);
+        std::fs::write(&path, &self.pem).expect("write CA");
+        path
+    }
+
     pub fn roots(&self) -> RootCertStore {
         let mut r = RootCertStore::empty();
         r.add(self.cert.der().clone()).expect("root");

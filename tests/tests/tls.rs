@@ -277,10 +277,8 @@ async fn mtls_identifies_the_consumer_and_a_ca_change_ends_old_sessions() {
     let clients = Ca::new("Client CA");
     let other = Ca::new("Other Client CA");
     let (c, k) = ca.server(&["api.test"]).write(dir.path(), "api");
-    let ca_file = dir.path().join("clients.pem");
-    std::fs::write(&ca_file, &clients.pem).unwrap();
-    let other_file = dir.path().join("other.pem");
-    std::fs::write(&other_file, &other.pem).unwrap();
+    let ca_file = clients.write(dir.path(), "clients.pem");
+    let other_file = other.write(dir.path(), "other.pem");
     let tls = |ca: &Path| format!("{}      client_ca: {}\n", certs_block(&[(&c, &k)]), ca.display());
     let route = "  - name: mtls\n    match: { path: /m }\n    upstream: ORIGIN\n    consumer: { from: client_cert, required: true }\n    rate_limit: { key: consumer, rate: 1/1h, burst: 2 }\n"
         .replace("ORIGIN", &origin.url());
@@ -348,8 +346,7 @@ async fn optional_client_auth_and_https_only_routes() {
     let ca = Ca::new("Weir Test CA");
     let clients = Ca::new("Client CA");
     let (c, k) = ca.server(&["api.test"]).write(dir.path(), "api");
-    let ca_file = dir.path().join("clients.pem");
-    std::fs::write(&ca_file, &clients.pem).unwrap();
+    let ca_file = clients.write(dir.path(), "clients.pem");
     let tls =
         format!("{}      client_ca: {}\n      client_auth: optional\n", certs_block(&[(&c, &k)]), ca_file.display());
     let routes = "  - name: mtls\n    match: { path: /m, scheme: https }\n    upstream: ORIGIN\n    consumer: { from: client_cert, required: true }\n"
@@ -428,8 +425,7 @@ async fn https_upstreams_verify_against_the_configured_ca() {
     let ca = Ca::new("Upstream CA");
     let origin_leaf = ca.server(&["localhost", "backend.internal"]);
     let origin = weir_e2e::tls::https_origin(&origin_leaf, None).await;
-    let ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
 
     // Without the CA: the web PKI does not know it, so 502 upstream_tls, reason logged only.
     let gw = Gateway::start(&upstream_yaml(origin, ""));
@@ -486,8 +482,7 @@ async fn an_upstream_that_requires_a_client_certificate_gets_the_configured_one(
     let ca = Ca::new("Upstream CA");
     let clients = Ca::new("Gateway client CA");
     let origin = weir_e2e::tls::https_origin(&ca.server(&["localhost"]), Some(&clients)).await;
-    let ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
     let (cc, ck) = clients.client("weir-gateway").write(dir.path(), "gw-client");
     // Without a client certificate the upstream refuses the handshake.
     let gw = Gateway::start(&upstream_yaml(origin, &format!("    upstream_tls: {{ ca: {} }}\n", ca_file.display())));
@@ -560,8 +555,7 @@ async fn a_revoked_client_certificate_is_refused_in_new_resumed_and_open_connect
     let ca = Ca::new("Weir Test CA");
     let clients = Ca::new("Client CA");
     let (c, k) = ca.server(&["api.test"]).write(dir.path(), "api");
-    let ca_file = dir.path().join("clients.pem");
-    std::fs::write(&ca_file, &clients.pem).unwrap();
+    let ca_file = clients.write(dir.path(), "clients.pem");
     let crl_file = dir.path().join("clients.crl");
     // Replaced by rename, as a CRL fetcher would.
     let publish = |pem: String| {
@@ -650,8 +644,7 @@ fn validate_checks_the_client_crl() {
     let ca = Ca::new("Weir Test CA");
     let clients = Ca::new("Client CA");
     let (c, k) = ca.server(&["api.test"]).write(dir.path(), "api");
-    let ca_file = dir.path().join("clients.pem");
-    std::fs::write(&ca_file, &clients.pem).unwrap();
+    let ca_file = clients.write(dir.path(), "clients.pem");
     let doc = |extra: &str| {
         format!(
             "listen:\n  - addr: 127.0.0.1:0\n    tls:\n{}{extra}routes:\n  - name: r\n    upstream: http://127.0.0.1:1\n",
@@ -669,8 +662,7 @@ fn validate_checks_the_client_crl() {
     let (ok, out) = validate_in(&doc(&format!("      client_crl: {}\n", crl.display())), dir.path());
     assert!(!ok && out.contains("weir.yaml:6:") && out.contains("client_crl needs `client_ca`"), "{out}");
     // Not a CRL.
-    let junk = dir.path().join("junk.crl");
-    std::fs::write(&junk, &clients.pem).unwrap();
+    let junk = clients.write(dir.path(), "junk.crl");
     let (ok, out) = validate_in(
         &doc(&format!("      client_ca: {}\n      client_crl: {}\n", ca_file.display(), junk.display())),
         dir.path(),

@@ -240,10 +240,7 @@ impl Admin {
                 }
                 AdminKey::HeaderSha256(h)
             }
-            (Some("header"), Some(k), None) => {
-                use sha2::Digest as _;
-                AdminKey::HeaderSha256(crate::hex::encode(&sha2::Sha256::digest(k.as_bytes())))
-            }
+            (Some("header"), Some(k), None) => AdminKey::header_value(k.as_bytes()),
             _ => return Err(GatewayError::BadRequest(usage.into())),
         };
         let shown = match &key {

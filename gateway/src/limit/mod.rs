@@ -559,6 +559,11 @@ pub enum AdminKey {
 }
 
 impl AdminKey {
+    /// A header value, named by its digest (as `header:` policies keep it).
+    pub fn header_value(value: &[u8]) -> AdminKey {
+        AdminKey::HeaderSha256(header_digest(value))
+    }
+
     /// The internal key it names under a policy of `kind`.
     fn internal(&self, kind: &LimitKey) -> String {
         match (self, kind) {
@@ -580,11 +585,16 @@ impl AdminKey {
 /// A header value as a limit key: its SHA-256, so the admin API can name it by digest (a raw
 /// API key never sits in an admin URL or a log) and Redis never holds it.
 fn header_key(value: &[u8]) -> String {
-    use sha2::Digest as _;
     let mut s = String::with_capacity(66);
     s.push_str("h:");
-    s.push_str(&crate::hex::encode(&sha2::Sha256::digest(value)));
+    s.push_str(&header_digest(value));
     s
+}
+
+/// SHA-256 of a header value, lower-case hex.
+fn header_digest(value: &[u8]) -> String {
+    use sha2::Digest as _;
+    crate::hex::encode(&sha2::Sha256::digest(value))
 }
 
 /// What a policy counts by, for this request.

@@ -4,8 +4,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
-
 use super::{load, Header, KeyDecision, PluginRequest};
 
 /// The guest SDK, vendored into every crate `weir plugin new` writes: a machine that installs
@@ -167,32 +165,36 @@ pub fn check(file: &Path, config: &serde_json::Value) -> Result<String, String> 
 }
 
 /// A request line `METHOD /path?query` and `name: value` headers as the plugin sees them.
-pub fn request(line: &str, headers: &[String], host: &str) -> Result<(PluginRequest, HeaderMap), String> {
+pub fn request(line: &str, headers: &[String], host: &str) -> Result<PluginRequest, String> {
     let (method, target) = line.trim().split_once(' ').ok_or("--request must look like `GET /path?query`")?;
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
         None => (target.to_string(), None),
     };
-    let mut map = HeaderMap::new();
-    let mut list = Vec::new();
-    for h in headers {
-        let (k, v) = h.split_once(':').ok_or_else(|| format!("header `{h}` must look like `name: value`"))?;
-        let name = http::HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| format!("bad header name `{k}`"))?;
-        let value = http::HeaderValue::from_str(v.trim()).map_err(|_| format!("bad header value `{v}`"))?;
-        list.push(Header { name: name.as_str().to_string(), value: v.trim().to_string() });
-        map.append(name, value);
-    }
-    let req = PluginRequest {
+    Ok(PluginRequest {
         method: method.to_ascii_uppercase(),
         scheme: "http".into(),
         authority: host.into(),
         path,
         query,
-        headers: list,
+        headers: header_list(headers)?,
         consumer: None,
         body: None,
-    };
-    Ok((req, map))
+    })
+}
+
+/// `name: value` lines as a plugin's header list (names lower-case), each checked as HTTP.
+pub fn header_list(lines: &[String]) -> Result<Vec<Header>, String> {
+    lines
+        .iter()
+        .map(|h| {
+            let (k, v) = h.split_once(':').ok_or_else(|| format!("header `{h}` must look like `name: value`"))?;
+            let name =
+                http::HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| format!("bad header name `{k}`"))?;
+            http::HeaderValue::from_str(v.trim()).map_err(|_| format!("bad header value `{v}`"))?;
+            Ok(Header { name: name.as_str().to_string(), value: v.trim().to_string() })
+        })
+        .collect()
 }
 
 /// The hooks `weir plugin run --hook` can call.

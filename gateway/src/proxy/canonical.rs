@@ -108,8 +108,6 @@ impl Survey {
         for name in headers.keys() {
             match name.as_str() {
                 "expect" => s.expect = true,
-                "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade" => s.hop = true,
-                n if n.starts_with("proxy-") => s.hop = true,
                 "x-original-url" | "x-rewrite-url" | "x-host" | "x-forwarded-port" | "x-forwarded-scheme"
                 | "x-forwarded-server" => s.target_override = true,
                 "weir-consumer" | "x-forwarded-client-cert" | "weir-client-cert" => s.identity = true,
@@ -117,6 +115,7 @@ impl Survey {
                 "x-http-method-override" | "x-http-method" | "x-method-override" => s.method_override = true,
                 "authorization" | "cookie" | "cache-control" | "pragma" => s.cache_fields = true,
                 "weir-debug" => s.debug = true,
+                n if super::headers::is_hop_by_hop(n) => s.hop = true,
                 _ => {}
             }
         }

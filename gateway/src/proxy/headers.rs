@@ -11,15 +11,18 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
+/// A field that is hop-by-hop by its name alone (what `Connection` nominates is found from its
+/// value): `Connection`, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    matches!(name, "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade")
+        || name.starts_with("proxy-")
+}
+
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `TE`,
 /// `Trailer`, `Transfer-Encoding`, `Upgrade` and all `Proxy-*`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most heads carry none: one pass over the names instead of a lookup (a hash) per field.
-    let any = headers.keys().any(|k| {
-        matches!(k.as_str(), "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade")
-            || k.as_str().starts_with("proxy-")
-    });
-    if !any {
+    if !headers.keys().any(|k| is_hop_by_hop(k.as_str())) {
         return;
     }
     let named: Vec<HeaderName> = headers

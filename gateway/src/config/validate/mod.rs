@@ -241,6 +241,7 @@ struct Validator {
 }
 
 /// Where a route was declared, for cross-route messages.
+#[derive(Clone)]
 struct Declared {
     file: PathBuf,
     pos: Pos,

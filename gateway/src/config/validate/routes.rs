@@ -46,13 +46,11 @@ impl Validator {
     ) {
         for (i, r) in raws.into_iter().enumerate() {
             let p = format!("routes[{i}]");
+            let at = Declared { file: src.path.clone(), pos: src.spans.value(&format!("{p}.name")) };
             // Every name, valid route or not: a duplicate is reported with the field errors.
-            self.route_names.push((
-                r.name.clone(),
-                Declared { file: src.path.clone(), pos: src.spans.value(&format!("{p}.name")) },
-            ));
+            self.route_names.push((r.name.clone(), at.clone()));
             if let Some(route) = self.route(src, &p, r) {
-                declared.push(Declared { file: src.path.clone(), pos: src.spans.value(&format!("{p}.name")) });
+                declared.push(at);
                 routes.push(route);
             }
         }
