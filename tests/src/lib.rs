@@ -161,9 +161,14 @@ pub fn weir_bin() -> PathBuf {
     bin
 }
 
-/// The repository root (for policies/ and fixtures).
+/// The repository root (for policies/ and fixtures): where `cargo test` runs this test from
+/// (it sets `CARGO_MANIFEST_DIR` for the process), else where it was compiled — a build dir
+/// reused from a checkout at another path must not send the tests to that path's files.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
 }
 
 /// A running `weir run` process.

@@ -623,3 +623,89 @@ async fn tunnels_hold_their_slots_and_have_caps_of_their_own() {
     assert_eq!(status.unwrap(), 200);
     drop((b, c));
 }
+
+/// A raw HTTP/1.1 origin that counts its connections and answers `answer to PATH`; `/quiet-close`
+/// answers and then closes the connection without saying so (no `Connection: close`), as an
+/// origin whose keep-alive timer fired does; `/big` sends 8 MiB.
+async fn counting_raw_origin() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    if path.starts_with("/big") {
+                        let body = vec![b'x'; 8 << 20];
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        if s.write_all(head.as_bytes()).await.is_err() || s.write_all(&body).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let body = format!("answer to {path}");
+                    let out = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    if s.write_all(out.as_bytes()).await.is_err() || path.starts_with("/quiet-close") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, conns)
+}
+
+/// Weir's upstream pool: sequential requests share one keep-alive connection; a connection the
+/// origin closed while idle is not used again; a response abandoned mid-body closes its
+/// connection instead of handing the next request its leftover bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_reused_and_never_handed_on_dirty() {
+    let (url, conns) = counting_raw_origin().await;
+    let gw = Gateway::start(&config(&format!("  - name: all\n    match: {{ path: / }}\n    upstream: {url}\n")));
+    let c = client();
+    for i in 0..20 {
+        let got = send(&c, Request::get(gw.url(&format!("/a/{i}"))).body(full("")).unwrap()).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, format!("answer to /a/{i}")));
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 1, "twenty sequential requests, one upstream connection");
+
+    // The origin closes after this answer; the next request must not be sent on that socket.
+    let got = send(&c, Request::get(gw.url("/quiet-close")).body(full("")).unwrap()).await;
+    assert_eq!(got.text(), "answer to /quiet-close");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = send(&c, Request::get(gw.url("/after-close")).body(full("")).unwrap()).await;
+    assert_eq!((got.status.as_u16(), got.text()), (200, "answer to /after-close".to_string()));
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+
+    // A client takes the first bytes of 8 MiB and leaves: the upstream connection, with the
+    // rest of the body unread, must not carry the next request.
+    let resp = client().request(Request::get(gw.url("/big")).body(full("")).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    drop(body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..5 {
+        let got = send(&c, Request::get(gw.url(&format!("/next/{i}"))).body(full("")).unwrap()).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, format!("answer to /next/{i}")));
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 3, "the abandoned connection was closed, its successor reused");
+}

@@ -6,10 +6,9 @@
 use bytes::Bytes;
 use http::header;
 use http::request::Parts;
-use http::{Method, Request, Response, Uri};
+use http::{Method, Request, Response};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Incoming;
 
 use super::body::{self, ClientBody, IdleTimeout, IdleTimeoutError, WithPermit};
 use super::context::{Hop, Purpose, RequestCtx};
@@ -17,6 +16,7 @@ use super::headers::{add_via, strip_hop_by_hop};
 use super::meter;
 use crate::error::GatewayError;
 use crate::runtime::RouteRuntime;
+use crate::upstream::{Pooled, SendFailure};
 use crate::Body;
 
 /// Phase 6: **every** upstream request leaves through here — the client's miss, a coalesced
@@ -103,7 +103,7 @@ async fn send_with_retry(
     route: &RouteRuntime,
     parts: Parts,
     body: Option<Body>,
-) -> Result<(usize, Response<Incoming>), GatewayError> {
+) -> Result<(usize, Response<Pooled>), GatewayError> {
     let no_body = body.is_none();
     let body = body.unwrap_or_else(empty);
     let idempotent = matches!(
@@ -137,50 +137,36 @@ async fn send_with_retry(
     }
 }
 
-/// Upstream request head for target `i`; the request path is forwarded as the client sent it.
-fn upstream_uri(route: &RouteRuntime, i: usize, parts: &Parts) -> Result<Uri, GatewayError> {
-    let target = route.upstreams.url(i);
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .map_err(|e| GatewayError::BadRequest(format!("cannot build upstream URI: {e}")))
-}
-
 enum SendError {
     Connect(String),
     Other(GatewayError),
 }
 
-async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> Result<Response<Incoming>, SendError> {
-    parts.uri = upstream_uri(route, i, &parts).map_err(SendError::Other)?;
+async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> Result<Response<Pooled>, SendError> {
     if route.route.upstream_host_own {
         // A SaaS upstream routes by its own name, not the gateway's.
         if let Ok(v) = http::HeaderValue::from_str(route.upstreams.url(i).authority.as_str()) {
             parts.headers.insert(header::HOST, v);
         }
     }
-    let req = Request::from_parts(parts, body);
     let after = route.route.timeouts.response;
     // The upstream's name is formatted only for an error: it is not free on the hot path.
     let upstream = || route.upstreams.url(i).to_string();
     let started = std::time::Instant::now();
-    match tokio::time::timeout(after, route.upstreams.client.request(req)).await {
+    match tokio::time::timeout(after, route.upstreams.send(i, parts, body)).await {
         Err(_) => Err(SendError::Other(GatewayError::UpstreamTimeout { upstream: upstream(), after })),
         Ok(Ok(resp)) => {
             route.metrics.upstream(started.elapsed());
             route.upstreams.mark_up(i);
             Ok(resp)
         }
-        Ok(Err(e)) if e.is_connect() && tls_failure(&e) => {
+        Ok(Err(SendFailure::Connect(e))) if tls_failure(&*e) => {
             // The reason is for the operator, not the client.
-            tracing::warn!(upstream = %upstream(), "TLS to the upstream failed: {}", error_chain(&e));
+            tracing::warn!(upstream = %upstream(), "TLS to the upstream failed: {}", error_chain(&*e));
             Err(SendError::Other(GatewayError::UpstreamTls { upstream: upstream() }))
         }
-        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(error_chain(&e))),
-        Ok(Err(e)) => Err(SendError::Other(classify_send_error(&e, route, upstream()))),
+        Ok(Err(SendFailure::Connect(e))) => Err(SendError::Connect(error_chain(&*e))),
+        Ok(Err(SendFailure::Request(e))) => Err(SendError::Other(classify_send_error(&e, route, upstream()))),
     }
 }
 
