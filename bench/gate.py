@@ -112,10 +112,11 @@ def drive(port, paths):
         raise SystemExit(f"unexpected statuses {statuses}")
 
 
-def config(tmp, port, admin_port, origin_port, log=True):
+def config(tmp, port, admin_port, origin_port, log=True, access="off"):
     cfg = tmp / "gate.yaml"
     # A commit from before the access log existed (53da35e, say) refuses the `log` key.
-    log = "log:\n  access: { format: off }\n" if log else ""
+    to = f", to: {tmp / 'access.log'}" if access != "off" else ""
+    log = f"log:\n  access: {{ format: {access}{to} }}\n" if log else ""
     cfg.write_text(f"""listen:
   - addr: 127.0.0.1:{port}
 admin:
@@ -156,7 +157,7 @@ def instructions(out_file):
 def measure(args, scenario, tmp):
     target = Path(args.target_dir)
     origin_port, port, admin_port = free_port(), free_port(), free_port()
-    cfg = config(tmp, port, admin_port, origin_port, log=not args.no_log_key)
+    cfg = config(tmp, port, admin_port, origin_port, log=not args.no_log_key, access=args.access_log)
     origin = subprocess.Popen([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}",
                                "--bytes", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp / f"callgrind.{scenario}.out"
@@ -204,6 +205,8 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="tokio runtime workers (TOKIO_WORKER_THREADS)")
     ap.add_argument("--scenario", choices=SCENARIOS, action="append", help="only these (repeatable)")
     ap.add_argument("--keep", default=None, help="keep each scenario's dump in this folder (for callgrind_annotate)")
+    ap.add_argument("--access-log", default="off", choices=("off", "json", "text"),
+                    help="the access log's format (written to a file in the run's temp dir); the baseline is off")
     ap.add_argument("--no-log-key", action="store_true",
                     help="leave the `log` key out of the config (to measure a commit from before the access log)")
     ap.add_argument("--write", action="store_true", help="write the baseline from this run")

@@ -26,19 +26,17 @@ const MAX_REQUEST_ID: usize = 128;
 #[derive(Debug, Clone)]
 pub struct Ids {
     pub request_id: HeaderValue,
-    pub trace: Trace,
+    /// The trace, made at once only when a log line or a span will name it; otherwise the
+    /// request's context makes it if the request goes upstream (`RequestCtx::trace`): a hit
+    /// never pays for it.
+    pub trace: Option<Trace>,
 }
 
 impl Ids {
     /// The id from a trusted peer's `X-Request-Id` when it is printable and short, else a new
-    /// one; the trace continued from a valid `traceparent`, else a new trace. The `traceparent`
-    /// text is made only for what uses it (an upstream hop, the log): a hit never does.
-    pub fn of(headers: &HeaderMap, trusted: bool, sample_new: bool) -> Ids {
-        let mut trace = Trace::of(headers);
-        if sample_new && trace.parent_id.is_none() {
-            // Weir starts the trace and records its span: say so downstream.
-            trace.flags |= 1;
-        }
+    /// one; with `trace`, the trace now (`Trace::of`).
+    pub fn of(headers: &HeaderMap, trusted: bool, trace: Option<bool>) -> Ids {
+        let trace = trace.map(|sample_new| Trace::of(headers, sample_new));
         // Only a trusted peer's id is kept: nobody else's is looked up.
         let kept = trusted
             .then(|| headers.get(&X_REQUEST_ID))
@@ -52,16 +50,15 @@ impl Ids {
         });
         Ids { request_id, trace }
     }
-
-    /// `traceparent` for the upstream hop (and the access log).
-    pub fn traceparent(&self) -> HeaderValue {
-        self.trace.traceparent()
-    }
 }
 
 impl Trace {
     /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`, Weir's span as the parent.
     pub fn traceparent(&self) -> HeaderValue {
+        header_value(&self.text())
+    }
+
+    fn text(&self) -> [u8; 55] {
         let mut buf = [0u8; 55];
         buf[..3].copy_from_slice(b"00-");
         hex_into(&mut buf[3..35], &self.trace_id.to_be_bytes());
@@ -69,7 +66,7 @@ impl Trace {
         hex_into(&mut buf[36..52], &self.span_id.to_be_bytes());
         buf[52] = b'-';
         hex_into(&mut buf[53..55], &[self.flags]);
-        header_value(&buf)
+        buf
     }
 }
 
@@ -98,11 +95,13 @@ pub struct Trace {
 }
 
 impl Trace {
-    pub fn of(headers: &HeaderMap) -> Trace {
+    /// The trace continued from a valid `traceparent`, else a new one — sampled when
+    /// `sample_new` (Weir starts the trace and records its span: it says so downstream).
+    pub fn of(headers: &HeaderMap, sample_new: bool) -> Trace {
         let span_id = nonzero_u64();
         match headers.get(&TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())) {
             Some((trace_id, parent, flags)) => Trace { trace_id, span_id, parent_id: Some(parent), flags },
-            None => Trace { trace_id: nonzero_u128(), span_id, parent_id: None, flags: 0 },
+            None => Trace { trace_id: nonzero_u128(), span_id, parent_id: None, flags: u8::from(sample_new) },
         }
     }
 }
@@ -195,17 +194,16 @@ pub struct Record {
     pub client_ip: Option<IpAddr>,
     pub consumer: Option<String>,
     pub tls: Option<&'static str>,
-    pub traceparent: HeaderValue,
     /// Weir's error code, for responses Weir produced.
     pub error: Option<&'static str>,
-    /// The request's trace (for the span exporter).
-    pub trace: Option<Trace>,
+    /// The request's trace: the line's `traceparent`, and the span exporter's.
+    pub trace: Trace,
 }
 
 /// The process's access log: the queue's sending side and what the writer needs to know.
 #[derive(Debug)]
 pub struct AccessLog {
-    tx: SyncSender<Record>,
+    tx: SyncSender<Box<Record>>,
     pub query: bool,
     dropped: prometheus_client::metrics::counter::Counter,
     reopen: Arc<AtomicBool>,
@@ -232,7 +230,9 @@ impl AccessLog {
     }
 
     /// Queues a line; a full queue drops it (counted), it never waits.
-    pub fn log(&self, r: Record) {
+    /// Queues the line's record, boxed as it was built: moving a `Record` by value through the
+    /// queue copied it twice.
+    pub fn log(&self, r: Box<Record>) {
         if self.tx.try_send(r).is_err() {
             self.dropped.inc();
         }
@@ -260,7 +260,7 @@ const WRITER_TICK: Duration = Duration::from_millis(20);
 
 /// The writer thread: each tick drains the queue into a 64 KiB buffer and flushes it.
 fn write_lines(
-    rx: &Receiver<Record>,
+    rx: &Receiver<Box<Record>>,
     out: Box<dyn std::io::Write + Send>,
     format: Format,
     to: &Sink,
@@ -268,6 +268,7 @@ fn write_lines(
 ) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
     let mut line = String::with_capacity(512);
+    let mut stamps = crate::clock::Rfc3339Ms::default();
     loop {
         if reopen.swap(false, Ordering::Relaxed) {
             let _ = out.flush();
@@ -282,7 +283,7 @@ fn write_lines(
                     line.clear();
                     match format {
                         Format::Text => text_line(&r, &mut line),
-                        _ => json_line(&r, &mut line),
+                        _ => json_line(&r, &mut line, &mut stamps),
                     }
                     line.push('\n');
                     let _ = out.write_all(line.as_bytes());
@@ -310,15 +311,66 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
+/// Milliseconds to three decimals, as `ms(d)` prints (`12`, `0.5`, `3.125`), without `f64`
+/// formatting.
+fn push_ms(out: &mut String, d: Duration) {
+    let us = (d.as_nanos() + 500) / 1000;
+    let mut b = itoa::Buffer::new();
+    out.push_str(b.format(us / 1000));
+    let frac = us % 1000;
+    if frac != 0 {
+        let digit = |n: u128| b'0' + u8::try_from(n % 10).unwrap_or(0);
+        let digits = [b'.', digit(frac / 100), digit(frac / 10), digit(frac)];
+        let keep = if frac.is_multiple_of(100) {
+            2
+        } else if frac.is_multiple_of(10) {
+            3
+        } else {
+            4
+        };
+        out.push_str(std::str::from_utf8(&digits[..keep]).unwrap_or(""));
+    }
+}
+
+fn push_int(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// An IPv4 address by its octets (a `Display` through `fmt` cost 950 instructions a line).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            push_int(out, a);
+            for o in [b, c, d] {
+                out.push('.');
+                push_int(out, o);
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// A header value's text: itself when it is visible ASCII (always, for the ones Weir makes),
+/// else lossily.
+fn header_text(v: &HeaderValue) -> std::borrow::Cow<'_, str> {
+    match v.to_str() {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(v.as_bytes()),
+    }
+}
+
 /// One JSON object, written by hand into a reused buffer: the writer thread shares the server's
 /// cores, and building a `serde_json::Value` per line cost more than the request it logs.
-fn json_line(r: &Record, out: &mut String) {
-    use std::fmt::Write as _;
-    let lossy = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+/// Numbers, the timestamp and IPv4 addresses are written without `fmt`.
+fn json_line(r: &Record, out: &mut String, stamps: &mut crate::clock::Rfc3339Ms) {
     out.push_str("{\"ts\":\"");
-    out.push_str(&crate::clock::rfc3339_ms(r.ts));
+    stamps.push(out, r.ts);
     out.push_str("\",\"request_id\":");
-    json_str(out, &lossy(&r.request_id));
+    json_str(out, &header_text(&r.request_id));
     out.push_str(",\"route\":");
     json_opt(out, r.route.as_deref().map(String::as_str));
     out.push_str(",\"method\":");
@@ -327,31 +379,34 @@ fn json_line(r: &Record, out: &mut String) {
     json_str(out, &r.authority);
     out.push_str(",\"path\":");
     json_str(out, &r.path);
-    let _ = write!(out, ",\"status\":{}", r.status);
+    out.push_str(",\"status\":");
+    push_int(out, r.status);
     out.push_str(",\"cache\":");
     json_opt(out, r.cache.as_ref().map(cache_outcome));
     out.push_str(",\"upstream\":");
     json_opt(out, r.upstream.as_deref());
     out.push_str(",\"upstream_status\":");
     match r.upstream_status {
-        Some(s) => {
-            let _ = write!(out, "{s}");
-        }
+        Some(s) => push_int(out, s),
         None => out.push_str("null"),
     }
-    let _ = write!(out, ",\"duration_ms\":{}", ms(r.duration));
+    out.push_str(",\"duration_ms\":");
+    push_ms(out, r.duration);
     out.push_str(",\"upstream_ms\":");
     match r.upstream_time {
-        Some(t) => {
-            let _ = write!(out, "{}", ms(t));
-        }
+        Some(t) => push_ms(out, t),
         None => out.push_str("null"),
     }
-    let _ = write!(out, ",\"bytes_in\":{},\"bytes_out\":{}", r.bytes_in, r.bytes_out);
+    out.push_str(",\"bytes_in\":");
+    push_int(out, r.bytes_in);
+    out.push_str(",\"bytes_out\":");
+    push_int(out, r.bytes_out);
     out.push_str(",\"client_ip\":");
     match r.client_ip {
         Some(ip) => {
-            let _ = write!(out, "\"{ip}\"");
+            out.push('"');
+            push_ip(out, ip);
+            out.push('"');
         }
         None => out.push_str("null"),
     }
@@ -360,7 +415,9 @@ fn json_line(r: &Record, out: &mut String) {
     out.push_str(",\"tls\":");
     json_opt(out, r.tls);
     out.push_str(",\"traceparent\":");
-    json_str(out, &lossy(&r.traceparent));
+    out.push('"');
+    out.push_str(std::str::from_utf8(&r.trace.text()).unwrap_or(""));
+    out.push('"');
     out.push_str(",\"error\":");
     json_opt(out, r.error);
     out.push('}');
@@ -373,20 +430,53 @@ fn json_opt(out: &mut String, s: Option<&str>) {
     }
 }
 
-/// A JSON string (RFC 8259 §7): quotes, backslashes and control characters escaped.
-fn json_str(out: &mut String, s: &str) {
-    use std::fmt::Write as _;
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
+/// Whether any byte is a control character, `"` or `\\`: eight bytes at a time (SWAR: a byte
+/// below `n` leaves its high bit set in `(x - n·0x01…) & !x & 0x80…`; a byte equal to `c` is a
+/// zero byte of `x ^ c·0x01…`), the rest one by one. Exact, not approximate: a hit is only
+/// ever a real one.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
+    let mut words = bytes.chunks_exact(8);
+    for w in words.by_ref() {
+        let x = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        if x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0 || zero_byte(x ^ (ONES * 0x22)) || zero_byte(x ^ (ONES * 0x5c))
+        {
+            return true;
         }
     }
+    words.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// A JSON string (RFC 8259 §7): quotes, backslashes and control characters escaped. The runs
+/// between them are copied whole (most strings have none).
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    if !needs_escape(s.as_bytes()) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b if b < 0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[from..i]);
+        if esc.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        } else {
+            out.push_str(esc);
+        }
+        from = i + 1;
+    }
+    out.push_str(&s[from..]);
     out.push('"');
 }
 
@@ -440,27 +530,61 @@ mod tests {
     fn ids_trust_only_trusted_peers() {
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(Ids::of(&h, true, false).request_id, "abc-123");
-        let own = Ids::of(&h, false, false).request_id;
+        assert_eq!(Ids::of(&h, true, None).request_id, "abc-123");
+        let own = Ids::of(&h, false, None).request_id;
         assert_ne!(own, "abc-123");
         assert_eq!(own.len(), 32);
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(Ids::of(&h, true, false).request_id, "has space");
+        assert_ne!(Ids::of(&h, true, None).request_id, "has space");
     }
 
     #[test]
     fn traceparent_continues_the_trace_with_a_new_span() {
         let mut h = HeaderMap::new();
         h.insert(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        let ids = Ids::of(&h, false, false);
-        let tp = ids.traceparent();
+        let trace = Trace::of(&h, false);
+        let tp = trace.traceparent();
         let tp = tp.to_str().unwrap();
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"), "{tp}");
-        assert_eq!(parse_traceparent(tp.as_bytes()).map(|t| t.1), Some(ids.trace.span_id));
-        assert_ne!(ids.trace.span_id, 0x00f067aa0ba902b7);
-        assert_eq!(ids.trace.parent_id, Some(0x00f067aa0ba902b7));
-        let fresh = Ids::of(&HeaderMap::new(), false, false);
+        assert_eq!(parse_traceparent(tp.as_bytes()).map(|t| t.1), Some(trace.span_id));
+        assert_ne!(trace.span_id, 0x00f067aa0ba902b7);
+        assert_eq!(trace.parent_id, Some(0x00f067aa0ba902b7));
+        let fresh = Trace::of(&HeaderMap::new(), false);
         assert!(parse_traceparent(fresh.traceparent().as_bytes()).is_some());
+        assert_eq!(fresh.flags, 0);
+        assert_eq!(Trace::of(&HeaderMap::new(), true).flags, 1, "a trace Weir starts and records is sampled");
+        assert_eq!(Trace::of(&h, true).flags, 1, "a continued trace keeps the caller's flags");
+    }
+
+    #[test]
+    fn numbers_strings_and_addresses_are_written_as_fmt_and_serde_would() {
+        for us in [0u64, 1, 499, 500, 999, 1000, 1500, 1050, 1005, 12_345, 3_000_000, 86_400_000_123] {
+            for extra_ns in [0u64, 499, 501] {
+                let d = Duration::from_nanos(us * 1000 + extra_ns);
+                let mut out = String::new();
+                push_ms(&mut out, d);
+                assert_eq!(out, ms(d).to_string(), "{d:?}");
+            }
+        }
+        for s in ["", "plain", "a\"b", "back\\slash", "ctl\u{1}\n\t", "ünïcødé \u{7f} ✓", "\"\"\\"] {
+            let mut out = String::new();
+            json_str(&mut out, s);
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s, "{out}");
+        }
+        // Every byte value at every position of a word: the word-at-a-time test agrees with the
+        // byte-at-a-time one.
+        for b in 0..=255u8 {
+            for at in 0..17 {
+                let mut v = vec![b'a'; 17];
+                v[at] = b;
+                assert_eq!(needs_escape(&v), b < 0x20 || b == b'"' || b == b'\\', "byte {b:#x} at {at}");
+            }
+        }
+        for ip in ["0.0.0.0", "198.51.100.7", "255.255.255.255", "::1", "2001:db8::7"] {
+            let mut out = String::new();
+            push_ip(&mut out, ip.parse().unwrap());
+            assert_eq!(out, ip);
+        }
     }
 
     #[test]
@@ -483,12 +607,11 @@ mod tests {
             client_ip: Some(IpAddr::from([127, 0, 0, 1])),
             consumer: None,
             tls: Some("TLSv1.3"),
-            traceparent: HeaderValue::from_static("00-x"),
             error: None,
-            trace: None,
+            trace: Trace { trace_id: 1, span_id: 2, parent_id: None, flags: 1 },
         };
         let mut line = String::new();
-        json_line(&r, &mut line);
+        json_line(&r, &mut line, &mut crate::clock::Rfc3339Ms::default());
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["authority"], "a\"b");
         assert_eq!(v["path"], "/p\\q\u{1}\u{e9}");
@@ -539,7 +662,10 @@ impl SpanExporter {
 
     /// Queues the request's span when its trace is sampled; a full queue drops it (counted).
     pub fn export(&self, r: &Record) {
-        let Some(trace) = r.trace.filter(|t| t.flags & 1 == 1) else { return };
+        let trace = r.trace;
+        if trace.flags & 1 != 1 {
+            return;
+        }
         let nanos = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos().to_string();
         let attr = |k: &str, v: serde_json::Value| serde_json::json!({"key": k, "value": v});
         let s = |v: &str| serde_json::json!({"stringValue": v});

@@ -344,7 +344,7 @@ impl Drop for Completion {
                 spans.export(&r);
             }
             if let Some(log) = &sinks.log {
-                log.log(*r);
+                log.log(r);
             }
         }
     }

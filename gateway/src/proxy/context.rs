@@ -119,7 +119,7 @@ pub struct RequestCtx {
     pub system: bool,
     /// The trace this request belongs to, with Weir's span: its `traceparent` goes upstream
     /// (made only when a request goes there). `None` for Weir's own requests.
-    pub trace: Option<crate::observe::Trace>,
+    pub trace: std::sync::OnceLock<crate::observe::Trace>,
 }
 
 /// One upstream call: which target answered, with what, how fast (to the response head).
@@ -161,7 +161,7 @@ impl RequestCtx {
             cache_key: std::sync::OnceLock::new(),
             debug,
             system: false,
-            trace: None,
+            trace: std::sync::OnceLock::new(),
         }
     }
 
@@ -220,9 +220,8 @@ impl RequestCtx {
         parts.headers.reserve(7);
         // Weir's span is the upstream hop's parent (a client's own `traceparent` is replaced; its
         // `tracestate` passes unchanged).
-        if let Some(t) = &self.trace {
-            parts.headers.insert(crate::observe::TRACEPARENT.clone(), t.traceparent());
-        }
+        let trace = self.trace.get_or_init(|| crate::observe::Trace::of(&self.canon.headers, false));
+        parts.headers.insert(crate::observe::TRACEPARENT.clone(), trace.traceparent());
         set_forwarding(&mut parts.headers, &self.conn, Some(&self.canon.authority), self.trusted);
         add_via(&mut parts.headers, self.canon.version);
         parts

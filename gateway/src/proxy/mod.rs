@@ -69,10 +69,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let tls_version = conn.tls.as_ref().map(|t| t.version);
     let trusted = rt.config.server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
     let spans = gw.span_exporter();
-    let ids = Ids::of(req.headers(), trusted, spans.is_some());
     let access = gw.access_log();
     let sinks =
         (access.is_some() || spans.is_some()).then(|| body::Sinks { log: access.cloned(), spans: spans.cloned() });
+    let ids = Ids::of(req.headers(), trusted, sinks.as_ref().map(|_| spans.is_some()));
     let started_at = sinks.as_ref().map(|_| std::time::SystemTime::now());
 
     let mut served = phases(&rt, req, conn, trusted, &ids, sinks.is_some()).await;
@@ -133,6 +133,11 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
             }
         }
         let hop = ctx.and_then(|c| c.hop.get().copied());
+        // With a sink there is always an early trace; the context's is the same one.
+        let trace = ctx
+            .and_then(|c| c.trace.get().copied())
+            .or(ids.trace)
+            .unwrap_or_else(|| crate::observe::Trace::of(&http::HeaderMap::new(), false));
         (
             sinks,
             Box::new(Record {
@@ -153,9 +158,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
                 client_ip: Some(ctx.map_or_else(|| peer.ip().to_canonical(), |c| c.client_ip)),
                 consumer: ctx.and_then(|c| c.consumer.clone()),
                 tls: tls_version,
-                traceparent: ids.traceparent(),
                 error,
-                trace: Some(ids.trace),
+                trace,
             }),
             ctx.and_then(|c| c.bytes_in.clone()),
         )
@@ -219,7 +223,10 @@ async fn phases(
     };
     let route = &rt.routes[idx];
     let mut ctx = RequestCtx::new(rt.clone(), conn, trusted, canon, idx, debug, logging);
-    ctx.trace = Some(ids.trace);
+    if let Some(t) = ids.trace {
+        // A log line or a span names this trace: the upstream hop continues it.
+        let _ = ctx.trace.set(t);
+    }
     let admitted = admit_route(&ctx);
     // Upgrades are tunnelled on uncached routes only.
     let on_upgrade = match (&ctx.canon.upgrade, &route.route.cache) {

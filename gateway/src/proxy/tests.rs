@@ -64,7 +64,7 @@ fn routed(fx: &Fixture, method: Method, uri: &str, headers: &[(&str, &str)]) -> 
     let (mut parts, ()) = b.body(()).unwrap().into_parts();
     let peer = "198.51.100.7:40000".parse().unwrap();
     let conn = ConnInfo::new(peer, "127.0.0.1:8080".parse().unwrap(), "http");
-    let ids = Ids::of(&parts.headers, false, false);
+    let ids = Ids::of(&parts.headers, false, None);
     let Accepted { canon, debug } = accept(&fx.rt, &mut parts, &conn, false, &ids)?;
     let route = route_of(&fx.rt, &canon)?;
     let ctx = RequestCtx::new(fx.rt.clone(), conn, false, canon, route, debug, false);
