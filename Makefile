@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: deps build plugins run test lint bench bench-gate clean-demo
+.PHONY: deps build plugins run test lint bench bench-gate soak clean-demo
 PLUGINS := catalog tenant-key llm-cost fixtures
 WEIR = $${CARGO_TARGET_DIR:-target}/debug/weir
 
@@ -31,6 +31,11 @@ lint:
 ## Everything CI runs: format, lints, build, unit + end-to-end tests (real processes, real Redis).
 test: deps lint plugins
 	$(CARGO) test -j$(JOBS) --workspace
+
+## The reliability soak's long profile (30 min; WEIR_SOAK_SECS, WEIR_SOAK_SEED): faults under load,
+## invariants checked, figures printed. `make test` runs its 60-second profile.
+soak: deps plugins
+	WEIR_SOAK_SECS=$${WEIR_SOAK_SECS:-1800} $(CARGO) test -j$(JOBS) --test soak -- --nocapture
 
 ## Load benchmark (release build, wrk, nginx): see bench/README.md.
 bench: deps plugins

@@ -274,6 +274,27 @@ pub struct Budgets {
     instance: u64,
     counter: AtomicU64,
     local: Mutex<Local>,
+    /// Reservations whose script may have run though its answer never came (Redis stalled past
+    /// `op_timeout`, the connection broke): released by the caller (`take_unanswered`) instead
+    /// of holding the consumer's money until `lease_ttl`.
+    unanswered: Mutex<Vec<Lease>>,
+    has_unanswered: std::sync::atomic::AtomicBool,
+}
+
+/// A reservation sent to Redis and not yet answered. Dropped armed — the answer never came, or
+/// the caller went away while waiting (a client that hung up) — it queues the lease for release.
+struct Unanswered<'a> {
+    budgets: &'a Budgets,
+    lease: Option<Lease>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(l) = self.lease.take() {
+            self.budgets.unanswered.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(l);
+            self.budgets.has_unanswered.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl Budgets {
@@ -290,6 +311,8 @@ impl Budgets {
             instance: crate::random_u64(),
             counter: AtomicU64::new(0),
             local: Mutex::new(Local::default()),
+            unanswered: Mutex::new(Vec::new()),
+            has_unanswered: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -365,7 +388,13 @@ impl Budgets {
         }
         let ttl_us = u64::try_from(def.lease_ttl.as_micros()).unwrap_or(u64::MAX);
         inv.arg(limit_units).arg(units).arg(&id).arg(ttl_us).arg(key_ttl).arg(if partial { "1" } else { "0" });
-        match redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await {
+        let mut pending = Unanswered { budgets: self, lease: Some(lease(0, 0, units)) };
+        let answer = redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await;
+        if !matches!(answer, Err(crate::redis::CallError::Timeout(_) | crate::redis::CallError::Redis(_))) {
+            // Answered, or never sent (breaker open, not connected): nothing to release.
+            pending.lease = None;
+        }
+        match answer {
             Ok(v) if v.len() == 5 && v[0] == 1 => Ok(lease(v[1], v[2], v[4])),
             Ok(v) if v.len() == 5 => Err(retry),
             Ok(_) => Err(Refusal::Unavailable),
@@ -376,9 +405,23 @@ impl Budgets {
         }
     }
 
+    /// Whether reservations wait to be released (one atomic load: the common answer is no).
+    pub fn has_unanswered(&self) -> bool {
+        self.has_unanswered.load(Ordering::Acquire)
+    }
+
+    /// Reservations that were sent but never answered, to be released.
+    pub fn take_unanswered(&self) -> Vec<Lease> {
+        let mut q = self.unanswered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.has_unanswered.store(false, Ordering::Release);
+        std::mem::take(&mut *q)
+    }
+
     /// Settles `lease`: releases it and, when `charged`, adds `units` to its window and history.
     /// A failure is logged: the lease then expires and its money comes back.
-    pub async fn settle(&self, lease: &Lease, units: i64, charged: bool) {
+    /// Whether Redis took the settlement (always, in embedded mode). The script is idempotent
+    /// by lease id, so a caller retries one that was not taken.
+    pub async fn settle(&self, lease: &Lease, units: i64, charged: bool) -> bool {
         let Some(redis) = &self.redis else {
             // In process each lease is settled once by construction (its one caller); a lease
             // that expired meanwhile is still charged, as in Redis.
@@ -408,7 +451,7 @@ impl Budgets {
                     e.1 += 1;
                 }
             }
-            return;
+            return true;
         };
         let tag = self.tag(&lease.budget.name, &lease.consumer);
         let [w, la, lz] = self.window_keys(&tag, lease.window);
@@ -420,8 +463,12 @@ impl Budgets {
         inv.arg(lease.budget.hourly_ttl.as_secs())
             .arg(lease.budget.daily_ttl.as_secs())
             .arg(lease.budget.lease_ttl.as_secs().max(60) * 2);
-        if let Err(e) = redis.call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await {
-            tracing::warn!(error = ?e, budget = %lease.budget.name, "budget settlement failed; the lease expires and its money comes back");
+        match redis.call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = ?e, budget = %lease.budget.name, "budget settlement not taken; retrying");
+                false
+            }
         }
     }
 

@@ -411,3 +411,42 @@ impl HttpBody for Pooled {
         self.inner.size_hint()
     }
 }
+
+pin_project_lite::pin_project! {
+    /// A request body that says when the connection starts writing its request: hyper asks a
+    /// body `is_end_stream` as it takes the request to encode its head, and never for a request
+    /// whose sender gave up before (a canceled request is dropped unwritten). The budget's guard
+    /// reads the flag: a call that was never written was never asked of the origin.
+    pub struct AskedBody {
+        #[pin]
+        inner: Body,
+        asked: Arc<AtomicBool>,
+    }
+}
+
+impl AskedBody {
+    pub fn new(inner: Body, asked: Arc<AtomicBool>) -> AskedBody {
+        AskedBody { inner, asked }
+    }
+}
+
+impl HttpBody for AskedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        this.asked.store(true, Ordering::SeqCst);
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.asked.store(true, Ordering::SeqCst);
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.asked.store(true, Ordering::SeqCst);
+        self.inner.size_hint()
+    }
+}

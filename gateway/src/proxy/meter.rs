@@ -33,6 +33,10 @@ use crate::Body;
 #[derive(Debug)]
 pub(crate) struct LeaseGuard {
     levels: Vec<Held>,
+    /// Set once the upstream connection started writing the request (`upstream::Asked`): a
+    /// guard dropped before that — the client left while Weir was still connecting, say — asked
+    /// the origin nothing, and releases instead of charging.
+    asked: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug)]
@@ -45,6 +49,11 @@ struct Held {
 }
 
 impl LeaseGuard {
+    /// The flag the upstream request sets when it is handed to the connection.
+    pub(crate) fn asked_flag(&mut self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.asked.get_or_insert_with(Arc::default).clone()
+    }
+
     /// The lease of the route's own budget (the first level).
     pub(crate) fn lease(&self) -> Option<&Lease> {
         self.levels.first().map(|h| &h.lease)
@@ -62,13 +71,62 @@ impl LeaseGuard {
                 h.metrics.budget_spent(&h.lease.budget.name, units);
             }
         }
-        let task = tokio::spawn(async move {
-            for h in levels {
-                h.budgets.settle(&h.lease, units, charged).await;
-            }
-        });
-        let _ = task.await;
+        // The request waits for the first attempt (a balance read right after sees it); the
+        // retries of one Redis did not take go on without it.
+        let (first, tried) = tokio::sync::oneshot::channel();
+        tokio::spawn(settle_levels(levels.into_iter().map(|h| (h, units)).collect(), charged, Some(first)));
+        let _ = tried.await;
     }
+}
+
+/// Settles each level at its units; one that Redis did not take (it stalled, restarted, the
+/// breaker was open) is tried again with backoff — the script is idempotent by lease id — for
+/// as long as the lease would hold its money, so a call the origin served is not left unpaid
+/// by a Redis fault. `first` hears when every level has been tried once.
+async fn settle_levels(levels: Vec<(Held, i64)>, charged: bool, first: Option<tokio::sync::oneshot::Sender<()>>) {
+    let mut pending = Vec::new();
+    for (h, units) in levels {
+        if !h.budgets.settle(&h.lease, units, charged).await {
+            pending.push((h, units));
+        }
+    }
+    if let Some(f) = first {
+        let _ = f.send(());
+    }
+    let Some(ttl) = pending.iter().map(|(h, _)| h.lease.budget.lease_ttl).min() else { return };
+    let deadline = std::time::Instant::now() + ttl;
+    let mut wait = std::time::Duration::from_millis(100);
+    while !pending.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(2));
+        let mut left = Vec::new();
+        for (h, units) in pending {
+            if !h.budgets.settle(&h.lease, units, charged).await {
+                left.push((h, units));
+            }
+        }
+        pending = left;
+    }
+    for (h, _) in &pending {
+        tracing::warn!(budget = %h.lease.budget.name, "budget settlement failed until the lease's end; its money comes back");
+    }
+}
+
+/// Releases reservations whose answer never came (`Budgets::take_unanswered`: Redis stalled,
+/// or a client hung up while its reservation was under way), in the background, retried like
+/// any settlement; the next budgeted call of the instance sends them.
+fn release_unanswered(ctx: &RequestCtx) {
+    let leases = ctx.rt.budgets.take_unanswered();
+    if leases.is_empty() {
+        return;
+    }
+    let levels = leases
+        .into_iter()
+        .map(|lease| {
+            (Held { budgets: ctx.rt.budgets.clone(), metrics: ctx.rt.metrics.clone(), lease, if_dropped: 0 }, 0)
+        })
+        .collect();
+    tokio::spawn(settle_levels(levels, false, None));
 }
 
 impl Drop for LeaseGuard {
@@ -77,16 +135,27 @@ impl Drop for LeaseGuard {
         if levels.is_empty() {
             return;
         }
+        // Without the flag (a guard never handed to an upstream request) the call is charged,
+        // as before: the origin may have been asked.
+        let charged = self.asked.as_ref().is_none_or(|a| a.load(std::sync::atomic::Ordering::SeqCst));
         for h in &levels {
-            h.metrics.budget_unsettled("dropped");
-            h.metrics.budget_spent(&h.lease.budget.name, h.if_dropped);
+            if charged {
+                h.metrics.budget_unsettled("dropped");
+                h.metrics.budget_spent(&h.lease.budget.name, h.if_dropped);
+            }
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                for h in levels {
-                    h.budgets.settle(&h.lease, h.if_dropped, true).await;
-                }
-            });
+            rt.spawn(settle_levels(
+                levels
+                    .into_iter()
+                    .map(|h| {
+                        let units = h.if_dropped;
+                        (h, units)
+                    })
+                    .collect(),
+                charged,
+                None,
+            ));
         }
     }
 }
@@ -110,10 +179,14 @@ pub(crate) async fn reserve(
     let route = ctx.route();
     let consumer = payer(ctx, purpose);
     let limit = ctx.rt.config.budget_limit(&b.def, consumer);
+    if ctx.rt.budgets.has_unanswered() {
+        release_unanswered(ctx);
+    }
     match ctx.rt.budgets.reserve(&b.def, limit, consumer, b.reserve_units, b.cost_units.is_none()).await {
         Ok(lease) => {
             let if_dropped = b.cost_units.or(b.max_cost_units).unwrap_or(lease.units);
             Ok(Some(LeaseGuard {
+                asked: None,
                 levels: vec![Held {
                     budgets: ctx.rt.budgets.clone(),
                     metrics: ctx.rt.metrics.clone(),

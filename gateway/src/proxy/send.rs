@@ -17,6 +17,9 @@ use super::meter;
 use crate::error::GatewayError;
 use crate::runtime::RouteRuntime;
 use crate::upstream::{Pooled, SendFailure};
+
+/// Set when an upstream connection starts writing the request.
+type Asked = std::sync::Arc<std::sync::atomic::AtomicBool>;
 use crate::Body;
 
 /// Phase 6: **every** upstream request leaves through here — the client's miss, a coalesced
@@ -55,9 +58,12 @@ pub(crate) async fn upstream(
     };
     // The budget (phase 6): reserved before the call leaves, by a guard that settles it exactly
     // once — at the head, at the body's end, or when dropped (`meter`).
-    let budget = meter::upstream_budget(ctx, purpose).await?;
+    let mut budget = meter::upstream_budget(ctx, purpose).await?;
+    // A budgeted call learns whether the request reached a connection: a client that leaves
+    // before that is not charged (the origin was asked nothing).
+    let asked = budget.as_mut().map(|(_, guard)| guard.asked_flag());
     let started = std::time::Instant::now();
-    let sent = send_with_retry(route, parts, body).await.map(|(target, resp)| {
+    let sent = send_with_retry(route, parts, body, asked.as_ref()).await.map(|(target, resp)| {
         if purpose != Purpose::Refresh {
             let _ = ctx.hop.set(Hop { target, status: resp.status().as_u16(), took: started.elapsed() });
         }
@@ -103,6 +109,7 @@ async fn send_with_retry(
     route: &RouteRuntime,
     parts: Parts,
     body: Option<Body>,
+    asked: Option<&Asked>,
 ) -> Result<(usize, Response<Pooled>), GatewayError> {
     let no_body = body.is_none();
     let body = body.unwrap_or_else(empty);
@@ -112,7 +119,7 @@ async fn send_with_retry(
     );
     let retry_head = (no_body && idempotent && route.upstreams.len() > 1).then(|| clone_head(&parts));
     let first = route.upstreams.pick(None);
-    match send(route, first, parts, body).await {
+    match send(route, first, parts, body, asked).await {
         Ok(r) => Ok((first, r)),
         Err(SendError::Connect(reason)) => {
             route.upstreams.mark_down(first);
@@ -124,7 +131,7 @@ async fn send_with_retry(
             };
             let second = route.upstreams.pick(Some(first));
             tracing::info!(from = %route.upstreams.url(first), to = %route.upstreams.url(second), "retrying on another upstream");
-            match send(route, second, head, empty()).await {
+            match send(route, second, head, empty(), asked).await {
                 Ok(r) => Ok((second, r)),
                 Err(SendError::Connect(reason)) => {
                     route.upstreams.mark_down(second);
@@ -142,7 +149,13 @@ enum SendError {
     Other(GatewayError),
 }
 
-async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> Result<Response<Pooled>, SendError> {
+async fn send(
+    route: &RouteRuntime,
+    i: usize,
+    mut parts: Parts,
+    body: Body,
+    asked: Option<&Asked>,
+) -> Result<Response<Pooled>, SendError> {
     if route.route.upstream_host_own {
         // A SaaS upstream routes by its own name, not the gateway's.
         if let Ok(v) = http::HeaderValue::from_str(route.upstreams.url(i).authority.as_str()) {
@@ -153,6 +166,10 @@ async fn send(route: &RouteRuntime, i: usize, mut parts: Parts, body: Body) -> R
     // The upstream's name is formatted only for an error: it is not free on the hot path.
     let upstream = || route.upstreams.url(i).to_string();
     let started = std::time::Instant::now();
+    let body = match asked {
+        Some(flag) => crate::upstream::AskedBody::new(body, flag.clone()).boxed(),
+        None => body,
+    };
     match tokio::time::timeout(after, route.upstreams.send(i, parts, body)).await {
         Err(_) => Err(SendError::Other(GatewayError::UpstreamTimeout { upstream: upstream(), after })),
         Ok(Ok(resp)) => {
