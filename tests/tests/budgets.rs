@@ -587,3 +587,122 @@ async fn background_refreshes_are_charged_to_system() {
     }
     assert_eq!(status(&gw, "").await["spent"], "0.01", "the client paid for its own miss only");
 }
+
+/// Polls the budget's status until `done` holds (10 s at most); returns the last status.
+async fn status_until(gw: &Gateway, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let g = get(&gw.admin_url("/budgets/acme?budget=api")).await;
+        if g.status == 200 {
+            let s = g.json();
+            if done(&s) || Instant::now() > deadline {
+                return s;
+            }
+        } else if Instant::now() > deadline {
+            panic!("budget status: {} {}", g.status, g.text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn amount(s: &serde_json::Value, field: &str) -> rust_decimal::Decimal {
+    s[field].as_str().unwrap_or("?").parse().unwrap_or_else(|_| panic!("{field} in {s}"))
+}
+
+/// A client that leaves while Weir is still reaching the origin (here a TLS handshake the
+/// upstream never answers) asked the origin nothing: its reservation is released, not charged.
+/// (Found by the soak: such calls were charged the fixed cost.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_before_its_request_is_sent_is_not_charged() {
+    // Accepts TCP connections and never says a word: the TLS handshake waits forever.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let redis = RedisServer::start();
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nredis:\n  url: {}\n  op_timeout: 1s\nconsumers:\n  - id: acme\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ limit: \"1\", per: 1d }}\nroutes:\n  - name: paid\n    upstream: https://127.0.0.1:{port}\n    consumer: {{ from: header:x-api-key, required: true }}\n    budget: {{ name: api, cost: \"0.001\" }}\n",
+        redis.url(),
+        sha256_hex(KEY)
+    );
+    let gw = Gateway::start(&yaml);
+    for i in 0..3 {
+        let c = client();
+        let left = tokio::time::timeout(Duration::from_millis(400), call(&c, &gw, &format!("/x/{i}"))).await;
+        assert!(left.is_err(), "the upstream never answers: the client gives up");
+    }
+    assert!(!held.lock().unwrap().is_empty(), "Weir was connecting when the clients left");
+    let s = status_until(&gw, |s| amount(s, "reserved").is_zero()).await;
+    assert!(amount(&s, "reserved").is_zero(), "the reservations were released: {s}");
+    assert!(amount(&s, "spent").is_zero(), "nothing reached the origin, nothing is charged: {s}");
+}
+
+/// A settlement Redis does not take (paused past `op_timeout` while the origin answered) is
+/// retried until it lands: the served call is paid, once. (Found by the soak: it was dropped,
+/// and the call went unpaid when the lease expired.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_settlement_redis_missed_is_retried_until_it_lands() {
+    let (origin, hits) = Origin::counting(|_req| async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        text(200, "ok")
+    })
+    .await;
+    let redis = RedisServer::start();
+    let yaml = config(&origin, Some(redis.port), "limit: \"1\", per: 1d", "cost: \"0.001\"")
+        .replace("/0\n", "/0\n  op_timeout: 100ms\n");
+    let gw = Arc::new(Gateway::start(&yaml));
+    let g2 = gw.clone();
+    let call_task = tokio::spawn(async move { call(&client(), &g2, "/served").await });
+    // The reservation is made; while the origin works, Redis stops answering for 1.5 s.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hits.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the call never reached the origin");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(redis.command("CLIENT PAUSE 1500"), Some("+OK".into()));
+    let g = call_task.await.unwrap();
+    assert_eq!(g.status, 200, "{}", g.text());
+    let s = status_until(&gw, |s| !amount(s, "spent").is_zero()).await;
+    assert_eq!(amount(&s, "spent"), "0.001".parse().unwrap(), "the served call is paid once: {s}");
+    assert!(amount(&s, "reserved").is_zero(), "{s}");
+    assert_eq!(s["requests"], 1, "{s}");
+}
+
+/// A reservation whose answer never came (Redis paused past `op_timeout`: the call got 503, the
+/// script ran when Redis woke) is released by the instance's next budgeted call instead of
+/// holding the consumer's money for `lease_ttl`. (Found by the soak: ~150 held after 60 s.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reservation_whose_answer_never_came_is_released() {
+    let (origin, hits) = origin().await;
+    let redis = RedisServer::start();
+    let yaml = config(&origin, Some(redis.port), "limit: \"1\", per: 1d", "cost: \"0.001\"")
+        .replace("/0\n", "/0\n  op_timeout: 100ms\n");
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    // One call first: Redis has the scripts, so the paused call's EVALSHA runs when it wakes.
+    assert_eq!(call(&c, &gw, "/first").await.status, 200);
+    assert_eq!(redis.command("CLIENT PAUSE 800"), Some("+OK".into()));
+    let g = call(&c, &gw, "/during-pause").await;
+    assert_eq!(g.status, 503, "{}", g.text());
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // Redis wakes and runs the reservation nobody waits for; the breaker lets Redis back in.
+    let s = status_until(&gw, |s| !amount(s, "reserved").is_zero()).await;
+    assert_eq!(amount(&s, "reserved"), "0.001".parse().unwrap(), "the late reservation is held: {s}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let g = call(&c, &gw, "/after").await;
+        if g.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis never came back: {} {}", g.status, g.text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = status_until(&gw, |s| amount(s, "reserved").is_zero()).await;
+    assert!(amount(&s, "reserved").is_zero(), "the unanswered reservation was released: {s}");
+    assert_eq!(amount(&s, "spent"), "0.002".parse().unwrap(), "only the two served calls are paid: {s}");
+}

@@ -543,7 +543,10 @@ async fn soak_under_faults_keeps_every_invariant() {
     }
 
     // Limits: in any window of length T the admitted calls are at most burst + rate·T while
-    // Redis is there; while it is away (`fail: local`) each instance admits as much on its own.
+    // Redis is there; while it is away (`fail: local`) each instance admits as much on its own,
+    // and a window that spans a transition is bounded by the sum of both: Redis' bucket and
+    // every instance's local one (the first 30-minute run counted only the local ones and
+    // reported a 44-call "overshoot" that is within this bound).
     let mut ok = std::mem::take(&mut *seen.limited_ok.lock().unwrap());
     ok.sort();
     let mut overshoot = 0u64;
@@ -554,8 +557,11 @@ async fn soak_under_faults_keeps_every_invariant() {
                 j += 1;
             }
             let count = (i - j + 1) as f64;
-            let factor =
-                if faults.during(&redis_faults, ok[j], ok[i], Duration::from_secs(6)) { gws.len() as f64 } else { 1.0 };
+            let factor = if faults.during(&redis_faults, ok[j], ok[i], Duration::from_secs(6)) {
+                gws.len() as f64 + 1.0
+            } else {
+                1.0
+            };
             let allowed = factor * (BURST + RATE * w.as_secs_f64()) + 1.0;
             if count > allowed {
                 overshoot = overshoot.max((count - allowed) as u64);

@@ -83,6 +83,10 @@ pub struct Canonical {
     pub cache_fields: bool,
     /// The head carried `Weir-Debug` (phase 1 takes it out of `headers`).
     pub debug_header: bool,
+    /// The head had a conditional or range field (`If-None-Match`, `If-Modified-Since`,
+    /// `If-Match`, `If-Unmodified-Since`, `Range`, `If-Range`): a hit without one answers
+    /// without looking them up.
+    pub conditional: bool,
 }
 
 /// Which of `from_head`'s rules a head needs, read from its header names in one pass.
@@ -100,6 +104,8 @@ struct Survey {
     cache_fields: bool,
     /// `Weir-Debug`.
     debug: bool,
+    /// Conditional and range fields.
+    conditional: bool,
 }
 
 impl Survey {
@@ -115,6 +121,9 @@ impl Survey {
                 "x-http-method-override" | "x-http-method" | "x-method-override" => s.method_override = true,
                 "authorization" | "cookie" | "cache-control" | "pragma" => s.cache_fields = true,
                 "weir-debug" => s.debug = true,
+                "if-none-match" | "if-modified-since" | "if-match" | "if-unmodified-since" | "range" | "if-range" => {
+                    s.conditional = true;
+                }
                 n if super::headers::is_hop_by_hop(n) => s.hop = true,
                 _ => {}
             }
@@ -223,6 +232,7 @@ impl Canonical {
             method_override,
             cache_fields: seen.cache_fields,
             debug_header: seen.debug,
+            conditional: seen.conditional,
         })
     }
 
@@ -611,6 +621,9 @@ mod tests {
         for n in ["authorization", "cookie", "cache-control", "pragma"] {
             assert!(survey(n).cache_fields, "{n}");
         }
+        for n in ["if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "range", "if-range"] {
+            assert!(survey(n).conditional, "{n}");
+        }
         let plain = survey("user-agent");
         assert!(
             !(plain.expect
@@ -619,7 +632,8 @@ mod tests {
                 || plain.identity
                 || plain.method_override
                 || plain.cache_fields
-                || plain.debug)
+                || plain.debug
+                || plain.conditional)
         );
     }
 

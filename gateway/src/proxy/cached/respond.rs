@@ -18,9 +18,9 @@ use crate::Body;
 pub(super) fn serve_entry(req: &Canonical, e: &Entry, now: SystemTime) -> Response<Body> {
     let ch = &req.headers;
     let mut headers = e.headers.clone();
-    headers.insert(header::AGE, HeaderValue::from(e.age(now).as_secs()));
+    headers.insert(header::AGE, age_value(e.age(now).as_secs()));
     let mut resp = Response::new(empty());
-    if not_modified(&req.method, ch, e) {
+    if req.conditional && not_modified(&req.method, ch, e) {
         headers.remove(header::CONTENT_LENGTH);
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         *resp.headers_mut() = headers;
@@ -28,7 +28,7 @@ pub(super) fn serve_entry(req: &Canonical, e: &Entry, now: SystemTime) -> Respon
     }
     let mut status = e.status;
     let mut body = e.body.clone();
-    if req.method == Method::GET && e.status == StatusCode::OK {
+    if req.conditional && req.method == Method::GET && e.status == StatusCode::OK {
         if let Some(range) = ch.get(header::RANGE).and_then(|v| v.to_str().ok()) {
             if if_range_ok(ch, e) {
                 let len = e.body.len() as u64;
@@ -60,6 +60,16 @@ pub(super) fn serve_entry(req: &Canonical, e: &Entry, now: SystemTime) -> Respon
         *resp.body_mut() = Full::new(body).map_err(|never| match never {}).boxed();
     }
     resp
+}
+
+/// `Age` in seconds. The first hour's values are made once and shared (a clone of a static
+/// value is a copy): a hit does not format and allocate its `Age`.
+fn age_value(secs: u64) -> HeaderValue {
+    static SMALL: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let small = SMALL.get_or_init(|| {
+        (0..3600u64).map(|n| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str()))).collect()
+    });
+    usize::try_from(secs).ok().and_then(|i| small.get(i)).cloned().unwrap_or_else(|| HeaderValue::from(secs))
 }
 
 fn opaque(tag: &str) -> &str {
