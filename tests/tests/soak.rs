@@ -179,7 +179,7 @@ consumers:
   - id: acme
     keys_sha256: ["{key}"]
 budgets:
-  api: {{ limit: "1000000", per: 1d, fail: closed }}
+  api: {{ limit: "1000000", per: 1d, fail: closed, lease_ttl: 5s }}
 routes:
   - name: items
     match: {{ path: /item/ }}
@@ -220,6 +220,10 @@ struct Outcome {
     /// HTTP status, or `None` for a transport error (the client's own early disconnects are
     /// `PaidLeft`, not errors).
     status: Option<u16>,
+    /// A 5xx answer's body (Weir's error JSON), for the report.
+    error: Option<String>,
+    /// Which instance slot it went to.
+    instance: usize,
 }
 
 #[derive(Default)]
@@ -250,20 +254,50 @@ impl Faults {
     }
 }
 
+/// The Weir instances. The schedule may kill one with `SIGKILL` and start another in its place
+/// (a new port): clients read the address per request.
+struct Fleet {
+    slots: Vec<Mutex<Gateway>>,
+    urls: Vec<std::sync::RwLock<String>>,
+}
+
+impl Fleet {
+    fn new(gws: Vec<Gateway>) -> Fleet {
+        Fleet {
+            urls: gws.iter().map(|g| std::sync::RwLock::new(format!("http://{}", g.addr()))).collect(),
+            slots: gws.into_iter().map(Mutex::new).collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("{}{path}", self.urls[i].read().unwrap())
+    }
+
+    fn replace(&self, i: usize, g: Gateway) {
+        *self.urls[i].write().unwrap() = format!("http://{}", g.addr());
+        *self.slots[i].lock().unwrap() = g;
+    }
+}
+
 type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
 /// One request, answered or not within 20 s. Each client task keeps one pooled client: a
 /// connection per request would run a long soak out of ephemeral ports.
 async fn request(
     c: &Client,
-    gw: &Gateway,
+    fleet: &Fleet,
+    i: usize,
     method: http::Method,
     path: &str,
     id: &str,
 ) -> Result<(u16, String), String> {
     let req = Request::builder()
         .method(method)
-        .uri(gw.url(path))
+        .uri(fleet.url(i, path))
         .header("host", HOST)
         .header("x-api-key", KEY)
         .header("x-soak-id", id)
@@ -284,22 +318,23 @@ async fn request(
 #[allow(clippy::too_many_lines)]
 async fn client_loop(
     n: u64,
-    gws: Arc<Vec<Gateway>>,
+    fleet: Arc<Fleet>,
     seen: Arc<Observed>,
     stop: Arc<AtomicBool>,
     seq: Arc<AtomicU64>,
     seed: u64,
 ) {
     let mut rng = Rng(seed ^ (n + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let c = client();
+    // Every third client speaks HTTP/2 (prior knowledge), the others HTTP/1.1.
+    let c = if n % 3 == 2 { h2_client() } else { client() };
     while !stop.load(Ordering::SeqCst) {
-        let gw = &gws[rng.below(gws.len() as u64) as usize];
+        let gw = rng.below(fleet.len() as u64) as usize;
         let id = format!("c{n}-{}", seq.fetch_add(1, Ordering::SeqCst));
         let roll = rng.below(100);
         let started = Instant::now();
         let (kind, result) = if roll < 60 {
             let item = rng.below(ITEMS);
-            let r = request(&c, gw, http::Method::GET, &format!("/item/{item}"), &id).await;
+            let r = request(&c, &fleet, gw, http::Method::GET, &format!("/item/{item}"), &id).await;
             if let Ok((200, body)) = &r {
                 if let Some(v) = body.split(':').nth(1).and_then(|v| v.parse::<u64>().ok()) {
                     seen.reads.lock().unwrap().push((item, started, Instant::now(), v));
@@ -308,7 +343,7 @@ async fn client_loop(
             (Kind::Hit, r)
         } else if roll < 65 {
             let item = rng.below(ITEMS);
-            let r = request(&c, gw, http::Method::POST, &format!("/item/{item}"), &id).await;
+            let r = request(&c, &fleet, gw, http::Method::POST, &format!("/item/{item}"), &id).await;
             if let Ok((200, body)) = &r {
                 if let Some(v) = body.split(':').nth(1).and_then(|v| v.parse::<u64>().ok()) {
                     seen.writes.lock().unwrap().push((item, Instant::now(), v));
@@ -316,28 +351,59 @@ async fn client_loop(
             }
             (Kind::Write, r)
         } else if roll < 80 {
-            (Kind::Paid, request(&c, gw, http::Method::GET, &format!("/paid/{id}"), &id).await)
+            (Kind::Paid, request(&c, &fleet, gw, http::Method::GET, &format!("/paid/{id}"), &id).await)
         } else if roll < 85 {
             // A client that hangs up before the answer: the call may or may not have reached
             // the origin; if it did, it is paid for.
             let wait = Duration::from_millis(rng.below(8));
-            let _ = tokio::time::timeout(wait, request(&c, gw, http::Method::GET, &format!("/paid/{id}"), &id)).await;
+            let _ = tokio::time::timeout(wait, request(&c, &fleet, gw, http::Method::GET, &format!("/paid/{id}"), &id))
+                .await;
             (Kind::PaidLeft, Ok((0, String::new())))
         } else {
-            let r = request(&c, gw, http::Method::GET, &format!("/limited/{id}"), &id).await;
+            let r = request(&c, &fleet, gw, http::Method::GET, &format!("/limited/{id}"), &id).await;
             if let Ok((200, _)) = &r {
                 seen.limited_ok.lock().unwrap().push(Instant::now());
             }
             (Kind::Limited, r)
+        };
+        let error = match &result {
+            Ok((s, body)) if *s >= 500 => Some(body.chars().take(120).collect()),
+            _ => None,
         };
         seen.outcomes.lock().unwrap().push(Outcome {
             kind,
             started,
             took: started.elapsed(),
             status: result.ok().map(|(s, _)| s),
+            error,
+            instance: gw,
         });
         tokio::time::sleep(Duration::from_millis(2 + rng.below(6))).await;
     }
+}
+
+/// One unexplained answer for the report: when, what, and the nearest fault.
+fn explain(faults: &Faults, t0: Instant, o: &Outcome) -> String {
+    let at = o.started.duration_since(t0).as_secs_f64();
+    let nearest = faults
+        .windows
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, from, to)| {
+            let (f, t) = (from.duration_since(t0).as_secs_f64(), to.duration_since(t0).as_secs_f64());
+            let gap = if at < f { f - at } else { (at - t).max(0.0) };
+            (gap, format!("{k} {f:.1}-{t:.1} s"))
+        })
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map_or_else(|| "none".to_string(), |(gap, w)| format!("{w} ({gap:.1} s away)"));
+    format!(
+        "at {at:.1} s: {:?} {:?} in {:?}: {}; nearest fault: {nearest}",
+        o.kind,
+        o.status,
+        o.took,
+        o.error.as_deref().unwrap_or("")
+    )
 }
 
 fn rss_limit() -> u64 {
@@ -359,7 +425,9 @@ async fn soak_under_faults_keeps_every_invariant() {
     let origin = origin(state.clone()).await;
     let origin_relay = Relay::start(origin.addr.port()).await;
     let yaml = config(redis_relay.port, origin_relay.port);
-    let gws = Arc::new(vec![Gateway::start(&yaml), Gateway::start(&yaml)]);
+    let fleet = Arc::new(Fleet::new(vec![Gateway::start(&yaml), Gateway::start(&yaml)]));
+    // Instance kills, for attribution: (slot, from, to).
+    let mut kills: Vec<(usize, Instant, Instant)> = Vec::new();
 
     let seen = Arc::new(Observed::default());
     let faults = Arc::new(Faults::default());
@@ -367,17 +435,17 @@ async fn soak_under_faults_keeps_every_invariant() {
     let seq = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for n in 0..6 {
-        clients.push(tokio::spawn(client_loop(n, gws.clone(), seen.clone(), stop.clone(), seq.clone(), seed)));
+        clients.push(tokio::spawn(client_loop(n, fleet.clone(), seen.clone(), stop.clone(), seq.clone(), seed)));
     }
 
     // Memory: sampled every 500 ms for the whole run.
-    let max_rss = Arc::new(Mutex::new(vec![0u64; gws.len()]));
+    let max_rss = Arc::new(Mutex::new(vec![0u64; fleet.len()]));
     let sampler = {
-        let (gws, max_rss, stop) = (gws.clone(), max_rss.clone(), stop.clone());
+        let (fleet, max_rss, stop) = (fleet.clone(), max_rss.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
-                for (i, g) in gws.iter().enumerate() {
-                    let r = g.rss();
+                for (i, g) in fleet.slots.iter().enumerate() {
+                    let r = g.lock().unwrap().rss();
                     let mut m = max_rss.lock().unwrap();
                     m[i] = m[i].max(r);
                 }
@@ -388,6 +456,8 @@ async fn soak_under_faults_keeps_every_invariant() {
 
     // The fault schedule: one fault every few seconds, chosen by the seed, with steady time
     // between them.
+    let t0 = Instant::now();
+    let wall0 = std::time::SystemTime::now();
     let mut rng = Rng(seed);
     let end = Instant::now() + Duration::from_secs(secs);
     let mut schedule = Vec::new();
@@ -402,7 +472,8 @@ async fn soak_under_faults_keeps_every_invariant() {
             "origin_5xx",
             "reload",
             "bad_reload",
-        ][rng.below(8) as usize];
+            "instance_kill",
+        ][rng.below(9) as usize];
         let hold = Duration::from_millis(500 + rng.below(1500));
         schedule.push(kind);
         let from = Instant::now();
@@ -429,18 +500,30 @@ async fn soak_under_faults_keeps_every_invariant() {
                 state.failing.store(false, Ordering::SeqCst);
             }
             "reload" => {
-                for g in gws.iter() {
-                    g.signal("HUP");
+                for g in &fleet.slots {
+                    g.lock().unwrap().signal("HUP");
                 }
+            }
+            "instance_kill" => {
+                // SIGKILL mid-load: its calls in flight are cut, its leases expire
+                // (`lease_ttl` 5 s here); a new instance takes its place.
+                let i = rng.below(fleet.len() as u64) as usize;
+                fleet.slots[i].lock().unwrap().signal("KILL");
+                tokio::time::sleep(hold).await;
+                let y = yaml.clone();
+                let fresh = tokio::task::spawn_blocking(move || Gateway::start(&y)).await.unwrap();
+                fleet.replace(i, fresh);
+                kills.push((i, from, Instant::now()));
             }
             _ => {
                 // A broken config between two good ones: refused, and the old one keeps serving.
-                let g = &gws[rng.below(gws.len() as u64) as usize];
-                std::fs::write(&g.config_path, "routes: [ this is not yaml").unwrap();
-                g.signal("HUP");
+                let i = rng.below(fleet.len() as u64) as usize;
+                let path = fleet.slots[i].lock().unwrap().config_path.clone();
+                std::fs::write(&path, "routes: [ this is not yaml").unwrap();
+                fleet.slots[i].lock().unwrap().signal("HUP");
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                std::fs::write(&g.config_path, &yaml).unwrap();
-                g.signal("HUP");
+                std::fs::write(&path, &yaml).unwrap();
+                fleet.slots[i].lock().unwrap().signal("HUP");
             }
         }
         faults.record(kind, from, Instant::now());
@@ -455,10 +538,19 @@ async fn soak_under_faults_keeps_every_invariant() {
     // Leases of calls cut short settle from tasks of their own, and reservations whose answer
     // never came are released by an instance's next budgeted call: one each, then a moment.
     let c = client();
-    for (i, g) in gws.iter().enumerate() {
-        let _ = request(&c, g, http::Method::GET, &format!("/paid/drain-{i}"), &format!("drain-{i}")).await;
+    for i in 0..fleet.len() {
+        let _ = request(&c, &fleet, i, http::Method::GET, &format!("/paid/drain-{i}"), &format!("drain-{i}")).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // A killed instance's calls in flight (cut, or answered just before): what the origin
+    // served of them is unpaid once their leases expire — the documented rule.
+    let killed_at = |o: &Outcome| {
+        kills.iter().any(|(i, from, to)| {
+            *i == o.instance
+                && o.started <= *to
+                && o.started + o.took >= from.checked_sub(Duration::from_millis(100)).unwrap_or(*from)
+        })
+    };
 
     // ---- The invariants.
     let mut broken: Vec<String> = Vec::new();
@@ -470,19 +562,28 @@ async fn soak_under_faults_keeps_every_invariant() {
     // `op_timeout` = 4 s here) plus the once-a-second idle probe: the documented recovery bound.
     let redis_slack = Duration::from_secs(6);
     let mut unexplained_kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let mut unexplained_first: Vec<String> = Vec::new();
 
     // No request lost: every request got an answer (clients talk to Weir directly; no relay is
     // between them); a 5xx only where a scheduled fault explains it.
     let mut lost = 0;
+    let mut cut_by_kill = 0;
     let mut unexplained_5xx = 0;
     for o in &outcomes {
         let end = o.started + o.took;
         match (o.kind, o.status) {
             (Kind::PaidLeft, _) => {}
+            // A request to an instance the schedule killed: cut with it, or refused until its
+            // successor listens.
+            (_, None) if killed_at(o) => cut_by_kill += 1,
+            _ if killed_at(o) => {}
             (_, None) => lost += 1,
             (Kind::Hit | Kind::Write, Some(s)) if s >= 500 && !faults.during(&origin_faults, o.started, end, slack) => {
                 unexplained_5xx += 1;
                 *unexplained_kinds.entry(format!("{:?} {s}", o.kind)).or_default() += 1;
+                if unexplained_first.len() < 10 {
+                    unexplained_first.push(explain(&faults, t0, o));
+                }
             }
             (Kind::Paid | Kind::Limited, Some(s))
                 if s >= 500
@@ -491,6 +592,9 @@ async fn soak_under_faults_keeps_every_invariant() {
             {
                 unexplained_5xx += 1;
                 *unexplained_kinds.entry(format!("{:?} {s}", o.kind)).or_default() += 1;
+                if unexplained_first.len() < 10 {
+                    unexplained_first.push(explain(&faults, t0, o));
+                }
             }
             _ => {}
         }
@@ -505,7 +609,8 @@ async fn soak_under_faults_keeps_every_invariant() {
 
     // Money exact: what Redis holds as spent equals the price of every call the origin served.
     let served_paid = state.paid.lock().unwrap().len() as u64;
-    let budget = get(&gws[0].admin_url("/budgets/acme?budget=api")).await.json();
+    let admin = fleet.slots[0].lock().unwrap().admin_url("/budgets/acme?budget=api");
+    let budget = get(&admin).await.json();
     let spent = budget["spent"].as_str().unwrap_or("?").to_string();
     let reserved = budget["reserved"].as_str().unwrap_or("?").to_string();
     let want = format!("{}.{:06}", served_paid * COST_UNITS / 1_000_000, served_paid * COST_UNITS % 1_000_000);
@@ -528,7 +633,7 @@ async fn soak_under_faults_keeps_every_invariant() {
                 o.started,
                 o.started + o.took.max(Duration::from_millis(50)),
                 Duration::ZERO,
-            )
+            ) || killed_at(o)
         })
         .count() as u64;
     let money_mismatch = money_mismatch.saturating_sub(ambiguous);
@@ -538,7 +643,7 @@ async fn soak_under_faults_keeps_every_invariant() {
     }
     if money_mismatch != 0 {
         broken.push(format!(
-            "spent {spent} (reserved {reserved}) but the origin served {served_paid} paid calls = {want} ({ambiguous} in flight at an origin reset)"
+            "spent {spent} (reserved {reserved}) but the origin served {served_paid} paid calls = {want} ({ambiguous} in flight at an origin reset or an instance kill)"
         ));
     }
 
@@ -558,7 +663,7 @@ async fn soak_under_faults_keeps_every_invariant() {
             }
             let count = (i - j + 1) as f64;
             let factor = if faults.during(&redis_faults, ok[j], ok[i], Duration::from_secs(6)) {
-                gws.len() as f64 + 1.0
+                fleet.len() as f64 + 1.0 + kills.len() as f64
             } else {
                 1.0
             };
@@ -639,9 +744,10 @@ async fn soak_under_faults_keeps_every_invariant() {
         by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
     );
     println!("| requests lost | {lost} |");
+    println!("| requests cut by an instance kill (connection errors) | {cut_by_kill} |");
     println!("| unexplained 5xx | {unexplained_5xx} |");
     println!("| paid calls served / spent | {served_paid} / {spent} (reserved {reserved}) |");
-    println!("| money mismatches (calls, beyond the {ambiguous} cut by an origin reset) | {money_mismatch} |");
+    println!("| money mismatches (calls, beyond the {ambiguous} in flight at an origin reset or an instance kill) | {money_mismatch} |");
     println!("| leases left held after the load (calls) | {held} |");
     println!("| limit overshoot (max calls in a window) | {overshoot} |");
     println!("| writes / reads checked | {} / {} |", writes.len(), reads.len());
@@ -654,6 +760,18 @@ async fn soak_under_faults_keeps_every_invariant() {
     println!("| p99 steady | {:?} |", p99(None));
     for k in by_kind.keys() {
         println!("| p99 during {k} | {:?} |", p99(Some(&[k])));
+    }
+    if !broken.is_empty() {
+        // What Weir said about Redis meanwhile: the breaker, reconnects, refusals.
+        let started = wall0.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        println!("run started at Unix {started}; Weir's Redis lines (last 40 per instance):");
+        for (i, g) in fleet.slots.iter().enumerate() {
+            let log = g.lock().unwrap().log();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains("edis") || l.contains("breaker")).collect();
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                println!("  [{i}] {l}");
+            }
+        }
     }
     assert!(broken.is_empty(), "seed {seed}: invariants broken:\n  {}\n(schedule: {schedule:?})", broken.join("\n  "));
 }
