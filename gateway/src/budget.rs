@@ -418,9 +418,8 @@ impl Budgets {
     }
 
     /// Settles `lease`: releases it and, when `charged`, adds `units` to its window and history.
-    /// A failure is logged: the lease then expires and its money comes back.
-    /// Whether Redis took the settlement (always, in embedded mode). The script is idempotent
-    /// by lease id, so a caller retries one that was not taken.
+    /// Answers whether Redis took the settlement (always, in embedded mode). The script is
+    /// idempotent by lease id, so a caller retries one that was not taken.
     pub async fn settle(&self, lease: &Lease, units: i64, charged: bool) -> bool {
         let Some(redis) = &self.redis else {
             // In process each lease is settled once by construction (its one caller); a lease

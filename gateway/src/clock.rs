@@ -98,21 +98,15 @@ fn push_rfc3339(out: &mut String, secs: i64, millis: Option<u32>) {
     let year = u32::try_from(y).unwrap_or(0);
     let (hh, mm, ss) = (s / 3600, s / 60 % 60, s % 60);
     let mut buf = *b"0000-00-00T00:00:00.000Z";
-    let put = |buf: &mut [u8; 24], at: usize, width: usize, mut v: u32| {
-        for i in (at..at + width).rev() {
-            buf[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
-            v /= 10;
-        }
-    };
-    put(&mut buf, 0, 4, year);
-    put(&mut buf, 5, 2, m);
-    put(&mut buf, 8, 2, d);
+    fixed_digits(&mut buf[0..4], u64::from(year));
+    fixed_digits(&mut buf[5..7], u64::from(m));
+    fixed_digits(&mut buf[8..10], u64::from(d));
     for (at, v) in [(11, hh), (14, mm), (17, ss)] {
-        put(&mut buf, at, 2, u32::try_from(v).unwrap_or(0));
+        fixed_digits(&mut buf[at..at + 2], u64::try_from(v).unwrap_or(0));
     }
     let text = match millis {
         Some(ms) => {
-            put(&mut buf, 20, 3, ms);
+            fixed_digits(&mut buf[20..23], u64::from(ms));
             &buf[..]
         }
         None => {
@@ -121,6 +115,14 @@ fn push_rfc3339(out: &mut String, secs: i64, millis: Option<u32>) {
         }
     };
     out.push_str(std::str::from_utf8(text).unwrap_or("1970-01-01T00:00:00Z"));
+}
+
+/// The last `out.len()` decimal digits of `v`, zero-padded, into `out`.
+pub fn fixed_digits(out: &mut [u8], mut v: u64) {
+    for b in out.iter_mut().rev() {
+        *b = b'0' + u8::try_from(v % 10).unwrap_or(0);
+        v /= 10;
+    }
 }
 
 fn rfc3339_parts(secs: i64, millis: Option<u32>) -> String {
@@ -149,11 +151,9 @@ impl Rfc3339Ms {
             self.secs = Some(secs);
         }
         out.push_str(&self.prefix);
-        let ms = since_epoch(t).subsec_millis();
-        let digit = |n: u32| char::from(b'0' + u8::try_from(n % 10).unwrap_or(0));
-        for c in [digit(ms / 100), digit(ms / 10), digit(ms), 'Z'] {
-            out.push(c);
-        }
+        let mut ms = *b"000Z";
+        fixed_digits(&mut ms[..3], u64::from(since_epoch(t).subsec_millis()));
+        out.push_str(std::str::from_utf8(&ms).unwrap_or("000Z"));
     }
 }
 

@@ -229,9 +229,8 @@ impl AccessLog {
         Ok(Some(Arc::new(AccessLog { tx, query: s.query, dropped, reopen })))
     }
 
-    /// Queues a line; a full queue drops it (counted), it never waits.
-    /// Queues the line's record, boxed as it was built: moving a `Record` by value through the
-    /// queue copied it twice.
+    /// Queues a line's record; a full queue drops it (counted), it never waits. The record
+    /// stays boxed as it was built: moving a `Record` by value through the queue copied it twice.
     pub fn log(&self, r: Box<Record>) {
         if self.tx.try_send(r).is_err() {
             self.dropped.inc();
@@ -319,8 +318,8 @@ fn push_ms(out: &mut String, d: Duration) {
     out.push_str(b.format(us / 1000));
     let frac = us % 1000;
     if frac != 0 {
-        let digit = |n: u128| b'0' + u8::try_from(n % 10).unwrap_or(0);
-        let digits = [b'.', digit(frac / 100), digit(frac / 10), digit(frac)];
+        let mut digits = *b".000";
+        crate::clock::fixed_digits(&mut digits[1..], u64::try_from(frac).unwrap_or(0));
         let keep = if frac.is_multiple_of(100) {
             2
         } else if frac.is_multiple_of(10) {
@@ -446,7 +445,12 @@ fn needs_escape(bytes: &[u8]) -> bool {
             return true;
         }
     }
-    words.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    words.remainder().iter().any(|&b| escapes(b))
+}
+
+/// A byte a JSON string cannot hold as it is: a control character, `"` or `\\`.
+fn escapes(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
 }
 
 /// A JSON string (RFC 8259 §7): quotes, backslashes and control characters escaped. The runs
@@ -489,7 +493,7 @@ fn text_line(r: &Record, out: &mut String) {
         out,
         "{} {} {} \"{} {} {}\" {} {} {:.3} {} {} {} {}",
         crate::clock::rfc3339_ms(r.ts),
-        String::from_utf8_lossy(r.request_id.as_bytes()),
+        header_text(&r.request_id),
         r.client_ip.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
         r.method,
         r.authority,

@@ -70,6 +70,21 @@ struct Idle {
     h2: Option<http2::SendRequest<Body>>,
 }
 
+impl Idle {
+    /// Forgets the HTTP/2 connection once it has closed.
+    fn drop_closed_h2(&mut self) {
+        if self.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
+            self.h2 = None;
+        }
+    }
+}
+
+/// Whether an idle HTTP/1 connection may carry another request: the upstream has not closed
+/// it and it has not sat unused past `IDLE_TIMEOUT`.
+fn reusable(tx: &http1::SendRequest<Body>, since: Instant) -> bool {
+    !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT
+}
+
 /// Every target's idle connections, shared with the bodies that bring theirs back and with
 /// the sweeper.
 struct Conns {
@@ -92,10 +107,8 @@ impl Conns {
     fn sweep(&self) {
         for i in 0..self.targets.len() {
             let mut idle = self.lock(i);
-            idle.h1.retain(|(tx, since)| !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT);
-            if idle.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
-                idle.h2 = None;
-            }
+            idle.h1.retain(|(tx, since)| reusable(tx, *since));
+            idle.drop_closed_h2();
         }
     }
 }
@@ -263,10 +276,7 @@ impl UpstreamPool {
                     match tx.try_send_request(req).await {
                         Ok(resp) => return Ok(self.pooled(i, resp, None)),
                         Err(mut e) => {
-                            let mut idle = self.conns.lock(i);
-                            if idle.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
-                                idle.h2 = None;
-                            }
+                            self.conns.lock(i).drop_closed_h2();
                             (e.take_message(), e.into_error())
                         }
                     }
@@ -294,15 +304,13 @@ impl UpstreamPool {
         loop {
             let (tx, since) = {
                 let mut idle = self.conns.lock(i);
+                idle.drop_closed_h2();
                 if let Some(h2) = &idle.h2 {
-                    if !h2.is_closed() {
-                        return Some(Conn::H2(h2.clone()));
-                    }
-                    idle.h2 = None;
+                    return Some(Conn::H2(h2.clone()));
                 }
                 idle.h1.pop()?
             };
-            if tx.is_closed() || since.elapsed() >= IDLE_TIMEOUT {
+            if !reusable(&tx, since) {
                 continue;
             }
             let mut tx = tx;

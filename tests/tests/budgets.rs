@@ -29,11 +29,15 @@ async fn origin() -> (Origin, Arc<AtomicUsize>) {
 }
 
 fn config(origin: &Origin, redis: Option<u16>, budget: &str, route_budget: &str) -> String {
+    config_for(&origin.url(), redis, budget, route_budget)
+}
+
+/// `config` with any upstream URL.
+fn config_for(upstream: &str, redis: Option<u16>, budget: &str, route_budget: &str) -> String {
     let redis = redis.map_or(String::new(), |p| format!("redis:\n  url: redis://127.0.0.1:{p}/0\n"));
     format!(
-        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n{redis}consumers:\n  - id: acme\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ {budget} }}\nroutes:\n  - name: paid\n    upstream: {}\n    consumer: {{ from: header:x-api-key, required: true }}\n    budget: {{ name: api, {route_budget} }}\n",
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n{redis}consumers:\n  - id: acme\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ {budget} }}\nroutes:\n  - name: paid\n    upstream: {upstream}\n    consumer: {{ from: header:x-api-key, required: true }}\n    budget: {{ name: api, {route_budget} }}\n",
         sha256_hex(KEY),
-        origin.url()
     )
 }
 
@@ -625,11 +629,9 @@ async fn a_client_that_leaves_before_its_request_is_sent_is_not_charged() {
         }
     });
     let redis = RedisServer::start();
-    let yaml = format!(
-        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\nredis:\n  url: {}\n  op_timeout: 1s\nconsumers:\n  - id: acme\n    keys_sha256: [\"{}\"]\nbudgets:\n  api: {{ limit: \"1\", per: 1d }}\nroutes:\n  - name: paid\n    upstream: https://127.0.0.1:{port}\n    consumer: {{ from: header:x-api-key, required: true }}\n    budget: {{ name: api, cost: \"0.001\" }}\n",
-        redis.url(),
-        sha256_hex(KEY)
-    );
+    let yaml =
+        config_for(&format!("https://127.0.0.1:{port}"), Some(redis.port), "limit: \"1\", per: 1d", "cost: \"0.001\"")
+            .replace("/0\n", "/0\n  op_timeout: 1s\n");
     let gw = Gateway::start(&yaml);
     for i in 0..3 {
         let c = client();

@@ -117,8 +117,8 @@ pub struct RequestCtx {
     /// Weir's own request (an admin warm-up): no consumer, no rate limit, budgets charge
     /// `_system`.
     pub system: bool,
-    /// The trace this request belongs to, with Weir's span: its `traceparent` goes upstream
-    /// (made only when a request goes there). `None` for Weir's own requests.
+    /// The trace this request belongs to, with Weir's span: its `traceparent` goes upstream.
+    /// Set early when a log line or a span names it, else made by the first upstream hop.
     pub trace: std::sync::OnceLock<crate::observe::Trace>,
 }
 

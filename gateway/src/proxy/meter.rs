@@ -84,12 +84,7 @@ impl LeaseGuard {
 /// as long as the lease would hold its money, so a call the origin served is not left unpaid
 /// by a Redis fault. `first` hears when every level has been tried once.
 async fn settle_levels(levels: Vec<(Held, i64)>, charged: bool, first: Option<tokio::sync::oneshot::Sender<()>>) {
-    let mut pending = Vec::new();
-    for (h, units) in levels {
-        if !h.budgets.settle(&h.lease, units, charged).await {
-            pending.push((h, units));
-        }
-    }
+    let mut pending = settle_each(levels, charged).await;
     if let Some(f) = first {
         let _ = f.send(());
     }
@@ -99,17 +94,22 @@ async fn settle_levels(levels: Vec<(Held, i64)>, charged: bool, first: Option<to
     while !pending.is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(std::time::Duration::from_secs(2));
-        let mut left = Vec::new();
-        for (h, units) in pending {
-            if !h.budgets.settle(&h.lease, units, charged).await {
-                left.push((h, units));
-            }
-        }
-        pending = left;
+        pending = settle_each(pending, charged).await;
     }
     for (h, _) in &pending {
         tracing::warn!(budget = %h.lease.budget.name, "budget settlement failed until the lease's end; its money comes back");
     }
+}
+
+/// One attempt at each level; the ones Redis did not take come back.
+async fn settle_each(levels: Vec<(Held, i64)>, charged: bool) -> Vec<(Held, i64)> {
+    let mut left = Vec::new();
+    for (h, units) in levels {
+        if !h.budgets.settle(&h.lease, units, charged).await {
+            left.push((h, units));
+        }
+    }
+    left
 }
 
 /// Releases reservations whose answer never came (`Budgets::take_unanswered`: Redis stalled,

@@ -17,10 +17,10 @@ use super::meter;
 use crate::error::GatewayError;
 use crate::runtime::RouteRuntime;
 use crate::upstream::{Pooled, SendFailure};
+use crate::Body;
 
 /// Set when an upstream connection starts writing the request.
 type Asked = std::sync::Arc<std::sync::atomic::AtomicBool>;
-use crate::Body;
 
 /// Phase 6: **every** upstream request leaves through here — the client's miss, a coalesced
 /// leader's fetch, a stale refresh, a revalidation, a pass-through, a write, a tunnel — so the
