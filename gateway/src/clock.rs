@@ -142,7 +142,8 @@ pub struct Rfc3339Ms {
 }
 
 impl Rfc3339Ms {
-    pub fn push(&mut self, out: &mut String, t: SystemTime) {
+    /// Appends the stamp of `t` to a byte buffer (the access log's line).
+    pub fn push(&mut self, out: &mut Vec<u8>, t: SystemTime) {
         let secs = unix_s(t);
         if self.secs != Some(secs) {
             self.prefix.clear();
@@ -150,10 +151,10 @@ impl Rfc3339Ms {
             self.prefix.truncate(20);
             self.secs = Some(secs);
         }
-        out.push_str(&self.prefix);
+        out.extend_from_slice(self.prefix.as_bytes());
         let mut ms = *b"000Z";
         fixed_digits(&mut ms[..3], u64::from(since_epoch(t).subsec_millis()));
-        out.push_str(std::str::from_utf8(&ms).unwrap_or("000Z"));
+        out.extend_from_slice(&ms);
     }
 }
 
@@ -188,9 +189,9 @@ mod tests {
             (st + std::time::Duration::from_millis(900), "2025-12-02T16:07:51.023Z"),
             (UNIX_EPOCH, "1970-01-01T00:00:00.000Z"),
         ] {
-            let mut out = String::from("x");
+            let mut out = b"x".to_vec();
             stamps.push(&mut out, t);
-            assert_eq!(out, format!("x{want}"));
+            assert_eq!(out, format!("x{want}").into_bytes());
         }
         assert_eq!((unix_s(st), unix_ms(st), unix_us(st)), (1_764_691_670, 1_764_691_670_123, 1_764_691_670_123_000));
     }

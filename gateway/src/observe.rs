@@ -45,8 +45,12 @@ impl Ids {
             .cloned();
         let request_id = kept.unwrap_or_else(|| {
             let mut buf = [0u8; 32];
-            hex_into(&mut buf, &fastrand::u128(..).to_be_bytes());
-            header_value(&buf)
+            buf[..16].copy_from_slice(&crate::hex::u64_digits(fastrand::u64(..)));
+            buf[16..].copy_from_slice(&crate::hex::u64_digits(fastrand::u64(..)));
+            // Owned, not copied into a `Vec`: the response and the upstream head share it
+            // without the first clone allocating.
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+                .unwrap_or_else(|_| HeaderValue::from_static("0"))
         });
         Ids { request_id, trace }
     }
@@ -61,9 +65,11 @@ impl Trace {
     fn text(&self) -> [u8; 55] {
         let mut buf = [0u8; 55];
         buf[..3].copy_from_slice(b"00-");
-        hex_into(&mut buf[3..35], &self.trace_id.to_be_bytes());
+        buf[3..19].copy_from_slice(&crate::hex::u64_digits((self.trace_id >> 64) as u64));
+        buf[19..35]
+            .copy_from_slice(&crate::hex::u64_digits(u64::try_from(self.trace_id & u128::from(u64::MAX)).unwrap_or(0)));
         buf[35] = b'-';
-        hex_into(&mut buf[36..52], &self.span_id.to_be_bytes());
+        buf[36..52].copy_from_slice(&crate::hex::u64_digits(self.span_id));
         buf[52] = b'-';
         hex_into(&mut buf[53..55], &[self.flags]);
         buf
@@ -266,7 +272,7 @@ fn write_lines(
     reopen: &AtomicBool,
 ) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
-    let mut line = String::with_capacity(512);
+    let mut line: Vec<u8> = Vec::with_capacity(512);
     let mut stamps = crate::clock::Rfc3339Ms::default();
     loop {
         if reopen.swap(false, Ordering::Relaxed) {
@@ -281,11 +287,15 @@ fn write_lines(
                 Ok(r) => {
                     line.clear();
                     match format {
-                        Format::Text => text_line(&r, &mut line),
+                        Format::Text => {
+                            let mut text = String::with_capacity(256);
+                            text_line(&r, &mut text);
+                            line.extend_from_slice(text.as_bytes());
+                        }
                         _ => json_line(&r, &mut line, &mut stamps),
                     }
-                    line.push('\n');
-                    let _ = out.write_all(line.as_bytes());
+                    line.push(b'\n');
+                    let _ = out.write_all(&line);
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
@@ -300,10 +310,13 @@ fn write_lines(
 }
 
 /// `Cache-Status: weir; hit; detail=l1` → `hit`; `weir; fwd=stale; ...` → `stale`.
-fn cache_outcome(v: &HeaderValue) -> &str {
-    let s = v.to_str().unwrap_or("");
-    let first = s.split(';').nth(1).unwrap_or("").trim();
-    first.strip_prefix("fwd=").unwrap_or(first)
+fn cache_outcome(v: &HeaderValue) -> &[u8] {
+    let b = v.as_bytes();
+    let Some(start) = b.iter().position(|&c| c == b';') else { return b"" };
+    let rest = &b[start + 1..];
+    let end = rest.iter().position(|&c| c == b';').unwrap_or(rest.len());
+    let first = rest[..end].trim_ascii();
+    first.strip_prefix(b"fwd=").unwrap_or(first)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -311,15 +324,14 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Milliseconds to three decimals, as `ms(d)` prints (`12`, `0.5`, `3.125`), without `f64`
-/// formatting.
-fn push_ms(out: &mut String, d: Duration) {
-    let us = (d.as_nanos() + 500) / 1000;
-    let mut b = itoa::Buffer::new();
-    out.push_str(b.format(us / 1000));
+/// formatting (and in 64-bit arithmetic: `as_nanos` is a `u128`, whose division is a call).
+fn push_ms(out: &mut Vec<u8>, d: Duration) {
+    let us = d.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(d.subsec_nanos() + 500) / 1000);
+    push_int(out, us / 1000);
     let frac = us % 1000;
     if frac != 0 {
         let mut digits = *b".000";
-        crate::clock::fixed_digits(&mut digits[1..], u64::try_from(frac).unwrap_or(0));
+        crate::clock::fixed_digits(&mut digits[1..], frac);
         let keep = if frac.is_multiple_of(100) {
             2
         } else if frac.is_multiple_of(10) {
@@ -327,29 +339,26 @@ fn push_ms(out: &mut String, d: Duration) {
         } else {
             4
         };
-        out.push_str(std::str::from_utf8(&digits[..keep]).unwrap_or(""));
+        out.extend_from_slice(&digits[..keep]);
     }
 }
 
-fn push_int(out: &mut String, n: impl itoa::Integer) {
-    out.push_str(itoa::Buffer::new().format(n));
+fn push_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// An IPv4 address by its octets (a `Display` through `fmt` cost 950 instructions a line).
-fn push_ip(out: &mut String, ip: IpAddr) {
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             let [a, b, c, d] = v4.octets();
             push_int(out, a);
             for o in [b, c, d] {
-                out.push('.');
+                out.push(b'.');
                 push_int(out, o);
             }
         }
-        IpAddr::V6(v6) => {
-            use std::fmt::Write as _;
-            let _ = write!(out, "{v6}");
-        }
+        IpAddr::V6(v6) => out.extend_from_slice(v6.to_string().as_bytes()),
     }
 }
 
@@ -365,67 +374,70 @@ fn header_text(v: &HeaderValue) -> std::borrow::Cow<'_, str> {
 /// One JSON object, written by hand into a reused buffer: the writer thread shares the server's
 /// cores, and building a `serde_json::Value` per line cost more than the request it logs.
 /// Numbers, the timestamp and IPv4 addresses are written without `fmt`.
-fn json_line(r: &Record, out: &mut String, stamps: &mut crate::clock::Rfc3339Ms) {
-    out.push_str("{\"ts\":\"");
+fn json_line(r: &Record, out: &mut Vec<u8>, stamps: &mut crate::clock::Rfc3339Ms) {
+    out.extend_from_slice(b"{\"ts\":\"");
     stamps.push(out, r.ts);
-    out.push_str("\",\"request_id\":");
-    json_str(out, &header_text(&r.request_id));
-    out.push_str(",\"route\":");
+    out.extend_from_slice(b"\",\"request_id\":");
+    json_bytes(out, r.request_id.as_bytes());
+    out.extend_from_slice(b",\"route\":");
     json_opt(out, r.route.as_deref().map(String::as_str));
-    out.push_str(",\"method\":");
+    out.extend_from_slice(b",\"method\":");
     json_str(out, r.method.as_str());
-    out.push_str(",\"authority\":");
+    out.extend_from_slice(b",\"authority\":");
     json_str(out, &r.authority);
-    out.push_str(",\"path\":");
+    out.extend_from_slice(b",\"path\":");
     json_str(out, &r.path);
-    out.push_str(",\"status\":");
+    out.extend_from_slice(b",\"status\":");
     push_int(out, r.status);
-    out.push_str(",\"cache\":");
-    json_opt(out, r.cache.as_ref().map(cache_outcome));
-    out.push_str(",\"upstream\":");
+    out.extend_from_slice(b",\"cache\":");
+    match &r.cache {
+        Some(v) => json_bytes(out, cache_outcome(v)),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"upstream\":");
     json_opt(out, r.upstream.as_deref());
-    out.push_str(",\"upstream_status\":");
+    out.extend_from_slice(b",\"upstream_status\":");
     match r.upstream_status {
         Some(s) => push_int(out, s),
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
-    out.push_str(",\"duration_ms\":");
+    out.extend_from_slice(b",\"duration_ms\":");
     push_ms(out, r.duration);
-    out.push_str(",\"upstream_ms\":");
+    out.extend_from_slice(b",\"upstream_ms\":");
     match r.upstream_time {
         Some(t) => push_ms(out, t),
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
-    out.push_str(",\"bytes_in\":");
+    out.extend_from_slice(b",\"bytes_in\":");
     push_int(out, r.bytes_in);
-    out.push_str(",\"bytes_out\":");
+    out.extend_from_slice(b",\"bytes_out\":");
     push_int(out, r.bytes_out);
-    out.push_str(",\"client_ip\":");
+    out.extend_from_slice(b",\"client_ip\":");
     match r.client_ip {
         Some(ip) => {
-            out.push('"');
+            out.push(b'"');
             push_ip(out, ip);
-            out.push('"');
+            out.push(b'"');
         }
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
-    out.push_str(",\"consumer\":");
+    out.extend_from_slice(b",\"consumer\":");
     json_opt(out, r.consumer.as_deref());
-    out.push_str(",\"tls\":");
+    out.extend_from_slice(b",\"tls\":");
     json_opt(out, r.tls);
-    out.push_str(",\"traceparent\":");
-    out.push('"');
-    out.push_str(std::str::from_utf8(&r.trace.text()).unwrap_or(""));
-    out.push('"');
-    out.push_str(",\"error\":");
+    out.extend_from_slice(b",\"traceparent\":");
+    out.push(b'"');
+    out.extend_from_slice(&r.trace.text());
+    out.push(b'"');
+    out.extend_from_slice(b",\"error\":");
     json_opt(out, r.error);
-    out.push('}');
+    out.push(b'}');
 }
 
-fn json_opt(out: &mut String, s: Option<&str>) {
+fn json_opt(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => json_str(out, s),
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
@@ -455,33 +467,46 @@ fn escapes(b: u8) -> bool {
 
 /// A JSON string (RFC 8259 §7): quotes, backslashes and control characters escaped. The runs
 /// between them are copied whole (most strings have none).
-fn json_str(out: &mut String, s: &str) {
-    out.push('"');
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
     if !needs_escape(s.as_bytes()) {
-        out.push_str(s);
-        out.push('"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
         return;
     }
+    let b = s.as_bytes();
     let mut from = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let esc = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b if b < 0x20 => "",
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            c if c < 0x20 => b"",
             _ => continue,
         };
-        out.push_str(&s[from..i]);
+        out.extend_from_slice(&b[from..i]);
         if esc.is_empty() {
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(c >> 4)]);
+            out.push(HEX[usize::from(c & 15)]);
         } else {
-            out.push_str(esc);
+            out.extend_from_slice(esc);
         }
         from = i + 1;
     }
-    out.push_str(&s[from..]);
-    out.push('"');
+    out.extend_from_slice(&b[from..]);
+    out.push(b'"');
+}
+
+/// A header value as a JSON string: copied as it is when it is ASCII with nothing to escape
+/// (the ids and statuses Weir makes always are), else as its text read lossily.
+fn json_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    if b.is_ascii() && !needs_escape(b) {
+        out.push(b'"');
+        out.extend_from_slice(b);
+        out.push(b'"');
+    } else {
+        json_str(out, &String::from_utf8_lossy(b));
+    }
 }
 
 /// `ts request_id client_ip "METHOD authority path" status cache duration_ms bytes_out route
@@ -499,7 +524,7 @@ fn text_line(r: &Record, out: &mut String) {
         r.authority,
         r.path.escape_default(),
         r.status,
-        dash(r.cache.as_ref().map(cache_outcome)),
+        dash(r.cache.as_ref().map(|v| std::str::from_utf8(cache_outcome(v)).unwrap_or(""))),
         ms(r.duration),
         r.bytes_out,
         dash(r.route.as_deref().map(String::as_str).filter(|s| !s.is_empty())),
@@ -565,16 +590,23 @@ mod tests {
         for us in [0u64, 1, 499, 500, 999, 1000, 1500, 1050, 1005, 12_345, 3_000_000, 86_400_000_123] {
             for extra_ns in [0u64, 499, 501] {
                 let d = Duration::from_nanos(us * 1000 + extra_ns);
-                let mut out = String::new();
+                let mut out = Vec::new();
                 push_ms(&mut out, d);
-                assert_eq!(out, ms(d).to_string(), "{d:?}");
+                assert_eq!(String::from_utf8(out).unwrap(), ms(d).to_string(), "{d:?}");
             }
         }
         for s in ["", "plain", "a\"b", "back\\slash", "ctl\u{1}\n\t", "ünïcødé \u{7f} ✓", "\"\"\\"] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             json_str(&mut out, s);
-            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s, "{out}");
+            assert_eq!(serde_json::from_slice::<String>(&out).unwrap(), s, "{s:?}");
+            let mut out = Vec::new();
+            json_bytes(&mut out, s.as_bytes());
+            assert_eq!(serde_json::from_slice::<String>(&out).unwrap(), s, "{s:?}");
         }
+        // A header value with obs-text (not UTF-8) is still a JSON string.
+        let mut out = Vec::new();
+        json_bytes(&mut out, b"caf\xe9");
+        assert_eq!(serde_json::from_slice::<String>(&out).unwrap(), "caf\u{fffd}");
         // Every byte value at every position of a word: the word-at-a-time test agrees with the
         // byte-at-a-time one.
         for b in 0..=255u8 {
@@ -585,9 +617,9 @@ mod tests {
             }
         }
         for ip in ["0.0.0.0", "198.51.100.7", "255.255.255.255", "::1", "2001:db8::7"] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_ip(&mut out, ip.parse().unwrap());
-            assert_eq!(out, ip);
+            assert_eq!(out, ip.as_bytes());
         }
     }
 
@@ -614,9 +646,9 @@ mod tests {
             error: None,
             trace: Trace { trace_id: 1, span_id: 2, parent_id: None, flags: 1 },
         };
-        let mut line = String::new();
+        let mut line = Vec::new();
         json_line(&r, &mut line, &mut crate::clock::Rfc3339Ms::default());
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["authority"], "a\"b");
         assert_eq!(v["path"], "/p\\q\u{1}\u{e9}");
         assert_eq!(v["cache"], "miss");
@@ -685,7 +717,7 @@ impl SpanExporter {
             attributes.push(attr("http.route", s(route)));
         }
         if let Some(c) = r.cache.as_ref().map(cache_outcome) {
-            attributes.push(attr("weir.cache", s(c)));
+            attributes.push(attr("weir.cache", s(std::str::from_utf8(c).unwrap_or(""))));
         }
         if let Some(ip) = r.client_ip {
             attributes.push(attr("client.address", s(&ip.to_string())));

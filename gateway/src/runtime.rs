@@ -31,6 +31,9 @@ pub struct RouteRuntime {
     /// `count: misses` ones (`[1]`): each for admitted responses (policies with `headers: true`)
     /// and for a 429 (every policy).
     pub ratelimit_policy: [[Option<http::HeaderValue>; 2]; 2],
+    /// The start of this route's primary cache keys (`cache::key::prefix`): `[0]` for the GET
+    /// class, `[1]` for POST.
+    pub key_prefix: [String; 2],
 }
 
 #[derive(Debug)]
@@ -82,6 +85,7 @@ impl Runtime {
                     upstream_slots: Arc::new(tokio::sync::Semaphore::new(r.max_upstream_connections)),
                     ratelimit_policy: [&r.rate_limit, &r.rate_limit_misses]
                         .map(|p| [crate::limit::policy_header(p, false), crate::limit::policy_header(p, true)]),
+                    key_prefix: ["GET", "POST"].map(|class| crate::cache::key::prefix(&r.name, class)),
                 }
             })
             .collect();

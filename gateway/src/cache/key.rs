@@ -12,26 +12,10 @@
 use http::header::{HeaderMap, HeaderName, VARY};
 
 fn push_field(out: &mut String, s: &str) {
-    push_decimal(out, s.len());
+    // `itoa`, not `format!`: keys are built on every request.
+    out.push_str(itoa::Buffer::new().format(s.len()));
     out.push(':');
     out.push_str(s);
-}
-
-/// Decimal digits of `n`, without `format!` (keys are built on every request).
-fn push_decimal(out: &mut String, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + u8::try_from(n % 10).unwrap_or(0);
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[i..] {
-        out.push(char::from(d));
-    }
 }
 
 fn capacity(parts: &[&str]) -> usize {
@@ -47,8 +31,25 @@ pub fn primary(
     path_query: &str,
     body_hash: Option<&str>,
 ) -> String {
-    let fields = [route, class, scheme, authority, path_query];
-    let mut out = String::with_capacity(capacity(&fields) + body_hash.map_or(0, |h| h.len() + 4));
+    primary_after(&prefix(route, class), scheme, authority, path_query, body_hash)
+}
+
+/// The first two fields of every primary key of a route and method class (`primary`'s start):
+/// made once per route, not per request.
+pub fn prefix(route: &str, class: &str) -> String {
+    let fields = [route, class];
+    let mut out = String::with_capacity(capacity(&fields));
+    for f in fields {
+        push_field(&mut out, f);
+    }
+    out
+}
+
+/// `primary`, from the route's `prefix`.
+pub fn primary_after(prefix: &str, scheme: &str, authority: &str, path_query: &str, body_hash: Option<&str>) -> String {
+    let fields = [scheme, authority, path_query];
+    let mut out = String::with_capacity(prefix.len() + capacity(&fields) + body_hash.map_or(0, |h| h.len() + 4));
+    out.push_str(prefix);
     for f in fields {
         push_field(&mut out, f);
     }

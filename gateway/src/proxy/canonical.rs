@@ -70,6 +70,8 @@ pub struct Canonical {
     pub path_query: String,
     /// Length of the path part of `path_query`.
     path_len: usize,
+    /// Length of the host part of `authority` (routing reads it on every request).
+    host_len: usize,
     /// End-to-end request headers as the origin receives them (before Weir adds its forwarding
     /// headers and `Via`). `Host` is the authority.
     pub headers: HeaderMap,
@@ -87,6 +89,9 @@ pub struct Canonical {
     /// `If-Match`, `If-Unmodified-Since`, `Range`, `If-Range`): a hit without one answers
     /// without looking them up.
     pub conditional: bool,
+    /// The head carried `X-Request-Id` (phase 1 takes it out of `headers`: the upstream gets
+    /// the request's own id, `RequestCtx::upstream_head`).
+    pub request_id_header: bool,
 }
 
 /// Which of `from_head`'s rules a head needs, read from its header names in one pass.
@@ -106,6 +111,8 @@ struct Survey {
     debug: bool,
     /// Conditional and range fields.
     conditional: bool,
+    /// `X-Request-Id`.
+    request_id: bool,
 }
 
 impl Survey {
@@ -121,6 +128,7 @@ impl Survey {
                 "x-http-method-override" | "x-http-method" | "x-method-override" => s.method_override = true,
                 "authorization" | "cookie" | "cache-control" | "pragma" => s.cache_fields = true,
                 "weir-debug" => s.debug = true,
+                "x-request-id" => s.request_id = true,
                 "if-none-match" | "if-modified-since" | "if-match" | "if-unmodified-since" | "range" | "if-range" => {
                     s.conditional = true;
                 }
@@ -179,7 +187,7 @@ impl Canonical {
                 "the request target must be a path (`/...`) or an absolute URL".into(),
             ));
         }
-        let authority = authority(parts, scheme)?;
+        let (authority, host_is_authority) = authority(parts, scheme)?;
         let path = normalize_path(parts.uri.path()).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
         let mut path_query = path;
         let path_len = path_query.len();
@@ -218,8 +226,12 @@ impl Canonical {
             }
         }
         let method_override = seen.method_override;
-        let host = HeaderValue::from_str(&authority).map_err(|_| bad_host("not a valid host"))?;
-        headers.insert(header::HOST, host);
+        // A `Host` already equal to the authority (what nearly every client sends) is kept as is.
+        if !host_is_authority {
+            let host = HeaderValue::from_str(&authority).map_err(|_| bad_host("not a valid host"))?;
+            headers.insert(header::HOST, host);
+        }
+        let host_len = host_of(&authority).len();
         Ok(Canonical {
             method: parts.method.clone(),
             version: parts.version,
@@ -227,12 +239,14 @@ impl Canonical {
             authority,
             path_query,
             path_len,
+            host_len,
             headers,
             upgrade,
             method_override,
             cache_fields: seen.cache_fields,
             debug_header: seen.debug,
             conditional: seen.conditional,
+            request_id_header: seen.request_id,
         })
     }
 
@@ -248,7 +262,7 @@ impl Canonical {
 
     /// The host without port, for routing.
     pub fn host(&self) -> &str {
-        host_of(&self.authority)
+        self.authority.get(..self.host_len).unwrap_or(&self.authority)
     }
 }
 
@@ -256,8 +270,9 @@ fn bad_host(why: &str) -> GatewayError {
     GatewayError::BadRequest(format!("Host: {why}"))
 }
 
-/// The authority the request addresses (see the module doc), normalised.
-fn authority(parts: &Parts, scheme: &'static str) -> Result<String, GatewayError> {
+/// The authority the request addresses (see the module doc), normalised, and whether the
+/// request's one `Host` field is already exactly that.
+fn authority(parts: &Parts, scheme: &'static str) -> Result<(String, bool), GatewayError> {
     if let Some(s) = parts.uri.scheme_str() {
         if !s.eq_ignore_ascii_case(scheme) {
             return Err(GatewayError::BadRequest(format!(
@@ -278,14 +293,17 @@ fn authority(parts: &Parts, scheme: &'static str) -> Result<String, GatewayError
             if na != nh {
                 return Err(bad_host("differs from the request's :authority"));
             }
-            return Ok(na);
+            let same = h.as_bytes() == na.as_bytes();
+            return Ok((na, same));
         }
         // Absolute form (HTTP/1.1) or `:authority` alone: the target's authority wins over Host.
         (Some(a), _) => a,
         (None, Some(h)) => h.to_str().map_err(|_| bad_host("not a valid host"))?,
         (None, None) => return Err(bad_host("missing")),
     };
-    normalize_authority(raw, scheme)
+    let normal = normalize_authority(raw, scheme)?;
+    let same = host.is_some_and(|h| h.as_bytes() == normal.as_bytes());
+    Ok((normal, same))
 }
 
 /// `host[:port]` validated, lower-cased, trailing dot removed, default port removed.
@@ -358,7 +376,11 @@ pub fn host_of(authority: &str) -> &str {
     if authority.starts_with('[') {
         return authority.split_once(']').map_or(authority, |(a, _)| &authority[..=a.len()]);
     }
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    // A byte search: `rsplit_once`'s pattern machinery cost more than the rest of routing.
+    match authority.bytes().rposition(|b| b == b':') {
+        Some(i) => &authority[..i],
+        None => authority,
+    }
 }
 
 /// The upgrade protocol to tunnel: `Connection: upgrade` and an `Upgrade` whose first protocol
@@ -669,6 +691,17 @@ mod tests {
         assert!(Canonical::from_head(&mut p, "http", false, &[]).is_err());
         let mut p = head("GET", "http://A/x", Version::HTTP_2, &[("host", "a")]);
         assert_eq!(Canonical::from_head(&mut p, "http", false, &[]).unwrap().authority, "a");
+        // `Host` is the authority: rewritten when it was spelled otherwise, kept when it was
+        // already that, added when only `:authority` named it.
+        for (host, want) in [("API.Example.:80", "api.example"), ("api.example:8080", "api.example:8080")] {
+            let c = canon("/x", &[("host", host)]).unwrap();
+            assert_eq!((c.authority.as_str(), c.headers[header::HOST].to_str().unwrap()), (want, want), "{host}");
+            assert_eq!(c.host(), "api.example");
+            assert_eq!(c.headers.get_all(header::HOST).iter().count(), 1);
+        }
+        let mut p = head("GET", "http://[::1]:8080/x", Version::HTTP_2, &[]);
+        let c = Canonical::from_head(&mut p, "http", false, &[]).unwrap();
+        assert_eq!((c.host(), c.headers[header::HOST].to_str().unwrap()), ("[::1]", "[::1]:8080"));
     }
 
     #[test]

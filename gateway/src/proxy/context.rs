@@ -120,6 +120,11 @@ pub struct RequestCtx {
     /// The trace this request belongs to, with Weir's span: its `traceparent` goes upstream.
     /// Set early when a log line or a span names it, else made by the first upstream hop.
     pub trace: std::sync::OnceLock<crate::observe::Trace>,
+    /// The request's id (`X-Request-Id`), written into the upstream head only: a hit never
+    /// copies it into the request's headers. Weir's own requests have none.
+    pub request_id: Option<http::HeaderValue>,
+    /// The answer already carries `request_id` (a hit wrote it into the stored head's slot).
+    pub id_answered: std::sync::atomic::AtomicBool,
 }
 
 /// One upstream call: which target answered, with what, how fast (to the response head).
@@ -162,6 +167,8 @@ impl RequestCtx {
             debug,
             system: false,
             trace: std::sync::OnceLock::new(),
+            request_id: None,
+            id_answered: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -215,9 +222,12 @@ impl RequestCtx {
             }
             _ => self.canon.headers.clone(),
         };
-        // Room for the forwarding headers, `traceparent` and `Via` at once, not a reallocation
-        // per insert.
-        parts.headers.reserve(7);
+        // Room for the forwarding headers, `traceparent`, `X-Request-Id` and `Via` at once, not a
+        // reallocation per insert.
+        parts.headers.reserve(8);
+        if let Some(id) = &self.request_id {
+            parts.headers.insert(crate::observe::X_REQUEST_ID.clone(), id.clone());
+        }
         // Weir's span is the upstream hop's parent (a client's own `traceparent` is replaced; its
         // `tracestate` passes unchanged).
         let trace = self.trace.get_or_init(|| crate::observe::Trace::of(&self.canon.headers, false));

@@ -61,9 +61,8 @@ use crate::Body;
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let started = std::time::Instant::now();
     let rt = gw.runtime();
-    // Cheap clones (no allocation), kept for the log of a request that fails early.
+    // A cheap clone (no allocation for a standard method), kept for the log.
     let method = req.method().clone();
-    let uri = req.uri().clone();
     let peer = conn.peer;
     let hsts = conn.tls.as_ref().and_then(|t| t.hsts.clone());
     let tls_version = conn.tls.as_ref().map(|t| t.version);
@@ -85,11 +84,16 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         Ok(resp) => resp,
         Err(e) => {
             failed_upstream = e.upstream().map(str::to_string);
+            let path = match (&served.ctx, &served.uri) {
+                (Some(c), _) => c.canon.path(),
+                (None, Some(u)) => u.path(),
+                (None, None) => "",
+            };
             if failed_upstream.is_some() {
                 // The client's answer names no upstream: the address and the cause are logged.
-                tracing::warn!(%method, path = uri.path(), %peer, error = %e, "upstream request failed");
+                tracing::warn!(%method, path, %peer, error = %e, "upstream request failed");
             } else {
-                tracing::debug!(%method, path = uri.path(), %peer, error = %e, "request failed");
+                tracing::debug!(%method, path, %peer, error = %e, "request failed");
             }
             let status = (cached_route && served.annotate.is_some()).then(|| cached::error_status(&e)).flatten();
             let mut r = e.into_response();
@@ -110,7 +114,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     if let Some(v) = hsts {
         resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
     }
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), ids.request_id.clone());
+    if !served.ctx.as_ref().is_some_and(|c| c.id_answered.load(std::sync::atomic::Ordering::Relaxed)) {
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), ids.request_id.clone());
+    }
 
     // Phases 7–9: the completion counts, logs and exports when the body is done.
     let route = served.ctx.as_ref().map(|c| c.route);
@@ -122,22 +128,34 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     stats.duration.observe(started.elapsed().as_secs_f64());
     let record = sinks.map(|sinks| {
         let ctx = served.ctx.as_deref();
-        let (authority, mut path) = match (ctx, served.target) {
-            (Some(c), _) => (c.canon.authority.clone(), c.canon.path_query.clone()),
-            (None, Some(t)) => t,
-            (None, None) => (uri.authority().map(|a| a.to_string()).unwrap_or_default(), uri.path().to_string()),
-        };
-        if !sinks.log.as_ref().is_some_and(|l| l.query) {
-            if let Some(q) = path.find('?') {
-                path.truncate(q);
-            }
-        }
         let hop = ctx.and_then(|c| c.hop.get().copied());
         // With a sink there is always an early trace; the context's is the same one.
         let trace = ctx
             .and_then(|c| c.trace.get().copied())
             .or(ids.trace)
             .unwrap_or_else(|| crate::observe::Trace::of(&http::HeaderMap::new(), false));
+        let upstream = ctx.zip(hop).map(|(c, h)| c.route().upstreams.url(h.target).to_string()).or(failed_upstream);
+        let client_ip = Some(ctx.map_or_else(|| peer.ip().to_canonical(), |c| c.client_ip));
+        let bytes_in = ctx.and_then(|c| c.bytes_in.clone());
+        // The record takes the context's strings: moved when nothing else holds the context
+        // (a hit, an error), copied otherwise (a body still streaming from a fill holds it).
+        let (authority, mut path, consumer) = match (&mut served.ctx, served.target) {
+            (Some(c), _) => match Arc::get_mut(c) {
+                Some(c) => {
+                    (std::mem::take(&mut c.canon.authority), std::mem::take(&mut c.canon.path_query), c.consumer.take())
+                }
+                None => (c.canon.authority.clone(), c.canon.path_query.clone(), c.consumer.clone()),
+            },
+            (None, Some((a, p))) => (a, p, None),
+            (None, None) => served.uri.as_ref().map_or_else(Default::default, |u| {
+                (u.authority().map(|a| a.to_string()).unwrap_or_default(), u.path().to_string(), None)
+            }),
+        };
+        if !sinks.log.as_ref().is_some_and(|l| l.query) {
+            if let Some(q) = path.find('?') {
+                path.truncate(q);
+            }
+        }
         (
             sinks,
             Box::new(Record {
@@ -149,19 +167,19 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
                 path,
                 status: resp.status().as_u16(),
                 cache: resp.headers().get(&cached::CACHE_STATUS).cloned(),
-                upstream: ctx.zip(hop).map(|(c, h)| c.route().upstreams.url(h.target).to_string()).or(failed_upstream),
+                upstream,
                 upstream_status: hop.map(|h| h.status),
                 upstream_time: hop.map(|h| h.took),
                 duration: std::time::Duration::ZERO,
                 bytes_in: 0,
                 bytes_out: 0,
-                client_ip: Some(ctx.map_or_else(|| peer.ip().to_canonical(), |c| c.client_ip)),
-                consumer: ctx.and_then(|c| c.consumer.clone()),
+                client_ip,
+                consumer,
                 tls: tls_version,
                 error,
                 trace,
             }),
-            ctx.and_then(|c| c.bytes_in.clone()),
+            bytes_in,
         )
     });
     // A body of known size with no log line to write is counted now (a hit, an error);
@@ -185,6 +203,8 @@ struct Served {
     /// Phase 1 finished but no route was found: the canonical authority and `path?query`, for
     /// the log (kept only when it is on).
     target: Option<(String, String)>,
+    /// Phase 1 refused the head: its target as received, for the log.
+    uri: Option<http::Uri>,
     /// The request got past phase 3: the rate-limit fields its answer carries.
     annotate: Option<Vec<(http::HeaderName, HeaderValue)>>,
     result: Result<Response<Body>, GatewayError>,
@@ -192,7 +212,7 @@ struct Served {
 
 impl Served {
     fn failed(e: GatewayError) -> Served {
-        Served { ctx: None, target: None, annotate: None, result: Err(e) }
+        Served { ctx: None, target: None, uri: None, annotate: None, result: Err(e) }
     }
 }
 
@@ -208,9 +228,9 @@ async fn phases(
     // Phase 1: limits on the head, the canonical request.
     let (mut parts, body) = req.into_parts();
     let body = ClientBody::Incoming(body);
-    let Accepted { canon, debug } = match accept(rt, &mut parts, &conn, trusted, ids) {
+    let Accepted { canon, debug } = match accept(rt, &mut parts, &conn, trusted) {
         Ok(a) => a,
-        Err(e) => return Served::failed(e),
+        Err(e) => return Served { uri: Some(parts.uri), ..Served::failed(e) },
     };
 
     // Phase 2: the route. From here on every phase reads and extends one context.
@@ -218,11 +238,12 @@ async fn phases(
         Ok(i) => i,
         Err(e) => {
             let target = logging.then(|| (canon.authority.clone(), canon.path_query.clone()));
-            return Served { target, ..Served::failed(e) };
+            return Served { target, uri: Some(parts.uri), ..Served::failed(e) };
         }
     };
     let route = &rt.routes[idx];
     let mut ctx = RequestCtx::new(rt.clone(), conn, trusted, canon, idx, debug, logging);
+    ctx.request_id = Some(ids.request_id.clone());
     if let Some(t) = ids.trace {
         // A log line or a span names this trace: the upstream hop continues it.
         let _ = ctx.trace.set(t);
@@ -245,11 +266,11 @@ async fn phases(
     };
     let ctx = Arc::new(ctx);
     if let Some(e) = failed {
-        return Served { ctx: Some(ctx), target: None, annotate: None, result: Err(e) };
+        return Served { ctx: Some(ctx), ..Served::failed(e) };
     }
     let limit_headers = match limits(&ctx, false).await {
         Ok(h) => h,
-        Err(e) => return Served { ctx: Some(ctx), target: None, annotate: None, result: Err(e) },
+        Err(e) => return Served { ctx: Some(ctx), ..Served::failed(e) },
     };
 
     // Phases 4–6: the cache's answer (lookup, hit, or a miss through `send::upstream`), or the
@@ -262,7 +283,7 @@ async fn phases(
     } else {
         forward::forward(&ctx, body, on_upgrade).await
     };
-    Served { ctx: Some(ctx), target: None, annotate: Some(limit_headers), result }
+    Served { ctx: Some(ctx), target: None, uri: None, annotate: Some(limit_headers), result }
 }
 
 /// What phase 1 made of the request head.
@@ -272,24 +293,20 @@ struct Accepted {
     debug: bool,
 }
 
-/// Phase 1: the head's size limit, the canonical request (with the request's id and Weir's span
-/// for the upstream), `Weir-Debug`, and a TLS connection's hold on the host it may serve.
-fn accept(
-    rt: &Runtime,
-    parts: &mut Parts,
-    conn: &ConnInfo,
-    trusted: bool,
-    ids: &Ids,
-) -> Result<Accepted, GatewayError> {
+/// Phase 1: the head's size limit, the canonical request (a client's `X-Request-Id` out of it),
+/// `Weir-Debug`, and a TLS connection's hold on the host it may serve.
+fn accept(rt: &Runtime, parts: &mut Parts, conn: &ConnInfo, trusted: bool) -> Result<Accepted, GatewayError> {
     let server = &rt.config.server;
     let size = header_bytes(&parts.headers);
     if size > server.max_header_bytes {
         return Err(GatewayError::HeadersTooLarge { size, limit: server.max_header_bytes });
     }
     let mut canon = Canonical::from_head(parts, conn.scheme, trusted, &server.upgrade_protocols)?;
-    // The request's id goes upstream (a client's own is replaced); Weir's span goes with the
-    // upstream head (`RequestCtx::upstream_head`).
-    canon.headers.insert(X_REQUEST_ID.clone(), ids.request_id.clone());
+    // The request's id and Weir's span go with the upstream head (`RequestCtx::upstream_head`);
+    // a client's own id is never forwarded.
+    if canon.request_id_header {
+        canon.headers.remove(&X_REQUEST_ID);
+    }
     // `Weir-Debug` never goes upstream; with the right token the answer explains itself.
     let asked = if canon.debug_header { canon.headers.remove(&WEIR_DEBUG) } else { None };
     let debug = match (asked, &rt.config.debug_token) {
@@ -323,8 +340,8 @@ fn admit_route(ctx: &RequestCtx) -> Result<(), GatewayError> {
     if route.https_only && ctx.conn.tls.is_none() {
         return Err(GatewayError::HttpsRequired);
     }
-    if let (Some(limit), Some(len)) = (route.max_request_body, content_length(&ctx.canon.headers)) {
-        if len > limit {
+    if let Some(limit) = route.max_request_body {
+        if content_length(&ctx.canon.headers).is_some_and(|len| len > limit) {
             return Err(GatewayError::PayloadTooLarge { limit });
         }
     }

@@ -65,9 +65,10 @@ fn routed(fx: &Fixture, method: Method, uri: &str, headers: &[(&str, &str)]) -> 
     let peer = "198.51.100.7:40000".parse().unwrap();
     let conn = ConnInfo::new(peer, "127.0.0.1:8080".parse().unwrap(), "http");
     let ids = Ids::of(&parts.headers, false, None);
-    let Accepted { canon, debug } = accept(&fx.rt, &mut parts, &conn, false, &ids)?;
+    let Accepted { canon, debug } = accept(&fx.rt, &mut parts, &conn, false)?;
     let route = route_of(&fx.rt, &canon)?;
-    let ctx = RequestCtx::new(fx.rt.clone(), conn, false, canon, route, debug, false);
+    let mut ctx = RequestCtx::new(fx.rt.clone(), conn, false, canon, route, debug, false);
+    ctx.request_id = Some(ids.request_id);
     admit_route(&ctx)?;
     Ok(ctx)
 }
@@ -98,7 +99,10 @@ fn phase_1_refuses_a_head_over_the_limit_and_keeps_the_debug_header_from_the_ups
     let ctx = routed(&fx, Method::GET, "/a", &[("weir-debug", "anything")]).unwrap();
     assert!(!ctx.canon.headers.contains_key("weir-debug"), "never forwarded");
     assert!(!ctx.debug, "no debug token configured");
-    assert!(ctx.canon.headers.contains_key("x-request-id"), "the request's id goes upstream");
+    assert!(ctx.upstream_head().headers.contains_key("x-request-id"), "the request's id goes upstream");
+    let ctx = routed(&fx, Method::GET, "/a", &[("x-request-id", "client-chosen")]).unwrap();
+    assert!(!ctx.canon.headers.contains_key("x-request-id"), "an untrusted client's id is never forwarded");
+    assert_ne!(ctx.upstream_head().headers["x-request-id"], "client-chosen");
 }
 
 #[test]

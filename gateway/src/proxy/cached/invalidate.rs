@@ -98,7 +98,7 @@ fn get_keys(req: &RequestCtx, path_query: &str) -> Vec<String> {
         return Vec::new();
     }
     let name = &route.route.name;
-    let mut keys = vec![key::primary(name, "GET", c.scheme, &c.authority, path_query, None)];
+    let mut keys = vec![key::primary_after(&route.key_prefix[0], c.scheme, &c.authority, path_query, None)];
     if let Some(p) = route_plugin(route) {
         let parts = RequestParts::new("GET", c.scheme, &c.authority, path_query, &c.headers, None)
             .with_consumer(req.consumer.as_deref());

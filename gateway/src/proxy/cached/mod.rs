@@ -13,6 +13,7 @@ mod invalidate;
 pub(crate) mod ops;
 mod respond;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -23,7 +24,7 @@ use http::{Method, Response};
 use http_body::Body as _;
 
 use self::fill::{buffered, collect, fetch, Collected, Mode};
-use self::respond::serve_entry;
+use self::respond::{answer, serve_entry};
 use crate::cache::entry::{Entry, Object};
 use crate::cache::flight::{self, FlightResult, Join};
 use crate::cache::key;
@@ -210,11 +211,13 @@ pub(crate) struct KeyChoice {
 /// the route's plugin (asked only when `ask_plugin`) names its own or keeps the cache out.
 pub(crate) fn choose_key(req: &RequestCtx, cfg: &RouteCache, body: Option<&[u8]>, ask_plugin: bool) -> KeyChoice {
     let route = req.route();
-    let class = if req.canon.method == Method::POST { "POST" } else { "GET" };
+    let post = req.canon.method == Method::POST;
+    let class = if post { "POST" } else { "GET" };
     let hash = body.map(key::body_hash);
     let c = &req.canon;
+    let prefix = &route.key_prefix[usize::from(post)];
     let mut choice = KeyChoice {
-        primary: key::primary(&route.route.name, class, c.scheme, &c.authority, &c.path_query, hash.as_deref()),
+        primary: key::primary_after(prefix, c.scheme, &c.authority, &c.path_query, hash.as_deref()),
         by: "policy",
         plugin_bypass: None,
     };
@@ -237,25 +240,40 @@ pub(crate) fn choose_key(req: &RequestCtx, cfg: &RouteCache, body: Option<&[u8]>
 
 /// Looks up the primary key and, for a `Vary` marker, the request's variant: the entry and the
 /// tier it came from, whether a Vary marker was found without the variant, and the full key.
-pub(crate) async fn lookup(ctx: &Ctx) -> (Option<(Arc<Entry>, Level)>, bool, String) {
+pub(crate) async fn lookup(ctx: &Ctx) -> (Option<(Arc<Entry>, Level)>, bool, Cow<'_, str>) {
     match ctx.cache.get(&ctx.primary).await {
-        Some((Object::Response(e), level)) => (Some((e, level)), false, ctx.primary.clone()),
+        Some((Object::Response(e), level)) => (Some((e, level)), false, Cow::Borrowed(&ctx.primary)),
         Some((Object::Vary { headers, .. }, _)) => {
             let sk = key::secondary(&ctx.primary, &headers, &ctx.req.canon.headers);
             match ctx.cache.get(&sk).await {
-                Some((Object::Response(e), level)) if e.key == sk => (Some((e, level)), false, sk),
-                _ => (None, true, sk),
+                Some((Object::Response(e), level)) if e.key == sk => (Some((e, level)), false, Cow::Owned(sk)),
+                _ => (None, true, Cow::Owned(sk)),
             }
         }
-        None => (None, false, ctx.primary.clone()),
+        None => (None, false, Cow::Borrowed(&ctx.primary)),
     }
+}
+
+/// A hit's answer (`respond::answer`), counted like `with_status`. The request's id is in it:
+/// `handle` does not write it again.
+fn hit(ctx: &Ctx, e: &Entry, now: SystemTime, outcome: &Outcome) -> Response<Body> {
+    let route = ctx.req.route();
+    if let Some(m) = &route.cache_metrics {
+        m.record(outcome);
+    }
+    let id = ctx.req.request_id.as_ref();
+    let resp = answer(&ctx.req.canon, e, now, Some(outcome.header_value()), id);
+    if id.is_some() {
+        ctx.req.id_answered.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    resp
 }
 
 async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     let now = SystemTime::now();
     let (found, vary_miss, full_key) = lookup(ctx).await;
     if ctx.req.debug {
-        let _ = ctx.req.cache_key.set(full_key.clone());
+        let _ = ctx.req.cache_key.set(full_key.to_string());
     }
     // `client_no_cache: ignore`: what the client's own directives would force (no-cache,
     // max-age, min-fresh) is not asked of the origin; the request is served like any other.
@@ -268,7 +286,8 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
     };
     let req = &ctx.req.canon;
     let route = ctx.req.route();
-    let head_or_range = req.method == Method::HEAD || req.headers.contains_key(header::RANGE);
+    // `Range` is only looked up where the canonical survey saw a conditional or range field.
+    let head_or_range = req.method == Method::HEAD || (req.conditional && req.headers.contains_key(header::RANGE));
     let charges_hits = route.route.budget.as_ref().is_some_and(|b| b.charge_hits);
 
     if let Some((e, level)) = found {
@@ -281,7 +300,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
                 // Boxed: a hit's future stays small on routes that do not charge hits.
                 Box::pin(crate::proxy::meter::charge_hit(&ctx.req)).await?;
             }
-            return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::Hit { level }));
+            return Ok(hit(ctx, &e, now, &Outcome::Hit { level }));
         }
         let staleness = e.staleness(now);
         let may_be_stale = !fresh && !d.no_cache && !e.stale_forbidden && !e.revalidate_always;
@@ -291,7 +310,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
                 // Boxed: a hit's future stays small on routes that do not charge hits.
                 Box::pin(crate::proxy::meter::charge_hit(&ctx.req)).await?;
             }
-            return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
+            return Ok(hit(ctx, &e, now, &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
         }
         // stale-while-revalidate: answer now, refresh once in the background.
         if may_be_stale && staleness < e.stale_while_revalidate && d.max_age.is_none() && d.min_fresh.is_none() {
@@ -300,7 +319,7 @@ async fn lookup_and_serve(ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
                 Box::pin(crate::proxy::meter::charge_hit(&ctx.req)).await?;
             }
             spawn_refresh(ctx, &full_key, &e);
-            return Ok(with_status(route, serve_entry(req, &e, now), &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
+            return Ok(hit(ctx, &e, now, &Outcome::StaleHit { ttl: e.ttl_secs(now) }));
         }
         if d.only_if_cached {
             return Err(not_cached(route));

@@ -8,7 +8,9 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use super::CACHE_STATUS;
 use crate::cache::entry::Entry;
+use crate::observe::X_REQUEST_ID;
 use crate::proxy::canonical::Canonical;
 use crate::proxy::empty;
 use crate::Body;
@@ -16,9 +18,22 @@ use crate::Body;
 /// Builds the client's answer from a stored entry: `Age`, `Via`, conditionals (304), `Range`
 /// (206/416 from the complete entry), HEAD without body.
 pub(super) fn serve_entry(req: &Canonical, e: &Entry, now: SystemTime) -> Response<Body> {
+    answer(req, e, now, None, None)
+}
+
+/// `serve_entry`, with this response's `Cache-Status` and `X-Request-Id` written too: all three
+/// of the answer's own fields go into the slots the fill left for them, in one pass over the
+/// stored head (no hashing, no growth).
+pub(super) fn answer(
+    req: &Canonical,
+    e: &Entry,
+    now: SystemTime,
+    status: Option<HeaderValue>,
+    request_id: Option<&HeaderValue>,
+) -> Response<Body> {
     let ch = &req.headers;
     let mut headers = e.headers.clone();
-    headers.insert(header::AGE, age_value(e.age(now).as_secs()));
+    own_fields(&mut headers, age_value(e.age(now).as_secs()), status, request_id);
     let mut resp = Response::new(empty());
     if req.conditional && not_modified(&req.method, ch, e) {
         headers.remove(header::CONTENT_LENGTH);
@@ -60,6 +75,36 @@ pub(super) fn serve_entry(req: &Canonical, e: &Entry, now: SystemTime) -> Respon
         *resp.body_mut() = Full::new(body).map_err(|never| match never {}).boxed();
     }
     resp
+}
+
+/// Writes `Age` (and `Cache-Status`, `X-Request-Id` when given) over their placeholders; a
+/// stored head without a slot (an entry another version stored) gets the field inserted.
+fn own_fields(h: &mut HeaderMap, age: HeaderValue, status: Option<HeaderValue>, request_id: Option<&HeaderValue>) {
+    let (mut age, mut status, mut request_id) = (Some(age), status, request_id);
+    for (name, v) in h.iter_mut() {
+        if *name == header::AGE {
+            if let Some(a) = age.take() {
+                *v = a;
+            }
+        } else if *name == CACHE_STATUS {
+            if let Some(s) = status.take() {
+                *v = s;
+            }
+        } else if *name == X_REQUEST_ID {
+            if let Some(id) = request_id.take() {
+                v.clone_from(id);
+            }
+        }
+    }
+    if let Some(a) = age {
+        h.insert(header::AGE, a);
+    }
+    if let Some(s) = status {
+        h.insert(CACHE_STATUS.clone(), s);
+    }
+    if let Some(id) = request_id {
+        h.insert(X_REQUEST_ID.clone(), id.clone());
+    }
 }
 
 /// `Age` in seconds. The first hour's values are made once and shared (a clone of a static
