@@ -35,7 +35,8 @@ test: deps lint plugins
 ## The reliability soak's long profile (30 min; WEIR_SOAK_SECS, WEIR_SOAK_SEED): faults under load,
 ## invariants checked, figures printed. `make test` runs its 60-second profile.
 soak: deps plugins
-	WEIR_SOAK_SECS=$${WEIR_SOAK_SECS:-1800} $(CARGO) test -j$(JOBS) --test soak -- --nocapture
+	WEIR_SOAK_SECS=$${WEIR_SOAK_SECS:-1800} WEIR_SOAK_INSTANCES=$${WEIR_SOAK_INSTANCES:-3} \
+	  $(CARGO) test -j$(JOBS) --test soak -- --nocapture
 
 ## Load benchmark (release build, wrk, nginx): see bench/README.md.
 bench: deps plugins

@@ -122,6 +122,8 @@ pub struct UpstreamPool {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     sweeping: AtomicBool,
+    /// `timeouts.connect`: for the whole connection, TLS and HTTP/2 handshakes included.
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for UpstreamPool {
@@ -146,7 +148,8 @@ enum Conn {
 }
 
 impl UpstreamPool {
-    /// A pool over `urls`: connections time out after `connect`; `https://` ones use `tls`.
+    /// A pool over `urls`: a connection must be made (TCP, TLS, HTTP/2 handshake) within
+    /// `connect`; `https://` ones use `tls`.
     pub fn new(urls: &[UpstreamUrl], connect: Duration, tls: &crate::tls::UpstreamTls) -> UpstreamPool {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect));
@@ -186,6 +189,7 @@ impl UpstreamPool {
             h1: http1::Builder::new(),
             h2,
             sweeping: AtomicBool::new(false),
+            connect_timeout: connect,
         }
     }
     pub fn len(&self) -> usize {
@@ -323,6 +327,15 @@ impl UpstreamPool {
     }
 
     async fn connect(&self, i: usize) -> Result<Conn, BoxError> {
+        match tokio::time::timeout(self.connect_timeout, self.handshake(i)).await {
+            Ok(c) => c,
+            Err(_) => {
+                Err(format!("no connection within {:?} (TCP, TLS and HTTP/2 handshakes)", self.connect_timeout).into())
+            }
+        }
+    }
+
+    async fn handshake(&self, i: usize) -> Result<Conn, BoxError> {
         use tower_service::Service as _;
         if !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(&self.conns)));

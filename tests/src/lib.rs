@@ -259,8 +259,14 @@ impl Gateway {
     /// `weir run --upgrade` on this gateway's configuration: a new process that takes over its
     /// listeners (this one then drains and exits by itself).
     pub fn upgrade(&self) -> Result<Gateway, String> {
+        Gateway::upgrade_from(self.config_path.clone())
+    }
+
+    /// `weir run --upgrade` on a configuration file: what `upgrade` does, without holding the
+    /// gateway it replaces.
+    pub fn upgrade_from(config_path: PathBuf) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        GatewayBuilder::default().spawn(dir, self.config_path.clone(), &["--upgrade"])
+        GatewayBuilder::default().spawn(dir, config_path, &["--upgrade"])
     }
 
     pub fn url(&self, path: &str) -> String {

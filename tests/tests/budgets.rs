@@ -614,7 +614,8 @@ fn amount(s: &serde_json::Value, field: &str) -> rust_decimal::Decimal {
 }
 
 /// A client that leaves while Weir is still reaching the origin (here a TLS handshake the
-/// upstream never answers) asked the origin nothing: its reservation is released, not charged.
+/// upstream never answers) asked the origin nothing: its reservation is released, not charged,
+/// once the connection attempt gives up (`timeouts.connect` bounds the handshakes too).
 /// (Found by the soak: such calls were charged the fixed cost.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_leaves_before_its_request_is_sent_is_not_charged() {
@@ -707,4 +708,63 @@ async fn a_reservation_whose_answer_never_came_is_released() {
     let s = status_until(&gw, |s| amount(s, "reserved").is_zero()).await;
     assert!(amount(&s, "reserved").is_zero(), "the unanswered reservation was released: {s}");
     assert_eq!(amount(&s, "spent"), "0.002".parse().unwrap(), "only the two served calls are paid: {s}");
+}
+
+/// A client that hangs up once its request is on its way does not decide the bill: the call
+/// runs to the origin's answer, which is charged — so `spent` is exactly what the origin served.
+/// The origin here reads a request only after 300 ms and, as hyper's server does, drops one whose
+/// connection was closed by then. (Found by the soak: Weir closed the upstream connection when
+/// the client left, charged the call, and the origin never served it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_whose_client_leaves_runs_to_the_origins_answer_and_is_charged_exactly() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let (s2, d2) = (served.clone(), dropped.clone());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (served, dropped) = (s2.clone(), d2.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut buf = vec![0u8; 16 << 10];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // Closed behind the request: not served.
+                if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(50), sock.read(&mut buf)).await {
+                    dropped.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                served.fetch_add(1, Ordering::SeqCst);
+                let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                let _ = sock.read(&mut buf).await;
+            });
+        }
+    });
+    let redis = RedisServer::start();
+    let yaml =
+        config_for(&format!("http://127.0.0.1:{port}"), Some(redis.port), "limit: \"1\", per: 1d", "cost: \"0.001\"");
+    let gw = Gateway::start(&yaml);
+    for i in 0..3 {
+        let c = client();
+        // The request is written to the origin's socket well within 100 ms; the client then
+        // hangs up while the origin has not read it yet.
+        let left = tokio::time::timeout(Duration::from_millis(100), call(&c, &gw, &format!("/x/{i}"))).await;
+        assert!(left.is_err(), "the origin answers after 300 ms: the client gives up first");
+    }
+    let s =
+        status_until(&gw, |s| amount(s, "reserved").is_zero() && amount(s, "spent") == "0.003".parse().unwrap()).await;
+    let n = served.load(Ordering::SeqCst);
+    assert_eq!(
+        (amount(&s, "spent"), n, dropped.load(Ordering::SeqCst)),
+        ("0.003".parse().unwrap(), 3, 0),
+        "every call the client left was still asked of the origin, served and charged once: {s}"
+    );
+    assert!(amount(&s, "reserved").is_zero(), "{s}");
 }

@@ -1,7 +1,9 @@
-//! The reliability soak: two Weir instances on one Redis, behind fault relays, under a mixed
-//! load, while a seeded schedule injects faults. At the end the invariants are checked from what
-//! the origin, Redis and the clients saw — nothing lost, money exact, limits held, no purged body
-//! served past the bound, memory bounded — and the figures are printed as a table.
+//! The reliability soak: two Weir instances (`WEIR_SOAK_INSTANCES`, three in `make soak`) on one
+//! Redis, behind fault relays, under a mixed load, while a seeded schedule injects faults. At the
+//! end the invariants are checked from what the origin, Redis and the clients saw — nothing
+//! lost, money exact (fixed and plugin-priced calls), limits held, no purged body served past
+//! the bound, memory bounded, connections and descriptors back to their baseline — and the
+//! figures are printed as a table.
 //!
 //! `make test` runs the 60-second profile; `make soak` the long one (`WEIR_SOAK_SECS`, default
 //! 1800 there). `WEIR_SOAK_SEED` replays a schedule; the seed is printed on every run.
@@ -123,12 +125,25 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
 #[derive(Default)]
 struct OriginState {
     versions: Mutex<HashMap<u64, u64>>,
-    /// Correlation ids of the paid calls the origin served (each costs `COST`).
-    paid: Mutex<Vec<String>>,
+    /// The paid calls the origin served: correlation id and price in micro-units (`COST_UNITS`
+    /// for the fixed-cost route, the usage price for the plugin-priced one).
+    paid: Mutex<Vec<(String, u64)>>,
     failing: AtomicBool,
 }
 
 const COST_UNITS: u64 = 1_000; // "0.001" in micro-units
+/// The plugin-priced route (`llm-cost`, `output_per_1k: "0.01"`): 10 micro-units a token, and
+/// `max_cost` the most a call may be settled at.
+const TOKEN_UNITS: u64 = 10;
+const MAX_COST_UNITS: u64 = 10_000;
+/// A slow body: `SLOW_PARTS` chunks of 1 KiB, `SLOW_GAP` apart.
+const SLOW_PARTS: usize = 4;
+const SLOW_GAP: Duration = Duration::from_millis(25);
+
+/// A call's token count, from its correlation id: the origin and the check agree on it.
+fn tokens_of(id: &str) -> u64 {
+    1 + id.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))) % 500
+}
 
 async fn origin(state: Arc<OriginState>) -> Origin {
     Origin::start(move |req| {
@@ -140,6 +155,8 @@ async fn origin(state: Arc<OriginState>) -> Origin {
                 return text(503, "burst of errors");
             }
             if let Some(k) = path.strip_prefix("/item/").and_then(|k| k.parse::<u64>().ok()) {
+                // A fill takes the origin a moment (0-19 ms): readers coalesce behind it.
+                tokio::time::sleep(Duration::from_millis(tokens_of(&id) % 20)).await;
                 let mut versions = state.versions.lock().unwrap();
                 let v = versions.entry(k).or_insert(0);
                 if req.method() == http::Method::POST {
@@ -149,10 +166,25 @@ async fn origin(state: Arc<OriginState>) -> Origin {
                 resp.headers_mut().insert("cache-control", http::HeaderValue::from_static("max-age=300"));
                 return resp;
             }
+            if path.starts_with("/slow/") {
+                // A body that trickles in (~75 ms), cached for 2 s: fills stream to their
+                // waiters, and refills come often.
+                let mut resp = trickle(vec!["s".repeat(1024); SLOW_PARTS], SLOW_GAP);
+                resp.headers_mut().insert("cache-control", http::HeaderValue::from_static("max-age=2"));
+                return resp;
+            }
             if path.starts_with("/paid/") {
-                state.paid.lock().unwrap().push(id);
+                state.paid.lock().unwrap().push((id, COST_UNITS));
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 return text(200, "paid");
+            }
+            if path.starts_with("/priced/") {
+                let tokens = tokens_of(&id);
+                state.paid.lock().unwrap().push((id, tokens * TOKEN_UNITS));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let mut resp = text(200, &format!(r#"{{"usage":{{"prompt_tokens":0,"completion_tokens":{tokens}}}}}"#));
+                resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+                return resp;
             }
             text(200, "ok")
         }
@@ -162,6 +194,7 @@ async fn origin(state: Arc<OriginState>) -> Origin {
 
 fn config(redis_port: u16, origin_port: u16) -> String {
     let key = sha256_hex(KEY);
+    let plugin = repo_root().join("plugins").join("llm-cost.wasm").display().to_string();
     let (rate, burst) = (RATE as u64, BURST as u64);
     format!(
         r#"listen:
@@ -191,6 +224,16 @@ routes:
     upstream: http://127.0.0.1:{origin_port}
     consumer: {{ from: header:x-api-key, required: true }}
     budget: {{ name: api, cost: "0.001" }}
+  - name: priced
+    match: {{ path: /priced/ }}
+    upstream: http://127.0.0.1:{origin_port}
+    consumer: {{ from: header:x-api-key, required: true }}
+    plugin: {{ path: {plugin}, config: {{ input_per_1k: "0", output_per_1k: "0.01" }} }}
+    budget: {{ name: api, cost: plugin, reserve: "0.01", max_cost: "0.01" }}
+  - name: slow
+    match: {{ path: /slow/ }}
+    upstream: http://127.0.0.1:{origin_port}
+    cache: {{}}
   - name: limited
     match: {{ path: /limited/ }}
     upstream: http://127.0.0.1:{origin_port}
@@ -209,6 +252,10 @@ enum Kind {
     Write,
     Paid,
     PaidLeft,
+    /// A budgeted call priced by the `llm-cost` plugin from the answer's usage.
+    Priced,
+    /// A cached body that trickles in from the origin; a short one counts as truncated.
+    Slow,
     Limited,
 }
 
@@ -235,6 +282,8 @@ struct Observed {
     reads: Mutex<Vec<(u64, Instant, Instant, u64)>>,
     /// Admitted `/limited` calls: when the answer came.
     limited_ok: Mutex<Vec<Instant>>,
+    /// `/slow` answers of status 200 whose body was not the whole body: (started, finished).
+    truncated: Mutex<Vec<(Instant, Instant)>>,
 }
 
 /// Fault windows, by kind, for the figures and the "attributable" rule.
@@ -350,8 +399,18 @@ async fn client_loop(
                 }
             }
             (Kind::Write, r)
-        } else if roll < 80 {
+        } else if roll < 70 {
             (Kind::Paid, request(&c, &fleet, gw, http::Method::GET, &format!("/paid/{id}"), &id).await)
+        } else if roll < 75 {
+            (Kind::Priced, request(&c, &fleet, gw, http::Method::GET, &format!("/priced/{id}"), &id).await)
+        } else if roll < 80 {
+            let r = request(&c, &fleet, gw, http::Method::GET, &format!("/slow/{}", rng.below(4)), &id).await;
+            if let Ok((200, body)) = &r {
+                if body.len() != SLOW_PARTS * 1024 {
+                    seen.truncated.lock().unwrap().push((started, Instant::now()));
+                }
+            }
+            (Kind::Slow, r)
         } else if roll < 85 {
             // A client that hangs up before the answer: the call may or may not have reached
             // the origin; if it did, it is paid for.
@@ -410,6 +469,15 @@ fn rss_limit() -> u64 {
     L1_BYTES * 3 / 2 + (64 << 20)
 }
 
+/// Open file descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Descriptors an instance may hold after the load beyond its count before it: idle pooled
+/// upstream connections (one per client connection at most) and Redis reconnections.
+const FD_SLACK: usize = 24;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::too_many_lines)]
 async fn soak_under_faults_keeps_every_invariant() {
@@ -425,7 +493,14 @@ async fn soak_under_faults_keeps_every_invariant() {
     let origin = origin(state.clone()).await;
     let origin_relay = Relay::start(origin.addr.port()).await;
     let yaml = config(redis_relay.port, origin_relay.port);
-    let fleet = Arc::new(Fleet::new(vec![Gateway::start(&yaml), Gateway::start(&yaml)]));
+    let instances: usize = std::env::var("WEIR_SOAK_INSTANCES").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let fleet = Arc::new(Fleet::new((0..instances).map(|_| Gateway::start(&yaml)).collect()));
+    // Descriptors each instance holds before any load (listeners, Redis, its log): after the
+    // load they are back to this, give or take the idle pooled connections.
+    let fd_baseline: Vec<usize> = fleet.slots.iter().map(|g| fds(g.lock().unwrap().pid())).collect();
+    // Processes an upgrade handed over from: they drain and exit by themselves (kept until the
+    // end: the configuration file lives in the first one's directory).
+    let mut retired: Vec<tokio::task::JoinHandle<(Gateway, bool)>> = Vec::new();
     // Instance kills, for attribution: (slot, from, to).
     let mut kills: Vec<(usize, Instant, Instant)> = Vec::new();
 
@@ -473,7 +548,8 @@ async fn soak_under_faults_keeps_every_invariant() {
             "reload",
             "bad_reload",
             "instance_kill",
-        ][rng.below(9) as usize];
+            "upgrade",
+        ][rng.below(10) as usize];
         let hold = Duration::from_millis(500 + rng.below(1500));
         schedule.push(kind);
         let from = Instant::now();
@@ -515,6 +591,22 @@ async fn soak_under_faults_keeps_every_invariant() {
                 fleet.replace(i, fresh);
                 kills.push((i, from, Instant::now()));
             }
+            "upgrade" => {
+                // `weir run --upgrade`: the new process takes the listeners over, the old one
+                // drains what it has in flight and exits. Nothing may be lost.
+                let i = rng.below(fleet.len() as u64) as usize;
+                let path = fleet.slots[i].lock().unwrap().config_path.clone();
+                let next = tokio::task::spawn_blocking(move || Gateway::upgrade_from(path))
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("upgrade failed: {e}"));
+                let old = std::mem::replace(&mut *fleet.slots[i].lock().unwrap(), next);
+                retired.push(tokio::task::spawn_blocking(move || {
+                    let mut old = old;
+                    let exited = old.wait_exit(Duration::from_secs(60)).is_some();
+                    (old, exited)
+                }));
+            }
             _ => {
                 // A broken config between two good ones: refused, and the old one keeps serving.
                 let i = rng.below(fleet.len() as u64) as usize;
@@ -537,11 +629,18 @@ async fn soak_under_faults_keeps_every_invariant() {
     sampler.await.unwrap();
     // Leases of calls cut short settle from tasks of their own, and reservations whose answer
     // never came are released by an instance's next budgeted call: one each, then a moment.
-    let c = client();
-    for i in 0..fleet.len() {
-        let _ = request(&c, &fleet, i, http::Method::GET, &format!("/paid/drain-{i}"), &format!("drain-{i}")).await;
+    {
+        let c = client();
+        for i in 0..fleet.len() {
+            let _ = request(&c, &fleet, i, http::Method::GET, &format!("/paid/drain-{i}"), &format!("drain-{i}")).await;
+        }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The processes upgrades replaced: each drained and exited by itself.
+    let mut upgraded_from = Vec::new();
+    for r in retired {
+        upgraded_from.push(r.await.unwrap());
+    }
     // A killed instance's calls in flight (cut, or answered just before): what the origin
     // served of them is unpaid once their leases expire — the documented rule.
     let killed_at = |o: &Outcome| {
@@ -568,6 +667,7 @@ async fn soak_under_faults_keeps_every_invariant() {
     // between them); a 5xx only where a scheduled fault explains it.
     let mut lost = 0;
     let mut cut_by_kill = 0;
+    let mut cut_by_origin = 0;
     let mut unexplained_5xx = 0;
     for o in &outcomes {
         let end = o.started + o.took;
@@ -577,15 +677,27 @@ async fn soak_under_faults_keeps_every_invariant() {
             // successor listens.
             (_, None) if killed_at(o) => cut_by_kill += 1,
             _ if killed_at(o) => {}
-            (_, None) => lost += 1,
-            (Kind::Hit | Kind::Write, Some(s)) if s >= 500 && !faults.during(&origin_faults, o.started, end, slack) => {
+            // A body the origin was still sending when its connection was reset cannot end
+            // well: the client sees the answer cut (never a short body passed off as whole).
+            (Kind::Slow, None) if faults.during(&["origin_reset"], o.started, end, Duration::ZERO) => {
+                cut_by_origin += 1;
+            }
+            (_, None) => {
+                lost += 1;
+                if unexplained_first.len() < 10 {
+                    unexplained_first.push(explain(&faults, t0, o));
+                }
+            }
+            (Kind::Hit | Kind::Write | Kind::Slow, Some(s))
+                if s >= 500 && !faults.during(&origin_faults, o.started, end, slack) =>
+            {
                 unexplained_5xx += 1;
                 *unexplained_kinds.entry(format!("{:?} {s}", o.kind)).or_default() += 1;
                 if unexplained_first.len() < 10 {
                     unexplained_first.push(explain(&faults, t0, o));
                 }
             }
-            (Kind::Paid | Kind::Limited, Some(s))
+            (Kind::Paid | Kind::Priced | Kind::Limited, Some(s))
                 if s >= 500
                     && !faults.during(&origin_faults, o.started, end, slack)
                     && !faults.during(&redis_faults, o.started, end, redis_slack) =>
@@ -607,26 +719,31 @@ async fn soak_under_faults_keeps_every_invariant() {
             .push(format!("{unexplained_5xx} 5xx answers outside any fault that explains them: {unexplained_kinds:?}"));
     }
 
-    // Money exact: what Redis holds as spent equals the price of every call the origin served.
-    let served_paid = state.paid.lock().unwrap().len() as u64;
+    // Money exact: what Redis holds as spent equals the price of every call the origin served
+    // (0.001 each on the fixed-cost route, the usage price on the plugin-priced one).
+    let served = state.paid.lock().unwrap().clone();
+    let served_paid = served.len() as u64;
+    let served_units: u64 = served.iter().map(|(_, u)| u).sum();
     let admin = fleet.slots[0].lock().unwrap().admin_url("/budgets/acme?budget=api");
     let budget = get(&admin).await.json();
     let spent = budget["spent"].as_str().unwrap_or("?").to_string();
     let reserved = budget["reserved"].as_str().unwrap_or("?").to_string();
-    let want = format!("{}.{:06}", served_paid * COST_UNITS / 1_000_000, served_paid * COST_UNITS % 1_000_000);
+    let want = format!("{}.{:06}", served_units / 1_000_000, served_units % 1_000_000);
     let units = |s: &str| -> Option<u64> {
         let (int, frac) = s.split_once('.').unwrap_or((s, ""));
         Some(int.parse::<u64>().ok()? * 1_000_000 + format!("{frac:0<6}").get(..6)?.parse::<u64>().ok()?)
     };
-    let money_mismatch = units(&spent).map_or(u64::MAX, |s| s.abs_diff(served_paid * COST_UNITS) / COST_UNITS);
+    let mismatch_units = units(&spent).map_or(u64::MAX, |s| s.abs_diff(served_units));
     // A connection cut between Weir and the origin mid-call leaves who billed what unknowable
     // from either side: the origin may have served a call whose answer never came back (Weir
     // releases it), or Weir handed a call to a connection that broke before the origin read it
     // and the client had left (charged, as a dropped call is). Only calls in flight at an
     // origin reset may differ; the figure says how many there were.
-    let ambiguous = outcomes
+    // Each such call may differ by at most its price: 0.001 on the fixed route, `max_cost` on the
+    // plugin-priced one (a call whose usage Weir never saw settles at `max_cost`).
+    let in_doubt: Vec<&Outcome> = outcomes
         .iter()
-        .filter(|o| matches!(o.kind, Kind::Paid | Kind::PaidLeft))
+        .filter(|o| matches!(o.kind, Kind::Paid | Kind::PaidLeft | Kind::Priced))
         .filter(|o| {
             faults.during(
                 &["origin_reset"],
@@ -635,8 +752,12 @@ async fn soak_under_faults_keeps_every_invariant() {
                 Duration::ZERO,
             ) || killed_at(o)
         })
-        .count() as u64;
-    let money_mismatch = money_mismatch.saturating_sub(ambiguous);
+        .collect();
+    let ambiguous = in_doubt.len() as u64;
+    let doubt_units: u64 =
+        in_doubt.iter().map(|o| if o.kind == Kind::Priced { MAX_COST_UNITS } else { COST_UNITS }).sum();
+    let money_mismatch = mismatch_units.saturating_sub(doubt_units);
+    let decimal = |u: u64| format!("{}.{:06}", u / 1_000_000, u % 1_000_000);
     let held = units(&reserved).unwrap_or(u64::MAX) / COST_UNITS;
     if held != 0 {
         broken.push(format!("{reserved} still reserved after the load stopped (leases never released)"));
@@ -704,6 +825,43 @@ async fn soak_under_faults_keeps_every_invariant() {
         broken.push(format!("{stale_after_purge} reads returned a purged body after the bound (max {max_stale:?})"));
     }
 
+    // Slow bodies: a 200 is the whole body, always.
+    let truncated = seen.truncated.lock().unwrap().len();
+    if truncated > 0 {
+        broken.push(format!("{truncated} slow bodies answered 200 but shorter than the origin's"));
+    }
+    // An upgraded-from process drains and exits on its own.
+    let lingering = upgraded_from.iter().filter(|(_, exited)| !exited).count();
+    if lingering > 0 {
+        broken.push(format!("{lingering} processes an upgrade replaced were still running after the load"));
+    }
+    // Connections and descriptors: once the clients are gone, no instance holds a client
+    // connection, and its descriptors are back to their count before the load, give or take
+    // the pooled upstream connections (idle for up to 90 s) and Redis' reconnections.
+    let mut fd_after = Vec::new();
+    for (i, g) in fleet.slots.iter().enumerate() {
+        let (pid, metrics) = {
+            let g = g.lock().unwrap();
+            (g.pid(), g.admin_url("/metrics"))
+        };
+        let open: f64 = get(&metrics)
+            .await
+            .text()
+            .lines()
+            .filter(|l| l.starts_with("weir_connections{") && l.contains("state=\"open\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        // The metrics request's own connection is the one open.
+        if open > 1.0 {
+            broken.push(format!("instance {i} still counts {open} open client connections after the load"));
+        }
+        let n = fds(pid);
+        fd_after.push(n);
+        if n > fd_baseline.get(i).copied().unwrap_or(0) + FD_SLACK {
+            broken.push(format!("instance {i} holds {n} descriptors after the load ({} before it)", fd_baseline[i]));
+        }
+    }
+
     // Memory bounded.
     let rss = max_rss.lock().unwrap().clone();
     for (i, r) in rss.iter().enumerate() {
@@ -745,9 +903,14 @@ async fn soak_under_faults_keeps_every_invariant() {
     );
     println!("| requests lost | {lost} |");
     println!("| requests cut by an instance kill (connection errors) | {cut_by_kill} |");
+    println!("| slow bodies cut by an origin reset / answered short | {cut_by_origin} / {truncated} |");
     println!("| unexplained 5xx | {unexplained_5xx} |");
     println!("| paid calls served / spent | {served_paid} / {spent} (reserved {reserved}) |");
-    println!("| money mismatches (calls, beyond the {ambiguous} in flight at an origin reset or an instance kill) | {money_mismatch} |");
+    println!(
+        "| money mismatch beyond the {ambiguous} calls in doubt (in flight at an origin reset or an instance kill; up to {}) | {} |",
+        decimal(doubt_units),
+        decimal(money_mismatch)
+    );
     println!("| leases left held after the load (calls) | {held} |");
     println!("| limit overshoot (max calls in a window) | {overshoot} |");
     println!("| writes / reads checked | {} / {} |", writes.len(), reads.len());
@@ -757,11 +920,22 @@ async fn soak_under_faults_keeps_every_invariant() {
         rss.iter().map(|r| (r >> 20).to_string()).collect::<Vec<_>>().join(", "),
         rss_limit() >> 20
     );
+    println!(
+        "| descriptors per instance, before / after the load | {} |",
+        fd_baseline.iter().zip(&fd_after).map(|(a, b)| format!("{a} / {b}")).collect::<Vec<_>>().join(", ")
+    );
     println!("| p99 steady | {:?} |", p99(None));
     for k in by_kind.keys() {
         println!("| p99 during {k} | {:?} |", p99(Some(&[k])));
     }
     if !broken.is_empty() {
+        // Each instance's budget counters (calls settled unpriced, dropped, clamped; spent).
+        for (i, g) in fleet.slots.iter().enumerate() {
+            let url = g.lock().unwrap().admin_url("/metrics");
+            for l in get(&url).await.text().lines().filter(|l| l.starts_with("weir_budget")) {
+                println!("  [{i}] {l}");
+            }
+        }
         // What Weir said about Redis meanwhile: the breaker, reconnects, refusals.
         let started = wall0.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         println!("run started at Unix {started}; Weir's Redis lines (last 40 per instance):");

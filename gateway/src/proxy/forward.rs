@@ -1,6 +1,7 @@
 //! Phases 6–7 for a route without a cache: forward, stream back, and splice an allowed upgrade
 //! (the tunnel's bounds are in `tunnel`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -19,7 +20,7 @@ use crate::Body;
 
 /// Phases 6–7 for a route without a cache: forward, stream back, tunnel an allowed upgrade.
 pub(super) async fn forward(
-    ctx: &RequestCtx,
+    ctx: &Arc<RequestCtx>,
     body: ClientBody,
     on_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<Body>, GatewayError> {

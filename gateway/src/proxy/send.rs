@@ -29,7 +29,7 @@ type Asked = std::sync::Arc<std::sync::atomic::AtomicBool>;
 /// A request whose body was never sent (`body: None`) and that is idempotent is replayed once
 /// on another upstream when the first refused the connection.
 pub(crate) async fn upstream(
-    ctx: &RequestCtx,
+    ctx: &std::sync::Arc<RequestCtx>,
     purpose: Purpose,
     parts: Parts,
     body: Option<Body>,
@@ -58,20 +58,43 @@ pub(crate) async fn upstream(
     };
     // The budget (phase 6): reserved before the call leaves, by a guard that settles it exactly
     // once — at the head, at the body's end, or when dropped (`meter`).
-    let mut budget = meter::upstream_budget(ctx, purpose).await?;
-    // A budgeted call learns whether the request reached a connection: a client that leaves
-    // before that is not charged (the origin was asked nothing).
-    let asked = budget.as_mut().map(|(_, guard)| guard.asked_flag());
-    let started = std::time::Instant::now();
-    let sent = send_with_retry(route, parts, body, asked.as_ref()).await.map(|(target, resp)| {
-        if purpose != Purpose::Refresh {
-            let _ = ctx.hop.set(Hop { target, status: resp.status().as_u16(), took: started.elapsed() });
+    let (sent, metered, permit) = match meter::upstream_budget(ctx, purpose).await? {
+        None => (send_timed(ctx, purpose, parts, body, None).await, None, permit),
+        Some((_, guard)) => {
+            // A budgeted call, once it leaves, runs to its answer in a task of its own, even if
+            // the client hangs up: the origin's answer decides what is charged. Cut short, the
+            // request could reach the origin's socket and never be served (a server drops a
+            // request whose connection closed before it read it), or be served and never known.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let mut guard = guard;
+                // The guard learns whether the request reached a connection: a call that never
+                // did (the upstream was refused, say) is not charged.
+                let asked = guard.asked_flag();
+                let sent = send_timed(&ctx, purpose, parts, body, Some(&asked)).await;
+                let Some(b) = &ctx.route().route.budget else { return };
+                let metered = meter::at_head(&ctx, b, guard, sent.as_ref().ok().map(|r| r.status().as_u16())).await;
+                // The connection slot stays with the call until it ends, answered or not.
+                if let Err((Ok(resp), Some(guard), _permit)) = tx.send((sent, metered, permit)) {
+                    // The client left and the call is priced from its body: read it to the end
+                    // here, so the price is the answer's, not `max_cost`.
+                    let idle = ctx.route().route.timeouts.idle;
+                    let resp = meter::meter(&ctx, guard, resp.map(|b| IdleTimeout::new(b, idle).boxed()));
+                    let _ = resp.into_body().collect().await;
+                }
+            });
+            match rx.await {
+                Ok(answer) => answer,
+                // The task ended without answering: the runtime is shutting down.
+                Err(_) => {
+                    return Err(GatewayError::UpstreamUnavailable {
+                        upstream: route.upstreams.url(0).to_string(),
+                        reason: "the upstream call was cut short".into(),
+                    })
+                }
+            }
         }
-        resp
-    });
-    let metered = match budget {
-        Some((b, guard)) => meter::at_head(ctx, b, guard, sent.as_ref().ok().map(|r| r.status().as_u16())).await,
-        None => None,
     };
     match sent {
         Ok(resp) => {
@@ -96,6 +119,23 @@ pub(crate) async fn upstream(
             Err(e)
         }
     }
+}
+
+/// `send_with_retry`, with the hop it made recorded for the log.
+async fn send_timed(
+    ctx: &RequestCtx,
+    purpose: Purpose,
+    parts: Parts,
+    body: Option<Body>,
+    asked: Option<&Asked>,
+) -> Result<Response<crate::upstream::Pooled>, GatewayError> {
+    let started = std::time::Instant::now();
+    send_with_retry(ctx.route(), parts, body, asked).await.map(|(target, resp)| {
+        if purpose != Purpose::Refresh {
+            let _ = ctx.hop.set(Hop { target, status: resp.status().as_u16(), took: started.elapsed() });
+        }
+        resp
+    })
 }
 
 /// The route's upstream connection slot an upgrade answer carries to its tunnel.

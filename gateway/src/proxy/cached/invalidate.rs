@@ -23,7 +23,7 @@ use crate::Body;
 /// Forwards a request that the cache does not serve; after a successful unsafe method,
 /// invalidates what RFC 9111 §4.4 names, the route's `invalidate.tags` and the plugin's choice.
 pub(in crate::proxy) async fn forward_and_invalidate(
-    req: &RequestCtx,
+    req: &std::sync::Arc<RequestCtx>,
     body: ClientBody,
 ) -> Result<Response<Body>, GatewayError> {
     let route = req.route();

@@ -112,7 +112,7 @@ pub(super) fn route_plugin(route: &RouteRuntime) -> Option<&Arc<Loaded>> {
 }
 
 /// Sends the request upstream past the cache, as the client sent it (canonical form).
-async fn pass_through(req: &RequestCtx, body: Option<Body>) -> Result<Response<Body>, GatewayError> {
+async fn pass_through(req: &Arc<RequestCtx>, body: Option<Body>) -> Result<Response<Body>, GatewayError> {
     let resp = upstream(req, Purpose::PassThrough, req.upstream_head(), body).await?;
     Ok(finish_response(resp))
 }
