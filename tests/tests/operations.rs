@@ -437,7 +437,10 @@ async fn upgrade_hands_over_the_listeners_with_zero_failed_requests() {
             .collect();
         assert!(!socks.is_empty());
         for p in socks {
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{}", p.display());
+            // Another test's gateway may have exited and taken its socket away meanwhile.
+            if let Ok(m) = std::fs::metadata(&p) {
+                assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", p.display());
+            }
         }
     }
     let stop = Arc::new(AtomicBool::new(false));

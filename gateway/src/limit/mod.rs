@@ -437,13 +437,25 @@ impl Limiter {
     /// Length-prefixed fields in one buffer (on the stack for the usual sizes), then one keyed
     /// BLAKE3 call: many small `update`s cost several times as much.
     fn id(&self, route: &str, key: &str, policy: &str) -> [u8; 16] {
-        let mut buf: SmallVec<[u8; 192]> = SmallVec::new();
+        // Length-prefixed fields, gathered on the stack when they fit (they nearly always do).
+        let total = 24 + route.len() + key.len() + policy.len();
+        let mut stack = [0u8; 256];
+        let mut heap = Vec::new();
+        let buf: &mut [u8] = match stack.get_mut(..total) {
+            Some(b) => b,
+            None => {
+                heap.resize(total, 0);
+                &mut heap
+            }
+        };
+        let mut at = 0;
         for f in [route, key, policy] {
-            buf.extend_from_slice(&(f.len() as u64).to_le_bytes());
-            buf.extend_from_slice(f.as_bytes());
+            buf[at..at + 8].copy_from_slice(&(f.len() as u64).to_le_bytes());
+            buf[at + 8..at + 8 + f.len()].copy_from_slice(f.as_bytes());
+            at += 8 + f.len();
         }
         let mut out = [0u8; 16];
-        out.copy_from_slice(&blake3::keyed_hash(&self.hash_key, &buf).as_bytes()[..16]);
+        out.copy_from_slice(&blake3::keyed_hash(&self.hash_key, buf).as_bytes()[..16]);
         out
     }
 
@@ -541,7 +553,17 @@ pub fn policy_header(policies: &[RateLimit], all: bool) -> Option<HeaderValue> {
 }
 
 fn field(name: &str, remaining: u64, reset_us: u64) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!("\"{name}\";r={remaining};t={}", reset_us.div_ceil(1_000_000))).ok()
+    // `"name";r=N;t=S`, without `fmt` (it is on every limited answer).
+    let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (r, t) = (r.format(remaining), t.format(reset_us.div_ceil(1_000_000)));
+    let mut v = Vec::with_capacity(name.len() + r.len() + t.len() + 8);
+    v.push(b'"');
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(b"\";r=");
+    v.extend_from_slice(r.as_bytes());
+    v.extend_from_slice(b";t=");
+    v.extend_from_slice(t.as_bytes());
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
 }
 
 /// A key named through the admin API (`/ratelimits/{route}/{key}?kind=`).
@@ -597,28 +619,33 @@ fn header_digest(value: &[u8]) -> String {
     crate::hex::encode(&sha2::Sha256::digest(value))
 }
 
-/// What a policy counts by, for this request.
+/// What a policy counts by, for this request (built by hand: it is on every limited request).
 fn limit_key(who: &Subject<'_>, key: &LimitKey) -> String {
+    let prefixed = |prefix: &str, rest: &str| {
+        let mut k = String::with_capacity(prefix.len() + rest.len());
+        k.push_str(prefix);
+        k.push_str(rest);
+        k
+    };
     match key {
-        LimitKey::Route => String::new(),
-        LimitKey::ClientIp => format!("ip:{}", client_ip(who)),
-        LimitKey::Consumer => match who.consumer {
-            Some(id) => format!("c:{id}"),
-            None => format!("ip:{}", client_ip(who)),
-        },
-        LimitKey::Header(h) => match who.headers.get(h) {
-            Some(v) => header_key(v.as_bytes()),
-            None => format!("ip:{}", client_ip(who)),
-        },
+        LimitKey::Route => return String::new(),
+        LimitKey::Consumer => {
+            if let Some(id) = who.consumer {
+                return prefixed("c:", id);
+            }
+        }
+        LimitKey::Header(h) => {
+            if let Some(v) = who.headers.get(h) {
+                return header_key(v.as_bytes());
+            }
+        }
+        LimitKey::ClientIp => {}
     }
-}
-
-/// The client's address as a key: the peer's text as formatted once per connection when it
-/// is the client, else `address_key`.
-fn client_ip(who: &Subject<'_>) -> String {
+    // `client_ip`, and the others' fallback: the client's address — the peer's text, formatted
+    // once per connection, when the peer is the client.
     match who.peer_text {
-        Some(t) => t.to_string(),
-        None => address_key(who.client_ip),
+        Some(t) => prefixed("ip:", t),
+        None => prefixed("ip:", &address_key(who.client_ip)),
     }
 }
 

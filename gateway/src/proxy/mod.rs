@@ -411,8 +411,12 @@ async fn annotate(ctx: &RequestCtx, resp: &mut Response<Body>, limit_headers: Ve
     if ctx.debug {
         debug_headers(ctx, resp).await;
     }
-    for (k, v) in limit_headers {
-        resp.headers_mut().insert(k, v);
+    if !limit_headers.is_empty() {
+        // Room for them at once: one growth of the map, not one per field.
+        resp.headers_mut().reserve(limit_headers.len());
+        for (k, v) in limit_headers {
+            resp.headers_mut().insert(k, v);
+        }
     }
     if let (Some(b), Some(units)) = (&ctx.route().route.budget, ctx.budget_remaining.get()) {
         if b.headers {
