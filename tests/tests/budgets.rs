@@ -294,7 +294,7 @@ fn plugin_config(
     let path = repo_root().join("plugins").join(format!("{plugin}.wasm"));
     config(origin, redis, budget, route_budget).replace(
         "    budget:",
-        &format!("    plugin: {{ path: {}, config: {plugin_cfg} }}\n    budget:", path.display()),
+        &format!("    plugin: {{ path: {}, timeout: 100ms, config: {plugin_cfg} }}\n    budget:", path.display()),
     )
 }
 

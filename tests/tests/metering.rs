@@ -144,13 +144,15 @@ async fn llm_origin() -> Origin {
 /// Unpriceable is never cheaper than priceable: the same usage costs 0.903 as a small JSON
 /// body and as each provider's stream (the hook sees the stream's head and tail); a body it
 /// cannot price (70 KiB of JSON, a stream without usage) settles at `max_cost`, 1.50 — never at
-/// the 0.05 reservation (before: 0.05, an 18x undercharge).
+/// the 0.05 reservation (before: 0.05, an 18x undercharge). The hook gets 100 ms: pricing a
+/// 128 KiB stream within the default 5 ms of wall time failed now and then while the suite's
+/// other gateways had the cores (a timed-out hook settles at `max_cost`, as it must).
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_are_priced_and_unpriceable_calls_settle_at_max_cost() {
     let origin = llm_origin().await;
     let wasm = repo_root().join("plugins/llm-cost.wasm");
     let yaml = format!(
-        "{}{}budgets:\n  api: {{ limit: \"100\", per: 1d }}\nroutes:\n  - name: llm\n    upstream: {}\n    consumer: {{ from: header:x-api-key, required: true }}\n    plugin: {{ path: {}, config: {{ input_per_1k: \"0.003\", output_per_1k: \"0.015\" }} }}\n    budget: {{ name: api, cost: plugin, reserve: \"0.05\", max_cost: \"1.50\" }}\n",
+        "{}{}budgets:\n  api: {{ limit: \"100\", per: 1d }}\nroutes:\n  - name: llm\n    upstream: {}\n    consumer: {{ from: header:x-api-key, required: true }}\n    plugin: {{ path: {}, timeout: 100ms, config: {{ input_per_1k: \"0.003\", output_per_1k: \"0.015\" }} }}\n    budget: {{ name: api, cost: plugin, reserve: \"0.05\", max_cost: \"1.50\" }}\n",
         head(),
         consumers(),
         origin.url(),

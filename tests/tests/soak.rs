@@ -228,7 +228,7 @@ routes:
     match: {{ path: /priced/ }}
     upstream: http://127.0.0.1:{origin_port}
     consumer: {{ from: header:x-api-key, required: true }}
-    plugin: {{ path: {plugin}, config: {{ input_per_1k: "0", output_per_1k: "0.01" }} }}
+    plugin: {{ path: {plugin}, timeout: 100ms, config: {{ input_per_1k: "0", output_per_1k: "0.01" }} }}
     budget: {{ name: api, cost: plugin, reserve: "0.01", max_cost: "0.01" }}
   - name: slow
     match: {{ path: /slow/ }}
