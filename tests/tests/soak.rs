@@ -537,7 +537,16 @@ async fn soak_under_faults_keeps_every_invariant() {
     });
     println!("soak: {secs} s, seed {seed} (replay with WEIR_SOAK_SEED={seed})");
 
-    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    // Redis records its own stalls over 100 ms (fsync, fork for an AOF rewrite...): a failure
+    // prints them, since the schedule's faults are not the only way Redis goes away.
+    let mut redis = RedisServer::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--latency-monitor-threshold",
+        "100",
+    ]);
     let redis_relay = Relay::start(redis.port).await;
     let state = Arc::new(OriginState::default());
     let origin = origin(state.clone()).await;
@@ -1002,6 +1011,19 @@ async fn soak_under_faults_keeps_every_invariant() {
                 println!("  [{i}] {l}");
             }
         }
+        // Redis' own stalls (event, when, latest and longest ms) and its AOF rewrites.
+        let cli = |args: &[&str]| {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &redis.port.to_string()])
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        println!("Redis LATENCY LATEST: {}", cli(&["LATENCY", "LATEST"]));
+        let persistence = cli(&["INFO", "persistence"]);
+        let rewrites: Vec<&str> = persistence.split(' ').filter(|f| f.starts_with("aof_rewrites:")).collect();
+        println!("Redis {rewrites:?}");
         // What Weir said about Redis meanwhile: the breaker, reconnects, refusals.
         let started = wall0.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         println!("run started at Unix {started}; Weir's Redis lines (last 40 per instance):");

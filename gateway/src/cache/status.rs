@@ -78,6 +78,12 @@ impl Outcome {
             Outcome::Hit { level: Level::L1 } => return HeaderValue::from_static("weir; hit; detail=l1"),
             Outcome::Hit { level: Level::L2 } => return HeaderValue::from_static("weir; hit; detail=l2"),
             Outcome::Collapsed => return HeaderValue::from_static("weir; fwd=miss; collapsed"),
+            // The usual misses are shared values too: a fill does not format its status.
+            Outcome::Miss { vary: false, stored: Ok(()) } => return HeaderValue::from_static("weir; fwd=miss; stored"),
+            Outcome::Miss { vary: true, stored: Ok(()) } => {
+                return HeaderValue::from_static("weir; fwd=vary-miss; stored")
+            }
+            Outcome::Request { stored: Ok(()) } => return HeaderValue::from_static("weir; fwd=request; stored"),
             Outcome::StaleHit { ttl } => format!("weir; hit; ttl={ttl}"),
             Outcome::Miss { vary, stored } => {
                 format!("weir; fwd={}{}", if *vary { "vary-miss" } else { "miss" }, stored_param(stored))
@@ -128,6 +134,12 @@ mod tests {
         assert_eq!(Outcome::Hit { level: Level::L1 }.header_value(), "weir; hit; detail=l1");
         assert_eq!(Outcome::Hit { level: Level::L2 }.header_value(), "weir; hit; detail=l2");
         assert_eq!(Outcome::Miss { vary: false, stored: Ok(()) }.header_value(), "weir; fwd=miss; stored");
+        assert_eq!(Outcome::Miss { vary: true, stored: Ok(()) }.header_value(), "weir; fwd=vary-miss; stored");
+        assert_eq!(Outcome::Request { stored: Ok(()) }.header_value(), "weir; fwd=request; stored");
+        assert_eq!(
+            Outcome::Request { stored: Err(NotStored::NoStore) }.header_value(),
+            format!("weir; fwd=request; detail={}", NotStored::NoStore.as_str()).as_str()
+        );
         assert_eq!(Outcome::Collapsed.header_value(), "weir; fwd=miss; collapsed");
         assert_eq!(Outcome::StaleHit { ttl: -3 }.header_value(), "weir; hit; ttl=-3");
         assert_eq!(
