@@ -20,6 +20,14 @@ pub fn u64_digits(x: u64) -> [u8; 16] {
     out
 }
 
+/// `x` as 32 lower-case hex digits, most significant first (`u64_digits` of each half).
+pub fn u128_digits(x: u128) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..16].copy_from_slice(&u64_digits(u64::try_from(x >> 64).unwrap_or(0)));
+    out[16..].copy_from_slice(&u64_digits(u64::try_from(x & u128::from(u64::MAX)).unwrap_or(0)));
+    out
+}
+
 /// The 8 hex digits of `n`, one per byte, the first digit in the top byte.
 fn eight(n: u32) -> u64 {
     // Spread the nibbles out, one per byte: 0x1234_5678 -> 0x0102_0304_0506_0708.
@@ -48,6 +56,9 @@ mod tests {
         }
         for x in [0, u64::MAX, 0xa0a0_a0a0_9f9f_9f9f] {
             assert_eq!(super::u64_digits(x).as_slice(), super::encode(&x.to_be_bytes()).as_bytes());
+        }
+        for x in [0, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210] {
+            assert_eq!(super::u128_digits(x).as_slice(), super::encode(&x.to_be_bytes()).as_bytes());
         }
     }
 }

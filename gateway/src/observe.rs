@@ -44,9 +44,7 @@ impl Ids {
             .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
             .cloned();
         let request_id = kept.unwrap_or_else(|| {
-            let mut buf = [0u8; 32];
-            buf[..16].copy_from_slice(&crate::hex::u64_digits(fastrand::u64(..)));
-            buf[16..].copy_from_slice(&crate::hex::u64_digits(fastrand::u64(..)));
+            let buf = crate::hex::u128_digits(fastrand::u128(..));
             // Owned, not copied into a `Vec`: the response and the upstream head share it
             // without the first clone allocating.
             HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
@@ -65,9 +63,7 @@ impl Trace {
     fn text(&self) -> [u8; 55] {
         let mut buf = [0u8; 55];
         buf[..3].copy_from_slice(b"00-");
-        buf[3..19].copy_from_slice(&crate::hex::u64_digits((self.trace_id >> 64) as u64));
-        buf[19..35]
-            .copy_from_slice(&crate::hex::u64_digits(u64::try_from(self.trace_id & u128::from(u64::MAX)).unwrap_or(0)));
+        buf[3..35].copy_from_slice(&crate::hex::u128_digits(self.trace_id));
         buf[35] = b'-';
         buf[36..52].copy_from_slice(&crate::hex::u64_digits(self.span_id));
         buf[52] = b'-';

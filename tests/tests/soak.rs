@@ -368,22 +368,20 @@ async fn request(
     }
 }
 
-/// `request`, sent once more when a GET's kept-alive connection was closed under it (the
+/// A GET by `request`, sent once more when its kept-alive connection was closed under it (the
 /// server never read it): what an HTTP/1.1 client may do for an idempotent request.
-async fn request_retrying(
+async fn get_retrying(
     c: &Client,
     fleet: &Fleet,
     i: usize,
-    method: http::Method,
     path: &str,
     id: &str,
     retried: &mut bool,
 ) -> Result<(u16, String), String> {
-    let first = request(c, fleet, i, method.clone(), path, id).await;
-    match first {
-        Err(e) if method == http::Method::GET && closed_under_it(&e) => {
+    match request(c, fleet, i, http::Method::GET, path, id).await {
+        Err(e) if closed_under_it(&e) => {
             *retried = true;
-            request(c, fleet, i, method, path, id).await
+            request(c, fleet, i, http::Method::GET, path, id).await
         }
         other => other,
     }
@@ -414,8 +412,7 @@ async fn client_loop(
         let mut retried = false;
         let (kind, result) = if roll < 60 {
             let item = rng.below(ITEMS);
-            let r =
-                request_retrying(&c, &fleet, gw, http::Method::GET, &format!("/item/{item}"), &id, &mut retried).await;
+            let r = get_retrying(&c, &fleet, gw, &format!("/item/{item}"), &id, &mut retried).await;
             if let Ok((200, body)) = &r {
                 if let Some(v) = body.split(':').nth(1).and_then(|v| v.parse::<u64>().ok()) {
                     seen.reads.lock().unwrap().push((item, started, Instant::now(), v));
@@ -432,26 +429,11 @@ async fn client_loop(
             }
             (Kind::Write, r)
         } else if roll < 70 {
-            (
-                Kind::Paid,
-                request_retrying(&c, &fleet, gw, http::Method::GET, &format!("/paid/{id}"), &id, &mut retried).await,
-            )
+            (Kind::Paid, get_retrying(&c, &fleet, gw, &format!("/paid/{id}"), &id, &mut retried).await)
         } else if roll < 75 {
-            (
-                Kind::Priced,
-                request_retrying(&c, &fleet, gw, http::Method::GET, &format!("/priced/{id}"), &id, &mut retried).await,
-            )
+            (Kind::Priced, get_retrying(&c, &fleet, gw, &format!("/priced/{id}"), &id, &mut retried).await)
         } else if roll < 80 {
-            let r = request_retrying(
-                &c,
-                &fleet,
-                gw,
-                http::Method::GET,
-                &format!("/slow/{}", rng.below(4)),
-                &id,
-                &mut retried,
-            )
-            .await;
+            let r = get_retrying(&c, &fleet, gw, &format!("/slow/{}", rng.below(4)), &id, &mut retried).await;
             if let Ok((200, body)) = &r {
                 if body.len() != SLOW_PARTS * 1024 {
                     seen.truncated.lock().unwrap().push((started, Instant::now()));
@@ -466,8 +448,7 @@ async fn client_loop(
                 .await;
             (Kind::PaidLeft, Ok((0, String::new())))
         } else {
-            let r =
-                request_retrying(&c, &fleet, gw, http::Method::GET, &format!("/limited/{id}"), &id, &mut retried).await;
+            let r = get_retrying(&c, &fleet, gw, &format!("/limited/{id}"), &id, &mut retried).await;
             if let Ok((200, _)) = &r {
                 seen.limited_ok.lock().unwrap().push(Instant::now());
             }

@@ -76,12 +76,16 @@ pub(crate) async fn upstream(
                 let Some(b) = &ctx.route().route.budget else { return };
                 let metered = meter::at_head(&ctx, b, guard, sent.as_ref().ok().map(|r| r.status().as_u16())).await;
                 // The connection slot stays with the call until it ends, answered or not.
-                if let Err((Ok(resp), Some(guard), _permit)) = tx.send((sent, metered, permit)) {
-                    // The client left and the call is priced from its body: read it to the end
-                    // here, so the price is the answer's, not `max_cost`.
+                if let Err((Ok(resp), Some(guard), permit)) = tx.send((sent, metered, permit)) {
+                    // The client left and the call is priced from its body: a metered body
+                    // dropped unread reads the rest itself and prices it (`body::Metered`), so the
+                    // price is the answer's, not `max_cost`.
                     let idle = ctx.route().route.timeouts.idle;
-                    let resp = meter::meter(&ctx, guard, resp.map(|b| IdleTimeout::new(b, idle).boxed()));
-                    let _ = resp.into_body().collect().await;
+                    drop(meter::meter(
+                        &ctx,
+                        guard,
+                        resp.map(|b| WithPermit::new(IdleTimeout::new(b, idle), permit).boxed()),
+                    ));
                 }
             });
             match rx.await {
