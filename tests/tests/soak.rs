@@ -357,7 +357,17 @@ async fn request(
         .body(full(""))
         .unwrap();
     let fut = async {
-        let resp = c.request(req).await.map_err(|e| e.to_string())?;
+        // The whole chain: hyper-util's own text is only "client error (SendRequest)".
+        let resp = c.request(req).await.map_err(|e| {
+            let mut text = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                src = s.source();
+            }
+            text
+        })?;
         let status = resp.status().as_u16();
         let body = http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| e.to_string())?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
