@@ -722,8 +722,9 @@ async fn soak_under_faults_keeps_every_invariant() {
     let mut unexplained_5xx = 0;
     for o in &outcomes {
         let end = o.started + o.took;
-        if o.retried {
-            // Only an upgrade's old process closes kept-alive connections under its clients.
+        if o.retried && !killed_at(o) {
+            // Only an upgrade's old process (or a killed instance, excused below) closes
+            // kept-alive connections under its clients.
             if faults.during(&["upgrade"], o.started, end, Duration::from_secs(3)) {
                 retried_in_upgrade += 1;
             } else {
