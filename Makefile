@@ -32,11 +32,13 @@ lint:
 test: deps lint plugins
 	$(CARGO) test -j$(JOBS) --workspace
 
-## The reliability soak's long profile (30 min; WEIR_SOAK_SECS, WEIR_SOAK_SEED): faults under load,
-## invariants checked, figures printed. `make test` runs its 60-second profile.
+## The reliability soak's long profiles: one Redis for 30 min (WEIR_SOAK_SECS), then a Redis
+## Cluster with failovers for 10 min (WEIR_SOAK_CLUSTER_SECS); WEIR_SOAK_SEED replays a schedule.
+## Faults under load, invariants checked, figures printed. `make test` runs a 60-second profile.
 soak: deps plugins
-	WEIR_SOAK_SECS=$${WEIR_SOAK_SECS:-1800} WEIR_SOAK_INSTANCES=$${WEIR_SOAK_INSTANCES:-3} \
-	  $(CARGO) test -j$(JOBS) --test soak -- --nocapture
+	WEIR_SOAK_SECS=$${WEIR_SOAK_SECS:-1800} WEIR_SOAK_CLUSTER_SECS=$${WEIR_SOAK_CLUSTER_SECS:-600} \
+	  WEIR_SOAK_INSTANCES=$${WEIR_SOAK_INSTANCES:-3} \
+	  $(CARGO) test -j$(JOBS) --test soak -- --include-ignored --test-threads 1 --nocapture
 
 ## Load benchmark (release build, wrk, nginx): see bench/README.md.
 bench: deps plugins

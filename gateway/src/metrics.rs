@@ -99,6 +99,8 @@ pub struct Metrics {
     l1_bytes: Gauge,
     l1_entries: Gauge,
     redis_up: Gauge,
+    /// `weir_runtime_tasks`: tokio tasks alive now (connections, requests, background loops).
+    runtime_tasks: Gauge,
     pub plugin_calls: Family<PluginCall, Counter>,
     pub plugin_duration: Histogram,
     plugin_instances: Family<PluginLabel, Gauge>,
@@ -231,6 +233,12 @@ impl Metrics {
         registry.register("weir_l1_bytes", "Bytes held by the in-process cache", l1_bytes.clone());
         registry.register("weir_l1_entries", "Objects held by the in-process cache", l1_entries.clone());
         registry.register("weir_redis_up", "1 when the shared Redis tier is connected", redis_up.clone());
+        let runtime_tasks = Gauge::default();
+        registry.register(
+            "weir_runtime_tasks",
+            "Tasks alive in the runtime now: one per connection and request in flight, plus a fixed set of background loops",
+            runtime_tasks.clone(),
+        );
         registry.register("weir_plugin_calls", "Plugin hook calls, by outcome", plugin_calls.clone());
         registry.register("weir_plugin_duration_seconds", "Time in plugin hook calls", plugin_duration.clone());
         let plugin_instances = Family::<PluginLabel, Gauge>::default();
@@ -370,6 +378,7 @@ impl Metrics {
             l1_bytes,
             l1_entries,
             redis_up,
+            runtime_tasks,
             plugin_calls,
             plugin_duration,
             plugin_instances,
@@ -501,6 +510,9 @@ impl Metrics {
         self.l1_bytes.set(i64::try_from(l1.bytes).unwrap_or(i64::MAX));
         self.l1_entries.set(i64::try_from(l1.entries).unwrap_or(i64::MAX));
         self.redis_up.set(i64::from(redis_up));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks.set(i64::try_from(rt.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "metrics encoding failed");

@@ -220,16 +220,32 @@ impl Conn {
     /// GET `path` with `Host` (or `:authority`) `authority`. `Err`: the connection failed
     /// (a TLS 1.3 client-certificate refusal surfaces here, on the first read).
     pub async fn get(&mut self, authority: &str, path: &str, headers: &[(&str, &str)]) -> Result<Got, String> {
+        self.send(http::Method::GET, authority, path, headers, "").await
+    }
+
+    /// POST `body` to `path`, like `get`.
+    pub async fn post(&mut self, authority: &str, path: &str, body: &str) -> Result<Got, String> {
+        self.send(http::Method::POST, authority, path, &[], body).await
+    }
+
+    async fn send(
+        &mut self,
+        method: http::Method,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Got, String> {
         let version = if self.h2.is_some() { Version::HTTP_2 } else { Version::HTTP_11 };
         let uri = if self.h2.is_some() { format!("https://{authority}{path}") } else { path.to_string() };
-        let mut b = Request::get(uri).version(version);
+        let mut b = Request::builder().method(method).uri(uri).version(version);
         if self.h1.is_some() {
             b = b.header("host", authority);
         }
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let req = b.body(full("")).map_err(|e| e.to_string())?;
+        let req = b.body(full(body.to_string())).map_err(|e| e.to_string())?;
         let fut = async {
             let resp = match (&mut self.h1, &mut self.h2) {
                 (Some(s), _) => {
@@ -301,4 +317,42 @@ pub async fn https_origin(leaf: &Leaf, client_ca: Option<&Ca>) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A certificate in Kubernetes' secret layout: `NAME -> ..data/NAME`, `..data -> <version dir>`;
+/// a rotation points `..data` at a new directory with one atomic rename.
+#[derive(Debug)]
+pub struct SecretDir {
+    root: PathBuf,
+    version: usize,
+}
+
+impl SecretDir {
+    pub fn new(root: &Path, leaf: &Leaf) -> SecretDir {
+        let mut s = SecretDir { root: root.to_path_buf(), version: 0 };
+        s.rotate(&leaf.cert_pem, &leaf.key_pem);
+        std::os::unix::fs::symlink("..data/tls.crt", root.join("tls.crt")).expect("symlink");
+        std::os::unix::fs::symlink("..data/tls.key", root.join("tls.key")).expect("symlink");
+        s
+    }
+
+    /// Writes `cert` and `key` into a new version directory and swaps `..data` to it.
+    pub fn rotate(&mut self, cert: &str, key: &str) {
+        self.version += 1;
+        let v = format!("..v{}", self.version);
+        std::fs::create_dir(self.root.join(&v)).expect("version dir");
+        std::fs::write(self.root.join(&v).join("tls.crt"), cert).expect("cert");
+        std::fs::write(self.root.join(&v).join("tls.key"), key).expect("key");
+        let tmp = self.root.join("..data_tmp");
+        std::os::unix::fs::symlink(&v, &tmp).expect("symlink");
+        std::fs::rename(&tmp, self.root.join("..data")).expect("rename");
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.root.join("tls.crt")
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.root.join("tls.key")
+    }
 }

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use http::Request;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use weir_e2e::tls::{Ca, SecretDir};
 use weir_e2e::*;
 
 const KEY: &str = "soak-key-of-acme";
@@ -58,11 +60,21 @@ impl Rng {
 const PASS: u8 = 0;
 /// Accepted connections and bytes in flight stall: nothing is forwarded either way.
 const STALL: u8 = 1;
+/// Every byte is delivered `SPIKE` late (pipelined: a latency spike, not a throughput cap).
+const SLOW: u8 = 2;
+/// Nothing is forwarded, and when the hole closes every connection through it is gone: what a
+/// peer sees when packets are dropped until its TCP gives up.
+const HOLE: u8 = 3;
+/// The latency a spike adds: over the Redis `op_timeout` (200 ms) of the soak's config.
+const SPIKE: Duration = Duration::from_millis(300);
 
 struct Relay {
     port: u16,
     mode: Arc<AtomicU8>,
     reset: tokio::sync::watch::Sender<u64>,
+    /// Where it relays to (0 until known: a Cluster node announces its relay's port, so the
+    /// relay exists before the node).
+    target: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Relay {
@@ -71,10 +83,11 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let mode = Arc::new(AtomicU8::new(PASS));
         let (reset, _) = tokio::sync::watch::channel(0u64);
-        let (m, r) = (mode.clone(), reset.clone());
+        let target = Arc::new(std::sync::atomic::AtomicU16::new(target));
+        let (m, r, t) = (mode.clone(), reset.clone(), target.clone());
         tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
-                let (mode, mut reset) = (m.clone(), r.subscribe());
+                let (mode, mut reset, target) = (m.clone(), r.subscribe(), t.load(Ordering::SeqCst));
                 tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(("127.0.0.1", target)).await else { return };
                     let _ = (down.set_nodelay(true), up.set_nodelay(true));
@@ -89,7 +102,11 @@ impl Relay {
                 });
             }
         });
-        Relay { port, mode, reset }
+        Relay { port, mode, reset, target }
+    }
+
+    fn point(&self, target: u16) {
+        self.target.store(target, Ordering::SeqCst);
     }
 
     fn set(&self, mode: u8) {
@@ -100,20 +117,246 @@ impl Relay {
     fn reset_all(&self) {
         self.reset.send_modify(|g| *g += 1);
     }
+
+    /// Holds `mode` for `hold`, then passes again (a black hole's connections are cut then).
+    async fn fault(&self, mode: u8, hold: Duration) {
+        self.set(mode);
+        tokio::time::sleep(hold).await;
+        if mode == HOLE {
+            self.reset_all();
+        }
+        self.set(PASS);
+    }
 }
 
+/// One direction of a relayed connection: read, stamp with when it may be delivered, deliver in
+/// order (a spike delays each chunk from its own arrival, so the backlog clears when it ends).
 async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, mode: Arc<AtomicU8>) {
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        while mode.load(Ordering::SeqCst) == STALL {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, tokio::time::Instant)>();
+    let m = mode.clone();
+    let reader = async move {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let due =
+                tokio::time::Instant::now() + if m.load(Ordering::SeqCst) == SLOW { SPIKE } else { Duration::ZERO };
+            if tx.send((buf[..n].to_vec(), due)).is_err() {
+                return;
+            }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
+    };
+    let writer = async move {
+        while let Some((bytes, due)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            while matches!(mode.load(Ordering::SeqCst), STALL | HOLE) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    };
+    // The reader ends at EOF; what it read is still delivered before the writer ends.
+    let (_, ()) = tokio::join!(reader, writer);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis: one server, or a Cluster of three masters with a replica each (`make soak` only), every
+// node behind a relay of its own. Every node runs with `appendonly yes` and `appendfsync always`,
+// and records its own stalls over 100 ms (fsync, fork for an AOF rewrite...): a failure prints
+// them, since the schedule's faults are not the only way Redis goes away.
+
+/// The schedule's faults, by what they hit.
+const REDIS_FAULTS: [&str; 7] =
+    ["redis_pause", "redis_stall", "redis_kill", "redis_reset", "redis_latency", "redis_blackhole", "cluster_failover"];
+const ORIGIN_FAULTS: [&str; 3] = ["origin_reset", "origin_5xx", "origin_blackhole"];
+const OTHER_FAULTS: [&str; 5] = ["reload", "bad_reload", "instance_kill", "upgrade", "cert_rotation"];
+
+const REDIS_ARGS: [&str; 6] = ["--appendonly", "yes", "--appendfsync", "always", "--latency-monitor-threshold", "100"];
+
+struct Backend {
+    nodes: Vec<RedisServer>,
+    relays: Vec<Relay>,
+    cluster: bool,
+}
+
+impl Backend {
+    async fn single() -> Backend {
+        let node = RedisServer::start_with(&REDIS_ARGS);
+        let relay = Relay::start(node.port).await;
+        Backend { nodes: vec![node], relays: vec![relay], cluster: false }
+    }
+
+    /// Six nodes, each announcing its relay's address (`cluster-announce-ip/port`), so clients
+    /// follow `MOVED` and failovers through the fault relays; the bus between nodes is direct.
+    /// `cluster-node-timeout` 5 s: a node killed and restarted within the schedule's hold (at
+    /// most 2 s) stays master, so no acknowledged write is lost to an unreplicated failover; the
+    /// failovers are `CLUSTER FAILOVER` (the replica catches up first: nothing lost either).
+    async fn cluster() -> Backend {
+        let mut relays = Vec::new();
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let relay = Relay::start(0).await;
+            let (bus, announce) = (free_port().to_string(), relay.port.to_string());
+            let mut args: Vec<&str> = REDIS_ARGS.to_vec();
+            args.extend([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus,
+                "--cluster-node-timeout",
+                "5000",
+                "--cluster-announce-ip",
+                "127.0.0.1",
+                "--cluster-announce-port",
+                &announce,
+                "--cluster-announce-bus-port",
+                &bus,
+            ]);
+            let node = tokio::task::spawn_blocking({
+                let args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
+                move || RedisServer::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+            .await
+            .unwrap();
+            relay.point(node.port);
+            relays.push(relay);
+            nodes.push(node);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addrs)
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let b = Backend { nodes, relays, cluster: true };
+        b.wait_healthy(Duration::from_secs(30)).await;
+        b
+    }
+
+    /// The `redis:` block of Weir's configuration: every address is a relay's.
+    fn yaml(&self) -> String {
+        if self.cluster {
+            let urls: Vec<String> = self.relays.iter().map(|r| format!("redis://127.0.0.1:{}", r.port)).collect();
+            format!("  cluster: [{}]", urls.join(", "))
+        } else {
+            format!("  url: redis://127.0.0.1:{}/0", self.relays[0].port)
+        }
+    }
+
+    fn cli(&self, i: usize, args: &[&str]) -> String {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &self.nodes[i].port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn field(&self, i: usize, section: &str, name: &str) -> Option<String> {
+        let text = self.cli(i, &["INFO", section]);
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()))
+    }
+
+    fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.field(*i, "replication", "role").as_deref() == Some("master")).collect()
+    }
+
+    fn replicas(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.field(*i, "replication", "role").as_deref() == Some("slave")).collect()
+    }
+
+    /// Every node sees the cluster ok, three masters, and every replica's link up.
+    async fn wait_healthy(&self, within: Duration) {
+        if !self.cluster {
             return;
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = (0..self.nodes.len()).all(|i| self.cli(i, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                && self.masters().len() == 3
+                && self
+                    .replicas()
+                    .iter()
+                    .all(|i| self.field(*i, "replication", "master_link_status").as_deref() == Some("up"));
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become healthy within {within:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn pick(&self, rng: &mut Rng, among: &[usize]) -> usize {
+        among.get(rng.below(among.len() as u64) as usize).copied().unwrap_or(0)
+    }
+
+    /// Injects a Redis fault of `kind` for `hold` (on a Cluster: one master for a pause or a
+    /// kill, every relay for the network faults).
+    async fn fault(&mut self, kind: &str, hold: Duration, rng: &mut Rng) {
+        match kind {
+            "redis_pause" => {
+                let i = if self.cluster { self.pick(rng, &self.masters()) } else { 0 };
+                let _ = self.nodes[i].command(&format!("CLIENT PAUSE {}", hold.as_millis()));
+                tokio::time::sleep(hold).await;
+            }
+            "redis_stall" | "redis_latency" | "redis_blackhole" => {
+                let mode = match kind {
+                    "redis_stall" => STALL,
+                    "redis_latency" => SLOW,
+                    _ => HOLE,
+                };
+                futures_util::future::join_all(self.relays.iter().map(|r| r.fault(mode, hold))).await;
+            }
+            "redis_kill" => {
+                let i = if self.cluster { self.pick(rng, &self.masters()) } else { 0 };
+                self.nodes[i].kill();
+                tokio::time::sleep(hold).await;
+                self.nodes[i].restart();
+                self.wait_healthy(Duration::from_secs(30)).await;
+            }
+            "redis_reset" => {
+                for r in &self.relays {
+                    r.reset_all();
+                }
+            }
+            "cluster_failover" => {
+                // A replica takes its master's slots once it has caught up: clients are told
+                // `MOVED` (through the relays) and follow.
+                let i = self.pick(rng, &self.replicas());
+                let said = self.nodes[i].command("CLUSTER FAILOVER");
+                assert_eq!(said.as_deref(), Some("+OK"), "CLUSTER FAILOVER on node {i}");
+                let deadline = Instant::now() + Duration::from_secs(15);
+                while self.field(i, "replication", "role").as_deref() != Some("master") {
+                    assert!(Instant::now() < deadline, "node {i} was not promoted by CLUSTER FAILOVER");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                self.wait_healthy(Duration::from_secs(30)).await;
+                tokio::time::sleep(hold).await;
+            }
+            other => panic!("not a Redis fault: {other}"),
+        }
+    }
+
+    /// Each node's own stalls (event, when, latest and longest ms) and AOF rewrites.
+    fn diagnostics(&self) {
+        for i in 0..self.nodes.len() {
+            let flat = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
+            println!(
+                "Redis node {i} (port {}): LATENCY LATEST: {}; aof_rewrites: {:?}",
+                self.nodes[i].port,
+                flat(self.cli(i, &["LATENCY", "LATEST"])),
+                self.field(i, "persistence", "aof_rewrites")
+            );
         }
     }
 }
@@ -146,13 +389,42 @@ fn tokens_of(id: &str) -> u64 {
 }
 
 async fn origin(state: Arc<OriginState>) -> Origin {
-    Origin::start(move |req| {
+    Origin::start(move |mut req| {
         let state = state.clone();
         async move {
             let path = req.uri().path().to_string();
             let id = req.headers().get("x-soak-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
             if state.failing.load(Ordering::SeqCst) && !path.starts_with("/paid/") {
                 return text(503, "burst of errors");
+            }
+            if let Some(key) = req.headers().get("sec-websocket-key").cloned() {
+                // A WebSocket echo (`echo:TEXT`) for the tunnels.
+                let on = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    use futures_util::{SinkExt, StreamExt};
+                    let Ok(up) = on.await else { return };
+                    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                        hyper_util::rt::TokioIo::new(up),
+                        tokio_tungstenite::tungstenite::protocol::Role::Server,
+                        None,
+                    )
+                    .await;
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if let Ok(t) = msg.to_text() {
+                            if ws.send(Message::text(format!("echo:{t}"))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+                let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                return http::Response::builder()
+                    .status(101)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .header("sec-websocket-accept", accept)
+                    .body(full(""))
+                    .unwrap();
             }
             if let Some(k) = path.strip_prefix("/item/").and_then(|k| k.parse::<u64>().ok()) {
                 // A fill takes the origin a moment (0-19 ms): readers coalesce behind it.
@@ -192,19 +464,24 @@ async fn origin(state: Arc<OriginState>) -> Origin {
     .await
 }
 
-fn config(redis_port: u16, origin_port: u16) -> String {
+fn config(redis: &str, origin_port: u16, secret: &SecretDir) -> String {
     let key = sha256_hex(KEY);
     let plugin = repo_root().join("plugins").join("llm-cost.wasm").display().to_string();
     let (rate, burst) = (RATE as u64, BURST as u64);
+    let (cert, tls_key) = (secret.cert().display().to_string(), secret.key().display().to_string());
     format!(
         r#"listen:
   - addr: 127.0.0.1:0
+  - addr: 127.0.0.1:0
+    tls:
+      certs:
+        - {{ cert: {cert}, key: {tls_key} }}
 admin:
   addr: 127.0.0.1:0
 log:
   access: {{ format: off }}
 redis:
-  url: redis://127.0.0.1:{redis_port}/0
+{redis}
   op_timeout: 200ms
 cache:
   l1_max_bytes: {L1_BYTES}
@@ -239,6 +516,9 @@ routes:
     upstream: http://127.0.0.1:{origin_port}
     consumer: {{ from: header:x-api-key, required: true }}
     rate_limit: {{ key: consumer, rate: {rate}/s, burst: {burst}, fail: local }}
+  - name: ws
+    match: {{ path: /ws/ }}
+    upstream: http://127.0.0.1:{origin_port}
 "#
     )
 }
@@ -257,6 +537,8 @@ enum Kind {
     /// A cached body that trickles in from the origin; a short one counts as truncated.
     Slow,
     Limited,
+    /// A WebSocket through Weir: handshake, three echoes, close.
+    Tunnel,
 }
 
 #[derive(Debug)]
@@ -311,13 +593,14 @@ impl Faults {
 /// (a new port): clients read the address per request.
 struct Fleet {
     slots: Vec<Mutex<Gateway>>,
-    urls: Vec<std::sync::RwLock<String>>,
+    /// Each slot's plaintext and TLS listener.
+    addrs: Vec<std::sync::RwLock<(std::net::SocketAddr, std::net::SocketAddr)>>,
 }
 
 impl Fleet {
     fn new(gws: Vec<Gateway>) -> Fleet {
         Fleet {
-            urls: gws.iter().map(|g| std::sync::RwLock::new(format!("http://{}", g.addr()))).collect(),
+            addrs: gws.iter().map(|g| std::sync::RwLock::new((g.listen[0], g.listen[1]))).collect(),
             slots: gws.into_iter().map(Mutex::new).collect(),
         }
     }
@@ -326,17 +609,49 @@ impl Fleet {
         self.slots.len()
     }
 
-    fn url(&self, i: usize, path: &str) -> String {
-        format!("{}{path}", self.urls[i].read().unwrap())
+    fn url(&self, i: usize, tls: bool, path: &str) -> String {
+        let (plain, secure) = *self.addrs[i].read().unwrap();
+        if tls {
+            format!("https://{secure}{path}")
+        } else {
+            format!("http://{plain}{path}")
+        }
+    }
+
+    fn tls_addr(&self, i: usize) -> std::net::SocketAddr {
+        self.addrs[i].read().unwrap().1
     }
 
     fn replace(&self, i: usize, g: Gateway) {
-        *self.urls[i].write().unwrap() = format!("http://{}", g.addr());
+        *self.addrs[i].write().unwrap() = (g.listen[0], g.listen[1]);
         *self.slots[i].lock().unwrap() = g;
     }
 }
 
-type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// A soak client: its scheme says plaintext or TLS (SNI `HOST`, the test CA trusted); `h2`:
+/// HTTP/2 (prior knowledge on plaintext, ALPN on TLS), else HTTP/1.1.
+#[derive(Clone)]
+struct Client {
+    http: hyper_util::client::legacy::Client<Connector, Body>,
+    tls: bool,
+}
+
+impl Client {
+    fn new(roots: rustls::RootCertStore, tls: bool, h2: bool) -> Client {
+        let cfg = (*weir_e2e::tls::client_config(roots, &[], None)).clone();
+        let b =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(cfg).https_or_http().with_server_name_resolver(
+                hyper_rustls::FixedServerNameResolver::new(rustls::pki_types::ServerName::try_from(HOST).unwrap()),
+            );
+        let connector = if h2 { b.enable_all_versions().build() } else { b.enable_http1().build() };
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(h2 && !tls)
+            .build(connector);
+        Client { http, tls }
+    }
+}
 
 /// One request, answered or not within 20 s. Each client task keeps one pooled client: a
 /// connection per request would run a long soak out of ephemeral ports.
@@ -350,7 +665,7 @@ async fn request(
 ) -> Result<(u16, String), String> {
     let req = Request::builder()
         .method(method)
-        .uri(fleet.url(i, path))
+        .uri(fleet.url(i, c.tls, path))
         .header("host", HOST)
         .header("x-api-key", KEY)
         .header("x-soak-id", id)
@@ -358,7 +673,7 @@ async fn request(
         .unwrap();
     let fut = async {
         // The whole chain: hyper-util's own text is only "client error (SendRequest)".
-        let resp = c.request(req).await.map_err(|e| {
+        let resp = c.http.request(req).await.map_err(|e| {
             let mut text = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
@@ -397,6 +712,39 @@ async fn get_retrying(
     }
 }
 
+/// A WebSocket through instance `i`: the handshake's status (101), then three echoes and a close;
+/// a refused handshake is its status and body, anything else a transport error.
+async fn tunnel(fleet: &Fleet, i: usize, id: &str) -> Result<(u16, String), String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let fut = async {
+        let mut req =
+            fleet.url(i, false, &format!("/ws/{id}")).replacen("http", "ws", 1).into_client_request().unwrap();
+        req.headers_mut().insert("x-soak-id", id.parse().unwrap());
+        let (mut ws, resp) = match tokio_tungstenite::connect_async(req).await {
+            Ok(ok) => ok,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                let body = r.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+                return Ok((r.status().as_u16(), body));
+            }
+            Err(e) => return Err(format!("handshake: {e}")),
+        };
+        for k in 0..3 {
+            ws.send(Message::text(format!("{id}/{k}"))).await.map_err(|e| format!("send: {e}"))?;
+            match ws.next().await {
+                Some(Ok(m)) if m.to_text().ok() == Some(&format!("echo:{id}/{k}")) => {}
+                other => return Err(format!("echo {k}: {other:?}")),
+            }
+        }
+        let _ = ws.close(None).await;
+        Ok((resp.status().as_u16(), String::new()))
+    };
+    match tokio::time::timeout(Duration::from_secs(20), fut).await {
+        Ok(r) => r,
+        Err(_) => Err("timed out after 20 s".into()),
+    }
+}
+
 /// The error hyper's client gives for a request on a connection the server closed meanwhile.
 fn closed_under_it(e: &str) -> bool {
     e.contains("connection closed before message completed") || e.contains("IncompleteMessage")
@@ -410,17 +758,19 @@ async fn client_loop(
     stop: Arc<AtomicBool>,
     seq: Arc<AtomicU64>,
     seed: u64,
+    roots: rustls::RootCertStore,
 ) {
     let mut rng = Rng(seed ^ (n + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    // Every third client speaks HTTP/2 (prior knowledge), the others HTTP/1.1.
-    let c = if n % 3 == 2 { h2_client() } else { client() };
+    // Six clients: HTTP/1.1 (0, 1, 4), HTTP/2 with prior knowledge (2), and over TLS HTTP/1.1 (3)
+    // and HTTP/2 (5).
+    let c = Client::new(roots, n == 3 || n == 5, n == 2 || n == 5);
     while !stop.load(Ordering::SeqCst) {
         let gw = rng.below(fleet.len() as u64) as usize;
         let id = format!("c{n}-{}", seq.fetch_add(1, Ordering::SeqCst));
         let roll = rng.below(100);
         let started = Instant::now();
         let mut retried = false;
-        let (kind, result) = if roll < 60 {
+        let (kind, result) = if roll < 55 {
             let item = rng.below(ITEMS);
             let r = get_retrying(&c, &fleet, gw, &format!("/item/{item}"), &id, &mut retried).await;
             if let Ok((200, body)) = &r {
@@ -429,6 +779,8 @@ async fn client_loop(
                 }
             }
             (Kind::Hit, r)
+        } else if roll < 60 {
+            (Kind::Tunnel, tunnel(&fleet, gw, &id).await)
         } else if roll < 65 {
             let item = rng.below(ITEMS);
             let r = request(&c, &fleet, gw, http::Method::POST, &format!("/item/{item}"), &id).await;
@@ -519,40 +871,72 @@ fn fds(pid: u32) -> usize {
 /// upstream connections (one per client connection at most) and Redis reconnections.
 const FD_SLACK: usize = 24;
 
+/// Tasks an instance may hold after the load beyond its count before it, besides one per
+/// descriptor it gained (an idle pooled upstream connection, a Redis node connection: each has
+/// a task): the upstream pools' idle sweepers (one per route and configuration generation, gone
+/// at their next sweep) and Redis Cluster repair tasks. A leak grows with the load; this does not.
+const TASK_SLACK: u64 = 16;
+
+/// `weir_runtime_tasks` from a metrics page.
+fn runtime_tasks(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_runtime_tasks "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("weir_runtime_tasks in /metrics")
+}
+
+/// The 60-second profile (`make test`), or the long one (`make soak`: `WEIR_SOAK_SECS`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::too_many_lines)]
 async fn soak_under_faults_keeps_every_invariant() {
     let secs: u64 = std::env::var("WEIR_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    run_soak(secs, false).await;
+}
+
+/// The Cluster profile: three masters with a replica each, `CLUSTER FAILOVER`s among the faults
+/// (`make soak` runs it: `WEIR_SOAK_CLUSTER_SECS`, 600 by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "six Redis nodes: `make soak` runs it, not `make test`"]
+async fn soak_on_a_redis_cluster_through_failovers_keeps_every_invariant() {
+    let secs: u64 = std::env::var("WEIR_SOAK_CLUSTER_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    run_soak(secs, true).await;
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run_soak(secs: u64, cluster: bool) {
     let seed: u64 = std::env::var("WEIR_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
-    println!("soak: {secs} s, seed {seed} (replay with WEIR_SOAK_SEED={seed})");
+    let profile = if cluster { "a Redis Cluster (3 masters, 3 replicas)" } else { "one Redis" };
+    println!("soak: {secs} s on {profile}, seed {seed} (replay with WEIR_SOAK_SEED={seed})");
 
-    // Redis records its own stalls over 100 ms (fsync, fork for an AOF rewrite...): a failure
-    // prints them, since the schedule's faults are not the only way Redis goes away.
-    let mut redis = RedisServer::start_with(&[
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--latency-monitor-threshold",
-        "100",
-    ]);
-    let redis_relay = Relay::start(redis.port).await;
+    let mut redis = if cluster { Backend::cluster().await } else { Backend::single().await };
     let state = Arc::new(OriginState::default());
     let origin = origin(state.clone()).await;
     let origin_relay = Relay::start(origin.addr.port()).await;
-    let yaml = config(redis_relay.port, origin_relay.port);
+    // The TLS listener's certificate, rotated by the schedule (every instance reads the same
+    // secret directory; the certificate watcher polls it once a second).
+    let ca = Ca::new("Weir Soak CA");
+    let secret_dir = tempfile::tempdir().unwrap();
+    let mut secret = SecretDir::new(secret_dir.path(), &ca.server(&[HOST]));
+    let yaml = config(&redis.yaml(), origin_relay.port, &secret);
     let instances: usize = std::env::var("WEIR_SOAK_INSTANCES").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let fleet = Arc::new(Fleet::new((0..instances).map(|_| Gateway::start(&yaml)).collect()));
     // Descriptors each instance holds before any load (listeners, Redis, its log): after the
     // load they are back to this, give or take the idle pooled connections.
     let fd_baseline: Vec<usize> = fleet.slots.iter().map(|g| fds(g.lock().unwrap().pid())).collect();
+    let mut task_baseline = Vec::new();
+    for g in &fleet.slots {
+        let url = g.lock().unwrap().admin_url("/metrics");
+        task_baseline.push(runtime_tasks(&get(&url).await.text()));
+    }
     // Processes an upgrade handed over from: they drain and exit by themselves (kept until the
     // end: the configuration file lives in the first one's directory).
     let mut retired: Vec<tokio::task::JoinHandle<(Gateway, bool)>> = Vec::new();
     // Instance kills, for attribution: (slot, from, to).
     let mut kills: Vec<(usize, Instant, Instant)> = Vec::new();
+    // Instances that still served the old certificate 10 s after a rotation.
+    let mut rotations_missed: Vec<String> = Vec::new();
 
     let seen = Arc::new(Observed::default());
     let faults = Arc::new(Faults::default());
@@ -560,7 +944,15 @@ async fn soak_under_faults_keeps_every_invariant() {
     let seq = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for n in 0..6 {
-        clients.push(tokio::spawn(client_loop(n, fleet.clone(), seen.clone(), stop.clone(), seq.clone(), seed)));
+        clients.push(tokio::spawn(client_loop(
+            n,
+            fleet.clone(),
+            seen.clone(),
+            stop.clone(),
+            seq.clone(),
+            seed,
+            ca.roots(),
+        )));
     }
 
     // Memory: sampled every 500 ms for the whole run.
@@ -588,37 +980,42 @@ async fn soak_under_faults_keeps_every_invariant() {
     let mut schedule = Vec::new();
     tokio::time::sleep(Duration::from_secs(3)).await;
     while Instant::now() + Duration::from_secs(6) < end {
-        let kind = [
-            "redis_pause",
-            "redis_stall",
-            "redis_kill",
-            "redis_reset",
-            "origin_reset",
-            "origin_5xx",
-            "reload",
-            "bad_reload",
-            "instance_kill",
-            "upgrade",
-        ][rng.below(10) as usize];
+        // A failover is a Cluster's fault; one Redis has none.
+        let kinds: Vec<&str> = REDIS_FAULTS
+            .iter()
+            .chain(&ORIGIN_FAULTS)
+            .chain(&OTHER_FAULTS)
+            .copied()
+            .filter(|k| cluster || *k != "cluster_failover")
+            .collect();
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
         let hold = Duration::from_millis(500 + rng.below(1500));
         schedule.push(kind);
         let from = Instant::now();
         match kind {
-            "redis_pause" => {
-                let _ = redis.command(&format!("CLIENT PAUSE {}", hold.as_millis()));
-                tokio::time::sleep(hold).await;
+            k if k.starts_with("redis_") || k == "cluster_failover" => redis.fault(k, hold, &mut rng).await,
+            "origin_blackhole" => origin_relay.fault(HOLE, hold).await,
+            "cert_rotation" => {
+                // New handshakes on every instance get the new certificate within a few
+                // seconds; connections open before it keep going (the TLS clients' pools).
+                let leaf = ca.server(&[HOST]);
+                secret.rotate(&leaf.cert_pem, &leaf.key_pem);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                for i in 0..fleet.len() {
+                    loop {
+                        let cfg = weir_e2e::tls::client_config(ca.roots(), &["http/1.1"], None);
+                        let served = weir_e2e::tls::connect(fleet.tls_addr(i), HOST, &cfg).await;
+                        if served.as_ref().is_ok_and(|c| c.handshake.server_cert.as_ref() == Some(&leaf.der)) {
+                            break;
+                        }
+                        if Instant::now() > deadline {
+                            rotations_missed.push(format!("instance {i}: {:?}", served.map(|c| c.handshake.kind)));
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
-            "redis_stall" => {
-                redis_relay.set(STALL);
-                tokio::time::sleep(hold).await;
-                redis_relay.set(PASS);
-            }
-            "redis_kill" => {
-                redis.kill();
-                tokio::time::sleep(hold).await;
-                redis.restart();
-            }
-            "redis_reset" => redis_relay.reset_all(),
             "origin_reset" => origin_relay.reset_all(),
             "origin_5xx" => {
                 state.failing.store(true, Ordering::SeqCst);
@@ -680,7 +1077,7 @@ async fn soak_under_faults_keeps_every_invariant() {
     // Leases of calls cut short settle from tasks of their own, and reservations whose answer
     // never came are released by an instance's next budgeted call: one each, then a moment.
     {
-        let c = client();
+        let c = Client::new(ca.roots(), false, false);
         for i in 0..fleet.len() {
             let _ = request(&c, &fleet, i, http::Method::GET, &format!("/paid/drain-{i}"), &format!("drain-{i}")).await;
         }
@@ -704,8 +1101,10 @@ async fn soak_under_faults_keeps_every_invariant() {
     // ---- The invariants.
     let mut broken: Vec<String> = Vec::new();
     let outcomes = std::mem::take(&mut *seen.outcomes.lock().unwrap());
-    let redis_faults = ["redis_pause", "redis_stall", "redis_kill", "redis_reset"];
-    let origin_faults = ["origin_reset", "origin_5xx"];
+    let (redis_faults, origin_faults) = (REDIS_FAULTS, ORIGIN_FAULTS);
+    // Faults that cut Weir's connections to the origin: a body, a tunnel or a paid call in
+    // flight then cannot end well.
+    let origin_cuts = ["origin_reset", "origin_blackhole"];
     let slack = Duration::from_secs(2);
     // After a Redis fault ends, the breaker keeps Redis out for up to `open_for` (20 ×
     // `op_timeout` = 4 s here) plus the once-a-second idle probe: the documented recovery bound.
@@ -742,7 +1141,7 @@ async fn soak_under_faults_keeps_every_invariant() {
             _ if killed_at(o) => {}
             // A body the origin was still sending when its connection was reset cannot end
             // well: the client sees the answer cut (never a short body passed off as whole).
-            (Kind::Slow, None) if faults.during(&["origin_reset"], o.started, end, Duration::ZERO) => {
+            (Kind::Slow | Kind::Tunnel, None) if faults.during(&origin_cuts, o.started, end, Duration::ZERO) => {
                 cut_by_origin += 1;
             }
             (_, None) => {
@@ -751,7 +1150,7 @@ async fn soak_under_faults_keeps_every_invariant() {
                     unexplained_first.push(explain(&faults, t0, o));
                 }
             }
-            (Kind::Hit | Kind::Write | Kind::Slow, Some(s))
+            (Kind::Hit | Kind::Write | Kind::Slow | Kind::Tunnel, Some(s))
                 if s >= 500 && !faults.during(&origin_faults, o.started, end, slack) =>
             {
                 unexplained_5xx += 1;
@@ -811,12 +1210,8 @@ async fn soak_under_faults_keeps_every_invariant() {
         .iter()
         .filter(|o| matches!(o.kind, Kind::Paid | Kind::PaidLeft | Kind::Priced))
         .filter(|o| {
-            faults.during(
-                &["origin_reset"],
-                o.started,
-                o.started + o.took.max(Duration::from_millis(50)),
-                Duration::ZERO,
-            ) || killed_at(o)
+            faults.during(&origin_cuts, o.started, o.started + o.took.max(Duration::from_millis(50)), Duration::ZERO)
+                || killed_at(o)
         })
         .collect();
     let ambiguous = in_doubt.len() as u64;
@@ -905,14 +1300,25 @@ async fn soak_under_faults_keeps_every_invariant() {
     // connection, and its descriptors are back to their count before the load, give or take
     // the pooled upstream connections (idle for up to 90 s) and Redis' reconnections.
     let mut fd_after = Vec::new();
+    let mut tasks_after = Vec::new();
     for (i, g) in fleet.slots.iter().enumerate() {
         let (pid, metrics) = {
             let g = g.lock().unwrap();
             (g.pid(), g.admin_url("/metrics"))
         };
-        let open: f64 = get(&metrics)
-            .await
-            .text()
+        let page = get(&metrics).await.text();
+        let tasks = runtime_tasks(&page);
+        tasks_after.push(tasks);
+        let n = fds(pid);
+        fd_after.push(n);
+        let gained = n.saturating_sub(fd_baseline.get(i).copied().unwrap_or(0)) as u64;
+        if tasks > task_baseline.get(i).copied().unwrap_or(0) + gained + TASK_SLACK {
+            broken.push(format!(
+                "instance {i} runs {tasks} tasks after the load ({} before it, {gained} descriptors gained)",
+                task_baseline[i]
+            ));
+        }
+        let open: f64 = page
             .lines()
             .filter(|l| l.starts_with("weir_connections{") && l.contains("state=\"open\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -921,13 +1327,17 @@ async fn soak_under_faults_keeps_every_invariant() {
         if open > 1.0 {
             broken.push(format!("instance {i} still counts {open} open client connections after the load"));
         }
-        let n = fds(pid);
-        fd_after.push(n);
         if n > fd_baseline.get(i).copied().unwrap_or(0) + FD_SLACK {
             broken.push(format!("instance {i} holds {n} descriptors after the load ({} before it)", fd_baseline[i]));
         }
     }
 
+    if !rotations_missed.is_empty() {
+        broken.push(format!(
+            "a certificate rotation was not served to new handshakes within 10 s: {}",
+            rotations_missed.join("; ")
+        ));
+    }
     // Memory bounded.
     let rss = max_rss.lock().unwrap().clone();
     for (i, r) in rss.iter().enumerate() {
@@ -991,6 +1401,17 @@ async fn soak_under_faults_keeps_every_invariant() {
         "| descriptors per instance, before / after the load | {} |",
         fd_baseline.iter().zip(&fd_after).map(|(a, b)| format!("{a} / {b}")).collect::<Vec<_>>().join(", ")
     );
+    println!(
+        "| tasks per instance, before / after the load | {} |",
+        task_baseline.iter().zip(&tasks_after).map(|(a, b)| format!("{a} / {b}")).collect::<Vec<_>>().join(", ")
+    );
+    let tunnels = outcomes.iter().filter(|o| o.kind == Kind::Tunnel);
+    println!(
+        "| WebSocket tunnels opened / echoed whole | {} / {} |",
+        tunnels.clone().count(),
+        tunnels.filter(|o| o.status == Some(101)).count()
+    );
+    println!("| certificate rotations not served within 10 s | {} |", rotations_missed.len());
     println!("| p99 steady | {:?} |", p99(None));
     for k in by_kind.keys() {
         println!("| p99 during {k} | {:?} |", p99(Some(&[k])));
@@ -1003,25 +1424,16 @@ async fn soak_under_faults_keeps_every_invariant() {
                 println!("  [{i}] {l}");
             }
         }
-        // Redis' own stalls (event, when, latest and longest ms) and its AOF rewrites.
-        let cli = |args: &[&str]| {
-            std::process::Command::new("redis-cli")
-                .args(["-p", &redis.port.to_string()])
-                .args(args)
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" "))
-                .unwrap_or_default()
-        };
-        println!("Redis LATENCY LATEST: {}", cli(&["LATENCY", "LATEST"]));
-        let persistence = cli(&["INFO", "persistence"]);
-        let rewrites: Vec<&str> = persistence.split(' ').filter(|f| f.starts_with("aof_rewrites:")).collect();
-        println!("Redis {rewrites:?}");
+        redis.diagnostics();
         // What Weir said about Redis meanwhile: the breaker, reconnects, refusals.
         let started = wall0.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         println!("run started at Unix {started}; Weir's Redis lines (last 40 per instance):");
         for (i, g) in fleet.slots.iter().enumerate() {
             let log = g.lock().unwrap().log();
-            let lines: Vec<&str> = log.lines().filter(|l| l.contains("edis") || l.contains("breaker")).collect();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("edis") || l.contains("breaker") || l.contains("invalidation"))
+                .collect();
             for l in &lines[lines.len().saturating_sub(40)..] {
                 println!("  [{i}] {l}");
             }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use http::Version;
 use rustls::HandshakeKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weir_e2e::tls::{client_config, connect, Ca, Leaf};
+use weir_e2e::tls::{client_config, connect, Ca, Leaf, SecretDir};
 use weir_e2e::*;
 
 /// Answers with what it was sent: forwarding and identity headers, as JSON; cacheable.
@@ -174,41 +174,6 @@ async fn old_protocols_and_plain_http_are_refused_cleanly() {
     let m = metrics(&gw).await;
     assert_eq!(metric(&m, r#"weir_tls_handshake_errors_total{reason="protocol_version"} "#), 1, "{m}");
     assert_eq!(metric(&m, r#"weir_tls_handshake_errors_total{reason="plain_http"} "#), 1, "{m}");
-}
-
-/// Kubernetes' secret layout: `NAME -> ..data/NAME`, `..data -> <version dir>`; rotation points
-/// `..data` at a new directory with one atomic rename.
-struct SecretDir {
-    root: std::path::PathBuf,
-    version: usize,
-}
-
-impl SecretDir {
-    fn new(root: &Path, leaf: &Leaf) -> SecretDir {
-        let mut s = SecretDir { root: root.to_path_buf(), version: 0 };
-        s.rotate(&leaf.cert_pem, &leaf.key_pem);
-        std::os::unix::fs::symlink("..data/tls.crt", root.join("tls.crt")).unwrap();
-        std::os::unix::fs::symlink("..data/tls.key", root.join("tls.key")).unwrap();
-        s
-    }
-
-    fn rotate(&mut self, cert: &str, key: &str) {
-        self.version += 1;
-        let v = format!("..v{}", self.version);
-        std::fs::create_dir(self.root.join(&v)).unwrap();
-        std::fs::write(self.root.join(&v).join("tls.crt"), cert).unwrap();
-        std::fs::write(self.root.join(&v).join("tls.key"), key).unwrap();
-        let tmp = self.root.join("..data_tmp");
-        std::os::unix::fs::symlink(&v, &tmp).unwrap();
-        std::fs::rename(&tmp, self.root.join("..data")).unwrap();
-    }
-
-    fn cert(&self) -> std::path::PathBuf {
-        self.root.join("tls.crt")
-    }
-    fn key(&self) -> std::path::PathBuf {
-        self.root.join("tls.key")
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -676,4 +641,47 @@ fn validate_checks_the_client_crl() {
     );
     assert!(ok, "{out}");
     assert!(out.contains("weir.yaml:7:") && out.contains("warning:") && out.contains("refused"), "{out}");
+}
+
+/// One route answers both listeners from one origin: a write over one scheme purges what was
+/// cached for the same URL over the other (and a `Location` naming the other scheme too).
+/// Found by the reliability soak: HTTPS readers were served the old body for the entry's TTL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_over_http_purges_what_https_readers_were_served_and_back() {
+    let (origin, fetched) = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Weir Test CA");
+    let (cert, key) = ca.server(&["api.test"]).write(dir.path(), "api");
+    let gw = Gateway::start(&yaml(&origin, &certs_block(&[(&cert, &key)]), ""));
+    let cfg = client_config(ca.roots(), &["http/1.1"], None);
+    let mut tls = connect(gw.listen[1], "api.test", &cfg).await.unwrap();
+    let plain = client();
+    let plain_get = |path: &str| http::Request::get(gw.url(path)).header("host", "api.test").body(full("")).unwrap();
+    let post = |path: &str| http::Request::post(gw.url(path)).header("host", "api.test").body(full("w")).unwrap();
+
+    // Cached over HTTPS, then a hit.
+    for _ in 0..2 {
+        assert_eq!(tls.get("api.test", "/doc", &[]).await.unwrap().status, 200);
+    }
+    assert_eq!(fetched.load(Ordering::SeqCst), 1);
+    // A write over plain HTTP: the next HTTPS read goes to the origin.
+    assert_eq!(send(&plain, post("/doc")).await.status, 200);
+    let before = fetched.load(Ordering::SeqCst);
+    let got = tls.get("api.test", "/doc", &[]).await.unwrap();
+    assert_eq!(got.header("cache-status").map(|s| s.contains("fwd=miss")), Some(true), "{:?}", got.headers);
+    assert_eq!(fetched.load(Ordering::SeqCst), before + 1, "an HTTPS reader was served what a write replaced");
+
+    // And the other way: cached over HTTP, written over HTTPS.
+    for _ in 0..2 {
+        assert_eq!(send(&plain, plain_get("/other")).await.status, 200);
+    }
+    let cached = fetched.load(Ordering::SeqCst);
+    let mut w = connect(gw.listen[1], "api.test", &cfg).await.unwrap();
+    let wrote = w.post("api.test", "/other", "w").await.unwrap();
+    assert_eq!(wrote.status, 200);
+    let after_write = fetched.load(Ordering::SeqCst);
+    assert_eq!(after_write, cached + 1, "the write itself reached the origin");
+    let got = send(&plain, plain_get("/other")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(fetched.load(Ordering::SeqCst), after_write + 1, "an HTTP reader was served what a write replaced");
 }

@@ -2,10 +2,13 @@
 //! target URI and same-origin `Location` / `Content-Location` (RFC 9111 §4.4), and a 2xx also
 //! runs the route's `invalidate.tags` and the plugin's `invalidate` hook.
 //!
-//! A URL is purged as the key a GET for it was stored under: on this request's scheme and host,
-//! on the route that GET would match (routes are often split by method), with the key that
-//! route computes (its plugin's, or the policy's). A write to `/products` on one host never
-//! touches another host's `/products`, and never ranges over an index of paths.
+//! A URL is purged as the keys a GET for it was stored under: on this request's host, under both
+//! schemes (a route has one origin whichever listener a request came in on, so a write over
+//! `http` changes what `https` readers were served: the reliability soak found HTTPS readers
+//! served the old body for the whole entry's TTL), on the route that GET would match (routes
+//! are often split by method), with the key that route computes (its plugin's, or the
+//! policy's). A write to `/products` on one host never touches another host's `/products`, and
+//! never ranges over an index of paths.
 
 use crate::proxy::body::ClientBody;
 use http::header;
@@ -38,10 +41,12 @@ pub(in crate::proxy) async fn forward_and_invalidate(
         return Ok(resp);
     }
     let mut purge = Purge::default();
-    purge.keys.extend(get_keys(req, &c.path_query));
+    // The URLs (`path?query`) purged; each is one invalidation in the metrics, whatever number of
+    // keys (schemes, plugin keys) it stands for.
+    let mut urls = vec![c.path_query.clone()];
     for h in [header::LOCATION, header::CONTENT_LOCATION] {
         if let Some(pq) = resp.headers().get(&h).and_then(|v| v.to_str().ok()).and_then(|v| same_origin(v, req)) {
-            purge.keys.extend(get_keys(req, &pq));
+            urls.push(pq);
         }
     }
     // Tags and the plugin's invalidations are the write's effects: only a success has them.
@@ -58,7 +63,7 @@ pub(in crate::proxy) async fn forward_and_invalidate(
                 for k in &inv.keys {
                     if k.starts_with('/') {
                         if let Some(pq) = normalize_target(k) {
-                            purge.keys.extend(get_keys(req, &pq));
+                            urls.push(pq);
                         }
                     } else {
                         purge.keys.push(key::plugin(&route.route.name, "GET", k));
@@ -69,11 +74,20 @@ pub(in crate::proxy) async fn forward_and_invalidate(
             }
         }
     }
+    urls.sort();
+    urls.dedup();
+    // The plugin's own keys, one invalidation each, then every URL's keys.
+    let mut invalidated = purge.keys.len();
+    for pq in &urls {
+        let keys = get_keys(req, pq);
+        invalidated += usize::from(!keys.is_empty());
+        purge.keys.extend(keys);
+    }
     purge.keys.sort();
     purge.keys.dedup();
     if !purge.is_empty() {
         let rt = &req.rt;
-        rt.metrics.invalidations(&route.label, "key", purge.keys.len());
+        rt.metrics.invalidations(&route.label, "key", invalidated);
         rt.metrics.invalidations(&route.label, "tag", purge.tags.len());
         rt.metrics.invalidations(&route.label, "prefix", purge.prefixes.len());
         match rt.cache.purge(&purge).await {
@@ -86,8 +100,9 @@ pub(in crate::proxy) async fn forward_and_invalidate(
     Ok(resp)
 }
 
-/// The keys a GET for `path_query` on this request's scheme and host was stored under: on the
-/// route that GET matches, when it caches — the policy's key, and the plugin's when it keys.
+/// The keys a GET for `path_query` on this request's host was stored under, over HTTP and over
+/// HTTPS: on the route that GET matches, when it caches — the policy's key, and the plugin's
+/// when it keys.
 fn get_keys(req: &RequestCtx, path_query: &str) -> Vec<String> {
     let rt = &req.rt;
     let c = &req.canon;
@@ -98,12 +113,15 @@ fn get_keys(req: &RequestCtx, path_query: &str) -> Vec<String> {
         return Vec::new();
     }
     let name = &route.route.name;
-    let mut keys = vec![key::primary_after(&route.key_prefix[0], c.scheme, &c.authority, path_query, None)];
-    if let Some(p) = route_plugin(route) {
-        let parts = RequestParts::new("GET", c.scheme, &c.authority, path_query, &c.headers, None)
-            .with_consumer(req.consumer.as_deref());
-        if let Ok(KeyDecision::Key(k)) = p.cache_key(&parts) {
-            keys.push(key::plugin(name, "GET", &k));
+    let mut keys = Vec::with_capacity(4);
+    for scheme in ["http", "https"] {
+        keys.push(key::primary_after(&route.key_prefix[0], scheme, &c.authority, path_query, None));
+        if let Some(p) = route_plugin(route) {
+            let parts = RequestParts::new("GET", scheme, &c.authority, path_query, &c.headers, None)
+                .with_consumer(req.consumer.as_deref());
+            if let Ok(KeyDecision::Key(k)) = p.cache_key(&parts) {
+                keys.push(key::plugin(name, "GET", &k));
+            }
         }
     }
     keys
@@ -123,13 +141,15 @@ fn normalize_target(v: &str) -> Option<String> {
 /// The normalised target of a `Location`-style value when it points at this request's origin.
 fn same_origin(v: &str, req: &RequestCtx) -> Option<String> {
     let uri: http::Uri = v.parse().ok()?;
-    if let Some(s) = uri.scheme_str() {
-        if !s.eq_ignore_ascii_case(req.canon.scheme) {
-            return None;
-        }
-    }
+    // Either scheme: both are purged (see the module's note); the host must be this one.
+    let scheme = match uri.scheme_str() {
+        None => req.canon.scheme,
+        Some(s) if s.eq_ignore_ascii_case("http") => "http",
+        Some(s) if s.eq_ignore_ascii_case("https") => "https",
+        Some(_) => return None,
+    };
     if let Some(a) = uri.authority() {
-        if normalize_authority(a.as_str(), req.canon.scheme).ok()? != req.canon.authority {
+        if normalize_authority(a.as_str(), scheme).ok()? != req.canon.authority {
             return None;
         }
     }
