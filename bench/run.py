@@ -583,13 +583,20 @@ def evalsha_calls(port):
     return int(m.group(1)) if m else 0
 
 
+def redis_cpu_seconds(port):
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "cpu"], capture_output=True, text=True).stdout
+    return sum(float(m) for m in re.findall(r"used_cpu_(?:sys|user):([0-9.]+)", out))
+
+
 def rounds_counting_redis(targets, args, redis_port, admin_port):
-    """`rounds`, and the Redis script calls per request the Weir on `admin_port` made meanwhile."""
-    before = (evalsha_calls(redis_port), weir_requests(admin_port))
+    """`rounds`, the Redis script calls per request the Weir on `admin_port` made meanwhile, and
+    Redis' own CPU per such request (µs; only that Weir uses Redis during the rounds)."""
+    before = (evalsha_calls(redis_port), weir_requests(admin_port), redis_cpu_seconds(redis_port))
     results = rounds(targets, args)
     calls = evalsha_calls(redis_port) - before[0]
     served = weir_requests(admin_port) - before[1]
-    return results, calls / max(served, 1)
+    redis_us = (redis_cpu_seconds(redis_port) - before[2]) / max(served, 1) * 1e6
+    return results, calls / max(served, 1), redis_us
 
 
 def weir_requests(admin_port):
@@ -624,7 +631,7 @@ def ratelimit_scenario(args):
             warm(p)
         print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
               f"{args.client_core}, {cores(args)}", flush=True)
-        results, per_request = rounds_counting_redis([
+        results, per_request, redis_us = rounds_counting_redis([
             ("weir L1 hit, no limit", f"http://127.0.0.1:{none_port}", [procs["none"].pid], script),
             ("weir L1 hit, local limit", f"http://127.0.0.1:{local_port}", [procs["local"].pid], script),
             ("weir L1 hit, Redis limit", f"http://127.0.0.1:{shared_port}", [procs["redis"].pid], script),
@@ -636,7 +643,8 @@ def ratelimit_scenario(args):
                 "CPU µs/req")
     print()
     print(f"local/no-limit rps {local['rps'] / none['rps']:.3f}x; Redis/no-limit rps {shared['rps'] / none['rps']:.3f}x; "
-          f"Redis round trips (EVALSHA) per request {per_request:.3f}")
+          f"Redis script calls (EVALSHA) per request {per_request:.3f}; Redis' own CPU per limited request "
+          f"{redis_us:.1f} µs (on the server's core: Weir's + Redis' = {shared['cpu_us_per_req'] + redis_us:.1f} µs)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"ratelimit-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps(results, indent=2))
@@ -765,7 +773,7 @@ def budget_scenario(args):
         ])
         print(f"miss path (proxied, {args.bytes} B), wrk -c{args.connections} -d{args.seconds}s; client on core "
               f"{args.client_core}, {cores(args)}", flush=True)
-        results, per_request = rounds_counting_redis([
+        results, per_request, redis_us = rounds_counting_redis([
             ("weir miss, no budget", f"http://127.0.0.1:{none_port}/x", [procs["none"].pid], script),
             ("weir miss, budget in memory", f"http://127.0.0.1:{mem_port}/x", [procs["memory"].pid], script),
             ("weir miss, budget on Redis", f"http://127.0.0.1:{shared_port}/x", [procs["redis"].pid], script),
@@ -778,7 +786,8 @@ def budget_scenario(args):
     print()
     print(f"memory/no-budget rps {mem['rps'] / none['rps']:.3f}x; Redis/no-budget rps {shared['rps'] / none['rps']:.3f}x; "
           f"Redis script calls per request {per_request:.3f}; settles per second on Redis "
-          f"{shared['rps']:.0f} (each with its reserve)")
+          f"{shared['rps']:.0f} (each with its reserve); Redis' own CPU per budgeted request {redis_us:.1f} µs "
+          f"(Weir's + Redis' = {shared['cpu_us_per_req'] + redis_us:.1f} µs)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"budget-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps(results, indent=2))

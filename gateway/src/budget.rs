@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 
+use crate::redis::batch::{Batcher, Call, Failed};
 use crate::redis::Shared;
 
 /// Decimal places of the money unit (micro-units).
@@ -210,9 +211,9 @@ return {1, s, r + amount, n, amount}
 
 /// Settles a lease once (KEYS: window hash, lease amounts, lease expiries, hour bucket, day
 /// bucket, done marker; ARGV: lease id, cost, charged 0/1, hour TTL s, day TTL s, marker TTL s).
-/// Returns 0 when it was settled before.
+/// Returns `{0}` when it was settled before.
 const SETTLE: &str = r"
-if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[6]) then return 0 end
+if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[6]) then return {0} end
 local a = redis.call('HGET', KEYS[2], ARGV[1])
 if a then
   redis.call('HINCRBY', KEYS[1], 'r', -tonumber(a))
@@ -228,8 +229,19 @@ if ARGV[3] == '1' then
   redis.call('EXPIRE', KEYS[4], ARGV[4])
   redis.call('EXPIRE', KEYS[5], ARGV[5])
 end
-return 1
+return {1}
 ";
+
+/// Reservations (`ARGV[1]` `r`) and settlements (`s`) as one script, so they go out in batches
+/// of one queue (`crate::redis::batch`): a release queued after the reservation it releases
+/// runs after it.
+fn calls_script() -> String {
+    crate::redis::batch::wrap(&format!(
+        "local function reserve(KEYS, ARGV)\n{RESERVE}\nend\nlocal function settle(KEYS, ARGV)\n{SETTLE}\nend\n\
+         local rest = {{}}\nfor i = 2, #ARGV do rest[i - 1] = ARGV[i] end\n\
+         if ARGV[1] == 'r' then return reserve(KEYS, rest) end\nreturn settle(KEYS, rest)"
+    ))
+}
 
 /// Extends a lease that is still held (KEYS: lease expiries; ARGV: lease id, TTL µs), on
 /// Redis' clock: a long stream keeps its reservation without being charged twice.
@@ -267,8 +279,12 @@ struct Local {
 #[derive(Debug)]
 pub struct Budgets {
     redis: Option<Arc<Shared>>,
+    /// The admin read of a window (`status`).
     reserve_script: redis::Script,
-    settle_script: redis::Script,
+    /// Reservations and settlements, batched (`calls_script`); the batcher starts with the
+    /// first call (it needs the runtime).
+    calls_script: redis::Script,
+    batcher: std::sync::OnceLock<Batcher>,
     renew_script: redis::Script,
     hash_key: [u8; 32],
     instance: u64,
@@ -305,7 +321,8 @@ impl Budgets {
         Budgets {
             redis,
             reserve_script: redis::Script::new(RESERVE),
-            settle_script: redis::Script::new(SETTLE),
+            calls_script: redis::Script::new(&calls_script()),
+            batcher: std::sync::OnceLock::new(),
             renew_script: redis::Script::new(RENEW),
             hash_key,
             instance: crate::random_u64(),
@@ -330,6 +347,22 @@ impl Budgets {
         let mut id = [0u8; 16];
         id.copy_from_slice(&h.as_bytes()[..16]);
         format!("weir:{{bg:{}}}", crate::hex::encode(&id))
+    }
+
+    /// A batched call of kind `op` (`r`, `s`) on the keys of `tag` (one Cluster slot).
+    fn call(&self, redis: &Shared, tag: &str, op: &'static str) -> Call {
+        let mut call = Call::default();
+        if redis.settings.cluster {
+            // `weir:{bg:…}`: the slot is the hash tag's.
+            let inner = tag.split_once('{').and_then(|(_, t)| t.split_once('}')).map_or(tag, |(t, _)| t);
+            call.slot = crate::redis::batch::slot(inner);
+        }
+        call.arg(op);
+        call
+    }
+
+    fn batcher(&self, redis: &Arc<Shared>) -> &Batcher {
+        self.batcher.get_or_init(|| Batcher::start(redis.clone(), self.calls_script.clone()))
     }
 
     fn window_keys(&self, tag: &str, window: i64) -> [String; 3] {
@@ -380,17 +413,16 @@ impl Budgets {
             return Ok(lease(w.spent, reserved + units, units));
         };
         let tag = self.tag(&def.name, consumer);
-        let keys = self.window_keys(&tag, window);
-        let key_ttl = end - now + 2 * 86_400;
-        let mut inv = self.reserve_script.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
+        let mut call = self.call(redis, &tag, "r");
+        for k in self.window_keys(&tag, window) {
+            call.key(k);
         }
         let ttl_us = u64::try_from(def.lease_ttl.as_micros()).unwrap_or(u64::MAX);
-        inv.arg(limit_units).arg(units).arg(&id).arg(ttl_us).arg(key_ttl).arg(if partial { "1" } else { "0" });
+        call.arg(limit_units).arg(units).arg(id.clone()).arg(ttl_us).arg(end - now + 2 * 86_400);
+        call.arg(if partial { "1" } else { "0" });
         let mut pending = Unanswered { budgets: self, lease: Some(lease(0, 0, units)) };
-        let answer = redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await;
-        if !matches!(answer, Err(crate::redis::CallError::Timeout(_) | crate::redis::CallError::Redis(_))) {
+        let answer = self.batcher(redis).call(call).await;
+        if answer != Err(Failed::Sent) {
             // Answered, or never sent (breaker open, not connected): nothing to release.
             pending.lease = None;
         }
@@ -453,16 +485,17 @@ impl Budgets {
             return true;
         };
         let tag = self.tag(&lease.budget.name, &lease.consumer);
-        let [w, la, lz] = self.window_keys(&tag, lease.window);
-        let mut inv = self.settle_script.prepare_invoke();
-        inv.key(w).key(la).key(lz);
-        inv.key(format!("{tag}:h:{}", lease.hour)).key(format!("{tag}:d:{}", lease.day));
-        inv.key(format!("{tag}:done:{}", lease.id));
-        inv.arg(&lease.id).arg(units).arg(if charged { "1" } else { "0" });
-        inv.arg(lease.budget.hourly_ttl.as_secs())
+        let mut call = self.call(redis, &tag, "s");
+        for k in self.window_keys(&tag, lease.window) {
+            call.key(k);
+        }
+        call.key(format!("{tag}:h:{}", lease.hour)).key(format!("{tag}:d:{}", lease.day));
+        call.key(format!("{tag}:done:{}", lease.id));
+        call.arg(lease.id.clone()).arg(units).arg(if charged { "1" } else { "0" });
+        call.arg(lease.budget.hourly_ttl.as_secs())
             .arg(lease.budget.daily_ttl.as_secs())
             .arg(lease.budget.lease_ttl.as_secs().max(60) * 2);
-        match redis.call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await {
+        match self.batcher(redis).call(call).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::debug!(error = ?e, budget = %lease.budget.name, "budget settlement not taken; retrying");

@@ -589,6 +589,16 @@ impl RedisServer {
             .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
     }
 
+    /// Script calls (`EVALSHA` and `EVAL`) this server has run, from `INFO commandstats`.
+    pub fn script_calls(&self) -> u64 {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string(), "INFO", "commandstats"]).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// `DBSIZE` of this node.
     pub fn dbsize(&self) -> u64 {
         self.command("DBSIZE").and_then(|r| r.trim_start_matches(':').parse().ok()).unwrap_or(0)

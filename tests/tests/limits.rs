@@ -115,6 +115,11 @@ async fn two_instances_on_one_redis_admit_exactly_the_quota() {
         assert_eq!((ok, limited), (10, 190), "{prefix}: {}", a.log());
         assert_eq!(hits.load(Ordering::SeqCst) - before, 10, "{prefix}");
     }
+    // Checks that arrived while a call was in flight shared the next one: fewer script calls
+    // than checks (400), each still decided on its own (the counts above are exact).
+    let calls = redis.script_calls();
+    println!("400 checks in {calls} script calls");
+    assert!(calls > 0 && calls < 400, "400 checks took {calls} script calls");
 }
 
 /// A request refused by the tighter policy consumes nothing from the other: after 50 requests

@@ -30,9 +30,10 @@ const KEY: &str = "soak-key-of-acme";
 const HOST: &str = "api.soak";
 const ITEMS: u64 = 40;
 const L1_BYTES: u64 = 32 << 20;
-/// The limited route's policy: GCRA, 50/s with a burst of 50, per consumer.
-const RATE: f64 = 50.0;
-const BURST: f64 = 50.0;
+/// The limited route's policy: GCRA, 20/s with a burst of 20, per consumer (the clients offer
+/// several times that).
+const RATE: f64 = 20.0;
+const BURST: f64 = 20.0;
 /// How long after an acknowledged write another instance may still serve the old body while
 /// Redis is healthy (pub/sub delivery); while Redis is away, until it is back and the
 /// subscription resumed (the L1 is dropped then), plus this.
@@ -345,6 +346,27 @@ impl Backend {
             }
             other => panic!("not a Redis fault: {other}"),
         }
+    }
+
+    /// Each node's own stalls of 100 ms or more (the latency monitor: event, Unix second, ms),
+    /// read while they are still there (a restart forgets them).
+    fn stalls(&self) -> Vec<(usize, String, u64, u64)> {
+        let mut out = Vec::new();
+        for i in 0..self.nodes.len() {
+            let latest = self.cli(i, &["LATENCY", "LATEST"]);
+            // Raw replies: four lines per event (name, when, latest ms, longest ms).
+            let lines: Vec<&str> = latest.lines().collect();
+            for event in lines.chunks(4).filter_map(|c| c.first()) {
+                let history = self.cli(i, &["LATENCY", "HISTORY", event]);
+                let nums: Vec<u64> = history.lines().filter_map(|l| l.trim().parse().ok()).collect();
+                for pair in nums.chunks(2) {
+                    if let [when, ms] = pair {
+                        out.push((i, (*event).to_string(), *when, *ms));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Each node's own stalls (event, when, latest and longest ms) and AOF rewrites.
@@ -877,6 +899,17 @@ const FD_SLACK: usize = 24;
 /// at their next sweep) and Redis Cluster repair tasks. A leak grows with the load; this does not.
 const TASK_SLACK: u64 = 16;
 
+/// `weir_ratelimit_fallback_total` of the limited route: decisions made without Redis.
+async fn limit_fallbacks(metrics_url: &str) -> u64 {
+    get(metrics_url)
+        .await
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_ratelimit_fallback_total{route=\"limited\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 /// `weir_runtime_tasks` from a metrics page.
 fn runtime_tasks(metrics: &str) -> u64 {
     metrics
@@ -978,6 +1011,9 @@ async fn run_soak(secs: u64, cluster: bool) {
     let mut rng = Rng(seed);
     let end = Instant::now() + Duration::from_secs(secs);
     let mut schedule = Vec::new();
+    let mut self_stalls: Vec<(usize, String, u64, u64)> = Vec::new();
+    // Limit decisions made without Redis (`fail: local`), summed over every process the run had.
+    let mut fallbacks = 0u64;
     tokio::time::sleep(Duration::from_secs(3)).await;
     while Instant::now() + Duration::from_secs(6) < end {
         // A failover is a Cluster's fault; one Redis has none.
@@ -1031,6 +1067,8 @@ async fn run_soak(secs: u64, cluster: bool) {
                 // SIGKILL mid-load: its calls in flight are cut, its leases expire
                 // (`lease_ttl` 5 s here); a new instance takes its place.
                 let i = rng.below(fleet.len() as u64) as usize;
+                let url = fleet.slots[i].lock().unwrap().admin_url("/metrics");
+                fallbacks += limit_fallbacks(&url).await;
                 fleet.slots[i].lock().unwrap().signal("KILL");
                 tokio::time::sleep(hold).await;
                 let y = yaml.clone();
@@ -1042,7 +1080,12 @@ async fn run_soak(secs: u64, cluster: bool) {
                 // `weir run --upgrade`: the new process takes the listeners over, the old one
                 // drains what it has in flight and exits. Nothing may be lost.
                 let i = rng.below(fleet.len() as u64) as usize;
-                let path = fleet.slots[i].lock().unwrap().config_path.clone();
+                let (path, url) = {
+                    let g = fleet.slots[i].lock().unwrap();
+                    (g.config_path.clone(), g.admin_url("/metrics"))
+                };
+                // The old process's count, before its admin listener is handed over too.
+                fallbacks += limit_fallbacks(&url).await;
                 let next = tokio::task::spawn_blocking(move || Gateway::upgrade_from(path))
                     .await
                     .unwrap()
@@ -1066,6 +1109,12 @@ async fn run_soak(secs: u64, cluster: bool) {
             }
         }
         faults.record(kind, from, Instant::now());
+        // Redis' own stalls so far (kept: a restart forgets them).
+        for s in tokio::task::block_in_place(|| redis.stalls()) {
+            if !self_stalls.contains(&s) {
+                self_stalls.push(s);
+            }
+        }
         tokio::time::sleep(Duration::from_millis(2000 + rng.below(2000))).await;
     }
     tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
@@ -1101,7 +1150,30 @@ async fn run_soak(secs: u64, cluster: bool) {
     // ---- The invariants.
     let mut broken: Vec<String> = Vec::new();
     let outcomes = std::mem::take(&mut *seen.outcomes.lock().unwrap());
-    let (redis_faults, origin_faults) = (REDIS_FAULTS, ORIGIN_FAULTS);
+    // Redis stalling on its own (an fsync the disk held up, say: the latency monitor records
+    // every stall of 100 ms or more) is a Redis fault like the scheduled ones, for the same
+    // rules; the figures count them apart. The monitor's clock is Unix seconds: a stall
+    // recorded at second S of D ms spans [S - D ms, S + 1 s].
+    for s in redis.stalls() {
+        if !self_stalls.contains(&s) {
+            self_stalls.push(s);
+        }
+    }
+    let unix0 = wall0.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    for (_, _, when, ms) in &self_stalls {
+        let at = *when as f64 - unix0;
+        let from = at - *ms as f64 / 1000.0;
+        let to = at + 1.0;
+        if to > 0.0 {
+            faults.record(
+                "redis_self_stall",
+                t0 + Duration::from_secs_f64(from.max(0.0)),
+                t0 + Duration::from_secs_f64(to),
+            );
+        }
+    }
+    let redis_faults: Vec<&str> = REDIS_FAULTS.iter().copied().chain(["redis_self_stall"]).collect();
+    let origin_faults = ORIGIN_FAULTS;
     // Faults that cut Weir's connections to the origin: a body, a tunnel or a paid call in
     // flight then cannot end well.
     let origin_cuts = ["origin_reset", "origin_blackhole"];
@@ -1258,6 +1330,24 @@ async fn run_soak(secs: u64, cluster: bool) {
     if overshoot > 0 {
         broken.push(format!("the rate limit admitted up to {overshoot} calls too many in a window"));
     }
+    // Over the whole run: what Redis admitted is at most burst + rate × the run's span; the rest
+    // was decided without it (each instance's count of such decisions, admitted or not, read
+    // before it was killed or handed over, and at the end).
+    for g in &fleet.slots {
+        let url = g.lock().unwrap().admin_url("/metrics");
+        fallbacks += limit_fallbacks(&url).await;
+    }
+    let span = match (ok.first(), ok.last()) {
+        (Some(a), Some(b)) => b.duration_since(*a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let redis_bound = (BURST + RATE * span) as u64 + 1;
+    if ok.len() as u64 > redis_bound + fallbacks {
+        broken.push(format!(
+            "the rate limit admitted {} calls in {span:.0} s: more than Redis' bound {redis_bound} plus the {fallbacks} decided without Redis",
+            ok.len()
+        ));
+    }
 
     // Purges: after a write is acknowledged, no read that starts later than the bound returns
     // an older version; while Redis was away the bound runs from its return.
@@ -1377,6 +1467,11 @@ async fn run_soak(secs: u64, cluster: bool) {
         schedule.len(),
         by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
     );
+    println!(
+        "| Redis' own stalls of 100 ms or more (latency monitor; counted as Redis faults) | {} ({}) |",
+        self_stalls.len(),
+        self_stalls.iter().map(|(n, e, _, ms)| format!("node {n} {e} {ms} ms")).collect::<Vec<_>>().join(", ")
+    );
     println!("| requests lost | {lost} |");
     println!("| requests cut by an instance kill (connection errors) | {cut_by_kill} |");
     println!("| GETs sent again after an upgrade's old process closed their connection | {retried_in_upgrade} |");
@@ -1390,6 +1485,10 @@ async fn run_soak(secs: u64, cluster: bool) {
     );
     println!("| leases left held after the load (calls) | {held} |");
     println!("| limit overshoot (max calls in a window) | {overshoot} |");
+    println!(
+        "| limited calls admitted / Redis' bound for the run / decided without Redis | {} / {redis_bound} / {fallbacks} |",
+        ok.len()
+    );
     println!("| writes / reads checked | {} / {} |", writes.len(), reads.len());
     println!("| stale after purge beyond bound / max delay | {stale_after_purge} / {max_stale:?} |");
     println!(

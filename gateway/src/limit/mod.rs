@@ -1,9 +1,10 @@
 //! Rate limits (phase 3): a route's `count: all` policies are checked and consumed together,
 //! all or nothing — a request refused by one policy consumes nothing from the others.
 //!
-//! - **Distributed** (with `redis`): one Lua script call per request does every policy of the
-//!   route for that key atomically, on Redis' own clock (`TIME`, microseconds: exact in Lua's
-//!   doubles), so there is no read-then-increment race between instances. The policies' keys
+//! - **Distributed** (with `redis`): a Lua script does every policy of the route for that key
+//!   atomically, on Redis' own clock (`TIME`, microseconds: exact in Lua's doubles), so there is
+//!   no read-then-increment race between instances; checks that arrive while a call is in flight
+//!   share the next one, each still decided on its own (`batch`). The policies' keys
 //!   are `weir:{rl:<keyed hash of route and key>}:<policy>`: one hash tag, so one call touches
 //!   one Cluster slot; a fixed window's key does not depend on time (it stores `window:count`),
 //!   and every key expires when its state no longer matters (nothing needs a sweeper).
@@ -32,6 +33,7 @@ use smallvec::SmallVec;
 use self::gcra::Gcra;
 pub use self::policy::{Algorithm, LimitFail, LimitKey, LimitOverride, Rate, RateLimit};
 pub use self::tunnels::{TunnelRefusal, TunnelSlot, Tunnels};
+use crate::redis::batch::{Batcher, Call};
 use crate::redis::Shared;
 
 /// Most keys the local limiter tracks at once by default (`server.rate_limit_keys`; a flood of
@@ -42,7 +44,7 @@ pub const LOCAL_KEYS: u64 = 100_000;
 /// the last ARGV `0` it only reports (the admin read).
 /// GCRA (`g`): a = interval µs, b = tolerance µs; the key holds the TAT. Fixed window (`w`):
 /// a = window µs, b = quota; the key holds `window:count`. Returns `{admitted, then remaining,
-/// reset µs, retry µs for each policy}`.
+/// reset µs, retry µs for each policy}`. Sent in batches (`crate::redis::batch`).
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -156,6 +158,8 @@ pub struct Limiter {
     local: moka::sync::Cache<[u8; 16], Arc<Mutex<[u64; 2]>>, foldhash::fast::RandomState>,
     redis: Option<Arc<Shared>>,
     script: redis::Script,
+    /// Sends the Redis checks in batches; started by the first one (it needs the runtime).
+    batcher: std::sync::OnceLock<Batcher>,
     hash_key: [u8; 32],
     instances: u64,
     /// The local limiter's clock (Redis uses its own `TIME`).
@@ -187,7 +191,8 @@ impl Limiter {
                 .time_to_idle(Duration::from_secs(86_400 * 31))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             redis,
-            script: redis::Script::new(SCRIPT),
+            script: redis::Script::new(&crate::redis::batch::wrap(SCRIPT)),
+            batcher: std::sync::OnceLock::new(),
             hash_key,
             instances: instances.max(1),
             clock,
@@ -287,17 +292,23 @@ impl Limiter {
     ) -> Result<bool, Unavailable> {
         let Query { route, policies, keys } = q;
         if let Some(redis) = &self.redis {
-            let mut inv = self.script.prepare_invoke();
+            let mut call = Call::default();
             for &i in idx {
                 let p = &policies[i];
-                inv.key(format!("weir:{{rl:{}}}:{}", self.id_hex(route, &keys[i]), p.name));
+                // Every key of one check shares the hash tag `{rl:<id>}`: one Cluster slot.
+                let tag = format!("rl:{}", self.id_hex(route, &keys[i]));
+                if redis.settings.cluster {
+                    call.slot = crate::redis::batch::slot(&tag);
+                }
+                call.key(format!("weir:{{{tag}}}:{}", p.name));
                 match p.algorithm {
-                    Algorithm::Gcra => inv.arg("g").arg(p.gcra.interval_us).arg(p.gcra.tolerance_us),
-                    Algorithm::FixedWindow => inv.arg("w").arg(window_us(p)).arg(p.rate.count),
+                    Algorithm::Gcra => call.arg("g").arg(p.gcra.interval_us).arg(p.gcra.tolerance_us),
+                    Algorithm::FixedWindow => call.arg("w").arg(window_us(p)).arg(p.rate.count),
                 };
             }
-            inv.arg(if commit { "1" } else { "0" });
-            match redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await {
+            call.arg(if commit { "1" } else { "0" });
+            let batcher = self.batcher.get_or_init(|| Batcher::start(redis.clone(), self.script.clone()));
+            match batcher.call(call).await {
                 Ok(out) if out.len() == 1 + 3 * idx.len() => {
                     for (n, &i) in idx.iter().enumerate() {
                         let at = |k: usize| u64::try_from(out[1 + 3 * n + k]).unwrap_or(0);
@@ -305,12 +316,7 @@ impl Limiter {
                     }
                     return Ok(out[0] == 1);
                 }
-                other => {
-                    if let Err(e) = &other {
-                        tracing::debug!(error = %e, "rate-limit check without Redis: the policy's fail mode decides");
-                    } else {
-                        tracing::warn!("rate-limit script answered in an unexpected shape");
-                    }
+                _ => {
                     *fell_back = true;
                     if idx.iter().any(|&i| policies[i].fail == LimitFail::Closed) {
                         return Err(Unavailable);

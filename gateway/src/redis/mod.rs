@@ -4,6 +4,7 @@
 //! is the client's (`ConnectionManager`, `cluster_async`), plus a supervisor that pings once a
 //! second for `/health` and drives the breaker's probe when traffic is idle.
 
+pub mod batch;
 pub mod breaker;
 
 use std::future::Future;

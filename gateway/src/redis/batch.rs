@@ -1,0 +1,242 @@
+//! Script calls, batched: calls that arrive while a round is in flight join the next round, so
+//! one `EVALSHA` carries many (rate-limit checks, budget reservations and settlements: each was
+//! one round trip per request, and Redis' per-call cost was most of what a limited or budgeted
+//! request cost; see `bench/RESULTS.md`).
+//!
+//! A batched script is the single-call script as a function `one(KEYS, ARGV)` returning a table,
+//! run once per call in the batch, in order (`wrap`): each call is decided on its own exactly as
+//! if it had been sent alone at that point, atomically with the rest of the batch. On a Cluster a
+//! script touches one slot: a batch holds the calls of one slot (each call's keys share a hash
+//! tag), and one round sends one batch per slot, together.
+//!
+//! Order is kept per slot: a call queued after another runs after it (a budget's release of a
+//! lease whose reservation never answered runs after that reservation, never before it): rounds
+//! leave in order on the one connection to the slot's node, and Redis runs them in order. One
+//! task per batcher sends the rounds, up to two at once; a call whose caller went away while it
+//! waited still runs, as it would have once sent.
+
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{CallError, Shared};
+
+/// The most calls one script call carries (a bound on the script's run time and its answer).
+const MAX_BATCH: usize = 128;
+/// The most slots one round sends to.
+const MAX_SLOTS: usize = 64;
+/// Rounds out at once. With one, a call that arrives just after a round left waits for it and
+/// then for its own; with two, it goes out at once, behind it on the same connection (Redis
+/// runs them in order, so order per slot holds).
+const DEPTH: usize = 2;
+
+/// `one` (a Lua function body over `KEYS` and `ARGV`, returning a table of integers) run for each
+/// call of a batch. `ARGV[1]`: how many calls; then per call its key count, its argument count
+/// and its arguments; `KEYS`: every call's keys, in order. Answers, per call, the length of its
+/// table, then the table.
+pub fn wrap(one: &str) -> String {
+    format!(
+        r"local function one(KEYS, ARGV)
+{one}
+end
+local out = {{}}
+local ki, ai = 1, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local nk, na = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
+  ai = ai + 2
+  local k, a = {{}}, {{}}
+  for i = 1, nk do k[i] = KEYS[ki + i - 1] end
+  for i = 1, na do a[i] = ARGV[ai + i - 1] end
+  ki, ai = ki + nk, ai + na
+  local r = one(k, a)
+  out[#out + 1] = #r
+  for i = 1, #r do out[#out + 1] = r[i] end
+end
+return out
+"
+    )
+}
+
+/// One argument of a call.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Int(i64),
+    Str(&'static str),
+    Owned(String),
+}
+
+impl From<i64> for Arg {
+    fn from(v: i64) -> Arg {
+        Arg::Int(v)
+    }
+}
+
+impl From<u64> for Arg {
+    fn from(v: u64) -> Arg {
+        Arg::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<&'static str> for Arg {
+    fn from(v: &'static str) -> Arg {
+        Arg::Str(v)
+    }
+}
+
+impl From<String> for Arg {
+    fn from(v: String) -> Arg {
+        Arg::Owned(v)
+    }
+}
+
+/// Why a call got no answer. `Sent`: the batch went out and its answer did not come back (a
+/// timeout, a broken connection, an error reply): the call may have run. `NotSent`: it did not
+/// (the breaker is open, no connection, the batcher is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    Sent,
+    NotSent,
+}
+
+type Answer = Result<Vec<i64>, Failed>;
+
+/// One script call: its slot (0 for a single Redis), keys and arguments.
+#[derive(Debug, Default)]
+pub struct Call {
+    pub slot: u16,
+    pub keys: SmallVec<[String; 6]>,
+    pub args: SmallVec<[Arg; 8]>,
+}
+
+impl Call {
+    pub fn key(&mut self, k: String) -> &mut Self {
+        self.keys.push(k);
+        self
+    }
+
+    pub fn arg(&mut self, a: impl Into<Arg>) -> &mut Self {
+        self.args.push(a.into());
+        self
+    }
+}
+
+struct Job {
+    call: Call,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// The sending side of one batched script.
+#[derive(Debug)]
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl Batcher {
+    /// Starts the task that sends `script` (made by `wrap`) in batches. Needs the runtime.
+    pub fn start(redis: Arc<Shared>, script: redis::Script) -> Batcher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(redis, script, rx));
+        Batcher { tx }
+    }
+
+    /// Runs `call` with the next round: its table, or why there is none.
+    pub async fn call(&self, call: Call) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Job { call, reply }).map_err(|_| Failed::NotSent)?;
+        answer.await.unwrap_or(Err(Failed::NotSent))
+    }
+}
+
+/// The Cluster slot of a hash tag: CRC16 (XMODEM) of it, as Redis computes it.
+pub fn slot(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+}
+
+/// Takes what is queued (up to `MAX_BATCH` a slot) as a round: one script call per slot, sent
+/// together. Up to `DEPTH` rounds are out at once; what queues meanwhile is the next round.
+async fn run(redis: Arc<Shared>, script: redis::Script, mut rx: mpsc::UnboundedReceiver<Job>) {
+    use futures_util::StreamExt;
+    let mut rounds = futures_util::stream::FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = rounds.next(), if !rounds.is_empty() => {}
+            job = rx.recv(), if open && rounds.len() < DEPTH => match job {
+                Some(first) => rounds.push(round(&redis, &script, gather(first, &mut rx))),
+                None => open = false,
+            },
+            else => return,
+        }
+    }
+}
+
+/// `first` and what else is queued, in groups of one slot, in order.
+fn gather(first: Job, rx: &mut mpsc::UnboundedReceiver<Job>) -> SmallVec<[Vec<Job>; 1]> {
+    let mut groups: SmallVec<[Vec<Job>; 1]> = SmallVec::new();
+    let mut next = Some(first);
+    while let Some(job) = next.take() {
+        // The last group of the slot: a full one is followed by a new one, in order.
+        match groups.iter_mut().rev().find(|g| g[0].call.slot == job.call.slot) {
+            Some(g) if g.len() < MAX_BATCH => g.push(job),
+            _ => groups.push(vec![job]),
+        }
+        if groups.len() >= MAX_SLOTS {
+            break;
+        }
+        next = rx.try_recv().ok();
+    }
+    groups
+}
+
+/// One round: a script call per group, together.
+async fn round(redis: &Shared, script: &redis::Script, groups: SmallVec<[Vec<Job>; 1]>) {
+    futures_util::future::join_all(groups.into_iter().map(|g| send(redis, script, g))).await;
+}
+
+/// One script call for `jobs` (all of one slot); each job gets its part of the answer.
+async fn send(redis: &Shared, script: &redis::Script, jobs: Vec<Job>) {
+    let mut inv = script.prepare_invoke();
+    inv.arg(jobs.len());
+    for j in &jobs {
+        inv.arg(j.call.keys.len()).arg(j.call.args.len());
+        for k in &j.call.keys {
+            inv.key(k.as_str());
+        }
+        for a in &j.call.args {
+            match a {
+                Arg::Int(v) => inv.arg(*v),
+                Arg::Str(v) => inv.arg(*v),
+                Arg::Owned(v) => inv.arg(v.as_str()),
+            };
+        }
+    }
+    let out = redis.call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await }).await;
+    let mut out = match out {
+        Ok(v) => Ok(v.into_iter()),
+        Err(e) => {
+            tracing::debug!(error = %e, calls = jobs.len(), "a batch of script calls got no answer");
+            Err(match e {
+                CallError::Open | CallError::NotConnected => Failed::NotSent,
+                CallError::Timeout(_) | CallError::Redis(_) => Failed::Sent,
+            })
+        }
+    };
+    for j in jobs {
+        // Each call's part: its length, then that many numbers; a short answer is no answer.
+        let part = match &mut out {
+            Ok(it) => {
+                let n = it.next().and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+                let v: Vec<i64> = it.by_ref().take(n).collect();
+                if v.len() == n && n > 0 {
+                    Ok(v)
+                } else {
+                    Err(Failed::Sent)
+                }
+            }
+            Err(f) => Err(*f),
+        };
+        let _ = j.reply.send(part);
+    }
+}
