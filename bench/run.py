@@ -262,7 +262,7 @@ def main():
 
     results = []
     try:
-        origin_port, weir_port, admin_port, nginx_port = (free_port() for _ in range(4))
+        origin_port, weir_port, admin_port, nginx_port, forward_port = (free_port() for _ in range(5))
         origin = spawn([str(target / "weir-demo-origin"), "--addr", f"127.0.0.1:{origin_port}"])
         wait_port(origin_port)
         weir = spawn([str(target / "weir"), "run", "--config", str(weir_config(tmp, weir_port, origin_port, admin_port))],
@@ -271,6 +271,9 @@ def main():
         nginx = spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port)), "-p", str(tmp)])
         wait_port(nginx_port)
         workers = nginx_workers(nginx.pid)
+        forward = spawn([str(target / "weir-bench-forward"), "--addr", f"127.0.0.1:{forward_port}",
+                         "--upstream", f"127.0.0.1:{origin_port}"])
+        wait_port(forward_port)
 
         print(f"wrk -c{args.connections} -d{args.seconds}s {args.path}; client on core {args.client_core}, "
               f"origin + proxy on core {args.server_core}", flush=True)
@@ -278,11 +281,12 @@ def main():
             ("origin direct", f"http://127.0.0.1:{origin_port}{args.path}", [], None),
             ("weir (proxy)", f"http://127.0.0.1:{weir_port}{args.path}", [weir.pid], None),
             ("nginx (proxy, keepalive)", f"http://127.0.0.1:{nginx_port}{args.path}", workers, None),
+            ("minimal hyper forwarder", f"http://127.0.0.1:{forward_port}{args.path}", [forward.pid], None),
         ], args)
     finally:
         servers.stop()
 
-    w, n = results[1], results[2]
+    w, n, f = results[1], results[2], results[3]
     print()
     print(f"medians of {args.repeat} interleaved rounds")
     print("| target | rps | p50 ms | p99 ms | proxy CPU µs/req |")
@@ -292,7 +296,8 @@ def main():
         print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {cpu} |")
     print()
     print(f"weir/nginx: rps {w['rps'] / n['rps']:.2f}x, p99 {w['p99_ms'] / n['p99_ms']:.2f}x, "
-          f"CPU per request {w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x")
+          f"CPU per request {w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x; weir/minimal forwarder: CPU per request "
+          f"{w['cpu_us_per_req'] / f['cpu_us_per_req']:.2f}x, rps {w['rps'] / f['rps']:.2f}x")
     bad = [r["name"] for r in results if r["non2xx"] or r["socket_errors"]]
     if bad:
         print(f"warning: errors during {bad}: " + "; ".join(f"{r['non2xx']} non-2xx {r['socket_errors']}" for r in results))

@@ -182,9 +182,9 @@ pub struct Status {
 /// partial 0/1). Expired leases are released first, on Redis' clock. With `partial` (a cost
 /// the plugin computes later) a call is admitted while anything is left, holding at most what
 /// is left. Returns `{admitted, spent, reserved, requests, held}`.
+/// `NOW` is Redis' clock in microseconds (read once per batch).
 const RESERVE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = NOW
 local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 for _, id in ipairs(dead) do
   local a = redis.call('HGET', KEYS[2], id)
@@ -194,9 +194,8 @@ for _, id in ipairs(dead) do
   end
   redis.call('ZREM', KEYS[3], id)
 end
-local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
-local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
-local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local f = redis.call('HMGET', KEYS[1], 's', 'r', 'n')
+local s, r, n = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
 if ARGV[3] == '' then return {1, s, r, n, 0} end
 local amount = tonumber(ARGV[2])
 local left = tonumber(ARGV[1]) - s - r
@@ -205,13 +204,23 @@ if amount > left then return {0, s, r, n, 0} end
 redis.call('HINCRBY', KEYS[1], 'r', amount)
 redis.call('HSET', KEYS[2], ARGV[3], amount)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+-- The window's hash lives as long as its window (set when it is created); the lease sets may
+-- have been emptied (and so deleted) since.
+local first = 1
+if f[1] or f[2] or f[3] then first = 2 end
+for i = first, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return {1, s, r + amount, n, amount}
 ";
 
+/// `RESERVE` on its own, for the admin read (`status`): `NOW` from `TIME`.
+fn read_script() -> String {
+    format!("local t = redis.call('TIME')\nlocal NOW = tonumber(t[1]) * 1000000 + tonumber(t[2])\n{RESERVE}")
+}
+
 /// Settles a lease once (KEYS: window hash, lease amounts, lease expiries, hour bucket, day
 /// bucket, done marker; ARGV: lease id, cost, charged 0/1, hour TTL s, day TTL s, marker TTL s).
-/// Returns `{0}` when it was settled before.
+/// Returns `{0}` when it was settled before. The hourly and daily history is added to once per
+/// batch and bucket (`LATER`, `HISTORY`): no decision reads it.
 const SETTLE: &str = r"
 if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[6]) then return {0} end
 local a = redis.call('HGET', KEYS[2], ARGV[1])
@@ -222,25 +231,44 @@ if a then
 end
 if ARGV[3] == '1' then
   local c = tonumber(ARGV[2])
-  for _, k in ipairs({KEYS[1], KEYS[4], KEYS[5]}) do
-    redis.call('HINCRBY', k, 's', c)
-    redis.call('HINCRBY', k, 'n', 1)
+  redis.call('HINCRBY', KEYS[1], 's', c)
+  redis.call('HINCRBY', KEYS[1], 'n', 1)
+  for j = 4, 5 do
+    local e = LATER[KEYS[j]]
+    if not e then
+      e = {0, 0, ARGV[j]}
+      LATER[KEYS[j]] = e
+      LATER[#LATER + 1] = KEYS[j]
+    end
+    e[1] = e[1] + c
+    e[2] = e[2] + 1
   end
-  redis.call('EXPIRE', KEYS[4], ARGV[4])
-  redis.call('EXPIRE', KEYS[5], ARGV[5])
 end
 return {1}
+";
+
+/// After a batch: each history bucket a settlement charged, added to once.
+const HISTORY: &str = r"
+for _, k in ipairs(LATER) do
+  local e = LATER[k]
+  redis.call('HINCRBY', k, 's', e[1])
+  redis.call('HINCRBY', k, 'n', e[2])
+  redis.call('EXPIRE', k, e[3])
+end
 ";
 
 /// Reservations (`ARGV[1]` `r`) and settlements (`s`) as one script, so they go out in batches
 /// of one queue (`crate::redis::batch`): a release queued after the reservation it releases
 /// runs after it.
 fn calls_script() -> String {
-    crate::redis::batch::wrap(&format!(
-        "local function reserve(KEYS, ARGV)\n{RESERVE}\nend\nlocal function settle(KEYS, ARGV)\n{SETTLE}\nend\n\
-         local rest = {{}}\nfor i = 2, #ARGV do rest[i - 1] = ARGV[i] end\n\
-         if ARGV[1] == 'r' then return reserve(KEYS, rest) end\nreturn settle(KEYS, rest)"
-    ))
+    crate::redis::batch::wrap(
+        &format!(
+            "local function reserve(KEYS, ARGV)\n{RESERVE}\nend\nlocal function settle(KEYS, ARGV)\n{SETTLE}\nend\n\
+             local rest = {{}}\nfor i = 2, #ARGV do rest[i - 1] = ARGV[i] end\n\
+             if ARGV[1] == 'r' then return reserve(KEYS, rest) end\nreturn settle(KEYS, rest)"
+        ),
+        HISTORY,
+    )
 }
 
 /// Extends a lease that is still held (KEYS: lease expiries; ARGV: lease id, TTL µs), on
@@ -320,7 +348,7 @@ impl Budgets {
         let hash_key = blake3::derive_key("weir budget keys", secret.as_bytes());
         Budgets {
             redis,
-            reserve_script: redis::Script::new(RESERVE),
+            reserve_script: redis::Script::new(&read_script()),
             calls_script: redis::Script::new(&calls_script()),
             batcher: std::sync::OnceLock::new(),
             renew_script: redis::Script::new(RENEW),

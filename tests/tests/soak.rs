@@ -307,7 +307,9 @@ impl Backend {
         match kind {
             "redis_pause" => {
                 let i = if self.cluster { self.pick(rng, &self.masters()) } else { 0 };
-                let _ = self.nodes[i].command(&format!("CLIENT PAUSE {}", hold.as_millis()));
+                let _ = tokio::task::block_in_place(|| {
+                    self.nodes[i].command(&format!("CLIENT PAUSE {}", hold.as_millis()))
+                });
                 tokio::time::sleep(hold).await;
             }
             "redis_stall" | "redis_latency" | "redis_blackhole" => {
@@ -320,9 +322,10 @@ impl Backend {
             }
             "redis_kill" => {
                 let i = if self.cluster { self.pick(rng, &self.masters()) } else { 0 };
-                self.nodes[i].kill();
+                // Blocking process work off the runtime's workers: the relays run there.
+                tokio::task::block_in_place(|| self.nodes[i].kill());
                 tokio::time::sleep(hold).await;
-                self.nodes[i].restart();
+                tokio::task::block_in_place(|| self.nodes[i].restart());
                 self.wait_healthy(Duration::from_secs(30)).await;
             }
             "redis_reset" => {
@@ -334,7 +337,7 @@ impl Backend {
                 // A replica takes its master's slots once it has caught up: clients are told
                 // `MOVED` (through the relays) and follow.
                 let i = self.pick(rng, &self.replicas());
-                let said = self.nodes[i].command("CLUSTER FAILOVER");
+                let said = tokio::task::block_in_place(|| self.nodes[i].command("CLUSTER FAILOVER"));
                 assert_eq!(said.as_deref(), Some("+OK"), "CLUSTER FAILOVER on node {i}");
                 let deadline = Instant::now() + Duration::from_secs(15);
                 while self.field(i, "replication", "role").as_deref() != Some("master") {
@@ -872,12 +875,29 @@ fn explain(faults: &Faults, t0: Instant, o: &Outcome) -> String {
         .min_by(|a, b| a.0.total_cmp(&b.0))
         .map_or_else(|| "none".to_string(), |(gap, w)| format!("{w} ({gap:.1} s away)"));
     format!(
-        "at {at:.1} s: {:?} {:?} in {:?}: {}; nearest fault: {nearest}",
+        "at {at:.1} s on instance {}: {:?} {:?} in {:?}: {}; nearest fault: {nearest}",
+        o.instance,
         o.kind,
         o.status,
         o.took,
         o.error.as_deref().unwrap_or("")
     )
+}
+
+/// The fault windows within 10 s of `at` (seconds into the run), for the report.
+fn faults_near(faults: &Faults, t0: Instant, at: f64) -> String {
+    let w = faults.windows.lock().unwrap();
+    let near: Vec<String> = w
+        .iter()
+        .map(|(k, from, to)| (k, from.duration_since(t0).as_secs_f64(), to.duration_since(t0).as_secs_f64()))
+        .filter(|(_, f, t)| *t > at - 10.0 && *f < at + 10.0)
+        .map(|(k, f, t)| format!("{k} {f:.1}-{t:.1} s"))
+        .collect();
+    if near.is_empty() {
+        "none".into()
+    } else {
+        near.join(", ")
+    }
 }
 
 fn rss_limit() -> u64 {
@@ -1183,6 +1203,13 @@ async fn run_soak(secs: u64, cluster: bool) {
     let redis_slack = Duration::from_secs(6);
     let mut unexplained_kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut unexplained_first: Vec<String> = Vec::new();
+    // The first few of each kind of unexplained outcome, with the faults around the first.
+    let mut shown: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let note = |shown: &mut BTreeMap<&'static str, usize>, kind: &'static str| {
+        let n = shown.entry(kind).or_default();
+        *n += 1;
+        *n <= 5
+    };
 
     // No request lost: every request got an answer (clients talk to Weir directly; no relay is
     // between them); a 5xx only where a scheduled fault explains it.
@@ -1200,7 +1227,7 @@ async fn run_soak(secs: u64, cluster: bool) {
                 retried_in_upgrade += 1;
             } else {
                 lost += 1;
-                if unexplained_first.len() < 10 {
+                if note(&mut shown, "retried") {
                     unexplained_first.push(format!("retried: {}", explain(&faults, t0, o)));
                 }
             }
@@ -1218,8 +1245,8 @@ async fn run_soak(secs: u64, cluster: bool) {
             }
             (_, None) => {
                 lost += 1;
-                if unexplained_first.len() < 10 {
-                    unexplained_first.push(explain(&faults, t0, o));
+                if note(&mut shown, "lost") {
+                    unexplained_first.push(format!("lost: {}", explain(&faults, t0, o)));
                 }
             }
             (Kind::Hit | Kind::Write | Kind::Slow | Kind::Tunnel, Some(s))
@@ -1227,8 +1254,8 @@ async fn run_soak(secs: u64, cluster: bool) {
             {
                 unexplained_5xx += 1;
                 *unexplained_kinds.entry(format!("{:?} {s}", o.kind)).or_default() += 1;
-                if unexplained_first.len() < 10 {
-                    unexplained_first.push(explain(&faults, t0, o));
+                if note(&mut shown, "5xx") {
+                    unexplained_first.push(format!("5xx: {}", explain(&faults, t0, o)));
                 }
             }
             (Kind::Paid | Kind::Priced | Kind::Limited, Some(s))
@@ -1238,8 +1265,8 @@ async fn run_soak(secs: u64, cluster: bool) {
             {
                 unexplained_5xx += 1;
                 *unexplained_kinds.entry(format!("{:?} {s}", o.kind)).or_default() += 1;
-                if unexplained_first.len() < 10 {
-                    unexplained_first.push(explain(&faults, t0, o));
+                if note(&mut shown, "5xx") {
+                    unexplained_first.push(format!("5xx: {}", explain(&faults, t0, o)));
                 }
             }
             _ => {}
@@ -1253,7 +1280,16 @@ async fn run_soak(secs: u64, cluster: bool) {
             .push(format!("{unexplained_5xx} 5xx answers outside any fault that explains them: {unexplained_kinds:?}"));
     }
     if !unexplained_first.is_empty() {
+        // When the first one started: its text reads "...at 12.3 s on...".
+        let at = unexplained_first[0]
+            .split("at ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
         broken.push(format!("the first of them:\n    {}", unexplained_first.join("\n    ")));
+        if let Some(at) = at {
+            broken.push(format!("faults within 10 s of {at:.1} s: {}", faults_near(&faults, t0, at)));
+        }
     }
 
     // Money exact: what Redis holds as spent equals the price of every call the origin served

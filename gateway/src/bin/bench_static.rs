@@ -3,6 +3,9 @@
 
 #![forbid(unsafe_code)]
 
+#[path = "baseline/runtime.rs"]
+mod bench_runtime;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
@@ -14,9 +17,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:3001")]
@@ -25,15 +25,8 @@ struct Args {
     bytes: usize,
 }
 
-/// The same runtime choice as `weir run` (current-thread on one CPU), so the baseline is fair.
 fn main() -> std::io::Result<()> {
-    let cpus = std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(1);
-    let mut builder = if cpus == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    builder.enable_all().build()?.block_on(serve(Args::parse()))
+    bench_runtime::runtime()?.block_on(serve(Args::parse()))
 }
 
 async fn serve(args: Args) -> std::io::Result<()> {

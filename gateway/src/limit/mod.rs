@@ -46,8 +46,7 @@ pub const LOCAL_KEYS: u64 = 100_000;
 /// a = window µs, b = quota; the key holds `window:count`. Returns `{admitted, then remaining,
 /// reset µs, retry µs for each policy}`. Sent in batches (`crate::redis::batch`).
 const SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = NOW
 local commit = ARGV[#ARGV] == '1'
 local ok = 1
 local out = {0}
@@ -191,7 +190,7 @@ impl Limiter {
                 .time_to_idle(Duration::from_secs(86_400 * 31))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             redis,
-            script: redis::Script::new(&crate::redis::batch::wrap(SCRIPT)),
+            script: redis::Script::new(&crate::redis::batch::wrap(SCRIPT, "")),
             batcher: std::sync::OnceLock::new(),
             hash_key,
             instances: instances.max(1),

@@ -31,15 +31,21 @@ const MAX_SLOTS: usize = 64;
 /// runs them in order, so order per slot holds).
 const DEPTH: usize = 2;
 
-/// `one` (a Lua function body over `KEYS` and `ARGV`, returning a table of integers) run for each
-/// call of a batch. `ARGV[1]`: how many calls; then per call its key count, its argument count
-/// and its arguments; `KEYS`: every call's keys, in order. Answers, per call, the length of its
-/// table, then the table.
-pub fn wrap(one: &str) -> String {
+/// `one` (a Lua function body over `KEYS`, `ARGV`, `NOW` and `LATER`, returning a table of
+/// integers) run for each call of a batch, then `finish` once. `NOW`: Redis' clock (`TIME`) in
+/// microseconds, read once per batch (the calls of a batch are decided at one instant, in
+/// order). `LATER`: a table the calls leave work in for `finish` (writes that no decision in the
+/// batch reads, done once for all). `ARGV[1]`: how many calls; then per call its key count, its
+/// argument count and its arguments; `KEYS`: every call's keys, in order. Answers, per call, the
+/// length of its table, then the table.
+pub fn wrap(one: &str, finish: &str) -> String {
     format!(
-        r"local function one(KEYS, ARGV)
+        r"local function one(KEYS, ARGV, NOW, LATER)
 {one}
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local later = {{}}
 local out = {{}}
 local ki, ai = 1, 2
 for _ = 1, tonumber(ARGV[1]) do
@@ -49,10 +55,12 @@ for _ = 1, tonumber(ARGV[1]) do
   for i = 1, nk do k[i] = KEYS[ki + i - 1] end
   for i = 1, na do a[i] = ARGV[ai + i - 1] end
   ki, ai = ki + nk, ai + na
-  local r = one(k, a)
+  local r = one(k, a, now, later)
   out[#out + 1] = #r
   for i = 1, #r do out[#out + 1] = r[i] end
 end
+local LATER = later
+{finish}
 return out
 "
     )
