@@ -47,6 +47,8 @@ struct Inner {
     since: Instant,
     /// How long after `since` the next probe may go: doubles per failed probe, up to `open_for`.
     wait: Duration,
+    /// A probe of this opening found its connection dead and was followed by a quick one.
+    reprobed: bool,
 }
 
 #[derive(Debug)]
@@ -68,7 +70,7 @@ impl Breaker {
         Breaker {
             settings,
             state: AtomicU8::new(State::Closed as u8),
-            inner: Mutex::new(Inner { failures: 0, window_start: now, since: now, wait: first_wait }),
+            inner: Mutex::new(Inner { failures: 0, window_start: now, since: now, wait: first_wait, reprobed: false }),
             probe_timeout: op_timeout * 4,
             first_wait,
         }
@@ -122,8 +124,30 @@ impl Breaker {
             inner.failures = 0;
             inner.window_start = Instant::now();
             inner.wait = self.first_wait;
+            inner.reprobed = false;
         }
         self.set(State::Closed, "probe succeeded");
+    }
+
+    /// A call failed because its connection was found dead (broken pipe, reset): the client
+    /// reconnects on that error, so a half-open probe that met it is followed by another soon
+    /// (after the first wait), once per opening, instead of a doubled wait. Without this, a
+    /// Redis back after a network fault was found only a doubled `open_for` later (the soak:
+    /// budgeted calls refused 6 s after a black hole ended). Otherwise a failure like any other.
+    pub fn dropped(&self, what: &str) {
+        if self.state() == State::HalfOpen {
+            if let Ok(mut inner) = self.inner.lock() {
+                if !inner.reprobed && self.state() == State::HalfOpen {
+                    inner.reprobed = true;
+                    let now = Instant::now();
+                    // The next probe after `first_wait`; the back-off itself is kept.
+                    inner.since = now.checked_sub(inner.wait.saturating_sub(self.first_wait)).unwrap_or(now);
+                    self.set(State::Open, &format!("probe found its connection dead: {what}; probing again"));
+                    return;
+                }
+            }
+        }
+        self.failure(what);
     }
 
     pub fn failure(&self, what: &str) {
@@ -145,6 +169,7 @@ impl Breaker {
                 if inner.failures >= self.settings.failures {
                     inner.since = now;
                     inner.wait = self.first_wait;
+                    inner.reprobed = false;
                     let n = inner.failures;
                     self.set(State::Open, &format!("{n} failures within {:?}, last: {what}", self.settings.window));
                 }
@@ -228,5 +253,33 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(t.elapsed() < Duration::from_millis(45), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_probe_that_meets_a_dead_connection_is_followed_by_another_soon_once() {
+        // op_timeout 5 ms (first wait 10 ms), open_for 400 ms; the back-off reaches 80 ms.
+        let s = BreakerSettings { failures: 1, window: Duration::from_secs(10), open_for: Duration::from_millis(400) };
+        let b = Breaker::new(s, Duration::from_millis(5));
+        b.failure("x");
+        let probe = |b: &Breaker| {
+            let t = Instant::now();
+            while !b.allow() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            t.elapsed()
+        };
+        for _ in 0..3 {
+            probe(&b);
+            b.failure("timeout");
+        }
+        // The wait is 80 ms now; a probe meets a dropped connection: the next goes after ~10.
+        probe(&b);
+        b.dropped("broken pipe");
+        let quick = probe(&b);
+        assert!(quick < Duration::from_millis(40), "{quick:?}");
+        // Once per opening: a second dropped probe backs off as a failure (160 ms).
+        b.dropped("broken pipe");
+        let slow = probe(&b);
+        assert!(slow >= Duration::from_millis(150), "{slow:?}");
     }
 }

@@ -349,7 +349,9 @@ impl Shared {
             }
             Ok(Err(e)) => {
                 // A server-side error answer (a script error, say) says Redis is alive.
-                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+                if found_dead(&e) {
+                    self.breaker.dropped(&e.to_string());
+                } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
                     self.breaker.failure(&e.to_string());
                 }
                 Err(CallError::Redis(e))
@@ -399,6 +401,15 @@ impl Shared {
             }
         });
     }
+}
+
+/// Whether `e` says the connection was found dead when used (the server or a middlebox closed
+/// it): the client reconnects on such an error, so the next call may well succeed.
+fn found_dead(e: &RedisError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof))
 }
 
 /// Unix microseconds as the signed number clock offsets are computed in.
