@@ -212,11 +212,6 @@ for i = first, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return {1, s, r + amount, n, amount}
 ";
 
-/// `RESERVE` on its own, for the admin read (`status`): `NOW` from `TIME`.
-fn read_script() -> String {
-    format!("local t = redis.call('TIME')\nlocal NOW = tonumber(t[1]) * 1000000 + tonumber(t[2])\n{RESERVE}")
-}
-
 /// Settles a lease once (KEYS: window hash, lease amounts, lease expiries, hour bucket, day
 /// bucket, done marker; ARGV: lease id, cost, charged 0/1, hour TTL s, day TTL s, marker TTL s).
 /// Returns `{0}` when it was settled before. The hourly and daily history is added to once per
@@ -307,9 +302,8 @@ struct Local {
 #[derive(Debug)]
 pub struct Budgets {
     redis: Option<Arc<Shared>>,
-    /// The admin read of a window (`status`).
-    reserve_script: redis::Script,
-    /// Reservations and settlements, batched (`calls_script`); the batcher starts with the
+    /// Reservations and settlements (and the admin read of a window: a reservation of
+    /// nothing), batched (`calls_script`); the batcher starts with the
     /// first call (it needs the runtime).
     calls_script: redis::Script,
     batcher: std::sync::OnceLock<Batcher>,
@@ -348,7 +342,6 @@ impl Budgets {
         let hash_key = blake3::derive_key("weir budget keys", secret.as_bytes());
         Budgets {
             redis,
-            reserve_script: redis::Script::new(&read_script()),
             calls_script: redis::Script::new(&calls_script()),
             batcher: std::sync::OnceLock::new(),
             renew_script: redis::Script::new(RENEW),
@@ -381,9 +374,8 @@ impl Budgets {
     fn call(&self, redis: &Shared, tag: &str, op: &'static str) -> Call {
         let mut call = Call::default();
         if redis.settings.cluster {
-            // `weir:{bg:…}`: the slot is the hash tag's.
-            let inner = tag.split_once('{').and_then(|(_, t)| t.split_once('}')).map_or(tag, |(t, _)| t);
-            call.slot = crate::redis::batch::slot(inner);
+            // `weir:{bg:…}`: every key of the call carries that hash tag.
+            call.slot = crate::redis::batch::slot(tag);
         }
         call.arg(op);
         call
@@ -591,16 +583,13 @@ impl Budgets {
             return Ok(Status { window: win, spent, reserved, requests, series });
         };
         let tag = self.tag(&def.name, consumer);
-        let keys = self.window_keys(&tag, win.0);
-        let mut inv = self.reserve_script.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
+        // A reservation without a lease id only reads (after releasing expired leases).
+        let mut call = self.call(redis, &tag, "r");
+        for k in self.window_keys(&tag, win.0) {
+            call.key(k);
         }
-        inv.arg(def.limit_units).arg(0).arg("").arg(0).arg(0).arg("0");
-        let head = redis
-            .call(|mut c| async move { inv.invoke_async::<Vec<i64>>(&mut c).await })
-            .await
-            .map_err(|_| Refusal::Unavailable)?;
+        call.arg(def.limit_units).arg(0i64).arg("").arg(0i64).arg(0i64).arg("0");
+        let head = self.batcher(redis).call(call).await.map_err(|_| Refusal::Unavailable)?;
         let mut pipe = redis::pipe();
         for s in &starts {
             pipe.cmd("HMGET").arg(format!("{tag}:{kind}:{s}")).arg("s").arg("n");

@@ -14,7 +14,7 @@
 // Test code: a panic is how a failed expectation is reported.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1031,7 +1031,7 @@ async fn run_soak(secs: u64, cluster: bool) {
     let mut rng = Rng(seed);
     let end = Instant::now() + Duration::from_secs(secs);
     let mut schedule = Vec::new();
-    let mut self_stalls: Vec<(usize, String, u64, u64)> = Vec::new();
+    let mut self_stalls: BTreeSet<(usize, String, u64, u64)> = BTreeSet::new();
     // Limit decisions made without Redis (`fail: local`), summed over every process the run had.
     let mut fallbacks = 0u64;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1130,11 +1130,7 @@ async fn run_soak(secs: u64, cluster: bool) {
         }
         faults.record(kind, from, Instant::now());
         // Redis' own stalls so far (kept: a restart forgets them).
-        for s in tokio::task::block_in_place(|| redis.stalls()) {
-            if !self_stalls.contains(&s) {
-                self_stalls.push(s);
-            }
-        }
+        self_stalls.extend(tokio::task::block_in_place(|| redis.stalls()));
         tokio::time::sleep(Duration::from_millis(2000 + rng.below(2000))).await;
     }
     tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
@@ -1174,11 +1170,7 @@ async fn run_soak(secs: u64, cluster: bool) {
     // every stall of 100 ms or more) is a Redis fault like the scheduled ones, for the same
     // rules; the figures count them apart. The monitor's clock is Unix seconds: a stall
     // recorded at second S of D ms spans [S - D ms, S + 1 s].
-    for s in redis.stalls() {
-        if !self_stalls.contains(&s) {
-            self_stalls.push(s);
-        }
-    }
+    self_stalls.extend(tokio::task::block_in_place(|| redis.stalls()));
     let unix0 = wall0.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     for (_, _, when, ms) in &self_stalls {
         let at = *when as f64 - unix0;

@@ -644,7 +644,7 @@ fn validate_checks_the_client_crl() {
 }
 
 /// One route answers both listeners from one origin: a write over one scheme purges what was
-/// cached for the same URL over the other (and a `Location` naming the other scheme too).
+/// cached for the same URL over the other, both ways.
 /// Found by the reliability soak: HTTPS readers were served the old body for the entry's TTL.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_over_http_purges_what_https_readers_were_served_and_back() {

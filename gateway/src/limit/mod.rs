@@ -294,12 +294,12 @@ impl Limiter {
             let mut call = Call::default();
             for &i in idx {
                 let p = &policies[i];
-                // Every key of one check shares the hash tag `{rl:<id>}`: one Cluster slot.
-                let tag = format!("rl:{}", self.id_hex(route, &keys[i]));
+                // The key's hash tag `{rl:<id>}` is its Cluster slot.
+                let key = format!("weir:{{rl:{}}}:{}", self.id_hex(route, &keys[i]), p.name);
                 if redis.settings.cluster {
-                    call.slot = crate::redis::batch::slot(&tag);
+                    call.slot = crate::redis::batch::slot(&key);
                 }
-                call.key(format!("weir:{{{tag}}}:{}", p.name));
+                call.key(key);
                 match p.algorithm {
                     Algorithm::Gcra => call.arg("g").arg(p.gcra.interval_us).arg(p.gcra.tolerance_us),
                     Algorithm::FixedWindow => call.arg("w").arg(window_us(p)).arg(p.rate.count),

@@ -156,9 +156,15 @@ impl Batcher {
     }
 }
 
-/// The Cluster slot of a hash tag: CRC16 (XMODEM) of it, as Redis computes it.
-pub fn slot(tag: &str) -> u16 {
-    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+/// The Cluster slot of `key`, as Redis computes it: CRC16 (XMODEM) of its hash tag (what lies
+/// between the first `{` and the next `}`, when that is not empty), else of the whole key.
+pub fn slot(key: &str) -> u16 {
+    let tagged = key
+        .split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(tag, _)| tag)
+        .filter(|tag| !tag.is_empty());
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key).as_bytes()) % 16384
 }
 
 /// Takes what is queued (up to `MAX_BATCH` a slot) as a round: one script call per slot, sent
@@ -246,5 +252,20 @@ async fn send(redis: &Shared, script: &redis::Script, jobs: Vec<Job>) {
             Err(f) => Err(*f),
         };
         let _ = j.reply.send(part);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slots_follow_redis_hash_tags() {
+        // Known slots (`CLUSTER KEYSLOT`): "foo" 12182, "{user1000}.following" = "user1000" 3443.
+        assert_eq!(super::slot("foo"), 12182);
+        assert_eq!(super::slot("{user1000}.following"), 3443);
+        assert_eq!(super::slot("{user1000}.following"), super::slot("user1000"));
+        // An empty tag hashes the whole key ("{}foo" 9500); only the first `{...}` counts.
+        assert_eq!(super::slot("{}foo"), 9500);
+        assert_eq!(super::slot("a{b}{c}"), super::slot("b"));
+        assert_eq!(super::slot("weir:{rl:00ff}:p"), 16025);
     }
 }
