@@ -89,6 +89,8 @@ fn reusable(tx: &http1::SendRequest<Body>, since: Instant) -> bool {
 /// the sweeper.
 struct Conns {
     targets: Vec<Mutex<Idle>>,
+    /// Dropped with the pool's connections: its sweeper ends then, not at its next tick.
+    _gone: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Conns {
@@ -121,7 +123,8 @@ pub struct UpstreamPool {
     conns: Arc<Conns>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    sweeping: AtomicBool,
+    /// The sweeper's end of `Conns::_gone`, taken when the first connection is made.
+    sweeper: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// `timeouts.connect`: for the whole connection, TLS and HTTP/2 handshakes included.
     connect_timeout: Duration,
 }
@@ -180,15 +183,19 @@ impl UpstreamPool {
                 down_until_ms: AtomicU64::new(0),
             })
             .collect();
+        let (gone, sweeper) = tokio::sync::oneshot::channel();
         UpstreamPool {
-            conns: Arc::new(Conns { targets: targets.iter().map(|_| Mutex::new(Idle::default())).collect() }),
+            conns: Arc::new(Conns {
+                targets: targets.iter().map(|_| Mutex::new(Idle::default())).collect(),
+                _gone: gone,
+            }),
             targets,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
             connector,
             h1: http1::Builder::new(),
             h2,
-            sweeping: AtomicBool::new(false),
+            sweeper: Mutex::new(Some(sweeper)),
             connect_timeout: connect,
         }
     }
@@ -337,8 +344,8 @@ impl UpstreamPool {
 
     async fn handshake(&self, i: usize) -> Result<Conn, BoxError> {
         use tower_service::Service as _;
-        if !self.sweeping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(sweep(Arc::downgrade(&self.conns)));
+        if let Some(gone) = self.sweeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            tokio::spawn(sweep(Arc::downgrade(&self.conns), gone));
         }
         let io = self.connector.clone().call(self.targets[i].dial.clone()).await?;
         if io.connected().is_negotiated_h2() {
@@ -370,10 +377,15 @@ fn absolute(url: &UpstreamUrl, pq: &PathAndQuery) -> Uri {
     Uri::from_parts(parts).unwrap_or_default()
 }
 
-/// Closes idle connections past their time, until the pool is gone (a reload replaced it).
-async fn sweep(conns: Weak<Conns>) {
+/// Closes idle connections past their time, until the pool is gone (a reload replaced it and
+/// the last response body that would bring a connection back has ended): then at once, so a
+/// reload leaves no task behind.
+async fn sweep(conns: Weak<Conns>, mut gone: tokio::sync::oneshot::Receiver<()>) {
     loop {
-        tokio::time::sleep(SWEEP_EVERY).await;
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = &mut gone => return,
+        }
         match conns.upgrade() {
             Some(c) => c.sweep(),
             None => return,
@@ -469,5 +481,60 @@ impl HttpBody for AskedBody {
     fn size_hint(&self) -> SizeHint {
         self.asked.store(true, Ordering::SeqCst);
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+
+    /// An HTTP/1 origin on an ephemeral port that answers `ok` on kept-alive connections.
+    async fn origin() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn alive() -> usize {
+        tokio::runtime::Handle::current().metrics().num_alive_tasks()
+    }
+
+    /// A pool a reload replaced takes its tasks with it when dropped: its pooled connections'
+    /// and its sweeper (which used to live until its next tick, 30 s on).
+    #[tokio::test]
+    async fn a_dropped_pool_leaves_no_task_behind() {
+        let addr = origin().await;
+        let tls = crate::tls::upstream_tls(None, None, None, true, false).unwrap();
+        let url = UpstreamUrl { scheme: Scheme::HTTP, authority: addr.to_string().parse().unwrap() };
+        let before = alive();
+        let pool = UpstreamPool::new(&[url], Duration::from_secs(5), &tls);
+        let parts = Request::get("/").body(()).unwrap().into_parts().0;
+        let resp = pool.send(0, parts, Empty::new().map_err(|e| match e {}).boxed()).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        // The connection's task, the origin's side of it and the sweeper.
+        assert!(alive() >= before + 3, "{} tasks, {before} before the pool", alive());
+        drop(pool);
+        let mut left = alive();
+        for _ in 0..100 {
+            if left == before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            left = alive();
+        }
+        assert_eq!(left, before, "tasks alive a second after the pool was dropped");
     }
 }
