@@ -4,6 +4,7 @@
 // Test code: a panic is how a failed expectation is reported.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
 
+pub mod relay;
 pub mod tls;
 
 use std::convert::Infallible;

@@ -309,6 +309,77 @@ async fn redis_back_after_an_outage_closes_the_breaker_within_open_for() {
     assert!(took < Duration::from_millis(3500), "closed {took:?} after Redis came back: {}", gw.log());
 }
 
+/// After a network fault — packets dropped, then every connection cut (a black hole) — the first
+/// probe meets the connection that was cut and fails; the client reconnects on that error, so
+/// another probe follows two `op_timeout`s later instead of a whole `open_for` later: Redis is used
+/// again within `open_for` plus a second of the hole's end (README). The hole ends just after a
+/// failed probe whose wait is `open_for`, so the next probe is the one that meets the dead connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_back_after_a_black_hole_is_found_by_the_probe_after_the_one_that_met_the_cut() {
+    let redis = RedisServer::start();
+    let relay = weir_e2e::relay::Relay::start(redis.port).await;
+    let (origin, _) = origin().await;
+    let open_for = Duration::from_secs(3);
+    let extra = "  op_timeout: 100ms\n  breaker: {failures: 1, window: 10s, open_for: 3s}\n";
+    let url = format!("redis://127.0.0.1:{}", relay.port);
+    let gw = Gateway::start(&config(&origin, &redis_block(&[url], extra), "16MiB"));
+    wait_subscribed(&[&gw]).await;
+    assert_eq!(call(&gw, Method::GET, "/products/1").await.status, 200);
+
+    relay.set(weir_e2e::relay::HOLE);
+    // L1 misses all along, each with an L2 lookup: one the breaker lets through while open is a
+    // probe (besides the supervisor's once-a-second ping).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, url) = (stop.clone(), gw.url("/products/"));
+        tokio::spawn(async move {
+            for i in 2.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let req = Request::get(format!("{url}{i}")).header("host", "api.test").body(full("")).unwrap();
+                let _ = tokio::time::timeout(Duration::from_secs(2), send(&client(), req)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Failed probes (half-open, then open again): waits of 0.2 s (first), then 0.4, 0.8, 1.6 and
+    // 3 s (open_for) after each. After the fourth the next probe is open_for away.
+    let (mut failed, mut probing) = (0, false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while failed < 4 && Instant::now() < deadline {
+        match health(&gw).await["redis"]["breaker"].as_str() {
+            Some("half_open") => probing = true,
+            Some("open") if probing => {
+                failed += 1;
+                probing = false;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(failed, 4, "probes seen failing in the hole: {}", gw.log());
+    relay.reset_all();
+    relay.set(weir_e2e::relay::PASS);
+    let end = Instant::now();
+    let closed = eventually(Duration::from_secs(15), || async {
+        health(&gw).await["redis"]["breaker"] == serde_json::json!("closed")
+    })
+    .await;
+    let took = end.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let _ = traffic.await;
+    assert!(closed, "breaker never closed: {}", gw.log());
+    assert!(
+        gw.log().contains("probe found its connection dead"),
+        "no probe met the cut connection (the test no longer covers the case): {}",
+        gw.log()
+    );
+    // The dead probe open_for after the end, the next one two op_timeouts later (a doubled wait
+    // would be another open_for).
+    assert!(took < open_for + Duration::from_secs(1), "closed {took:?} after the hole ended: {}", gw.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn paused_redis_costs_about_op_timeout_then_the_breaker_opens_and_recovers() {
     let redis = RedisServer::start();

@@ -404,15 +404,35 @@ impl Shared {
 }
 
 /// Whether `e` says the connection was found dead when used (the server or a middlebox closed
-/// it): the client reconnects on such an error, so the next call may well succeed.
+/// it: broken pipe, reset, aborted, EOF): the client reconnects on such an error, so the next call
+/// may well succeed. A refused connection is not one: nothing listens there. (The client keeps
+/// the `io::Error` behind an `Arc` its `source()` does not unwrap: ask it, not the chain.)
 fn found_dead(e: &RedisError) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .is_some_and(|io| matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof))
+    e.is_connection_dropped() && !e.is_connection_refusal()
 }
 
 /// Unix microseconds as the signed number clock offsets are computed in.
 fn unix_us(t: SystemTime) -> i64 {
     i64::try_from(crate::clock::unix_us(t)).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The errors the client gives for a connection a peer cut (it reconnects on them) are found
+    /// dead; a refusal, a timeout or a script error is not.
+    #[test]
+    fn found_dead_knows_the_clients_own_errors() {
+        use std::io::{Error, ErrorKind};
+        for kind in
+            [ErrorKind::BrokenPipe, ErrorKind::ConnectionReset, ErrorKind::ConnectionAborted, ErrorKind::UnexpectedEof]
+        {
+            assert!(found_dead(&RedisError::from(Error::from(kind))), "{kind:?}");
+        }
+        for kind in [ErrorKind::ConnectionRefused, ErrorKind::TimedOut] {
+            assert!(!found_dead(&RedisError::from(Error::from(kind))), "{kind:?}");
+        }
+        assert!(!found_dead(&RedisError::from((redis::ErrorKind::UnexpectedReturnType, "not a number"))));
+    }
 }
