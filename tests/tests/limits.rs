@@ -320,7 +320,8 @@ fn bad_limits_are_refused_with_their_position() {
 }
 
 /// On a Redis Cluster, the policies of one key share a hash tag: one script call, one slot, no
-/// CROSSSLOT refusal; the quota is exact across two instances. After Redis restarts (empty), the
+/// CROSSSLOT refusal; the quota is exact across two instances. Policies counting by different
+/// keys (different slots) hold too, all or nothing. After Redis restarts (empty), the
 /// instances go back to shared counters by themselves.
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_on_a_cluster_and_after_a_redis_restart() {
@@ -328,7 +329,13 @@ async fn limits_on_a_cluster_and_after_a_redis_restart() {
     let cluster = RedisCluster::start();
     let (origin, _) = origin().await;
     let list: String = cluster.urls().iter().map(|u| format!("    - {u}\n")).collect();
-    let yaml = config(&origin, Some(&format!("redis:\n  cluster:\n{list}")), &[("api", "/", limits, false)]);
+    // The address' policy first: consumed before the key's refuses, were it not read first.
+    let two = "      - name: per-address\n        rate: 1/1h\n        burst: 5\n        key: client_ip\n      - name: per-key\n        rate: 1/1h\n        burst: 3\n        key: header:x-k\n";
+    let yaml = config(
+        &origin,
+        Some(&format!("redis:\n  cluster:\n{list}")),
+        &[("two", "/two/", two, false), ("api", "/", limits, false)],
+    );
     let (a, b) = (Gateway::start(&yaml), Gateway::start(&yaml));
     for key in ["k1", "k2", "k3", "k4"] {
         let mut ok = 0;
@@ -340,7 +347,21 @@ async fn limits_on_a_cluster_and_after_a_redis_restart() {
         }
         assert_eq!(ok, 3, "{key}: {}", a.log());
     }
-    let m = get(&a.admin_url("/metrics")).await.text();
+    // Policies counting by different keys (here the header and the client's address) sit in
+    // different slots, which one script cannot touch: read in each, consumed only if all admit.
+    // Per key 3, per address 5 in all: k1 gets 3 (its fourth is refused by its own policy and
+    // costs the address nothing), k2 the address' last 2, k3 none.
+    for (key, want) in [("k1", 3), ("k2", 2), ("k3", 0)] {
+        let mut ok = 0;
+        for i in 0..5 {
+            let gw = if i % 2 == 0 { &a } else { &b };
+            if get_path(gw, "/two/x", &[("x-k", key)]).await.status == 200 {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, want, "{key}: {}", a.log());
+    }
+    let m = get(&a.admin_url("/metrics")).await.text() + &get(&b.admin_url("/metrics")).await.text();
     assert!(!m.contains("weir_ratelimit_fallback_total"), "a cluster call fell back:\n{m}");
 
     let mut redis = RedisServer::start();

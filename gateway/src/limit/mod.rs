@@ -5,9 +5,11 @@
 //!   atomically, on Redis' own clock (`TIME`, microseconds: exact in Lua's doubles), so there is
 //!   no read-then-increment race between instances; checks that arrive while a call is in flight
 //!   share the next one, each still decided on its own (`batch`). The policies' keys
-//!   are `weir:{rl:<keyed hash of route and key>}:<policy>`: one hash tag, so one call touches
-//!   one Cluster slot; a fixed window's key does not depend on time (it stores `window:count`),
-//!   and every key expires when its state no longer matters (nothing needs a sweeper).
+//!   are `weir:{rl:<keyed hash of route and key>}:<policy>`: policies counting by the same key
+//!   share a hash tag, so one call touches one Cluster slot (on a Cluster, policies counting by
+//!   different keys are read in every slot first and consumed only if all admit: `check`); a
+//!   fixed window's key does not depend on time (it stores `window:count`), and every key
+//!   expires when its state no longer matters (nothing needs a sweeper).
 //! - **Local** (embedded mode, and the `fail: local` fallback while Redis is away): the same
 //!   arithmetic on this instance's clock, in a bounded map (`server.rate_limit_keys`; the
 //!   `weir_ratelimit_keys` gauge). As a fallback it admits `rate / redis.instances`.
@@ -280,7 +282,14 @@ impl Limiter {
         Verdict { decision, fell_back }
     }
 
-    /// One atomic check of `idx` policies (Redis, else the local map); false: refused.
+    /// A check of `idx` policies (Redis, else the local map); false: refused. One atomic call
+    /// when their keys share a Cluster slot (always on one Redis, and on a Cluster when every
+    /// policy counts by the same key). On a Cluster, policies counting by different keys (one
+    /// per consumer, one per address) live in different slots, which one script cannot touch:
+    /// each slot's policies are first read without consuming, and only if all would admit are
+    /// they consumed, slot by slot — so a refused request consumes nothing unless another
+    /// request took the last unit between the read and the consumption, and even then no policy
+    /// ever admits more than it allows.
     async fn check(
         &self,
         q: Query<'_>,
@@ -289,13 +298,54 @@ impl Limiter {
         commit: bool,
         fell_back: &mut bool,
     ) -> Result<bool, Unavailable> {
-        let Query { route, policies, keys } = q;
+        if self.redis.as_ref().is_some_and(|r| r.settings.cluster) && idx.len() > 1 {
+            let mut groups: SmallVec<[(u16, SmallVec<[usize; 4]>); 4]> = SmallVec::new();
+            for &i in idx {
+                let slot = crate::redis::batch::slot(&self.redis_key(q, i));
+                match groups.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, g)) => g.push(i),
+                    None => groups.push((slot, smallvec::smallvec![i])),
+                }
+            }
+            if groups.len() > 1 {
+                let mut admitted = true;
+                for (_, g) in &groups {
+                    admitted &= self.check_slot(q, false, g, states, fell_back).await?;
+                }
+                if !admitted || !commit {
+                    return Ok(admitted);
+                }
+                for (_, g) in &groups {
+                    if !self.check_slot(q, true, g, states, fell_back).await? {
+                        return Ok(false);
+                    }
+                }
+                return Ok(true);
+            }
+        }
+        self.check_slot(q, commit, idx, states, fell_back).await
+    }
+
+    /// The Redis key of policy `i`'s state: the hash tag `{rl:<id>}` is its Cluster slot.
+    fn redis_key(&self, q: Query<'_>, i: usize) -> String {
+        format!("weir:{{rl:{}}}:{}", self.id_hex(q.route, &q.keys[i]), q.policies[i].name)
+    }
+
+    /// One atomic check of `idx` policies, whose Redis keys share a slot.
+    async fn check_slot(
+        &self,
+        q: Query<'_>,
+        commit: bool,
+        idx: &[usize],
+        states: &mut [PolicyState],
+        fell_back: &mut bool,
+    ) -> Result<bool, Unavailable> {
+        let Query { policies, .. } = q;
         if let Some(redis) = &self.redis {
             let mut call = Call::default();
             for &i in idx {
                 let p = &policies[i];
-                // The key's hash tag `{rl:<id>}` is its Cluster slot.
-                let key = format!("weir:{{rl:{}}}:{}", self.id_hex(route, &keys[i]), p.name);
+                let key = self.redis_key(q, i);
                 if redis.settings.cluster {
                     call.slot = crate::redis::batch::slot(&key);
                 }
