@@ -145,6 +145,7 @@ impl Gateway {
             config.cache.max_object_bytes,
             config.cache.max_fill_bytes,
             l2.clone().map(|l| l as Arc<dyn Storage>),
+            l2.clone().filter(|l| l.redis.settings.fill_lock),
             metrics.cache_errors.get_or_create_owned(&LevelLabel { level: "l2" }),
         );
         if let (Some(l2), Some(r)) = (l2, &redis) {

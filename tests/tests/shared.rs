@@ -278,6 +278,118 @@ async fn redis_killed_under_load_then_restarted() {
     assert!(gw.log().contains("redis circuit breaker open"), "{}", gw.log());
 }
 
+/// Three instances, 300 concurrent requests for one cold key (100 on each), an origin that
+/// takes 400 ms: one request reaches the origin. Each instance's first request takes the fill
+/// lock in Redis or waits for the instance that holds it (woken by its announcement), then reads
+/// what it stored; each instance's other requests wait on their own leader. With
+/// `redis.fill_lock: false` every instance fills for itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_key_reaches_the_origin_once_from_the_whole_fleet() {
+    for (fill_lock, origin_requests) in [(true, 1), (false, 3)] {
+        let redis = RedisServer::start();
+        let (origin, hits) = origin().await;
+        let extra = format!("  fill_lock: {fill_lock}\n");
+        let yaml = config(&origin, &redis_block(&[redis.url()], &extra), "16MiB");
+        let gws = [Gateway::start(&yaml), Gateway::start(&yaml), Gateway::start(&yaml)];
+        wait_subscribed(&[&gws[0], &gws[1], &gws[2]]).await;
+        let mut calls = Vec::new();
+        for gw in &gws {
+            for _ in 0..100 {
+                let url = gw.url("/slow/cold");
+                calls.push(tokio::spawn(async move {
+                    let req = Request::get(url).header("host", "api.test").body(full("")).unwrap();
+                    send(&client(), req).await
+                }));
+            }
+        }
+        let mut bodies = std::collections::BTreeSet::new();
+        let mut statuses = std::collections::BTreeMap::new();
+        for c in calls {
+            let g = c.await.unwrap();
+            assert_eq!(g.status, 200, "{}", g.text());
+            bodies.insert(g.text());
+            *statuses.entry(cs(&g)).or_insert(0) += 1;
+        }
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            origin_requests,
+            "fill_lock {fill_lock}: origin requests; answers {statuses:?}; {}",
+            gws[1].log()
+        );
+        assert_eq!(bodies.len(), origin_requests as usize, "{bodies:?}");
+    }
+}
+
+/// A purge that lands while another instance fills the key wins across the fleet: the filler's
+/// store is refused, and the instance that was waiting for it, finding nothing stored, fills
+/// again — with what the origin has after the purge, never the purged answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_during_another_instances_fill_wins() {
+    let redis = RedisServer::start();
+    let (origin, hits) = origin().await;
+    let yaml = config(&origin, &redis_block(&[redis.url()], ""), "16MiB");
+    let (a, b) = (Gateway::start(&yaml), Gateway::start(&yaml));
+    wait_subscribed(&[&a, &b]).await;
+    let get = |gw: &Gateway| {
+        let url = gw.url("/slow/p");
+        tokio::spawn(async move {
+            send(&client(), Request::get(url).header("host", "api.test").body(full("")).unwrap()).await
+        })
+    };
+    // A fills (400 ms at the origin); B's request waits for A's fill; the purge lands meanwhile.
+    let on_a = get(&a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let on_b = get(&b);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(purge(&b, r#"{"keys": ["/slow/p"]}"#).await.status, 200);
+    let (ga, gb) = (on_a.await.unwrap(), on_b.await.unwrap());
+    assert_eq!(ga.text(), "/slow/p n=1", "{}", cs(&ga));
+    assert_eq!(gb.text(), "/slow/p n=2", "B served the purged fill: {} {}", cs(&gb), b.log());
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+/// An answer that may not be stored hands the fill on to one instance at a time, not to every
+/// waiting instance at once: the origin sees one request at a time from the fleet (each
+/// instance's own waiters still go together, as they do without Redis).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unstorable_answer_hands_the_turn_to_one_instance_at_a_time() {
+    for (fill_lock, most) in [(true, 1), (false, 3)] {
+        let redis = RedisServer::start();
+        let now = Arc::new(AtomicU32::new(0));
+        let max = Arc::new(AtomicU32::new(0));
+        let (n, m) = (now.clone(), max.clone());
+        let origin = Origin::start(move |_req| {
+            let (n, m) = (n.clone(), m.clone());
+            async move {
+                let at = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(at, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                let mut r = text(200, "private");
+                r.headers_mut().insert("cache-control", "no-store".parse().unwrap());
+                r
+            }
+        })
+        .await;
+        let yaml = config(&origin, &redis_block(&[redis.url()], &format!("  fill_lock: {fill_lock}\n")), "16MiB");
+        let gws = [Gateway::start(&yaml), Gateway::start(&yaml), Gateway::start(&yaml)];
+        wait_subscribed(&[&gws[0], &gws[1], &gws[2]]).await;
+        let calls: Vec<_> = gws
+            .iter()
+            .map(|gw| {
+                let url = gw.url("/products/private");
+                tokio::spawn(async move {
+                    send(&client(), Request::get(url).header("host", "api.test").body(full("")).unwrap()).await
+                })
+            })
+            .collect();
+        for c in calls {
+            assert_eq!(c.await.unwrap().status, 200);
+        }
+        assert_eq!(max.load(Ordering::SeqCst), most, "fill_lock {fill_lock}: most origin requests at once");
+    }
+}
+
 /// A Redis that was away for a while is used again within about `open_for` (the longest wait
 /// between probes; probes start at twice op_timeout and back off), not after a whole `open_for`
 /// per failed probe on top of the outage.

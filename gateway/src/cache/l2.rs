@@ -16,6 +16,7 @@
 //! clock with the offset each instance measures once a second, so instances' clocks need not
 //! agree. (On a Cluster, masters' clocks are assumed to agree within `SKEW_MS`.)
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -36,6 +37,8 @@ const SKEW_MS: u64 = 2;
 /// Purges that could not reach Redis, replayed when it is back (beyond: logged and dropped).
 const PENDING_MAX: usize = 1024;
 pub const CHANNEL: &str = "weir:invalidate";
+/// Where a fill lock's holder announces that it is done (the payload: the lock's hex hash).
+pub const FILLED: &str = "weir:filled";
 /// Bytes of the keyed-BLAKE3 MAC appended to values and messages.
 const MAC_LEN: usize = 16;
 
@@ -97,6 +100,24 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2 * #KEYS])
 return n
 ";
 
+/// Releases a fill lock if this holder still has it (compare and delete), then announces it on
+/// `FILLED` either way: waiters look for the entry, or take their turn.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+";
+
+/// Extends a fill lock this holder still has.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+";
+
+/// A fill lock's lifetime, extended every third of it while its fill runs: a holder that dies
+/// (a killed instance) keeps the others waiting this long at most.
+pub const FILL_LOCK_TTL: Duration = Duration::from_secs(3);
+
 /// The `/`-terminated prefixes of `path`'s path part under which an entry is indexed.
 fn index_prefixes(path: &str) -> Vec<&str> {
     let p = path.split('?').next().unwrap_or(path);
@@ -129,7 +150,89 @@ pub struct L2 {
     buckets: u16,
     put_script: Script,
     purge_script: Script,
+    release_script: Script,
+    extend_script: Script,
     pending: Mutex<Vec<Purge>>,
+    /// Fills this instance waits for on another instance, by lock hash: woken by `FILLED`.
+    waiting: Mutex<HashMap<String, tokio::sync::watch::Sender<()>>>,
+}
+
+/// One instance's turn to fill a key (`redis.fill_lock`): `SET NX PX` on
+/// `weir:{B}:f:<hash of the key>` with a random token. Dropped, it is released — compare and
+/// delete, so an expired lock another instance took since is left alone — and `FILLED`
+/// announces it, whatever became of the fill (stored, not storable, failed, the client gone).
+#[derive(Debug)]
+pub struct FillLock {
+    l2: Arc<L2>,
+    name: String,
+    token: String,
+    /// The lock's hash in hex: what `FILLED` carries.
+    hex: String,
+}
+
+impl FillLock {
+    /// Extends the lock by `FILL_LOCK_TTL` (in the background: the fill goes on meanwhile).
+    pub fn extend(&self) {
+        let (l2, name, token) = (self.l2.clone(), self.name.clone(), self.token.clone());
+        tokio::spawn(async move {
+            let mut inv = l2.extend_script.prepare_invoke();
+            inv.key(name).arg(token).arg(u64::try_from(FILL_LOCK_TTL.as_millis()).unwrap_or(3000));
+            let _ = l2.redis.call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await;
+        });
+    }
+}
+
+impl Drop for FillLock {
+    fn drop(&mut self) {
+        let l2 = self.l2.clone();
+        let (name, token, hex) =
+            (std::mem::take(&mut self.name), std::mem::take(&mut self.token), std::mem::take(&mut self.hex));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let mut inv = l2.release_script.prepare_invoke();
+                inv.key(name).arg(token).arg(FILLED).arg(hex);
+                if let Err(e) = l2.redis.call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await {
+                    // It expires by itself; waiters stop waiting then.
+                    tracing::debug!(error = %e, "releasing a fill lock failed");
+                }
+            });
+        }
+    }
+}
+
+/// Waiting for another instance's fill of one key; dropped, it stops listening.
+#[derive(Debug)]
+pub struct FillWait {
+    l2: Arc<L2>,
+    hex: String,
+    rx: tokio::sync::watch::Receiver<()>,
+}
+
+impl FillWait {
+    /// Until the holder announces it is done, or `within` passes (its lock expires then).
+    pub async fn done(&mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.rx.changed()).await;
+    }
+}
+
+impl Drop for FillWait {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.l2.waiting.lock() {
+            // The last one waiting for this lock here takes the entry along.
+            if w.get(&self.hex).is_some_and(|tx| tx.receiver_count() <= 1) {
+                w.remove(&self.hex);
+            }
+        }
+    }
+}
+
+/// What `L2::fill_turn` found.
+#[derive(Debug)]
+pub enum Turn {
+    /// This instance fills; the lock is released when dropped.
+    Mine(FillLock),
+    /// Another instance is filling: wait, then look again.
+    Theirs(FillWait),
 }
 
 /// What a purge does in one bucket: (kind, value, Redis key).
@@ -149,7 +252,10 @@ impl L2 {
             buckets,
             put_script: Script::new(PUT),
             purge_script: Script::new(PURGE),
+            release_script: Script::new(RELEASE),
+            extend_script: Script::new(EXTEND),
             pending: Mutex::new(Vec::new()),
+            waiting: Mutex::new(HashMap::new()),
             redis,
         }
     }
@@ -247,6 +353,47 @@ impl L2 {
         } else {
             tracing::debug!(key, since_ms, "L2 refused a store: a purge overtook its fetch");
             Err(CacheError::Overtaken)
+        }
+    }
+
+    /// Takes the fill lock of `key` for `FILL_LOCK_TTL`, or finds another instance holding it
+    /// (listening for its release before asking, so none is missed). `Err`: Redis is not usable
+    /// now — fill without a lock, adding no wait.
+    pub async fn fill_turn(self: &Arc<Self>, key: &str) -> Result<Turn, CacheError> {
+        let h = self.hash(b'f', key);
+        let name = Self::name(self.bucket_of(&h), "f", &h);
+        let hex = crate::hex::encode(&h);
+        let rx = {
+            let mut w = self.waiting.lock().map_err(|_| CacheError::Poisoned)?;
+            w.entry(hex.clone()).or_insert_with(|| tokio::sync::watch::channel(()).0).subscribe()
+        };
+        let wait = FillWait { l2: self.clone(), hex: hex.clone(), rx };
+        let token = crate::hex::encode(&crate::random_u64().to_le_bytes());
+        let ms = u64::try_from(FILL_LOCK_TTL.as_millis()).unwrap_or(3000);
+        let (n, t) = (name.clone(), token.clone());
+        let taken: Option<String> = self
+            .redis
+            .call(|mut c| async move {
+                redis::cmd("SET").arg(n).arg(t).arg("NX").arg("PX").arg(ms).query_async(&mut c).await
+            })
+            .await
+            .map_err(Self::error)?;
+        Ok(match taken {
+            Some(_) => {
+                drop(wait);
+                Turn::Mine(FillLock { l2: self.clone(), name, token, hex })
+            }
+            None => Turn::Theirs(wait),
+        })
+    }
+
+    /// A `FILLED` announcement: wakes this instance's waiter for that lock, if any.
+    fn filled(&self, hex: &[u8]) {
+        let Ok(hex) = std::str::from_utf8(hex) else { return };
+        if let Ok(w) = self.waiting.lock() {
+            if let Some(tx) = w.get(hex) {
+                tx.send_replace(());
+            }
         }
     }
 
@@ -413,6 +560,7 @@ pub fn spawn_subscriber(cache: Weak<Cache>, l2: Arc<L2>) {
             let connected = tokio::time::timeout(Duration::from_secs(2), async {
                 let mut ps = client.get_async_pubsub().await?;
                 ps.subscribe(CHANNEL).await?;
+                ps.subscribe(FILLED).await?;
                 Ok::<_, redis::RedisError>(ps)
             })
             .await;
@@ -444,6 +592,11 @@ pub fn spawn_subscriber(cache: Weak<Cache>, l2: Arc<L2>) {
             while let Some(msg) = stream.next().await {
                 let Some(c) = cache.upgrade() else { return };
                 let Ok(payload) = msg.get_payload::<Vec<u8>>() else { continue };
+                if msg.get_channel_name() == FILLED {
+                    // Unauthenticated on purpose: a forged one only makes a waiter look again.
+                    l2.filled(&payload);
+                    continue;
+                }
                 let Some(payload) = l2.verified(&payload) else {
                     tracing::warn!("ignoring an invalidation message that failed its MAC check");
                     continue;

@@ -106,6 +106,8 @@ pub struct Cache {
     l1_enabled: bool,
     /// The shared tier (Redis); `None` = embedded mode.
     pub l2: Option<Arc<dyn Storage>>,
+    /// Fill locks across instances (`redis.fill_lock`): the same L2, for its locks.
+    pub fill_locks: Option<Arc<l2::L2>>,
     pub flights: Flights,
     generation: AtomicU64,
     log: Mutex<VecDeque<(u64, Purge)>>,
@@ -165,12 +167,14 @@ impl Cache {
         max_object_bytes: u64,
         max_fill_bytes: u64,
         l2: Option<Arc<dyn Storage>>,
+        fill_locks: Option<Arc<l2::L2>>,
         l2_errors: Counter,
     ) -> Arc<Cache> {
         Arc::new(Cache {
             l1: l1::L1::new(l1_max_bytes),
             l1_enabled: l1_max_bytes > 0,
             l2,
+            fill_locks,
             flights: Flights::default(),
             generation: AtomicU64::new(0),
             log: Mutex::new(VecDeque::new()),

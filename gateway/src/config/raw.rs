@@ -175,6 +175,8 @@ pub struct RawRedis {
     pub breaker: Option<RawBreaker>,
     /// `/readyz` fails while Redis is unreachable.
     pub required: Option<bool>,
+    /// One fill per key across every instance (a lock in Redis); default on.
+    pub fill_lock: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -48,7 +48,7 @@ fn fixture(routes: &str) -> Fixture {
     let _ = std::fs::remove_dir_all(&dir);
     let metrics = Metrics::new();
     let errors = metrics.cache_errors.get_or_create_owned(&LevelLabel { level: "l2" });
-    let cache = Cache::new(1 << 20, 1 << 20, 1 << 20, None, errors);
+    let cache = Cache::new(1 << 20, 1 << 20, 1 << 20, None, None, errors);
     let clock = Arc::new(Manual::at(1_000_000_000_000_000));
     let limits = Arc::new(Limiter::with_clock(None, 1, 1000, clock.clone()));
     let budgets = Arc::new(Budgets::new(None));

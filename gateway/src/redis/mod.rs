@@ -41,6 +41,9 @@ pub struct RedisSettings {
     pub breaker: BreakerSettings,
     /// `/readyz` answers 503 while Redis is unreachable.
     pub required: bool,
+    /// `redis.fill_lock`: a miss's fill takes a lock in Redis, so the fleet sends one request
+    /// per key to the origin, not one per instance (`cache::l2::FillLock`).
+    pub fill_lock: bool,
 }
 
 /// Circuit breaker: `failures` within `window` open it; after `open_for` one probe may close it.

@@ -76,6 +76,7 @@ impl Validator {
             tls_ca,
             breaker,
             required: r.required.unwrap_or(false),
+            fill_lock: r.fill_lock.unwrap_or(true),
         }
     }
 }

@@ -28,6 +28,7 @@ use self::respond::{answer, serve_entry};
 use crate::cache::entry::{Entry, Object};
 use crate::cache::flight::{self, FlightResult, Join};
 use crate::cache::key;
+use crate::cache::l2::{FillLock, Turn, FILL_LOCK_TTL};
 use crate::cache::policy::{NotStored, RequestFacts};
 use crate::cache::status::{BypassReason, Level, Outcome};
 use crate::cache::Cache;
@@ -367,7 +368,14 @@ async fn fetch_coalesced(
     let t = ctx.req.route().route.timeouts;
     for _ in 0..HANDOFFS {
         match ctx.cache.flights.join(full_key) {
-            Join::Leader(guard) => return fetch(ctx, stale, Some(guard), Mode::Fill, purpose).await,
+            Join::Leader(guard) => {
+                // This instance's one fetch; across instances, one too (`redis.fill_lock`). Boxed:
+                // a miss without the lock carries none of its state.
+                if ctx.cache.fill_locks.is_some() {
+                    return Box::pin(lead_fleet(ctx, full_key, stale, guard, purpose)).await;
+                }
+                return fetch(ctx, stale, Some(guard), Mode::Fill, purpose).await;
+            }
             Join::Waiter(rx) => match flight::wait(rx, t.response + t.idle).await {
                 FlightResult::Stored(e) if waiter_matches(ctx, &e) => {
                     let resp = serve_entry(&ctx.req.canon, &e, SystemTime::now());
@@ -381,6 +389,80 @@ async fn fetch_coalesced(
         }
     }
     fetch(ctx, stale, None, Mode::Fill, purpose).await
+}
+
+/// This instance's leader with fill locks on: the fleet's turn (`fleet_turn`), then the fill
+/// under the lock — extended while it runs, released (and announced) when dropped, however the
+/// fill ends — or the other instance's entry.
+async fn lead_fleet(
+    ctx: &Ctx,
+    full_key: &str,
+    stale: Option<&Arc<Entry>>,
+    guard: flight::FlightGuard,
+    purpose: Purpose,
+) -> Result<Fetched, GatewayError> {
+    let t = ctx.req.route().route.timeouts;
+    let lock = match fleet_turn(ctx, full_key, stale, t.connect + t.response).await {
+        FleetTurn::Filled(e) => {
+            guard.finish(FlightResult::Stored(e.clone()));
+            let resp = serve_entry(&ctx.req.canon, &e, SystemTime::now());
+            return Ok(Fetched { resp, stored: Ok(()), fwd: Fwd::Collapsed, stale_if_error: None });
+        }
+        FleetTurn::Fill(None) => return fetch(ctx, stale, Some(guard), Mode::Fill, purpose).await,
+        FleetTurn::Fill(Some(lock)) => lock,
+    };
+    let fill = fetch(ctx, stale, Some(guard), Mode::Fill, purpose);
+    tokio::pin!(fill);
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + FILL_LOCK_TTL / 3, FILL_LOCK_TTL / 3);
+    loop {
+        tokio::select! {
+            f = &mut fill => return f,
+            _ = beat.tick() => lock.extend(),
+        }
+    }
+}
+
+/// Whose turn it is to fill a key across the instances sharing Redis.
+enum FleetTurn {
+    /// This instance's: with the lock, or without one (no `redis.fill_lock`, Redis away, or
+    /// waiting took longer than `within`).
+    Fill(Option<FillLock>),
+    /// Another instance filled it: its entry, read from L2.
+    Filled(Arc<Entry>),
+}
+
+/// Takes the fleet's fill lock for `full_key`, or waits for the instance that holds it and
+/// reads what it stored. A holder that stores nothing (not storable, failed) hands the turn to
+/// one waiter, not all: each takes the lock in turn. A dead holder's lock expires within
+/// `FILL_LOCK_TTL`. Without Redis nothing is waited for.
+async fn fleet_turn(ctx: &Ctx, full_key: &str, stale: Option<&Arc<Entry>>, within: std::time::Duration) -> FleetTurn {
+    let Some(l2) = &ctx.cache.fill_locks else { return FleetTurn::Fill(None) };
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if !l2.redis.is_up() {
+            return FleetTurn::Fill(None);
+        }
+        let mut wait = match l2.fill_turn(full_key).await {
+            Ok(Turn::Mine(lock)) => return FleetTurn::Fill(Some(lock)),
+            Ok(Turn::Theirs(wait)) => wait,
+            Err(_) => return FleetTurn::Fill(None),
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return FleetTurn::Fill(None);
+        }
+        // Until the holder announces it is done, or its lock could have expired.
+        wait.done(left.min(FILL_LOCK_TTL)).await;
+        drop(wait);
+        if let (Some((e, _)), _, _) = lookup(ctx).await {
+            // What the holder stored: fresh, this request's variant, and not the stale entry
+            // this request already had.
+            let new = stale.is_none_or(|s| s.stored_at != e.stored_at);
+            if new && e.is_fresh(SystemTime::now()) && waiter_matches(ctx, &e) {
+                return FleetTurn::Filled(e);
+            }
+        }
+    }
 }
 
 fn waiter_matches(ctx: &Ctx, e: &Entry) -> bool {
