@@ -145,6 +145,15 @@ pub enum Object {
 }
 
 impl Object {
+    /// The body's length: what makes an entry large (cheaper than `weight`, which walks the
+    /// headers).
+    pub fn body_len(&self) -> usize {
+        match self {
+            Object::Response(e) => e.body.len(),
+            Object::Vary { .. } => 0,
+        }
+    }
+
     pub fn weight(&self) -> usize {
         match self {
             Object::Response(e) => e.weight(),

@@ -21,7 +21,9 @@ pub enum FlightResult {
     Failed,
 }
 
-type Map = Arc<Mutex<HashMap<String, watch::Receiver<Option<FlightResult>>>>>;
+/// Keys are request-derived: a seeded, quality hash (foldhash, as L1 uses) rather than SipHash,
+/// twice per miss (join and release).
+type Map = Arc<Mutex<HashMap<String, watch::Receiver<Option<FlightResult>>, foldhash::quality::RandomState>>>;
 
 #[derive(Debug, Default, Clone)]
 pub struct Flights {

@@ -173,8 +173,9 @@ impl Storage for L1 {
         Box::pin(async move {
             let key: Arc<str> = Arc::from(key);
             // Read before locking: a lookup may run moka's housekeeping, whose eviction listener
-            // takes the index lock.
-            let old = self.cache.get(&key);
+            // takes the index lock. A fill usually follows a miss: `contains_key` (no read
+            // recorded) first, the value only when there is one to replace.
+            let old = if self.cache.contains_key(&key) { self.cache.get(&key) } else { None };
             if let Ok(mut i) = self.index.lock() {
                 // The replaced value's rows go (an origin re-tagging one key must not grow the
                 // index); the listener skips `Replaced` for that reason.
@@ -183,7 +184,8 @@ impl Storage for L1 {
                 }
                 i.add(&key, &obj);
             }
-            let large = weight(&key, &obj) >= LARGE_ENTRY;
+            // The body is what makes an entry large (moka's weigher counts the rest).
+            let large = obj.body_len() >= LARGE_ENTRY;
             self.cache.insert(key, obj);
             if large {
                 // moka evicts lazily, in batches: a run of large inserts would hold several times

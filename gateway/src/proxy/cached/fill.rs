@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Response, StatusCode, Version};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
 use hyper::body::Frame;
 
@@ -301,7 +301,7 @@ pub(super) fn decide(
 fn build_entry(
     ctx: &Ctx,
     status: StatusCode,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     body: Bytes,
     l: &Lifetime,
     now: SystemTime,
@@ -315,50 +315,52 @@ fn build_entry(
     }
     let key =
         if vary.is_empty() { ctx.primary.clone() } else { key::secondary(&ctx.primary, &vary, &ctx.req.canon.headers) };
-    for h in [header::SET_COOKIE, header::AGE] {
-        headers.remove(h);
-    }
-    // An origin's quota fields describe the request that filled the entry: a hit must not
-    // replay them.
-    for h in ["ratelimit", "ratelimit-policy"] {
-        headers.remove(h);
-    }
-    headers.remove(&CACHE_STATUS);
-    // Stored as served: our `Via` hop and the exact length (hits then only add `Age`).
-    if !headers.get_all(header::VIA).iter().any(|v| v.to_str().is_ok_and(|s| s.ends_with("weir"))) {
-        add_via(&mut headers, Version::HTTP_11);
-    }
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    // Placeholders a hit overwrites in place: the cloned map never has to grow.
-    headers.insert(header::AGE, HeaderValue::from_static("0"));
-    headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static("weir"));
-    // `X-Request-Id` is every response's own (an origin's echo is never replayed): its slot
-    // too, so adding it to a hit never reallocates the map.
-    headers.insert(crate::observe::X_REQUEST_ID.clone(), HeaderValue::from_static("-"));
     let mut tags: Vec<String> = ctx.req.route().route.invalidate.as_ref().map(|i| i.tags.clone()).unwrap_or_default();
-    let from_headers = headers
-        .get_all(&SURROGATE_KEY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(str::split_whitespace)
-        .chain(
-            headers
-                .get_all(&CACHE_TAG)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|s| s.split(','))
-                .map(str::trim),
-        )
-        .filter(|t| !t.is_empty() && t.len() <= MAX_TAG_LEN)
-        .map(str::to_string);
-    tags.extend(from_headers);
+    // One pass over the origin's head: what is stored, and the tags it names. Not stored:
+    // cookies; `Age`, `Content-Length`, `Cache-Status` and `X-Request-Id` (written below: a
+    // hit overwrites the placeholders in place, so the cloned map never grows; an origin's
+    // request id is never replayed); an origin's quota fields (they describe the request that
+    // filled the entry).
+    let (age, length, via) = (header::AGE, header::CONTENT_LENGTH, header::VIA);
+    let mut pairs: Vec<(&HeaderName, &[u8])> = Vec::with_capacity(headers.len() + 5);
+    let mut ours = false;
+    for (k, v) in &headers {
+        if *k == header::SET_COOKIE
+            || *k == age
+            || *k == length
+            || *k == CACHE_STATUS
+            || *k == crate::observe::X_REQUEST_ID
+            || k.as_str() == "ratelimit"
+            || k.as_str() == "ratelimit-policy"
+        {
+            continue;
+        }
+        if *k == via {
+            ours |= v.as_bytes().ends_with(b"weir");
+        } else if *k == SURROGATE_KEY {
+            let found = v.to_str().ok().into_iter().flat_map(str::split_whitespace);
+            tags.extend(found.filter(|t| t.len() <= MAX_TAG_LEN).map(str::to_string));
+        } else if *k == CACHE_TAG {
+            let found = v.to_str().ok().into_iter().flat_map(|s| s.split(',')).map(str::trim);
+            tags.extend(found.filter(|t| !t.is_empty() && t.len() <= MAX_TAG_LEN).map(str::to_string));
+        }
+        pairs.push((k, v.as_bytes()));
+    }
     tags.extend(plugin_tags);
     tags.sort();
     tags.dedup();
     tags.truncate(MAX_TAGS);
+    // Stored as served: our `Via` hop (another value of the list) and the exact length.
+    if !ours {
+        pairs.push((&via, b"1.1 weir"));
+    }
+    let mut digits = itoa::Buffer::new();
+    pairs.push((&length, digits.format(body.len()).as_bytes()));
+    pairs.push((&age, b"0"));
+    pairs.push((&CACHE_STATUS, b"weir"));
+    pairs.push((&crate::observe::X_REQUEST_ID, b"-"));
     // Header values parsed by hyper are slices of the connection's read buffer: a stored copy
     // would keep that whole buffer alive. Stored: one exact-size map, values in one buffer.
-    let pairs: Vec<_> = headers.iter().map(|(k, v)| (k, v.as_bytes())).collect();
     let headers = crate::cache::entry::compact_headers(&pairs);
     Entry {
         key,
