@@ -65,7 +65,8 @@ def parse_latency(text):
 
 
 def wrk(url, seconds, conns, core, headers=(), script=None):
-    cmd = ["taskset", "-c", str(core), "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    threads = len(str(core).split(","))
+    cmd = ["taskset", "-c", str(core), "wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if script:
         cmd += ["-s", str(script)]
     for h in headers:
@@ -174,6 +175,10 @@ def warm(port):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/hot/{i}").read()
 
 
+# nginx worker processes: one per server core (`--server-core`).
+SERVER_WORKERS = 1
+
+
 def nginx_config(tmp, port, origin_port, cache=False, tls=None):
     cfg = tmp / "nginx.conf"
     cache_dir = Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}"
@@ -188,7 +193,7 @@ def nginx_config(tmp, port, origin_port, cache=False, tls=None):
                       "ssl_session_cache shared:SSL:10m; ssl_session_tickets on;") if tls else ""
     cfg.write_text(f"""daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {SERVER_WORKERS};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
@@ -219,13 +224,16 @@ http {{
 
 
 def main():
+    global SERVER_WORKERS
     ap = argparse.ArgumentParser()
     ap.add_argument("--target-dir", default="target/release")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--server-core", type=int, default=0)
-    ap.add_argument("--client-core", type=int, default=1)
-    ap.add_argument("--redis-core", type=int, default=None,
+    # A core, or a list ("0,1"): Weir and the bare servers run one worker per core they may use,
+    # nginx as many worker processes, wrk as many threads (the multi-core runs).
+    ap.add_argument("--server-core", default="0")
+    ap.add_argument("--client-core", default="1")
+    ap.add_argument("--redis-core", default=None,
                     help="core for Redis (default: the server core, sharing it with Weir and the origin)")
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
@@ -236,6 +244,7 @@ def main():
     ap.add_argument("--bytes", type=int, default=1024, help="cache scenario: body size")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per target; medians are reported")
     args = ap.parse_args()
+    SERVER_WORKERS = len(str(args.server_core).split(","))
     if args.scenario == "cache":
         return cache_scenario(args)
     if args.scenario == "shared":

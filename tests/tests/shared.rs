@@ -282,14 +282,23 @@ async fn redis_killed_under_load_then_restarted() {
 /// takes 400 ms: one request reaches the origin. Each instance's first request takes the fill
 /// lock in Redis or waits for the instance that holds it (woken by its announcement), then reads
 /// what it stored; each instance's other requests wait on their own leader. With
-/// `redis.fill_lock: false` every instance fills for itself.
+/// `redis.fill_lock: false` every instance fills for itself. On a Redis Cluster too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cold_key_reaches_the_origin_once_from_the_whole_fleet() {
-    for (fill_lock, origin_requests) in [(true, 1), (false, 3)] {
-        let redis = RedisServer::start();
+    // One Redis with and without the lock, then a Cluster (the lock and its announcement live
+    // in the key's slot; a script's PUBLISH reaches every node's subscribers).
+    for (fill_lock, origin_requests, cluster) in [(true, 1, false), (false, 3, false), (true, 1, true)] {
+        // Kept alive for the round; stopped when dropped.
+        let (_server, _cluster) =
+            if cluster { (None, Some(RedisCluster::start())) } else { (Some(RedisServer::start()), None) };
+        let urls = match (&_server, &_cluster) {
+            (Some(r), _) => vec![r.url()],
+            (_, Some(c)) => c.urls(),
+            _ => unreachable!(),
+        };
         let (origin, hits) = origin().await;
         let extra = format!("  fill_lock: {fill_lock}\n");
-        let yaml = config(&origin, &redis_block(&[redis.url()], &extra), "16MiB");
+        let yaml = config(&origin, &redis_block(&urls, &extra), "16MiB");
         let gws = [Gateway::start(&yaml), Gateway::start(&yaml), Gateway::start(&yaml)];
         wait_subscribed(&[&gws[0], &gws[1], &gws[2]]).await;
         let mut calls = Vec::new();
@@ -313,7 +322,7 @@ async fn a_cold_key_reaches_the_origin_once_from_the_whole_fleet() {
         assert_eq!(
             hits.load(Ordering::SeqCst),
             origin_requests,
-            "fill_lock {fill_lock}: origin requests; answers {statuses:?}; {}",
+            "fill_lock {fill_lock}, cluster {cluster}: origin requests; answers {statuses:?}; {}",
             gws[1].log()
         );
         assert_eq!(bodies.len(), origin_requests as usize, "{bodies:?}");

@@ -422,6 +422,10 @@ async fn lead_fleet(
     }
 }
 
+/// How long a waiting instance waits for another's fill before it looks again (L2, the lock,
+/// the breaker).
+const FILL_WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Whose turn it is to fill a key across the instances sharing Redis.
 enum FleetTurn {
     /// This instance's: with the lock, or without one (no `redis.fill_lock`, Redis away, or
@@ -434,7 +438,8 @@ enum FleetTurn {
 /// Takes the fleet's fill lock for `full_key`, or waits for the instance that holds it and
 /// reads what it stored. A holder that stores nothing (not storable, failed) hands the turn to
 /// one waiter, not all: each takes the lock in turn. A dead holder's lock expires within
-/// `FILL_LOCK_TTL`. Without Redis nothing is waited for.
+/// `FILL_LOCK_TTL`. Without Redis nothing is waited for, and a breaker that opens ends a wait
+/// within `FILL_WAIT_SLICE`.
 async fn fleet_turn(ctx: &Ctx, full_key: &str, stale: Option<&Arc<Entry>>, within: std::time::Duration) -> FleetTurn {
     let Some(l2) = &ctx.cache.fill_locks else { return FleetTurn::Fill(None) };
     let deadline = tokio::time::Instant::now() + within;
@@ -451,8 +456,10 @@ async fn fleet_turn(ctx: &Ctx, full_key: &str, stale: Option<&Arc<Entry>>, withi
         if left.is_zero() {
             return FleetTurn::Fill(None);
         }
-        // Until the holder announces it is done, or its lock could have expired.
-        wait.done(left.min(FILL_LOCK_TTL)).await;
+        // Until the holder announces it is done — or a slice, then look again: an announcement
+        // is lost when Redis fails under the holder (its release cannot get through), and a
+        // breaker that opened meanwhile ends the wait.
+        wait.done(left.min(FILL_WAIT_SLICE)).await;
         drop(wait);
         if let (Some((e, _)), _, _) = lookup(ctx).await {
             // What the holder stored: fresh, this request's variant, and not the stale entry
