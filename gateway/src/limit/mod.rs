@@ -283,13 +283,13 @@ impl Limiter {
     }
 
     /// A check of `idx` policies (Redis, else the local map); false: refused. One atomic call
-    /// when their keys share a Cluster slot (always on one Redis, and on a Cluster when every
-    /// policy counts by the same key). On a Cluster, policies counting by different keys (one
+    /// on one Redis, and on a Cluster when every policy counts by the same key (their Redis keys
+    /// share its hash tag, hence a slot). On a Cluster, policies counting by different keys (one
     /// per consumer, one per address) live in different slots, which one script cannot touch:
-    /// each slot's policies are first read without consuming, and only if all would admit are
-    /// they consumed, slot by slot — so a refused request consumes nothing unless another
-    /// request took the last unit between the read and the consumption, and even then no policy
-    /// ever admits more than it allows.
+    /// each key's policies are first read without consuming, and only if all would admit are
+    /// they consumed, key by key — so a refused request consumes nothing unless another request
+    /// took the last unit between the read and the consumption, and even then no policy ever
+    /// admits more than it allows.
     async fn check(
         &self,
         q: Query<'_>,
@@ -298,40 +298,39 @@ impl Limiter {
         commit: bool,
         fell_back: &mut bool,
     ) -> Result<bool, Unavailable> {
-        if self.redis.as_ref().is_some_and(|r| r.settings.cluster) && idx.len() > 1 {
-            let mut groups: SmallVec<[(u16, SmallVec<[usize; 4]>); 4]> = SmallVec::new();
+        let cluster = self.redis.as_ref().is_some_and(|r| r.settings.cluster);
+        if cluster && idx.windows(2).any(|w| q.keys[w[0]] != q.keys[w[1]]) {
+            let mut groups: SmallVec<[SmallVec<[usize; 4]>; 4]> = SmallVec::new();
             for &i in idx {
-                let slot = crate::redis::batch::slot(&self.redis_key(q, i));
-                match groups.iter_mut().find(|(s, _)| *s == slot) {
-                    Some((_, g)) => g.push(i),
-                    None => groups.push((slot, smallvec::smallvec![i])),
+                match groups.iter_mut().find(|g| q.keys[g[0]] == q.keys[i]) {
+                    Some(g) => g.push(i),
+                    None => groups.push(smallvec::smallvec![i]),
                 }
             }
-            if groups.len() > 1 {
-                let mut admitted = true;
-                for (_, g) in &groups {
-                    admitted &= self.check_slot(q, false, g, states, fell_back).await?;
-                }
-                if !admitted || !commit {
-                    return Ok(admitted);
-                }
-                for (_, g) in &groups {
-                    if !self.check_slot(q, true, g, states, fell_back).await? {
-                        return Ok(false);
-                    }
-                }
-                return Ok(true);
+            let mut admitted = true;
+            for g in &groups {
+                admitted &= self.check_slot(q, false, g, states, fell_back).await?;
             }
+            if !admitted || !commit {
+                return Ok(admitted);
+            }
+            for g in &groups {
+                if !self.check_slot(q, true, g, states, fell_back).await? {
+                    return Ok(false);
+                }
+            }
+            return Ok(true);
         }
         self.check_slot(q, commit, idx, states, fell_back).await
     }
 
-    /// The Redis key of policy `i`'s state: the hash tag `{rl:<id>}` is its Cluster slot.
-    fn redis_key(&self, q: Query<'_>, i: usize) -> String {
-        format!("weir:{{rl:{}}}:{}", self.id_hex(q.route, &q.keys[i]), q.policies[i].name)
+    /// The Redis key of a policy's state for `key` on `route`: the hash tag `{rl:<id>}` is its
+    /// Cluster slot, shared by every policy of the route counting by that key.
+    fn redis_key(&self, route: &str, key: &str, policy: &str) -> String {
+        format!("weir:{{rl:{}}}:{policy}", self.id_hex(route, key))
     }
 
-    /// One atomic check of `idx` policies, whose Redis keys share a slot.
+    /// One atomic check of `idx` policies, which count by one key (or run on one Redis).
     async fn check_slot(
         &self,
         q: Query<'_>,
@@ -345,7 +344,7 @@ impl Limiter {
             let mut call = Call::default();
             for &i in idx {
                 let p = &policies[i];
-                let key = self.redis_key(q, i);
+                let key = self.redis_key(q.route, &q.keys[i], &p.name);
                 if redis.settings.cluster {
                     call.slot = crate::redis::batch::slot(&key);
                 }
@@ -474,7 +473,7 @@ impl Limiter {
             let k = key.internal(&p.key);
             let id = self.id(route, &k, &p.name);
             found |= self.local.remove(&id).is_some();
-            names.push(format!("weir:{{rl:{}}}:{}", self.id_hex(route, &k), p.name));
+            names.push(self.redis_key(route, &k, &p.name));
         }
         if let Some(redis) = &self.redis {
             // One DEL per key: keys of different limit kinds may sit in different slots.

@@ -57,8 +57,8 @@ fn via_version(v: Version) -> &'static str {
     }
 }
 
-/// Appends `Via: <version> weir` to whatever `Via` chain is already there.
-pub fn add_via(headers: &mut HeaderMap, received: Version) {
+/// Weir's own `Via` hop for a message received as `received` (`1.1 weir`).
+pub fn via_hop(received: Version) -> &'static str {
     let ours = match received {
         Version::HTTP_10 => "1.0 weir",
         Version::HTTP_2 => "2 weir",
@@ -66,6 +66,12 @@ pub fn add_via(headers: &mut HeaderMap, received: Version) {
         _ => "1.1 weir",
     };
     debug_assert!(ours.starts_with(via_version(received)));
+    ours
+}
+
+/// Appends `Via: <version> weir` to whatever `Via` chain is already there.
+pub fn add_via(headers: &mut HeaderMap, received: Version) {
+    let ours = via_hop(received);
     match headers.get(header::VIA).and_then(|v| v.to_str().ok()).filter(|p| !p.is_empty()) {
         None => {
             headers.insert(header::VIA, HeaderValue::from_static(ours));

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Response, StatusCode, Version};
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
 use hyper::body::Frame;
 
@@ -19,7 +19,7 @@ use crate::cache::flight::{FlightGuard, FlightResult};
 use crate::cache::key;
 use crate::cache::policy::{self, Lifetime, NotStored};
 use crate::error::GatewayError;
-use crate::proxy::headers::add_via;
+use crate::proxy::headers::{add_via, via_hop};
 use crate::proxy::{content_length, upstream, Purpose};
 use crate::{Body, BoxError};
 
@@ -352,7 +352,7 @@ fn build_entry(
     tags.truncate(MAX_TAGS);
     // Stored as served: our `Via` hop (another value of the list) and the exact length.
     if !ours {
-        pairs.push((&via, b"1.1 weir"));
+        pairs.push((&via, via_hop(Version::HTTP_11).as_bytes()));
     }
     let mut digits = itoa::Buffer::new();
     pairs.push((&length, digits.format(body.len()).as_bytes()));
