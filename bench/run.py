@@ -179,7 +179,7 @@ def warm(port):
 SERVER_WORKERS = 1
 
 
-def nginx_config(tmp, port, origin_port, cache=False, tls=None):
+def nginx_config(tmp, port, origin_port, cache=False, tls=None, http2=False):
     cfg = tmp / "nginx.conf"
     cache_dir = Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}"
     zone = (f"proxy_cache_path {cache_dir} levels=1:2 keys_zone=hot:10m max_size=256m inactive=10m use_temp_path=off;"
@@ -199,6 +199,9 @@ error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  # A connection is not closed after 1,000 requests (nginx's default; Weir has no such cap, and
+  # h2load does not open a new connection when one is closed under it).
+  keepalive_requests 1000000;
   client_body_temp_path {tmp}/body;
   proxy_temp_path {tmp}/proxy;
   fastcgi_temp_path {tmp}/fastcgi;
@@ -207,7 +210,7 @@ http {{
   {zone}
   upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 128; }}
   server {{
-    listen 127.0.0.1:{port}{" ssl" if tls else ""};
+    listen 127.0.0.1:{port}{" ssl" if tls else ""}{" http2" if http2 else ""};
     {tls_directives}
     location / {{
       proxy_pass http://origin;
@@ -238,10 +241,12 @@ def main():
     ap.add_argument("--path", default="/bytes?n=1024", help="origin path requested")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--scenario", choices=["proxy", "cache", "shared", "propagation", "plugin", "ratelimit", "tls",
-                                           "budget"],
+                                           "budget", "h2"],
                     default="proxy",
                     help="proxy: plain reverse proxying; cache: 100 hot cached URLs")
     ap.add_argument("--bytes", type=int, default=1024, help="cache scenario: body size")
+    ap.add_argument("--h2-clients", type=int, default=4,
+                    help="h2 scenario: connections; --connections streams in all, spread over them")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per target; medians are reported")
     args = ap.parse_args()
     SERVER_WORKERS = len(str(args.server_core).split(","))
@@ -259,6 +264,8 @@ def main():
         return tls_scenario(args)
     if args.scenario == "budget":
         return budget_scenario(args)
+    if args.scenario == "h2":
+        return h2_scenario(args)
 
     for tool in ["wrk", "nginx", "taskset"]:
         if not shutil.which(tool):
@@ -324,6 +331,23 @@ def print_table(results, title, cpu_label):
         print(f"| {r['name']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['cpu_us_per_req']:.1f} |")
 
 
+def hit_servers(servers, args, tmp, origin_port, bare_port, weir_port, admin_port, nginx_port, http2=False):
+    """The three targets of a hit benchmark, started: the bare hyper server, Weir caching the
+    origin, nginx's proxy_cache. Returns the bare server's and Weir's processes and nginx's workers."""
+    target = Path(args.target_dir)
+    bare = servers.spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{bare_port}",
+                          "--bytes", str(args.bytes)])
+    wait_port(bare_port)
+    weir = servers.spawn([str(target / "weir"), "run", "--config",
+                          str(weir_config(tmp, weir_port, origin_port, admin_port, cache=True))],
+                         env={**os.environ, "WEIR_LOG": "warn"})
+    wait_port(weir_port)
+    nginx = servers.spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port, cache=True, http2=http2)),
+                           "-p", str(tmp)])
+    wait_port(nginx_port)
+    return bare, weir, nginx_workers(nginx.pid)
+
+
 def cache_scenario(args):
     """Hot set of 100 cached URLs: Weir (L1 hits), nginx proxy_cache (tmpfs, cache lock) and a
     bare hyper server answering the same bytes from memory, in one run."""
@@ -346,15 +370,7 @@ def cache_scenario(args):
                        env={**os.environ, "WEIR_LOG": "warn"})
         wait_port(log_port)
         warm(log_port)
-        bare = spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{bare_port}", "--bytes", str(args.bytes)])
-        wait_port(bare_port)
-        weir = spawn([str(target / "weir"), "run", "--config",
-                      str(weir_config(tmp, weir_port, origin_port, admin_port, cache=True))],
-                     env={**os.environ, "WEIR_LOG": "warn"})
-        wait_port(weir_port)
-        nginx = spawn(["nginx", "-c", str(nginx_config(tmp, nginx_port, origin_port, cache=True)), "-p", str(tmp)])
-        wait_port(nginx_port)
-        workers = nginx_workers(nginx.pid)
+        bare, weir, workers = hit_servers(servers, args, tmp, origin_port, bare_port, weir_port, admin_port, nginx_port)
         warm(weir_port)
         warm(nginx_port)
         print(f"hot set 100 x {args.bytes} B, wrk -c{args.connections} -d{args.seconds}s; client on core "
@@ -378,6 +394,91 @@ def cache_scenario(args):
           f"CPU/req {w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x; weir/bare hyper: rps {w['rps'] / bare_r['rps']:.2f}x")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"cache-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))
+
+
+def h2load(port, seconds, args, log=None):
+    """h2load over cleartext HTTP/2 (prior knowledge) on the hot set: `--h2-clients` connections,
+    `--connections` streams in flight in all. p50 / p99 from its per-request log."""
+    import statistics
+    streams = max(1, args.connections // args.h2_clients)
+    threads = len(str(args.client_core).split(","))
+    uris = [f"http://127.0.0.1:{port}/hot/{i}" for i in range(100)]
+    cmd = ["taskset", "-c", str(args.client_core), "h2load", "-t", str(threads), "-c", str(args.h2_clients),
+           "-m", str(streams), "-D", str(seconds)]
+    if log:
+        cmd += ["--log-file", str(log)]
+    out = subprocess.run(cmd + uris, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    if not m:
+        raise SystemExit(f"cannot read h2load's output:\n{out}")
+    done, ok = int(m.group(2)), int(m.group(3))
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    status = re.search(r"status codes: (\d+) 2xx", out)
+    r = {"rps": rps, "requests": done, "non2xx": max(0, ok - int(status.group(1))) if status else 0,
+         "socket_errors": "" if int(m.group(4)) + int(m.group(5)) == 0 else f"{m.group(4)} failed {m.group(5)} errored"}
+    lat = sorted(int(line.split("\t")[2]) for line in Path(log).read_text().splitlines()) if log else []
+    r["p50_ms"] = lat[len(lat) // 2] / 1000 if lat else 0.0
+    r["p99_ms"] = lat[min(len(lat) - 1, len(lat) * 99 // 100)] / 1000 if lat else 0.0
+    r["max_ms"] = lat[-1] / 1000 if lat else 0.0
+    return r
+
+
+def h2_scenario(args):
+    """HTTP/2 downstream (cleartext, prior knowledge) hits of the hot set: Weir's L1, nginx's
+    proxy_cache (`listen ... http2`), and the bare hyper server, with h2load."""
+    import statistics
+    if not shutil.which("h2load"):
+        raise SystemExit("h2load not found: run `make bench` (it installs nghttp2-client)")
+    target = Path(args.target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    servers = Servers(args, tmp)
+    spawn = servers.spawn
+    runs = {}
+    try:
+        origin_port, weir_port, admin_port, nginx_port, bare_port = (free_port() for _ in range(5))
+        spawn([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}", "--bytes", str(args.bytes)])
+        wait_port(origin_port)
+        bare, weir, workers = hit_servers(servers, args, tmp, origin_port, bare_port, weir_port, admin_port, nginx_port,
+                                          http2=True)
+        warm(weir_port)  # nginx's h2c listener speaks only HTTP/2: the first warm-up round fills it
+        targets = [("bare hyper (memory, h2c)", bare_port, [bare.pid]),
+                   ("weir (L1 hit, h2c)", weir_port, [weir.pid]),
+                   ("nginx proxy_cache (h2c)", nginx_port, workers)]
+        print(f"hot set 100 x {args.bytes} B over HTTP/2 (h2c), h2load -c{args.h2_clients} "
+              f"-m{max(1, args.connections // args.h2_clients)} -D{args.seconds}; client on core {args.client_core}, "
+              f"server on core {args.server_core}", flush=True)
+        for i in range(args.repeat):
+            print(f"round {i + 1}/{args.repeat}", flush=True)
+            for name, port, pids in targets:
+                h2load(port, 2, args)  # warm-up
+                before = cpu_seconds(pids)
+                log = tmp / f"h2load-{port}-{i}.log"
+                r = h2load(port, args.seconds, args, log=log)
+                log.unlink()
+                r["cpu_us_per_req"] = (cpu_seconds(pids) - before) / max(r["requests"], 1) * 1e6
+                r["name"] = name
+                print(f"  {name:<28} {r['rps']:>10.0f} rps  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
+                      f"max {r['max_ms']:.1f} ms  cpu {r['cpu_us_per_req']:.1f} us/req"
+                      + (f"  ERRORS {r['non2xx']} non-2xx {r['socket_errors']}" if r["non2xx"] or r["socket_errors"]
+                         else ""), flush=True)
+                runs.setdefault(name, []).append(r)
+    finally:
+        servers.stop()
+        shutil.rmtree(Path("/dev/shm") / f"weir-bench-nginx-{os.getpid()}", ignore_errors=True)
+    results = []
+    for name, rs in runs.items():
+        med = {"name": name, "rounds": rs}
+        for k in ["rps", "p50_ms", "p99_ms", "max_ms", "requests", "non2xx", "cpu_us_per_req"]:
+            med[k] = statistics.median(r[k] for r in rs)
+        results.append(med)
+    bare_r, w, n = results
+    print_table(results, f"medians of {args.repeat} interleaved rounds", "server CPU µs/req")
+    print()
+    print(f"weir/nginx over h2: rps {w['rps'] / n['rps']:.2f}x, p99 {w['p99_ms'] / n['p99_ms']:.2f}x, "
+          f"CPU/req {w['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x; weir/bare hyper: rps {w['rps'] / bare_r['rps']:.2f}x, "
+          f"CPU/req {w['cpu_us_per_req'] / bare_r['cpu_us_per_req']:.2f}x")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"h2-{args.bytes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))
 
 
 def cores(args):

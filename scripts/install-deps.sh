@@ -11,6 +11,7 @@ if [[ "${WITH_BENCH_TOOLS:-0}" == 1 ]]; then
   command -v wrk >/dev/null 2>&1 || need+=(wrk)
   command -v nginx >/dev/null 2>&1 || need+=(nginx)
   command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+  command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)  # HTTP/2 hits (--scenario h2)
 fi
 if [[ "${WITH_GATE_TOOLS:-0}" == 1 ]]; then
   command -v valgrind >/dev/null 2>&1 || need+=(valgrind)       # callgrind, callgrind_control

@@ -46,7 +46,10 @@ pub const LOCAL_KEYS: u64 = 100_000;
 /// the last ARGV `0` it only reports (the admin read).
 /// GCRA (`g`): a = interval µs, b = tolerance µs; the key holds the TAT. Fixed window (`w`):
 /// a = window µs, b = quota; the key holds `window:count`. Returns `{admitted, then remaining,
-/// reset µs, retry µs for each policy}`. Sent in batches (`crate::redis::batch`).
+/// reset µs, retry µs for each policy}`. Sent in batches (`crate::redis::batch`): a key is read
+/// from Redis once a batch and written once at its end (`WRITE`); the calls in between see the
+/// batch's own value (`LATER[key]`), so each is decided as if alone, and a hot key (one client's
+/// many requests) costs one `GET` and one `SET` a batch instead of one of each a request.
 const SCRIPT: &str = r"
 local now = NOW
 local commit = ARGV[#ARGV] == '1'
@@ -55,7 +58,12 @@ local out = {0}
 local sets = {}
 for i = 1, #KEYS do
   local kind, a, b = ARGV[3 * i - 2], tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
-  local v = redis.call('GET', KEYS[i])
+  local e = LATER[KEYS[i]]
+  if e == nil then
+    e = {redis.call('GET', KEYS[i]), nil}
+    LATER[KEYS[i]] = e
+  end
+  local v = e[1]
   local remaining, reset, retry = 0, 0, 0
   if kind == 'g' then
     local tat = tonumber(v or '0') or 0
@@ -92,7 +100,11 @@ for i = 1, #KEYS do
   out[#out + 1] = retry
 end
 if ok == 1 and commit then
-  for _, s in ipairs(sets) do redis.call('SET', s[1], s[2], 'PX', s[3]) end
+  for _, s in ipairs(sets) do
+    local e = LATER[s[1]]
+    if e[2] == nil then LATER[#LATER + 1] = s[1] end
+    e[1], e[2] = s[2], s[3]
+  end
 else
   -- Refused (or only read): the policies that would have admitted report their state unconsumed.
   for _, s in ipairs(sets) do
@@ -102,6 +114,15 @@ else
 end
 out[1] = ok
 return out
+";
+
+/// After a batch: each key it changed, written once (its last value; that value's expiry is the
+/// latest of the batch's, as a later state never expires sooner).
+const WRITE: &str = r"
+for _, k in ipairs(LATER) do
+  local e = LATER[k]
+  redis.call('SET', k, e[1], 'PX', e[2])
+end
 ";
 
 /// Who a request is, for the keys its policies count by: everything phases 1–3 found.
@@ -192,7 +213,7 @@ impl Limiter {
                 .time_to_idle(Duration::from_secs(86_400 * 31))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             redis,
-            script: redis::Script::new(&crate::redis::batch::wrap(SCRIPT, "")),
+            script: redis::Script::new(&crate::redis::batch::wrap(SCRIPT, WRITE)),
             batcher: std::sync::OnceLock::new(),
             hash_key,
             instances: instances.max(1),
