@@ -46,46 +46,58 @@ impl RequestDirectives {
 
 /// Delta-seconds (§1.2.2): digits only; values too large saturate (2^31 per the RFC's advice).
 fn delta(v: Option<&str>) -> Option<Duration> {
-    let v = v?.trim_matches('"');
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+    let mut v = v?.as_bytes();
+    // Quotes around the number are tolerated (`max-age="60"`), as many as there are.
+    while let [b'"', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b'"'] = v {
+        v = rest;
+    }
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let secs = v.parse::<u64>().unwrap_or(u64::MAX).min(1 << 31);
-    Some(Duration::from_secs(secs))
+    let secs = v.iter().fold(0u64, |n, d| n.saturating_mul(10).saturating_add(u64::from(d - b'0')));
+    Some(Duration::from_secs(secs.min(1 << 31)))
 }
 
-/// Every directive of every `Cache-Control` line as (name, optional value), borrowed from the
-/// header (no allocation: this runs on every stored response), honouring quoted commas.
-fn directives(headers: &HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> + '_ {
-    headers.get_all(CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).flat_map(split_list)
-}
-
-fn split_list(s: &str) -> impl Iterator<Item = (&str, Option<&str>)> + '_ {
-    let mut rest = s;
-    std::iter::from_fn(move || loop {
-        if rest.is_empty() {
-            return None;
+/// Calls `f` with every directive of every `Cache-Control` line as (name, optional value),
+/// borrowed from the header (no allocation: this runs on every stored response), honouring
+/// quoted commas. A line that is not visible ASCII is skipped whole.
+fn each_directive<'h>(headers: &'h HeaderMap, mut f: impl FnMut(&'h str, Option<&'h str>)) {
+    for v in headers.get_all(CACHE_CONTROL) {
+        if let Ok(s) = v.to_str() {
+            split_list(s, &mut f);
         }
+    }
+}
+
+/// The items of one comma-separated line, trimmed, empty ones skipped. `s` is ASCII (a
+/// `HeaderValue::to_str`), so it is scanned as bytes: every cut is at an ASCII `,` or `=`.
+fn split_list<'s>(s: &'s str, f: &mut impl FnMut(&'s str, Option<&'s str>)) {
+    let b = s.as_bytes();
+    let mut start = 0;
+    while start < b.len() {
+        let mut end = start;
         let mut quoted = false;
-        let end = rest
-            .char_indices()
-            .find(|&(_, c)| {
-                if c == '"' {
-                    quoted = !quoted;
-                }
-                c == ',' && !quoted
-            })
-            .map_or(rest.len(), |(i, _)| i);
-        let item = rest[..end].trim();
-        rest = if end < rest.len() { &rest[end + 1..] } else { "" };
+        while end < b.len() {
+            match b[end] {
+                b'"' => quoted = !quoted,
+                b',' if !quoted => break,
+                _ => {}
+            }
+            end += 1;
+        }
+        let item = s[start..end].trim_ascii();
+        start = end + 1;
         if item.is_empty() {
             continue;
         }
-        return Some(match item.split_once('=') {
-            Some((k, v)) => (k.trim(), Some(v.trim())),
-            None => (item, None),
-        });
-    })
+        match item.split_once('=') {
+            Some((k, v)) => f(k.trim_ascii(), Some(v.trim_ascii())),
+            None => f(item, None),
+        }
+    }
 }
 
 /// True the first time `bit` is seen: of duplicated directives the first one counts (§4.2.1).
@@ -99,7 +111,7 @@ impl ResponseDirectives {
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut d = ResponseDirectives::default();
         let mut seen = 0u8;
-        for (name, value) in directives(headers) {
+        each_directive(headers, |name, value| {
             let is = |n: &str| name.eq_ignore_ascii_case(n);
             if is("max-age") && first(&mut seen, 1) {
                 d.max_age = delta(value);
@@ -125,7 +137,7 @@ impl ResponseDirectives {
             } else if is("must-understand") {
                 d.must_understand = true;
             }
-        }
+        });
         d
     }
 
@@ -192,7 +204,7 @@ impl RequestDirectives {
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut d = RequestDirectives::default();
         let mut any = false;
-        for (name, value) in directives(headers) {
+        each_directive(headers, |name, value| {
             any = true;
             let is = |n: &str| name.eq_ignore_ascii_case(n);
             if is("max-age") {
@@ -208,7 +220,7 @@ impl RequestDirectives {
             } else if is("only-if-cached") {
                 d.only_if_cached = true;
             }
-        }
+        });
         // `Pragma: no-cache` counts only without any Cache-Control (RFC 9111 §5.4).
         if !any
             && headers
@@ -252,6 +264,28 @@ mod tests {
             ResponseDirectives::parse(&h("max-age=99999999999999999999")).max_age,
             Some(Duration::from_secs(1 << 31))
         );
+    }
+
+    /// Quoted commas do not split; names are case-insensitive; items are trimmed of spaces and
+    /// tabs, empty ones skipped; every line counts, a line that is not visible ASCII is skipped.
+    #[test]
+    fn lists_are_split_as_the_rfc_says() {
+        // Unquoted, the comma would make `max-age=5"` a directive, and the first `max-age` wins.
+        let d = ResponseDirectives::parse(&h("private=\"set-cookie, max-age=5\", max-age=60"));
+        assert_eq!((d.private, d.max_age), (true, Some(Duration::from_secs(60))));
+        let mut m = h(" ,\tPublic ,, MAX-AGE = 7\t,");
+        m.append(CACHE_CONTROL, HeaderValue::from_bytes(b"no-store, max-age=1\xff").unwrap());
+        m.append(CACHE_CONTROL, HeaderValue::from_static("must-revalidate"));
+        let d = ResponseDirectives::parse(&m);
+        assert_eq!(
+            (d.public, d.max_age, d.no_store, d.must_revalidate),
+            (true, Some(Duration::from_secs(7)), false, true)
+        );
+        // Quotes around a number are tolerated; inside it, or a sign, they are not.
+        assert_eq!(ResponseDirectives::parse(&h("max-age=\"\"9\"\"")).max_age, Some(Duration::from_secs(9)));
+        assert_eq!(ResponseDirectives::parse(&h("max-age=\"1\"2")).max_age, None);
+        assert_eq!(ResponseDirectives::parse(&h("max-age=+3")).max_age, None);
+        assert_eq!(ResponseDirectives::parse(&h("max-age=")).max_age, None);
     }
 
     #[test]

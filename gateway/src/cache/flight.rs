@@ -4,10 +4,10 @@
 //! and one of them takes over (`proxy::cached` re-joins: the first to join leads again).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::entry::Entry;
 
@@ -21,9 +21,19 @@ pub enum FlightResult {
     Failed,
 }
 
+/// One fetch under way: its result once the leader has one, and the waiters to wake then. (A
+/// `watch` channel did this before: its eight-way notifier and version bookkeeping were a
+/// tenth of what an uncontended miss cost; a miss with no waiter now sets a cell and finds
+/// nobody to wake.)
+#[derive(Debug, Default)]
+struct Flight {
+    result: OnceLock<FlightResult>,
+    done: Notify,
+}
+
 /// Keys are request-derived: a seeded, quality hash (foldhash, as L1 uses) rather than SipHash,
-/// twice per miss (join and release).
-type Map = Arc<Mutex<HashMap<String, watch::Receiver<Option<FlightResult>>, foldhash::quality::RandomState>>>;
+/// twice per miss (join and release). The key is allocated once, shared with the guard.
+type Map = Arc<Mutex<HashMap<Arc<str>, Arc<Flight>, foldhash::quality::RandomState>>>;
 
 #[derive(Debug, Default, Clone)]
 pub struct Flights {
@@ -33,32 +43,36 @@ pub struct Flights {
 #[derive(Debug)]
 pub enum Join {
     Leader(FlightGuard),
-    Waiter(watch::Receiver<Option<FlightResult>>),
+    Waiter(Waiter),
 }
+
+/// A place in the queue behind a leader (`wait`).
+#[derive(Debug)]
+pub struct Waiter(Arc<Flight>);
 
 /// Held by the leader; `finish` publishes the result, `Drop` releases waiters if it did not.
 #[derive(Debug)]
 pub struct FlightGuard {
-    key: String,
+    key: Arc<str>,
     map: Map,
-    tx: Option<watch::Sender<Option<FlightResult>>>,
+    flight: Option<Arc<Flight>>,
 }
 
 impl Flights {
     pub fn join(&self, key: &str) -> Join {
         let Ok(mut map) = self.map.lock() else {
             // A poisoned map only costs coalescing: lead alone.
-            let (tx, _) = watch::channel(None);
-            return Join::Leader(FlightGuard { key: String::new(), map: Map::default(), tx: Some(tx) });
+            return Join::Leader(FlightGuard { key: Arc::from(""), map: Map::default(), flight: None });
         };
-        if let Some(rx) = map.get(key) {
-            if rx.has_changed().is_ok() {
-                return Join::Waiter(rx.clone());
+        if let Some(f) = map.get(key) {
+            if f.result.get().is_none() {
+                return Join::Waiter(Waiter(f.clone()));
             }
         }
-        let (tx, rx) = watch::channel(None);
-        map.insert(key.to_string(), rx);
-        Join::Leader(FlightGuard { key: key.to_string(), map: self.map.clone(), tx: Some(tx) })
+        let key: Arc<str> = Arc::from(key);
+        let flight = Arc::new(Flight::default());
+        map.insert(key.clone(), flight.clone());
+        Join::Leader(FlightGuard { key, map: self.map.clone(), flight: Some(flight) })
     }
 
     /// True when a fetch for `key` is under way (a background refresh need not start another).
@@ -81,11 +95,16 @@ impl FlightGuard {
     }
 
     fn release(&mut self, result: FlightResult) {
-        if let Some(tx) = self.tx.take() {
+        if let Some(f) = self.flight.take() {
             if let Ok(mut map) = self.map.lock() {
-                map.remove(&self.key);
+                // Out of the map first: a request joining from now on leads a new fetch. (Only
+                // this flight: one that replaced it under the key goes back.)
+                if let Some(other) = map.remove(&self.key).filter(|g| !Arc::ptr_eq(g, &f)) {
+                    map.insert(self.key.clone(), other);
+                }
             }
-            let _ = tx.send(Some(result));
+            let _ = f.result.set(result);
+            f.done.notify_waiters();
         }
     }
 }
@@ -97,10 +116,17 @@ impl Drop for FlightGuard {
 }
 
 /// Waits for the leader, at most `limit`; a vanished leader means `Failed`, a timeout "go yourself".
-pub async fn wait(mut rx: watch::Receiver<Option<FlightResult>>, limit: Duration) -> FlightResult {
-    match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
-        Ok(Ok(v)) => v.clone().unwrap_or(FlightResult::Failed),
-        Ok(Err(_)) => FlightResult::Failed,
+pub async fn wait(w: Waiter, limit: Duration) -> FlightResult {
+    let f = w.0;
+    // Registered before the result is looked at: a result set after the look wakes it.
+    let done = f.done.notified();
+    tokio::pin!(done);
+    done.as_mut().enable();
+    if let Some(r) = f.result.get() {
+        return r.clone();
+    }
+    match tokio::time::timeout(limit, done).await {
+        Ok(()) => f.result.get().cloned().unwrap_or(FlightResult::Failed),
         Err(_) => FlightResult::NotShared,
     }
 }
@@ -113,10 +139,37 @@ mod tests {
     async fn waiters_are_released_when_the_leader_drops() {
         let f = Flights::default();
         let Join::Leader(guard) = f.join("k") else { panic!("first must lead") };
-        let Join::Waiter(rx) = f.join("k") else { panic!("second must wait") };
+        let Join::Waiter(w) = f.join("k") else { panic!("second must wait") };
         drop(guard);
-        assert!(matches!(wait(rx, Duration::from_secs(1)).await, FlightResult::Failed));
+        assert!(matches!(wait(w, Duration::from_secs(1)).await, FlightResult::Failed));
         assert!(f.is_empty());
         assert!(matches!(f.join("k"), Join::Leader(_)));
+    }
+
+    /// Waiters that joined before the leader finished are woken with its result (a missed
+    /// wake-up would end at the limit as `NotShared`, never `Failed`), and a request that joins
+    /// after it leads a new fetch.
+    #[tokio::test]
+    async fn waiters_wake_with_the_leaders_result() {
+        let f = Flights::default();
+        let Join::Leader(guard) = f.join("k") else { panic!("first must lead") };
+        let limit = Duration::from_secs(5);
+        let waits: Vec<_> = (0..3)
+            .map(|_| {
+                let Join::Waiter(w) = f.join("k") else { panic!("the others wait") };
+                tokio::spawn(wait(w, limit))
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        guard.finish(FlightResult::Failed);
+        for w in waits {
+            assert!(matches!(w.await.unwrap(), FlightResult::Failed));
+        }
+        assert!(f.is_empty());
+        let Join::Leader(next) = f.join("k") else { panic!("after the finish, a new leader") };
+        // A waiter whose leader finishes before it starts waiting returns the result at once.
+        let Join::Waiter(late) = f.join("k") else { panic!("second must wait") };
+        next.finish(FlightResult::Failed);
+        assert!(matches!(wait(late, limit).await, FlightResult::Failed));
     }
 }

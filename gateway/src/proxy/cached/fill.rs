@@ -55,13 +55,15 @@ pub(super) async fn fetch(
     let mut head = ctx.req.upstream_head();
     // The cache asks for the whole representation: the client's conditionals and ranges are
     // answered from what comes back (or passed on for HEAD / Range misses).
-    let keep_range = mode == Mode::PassRange;
-    for h in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_MATCH, header::IF_UNMODIFIED_SINCE] {
-        head.headers.remove(h);
-    }
-    if !keep_range {
-        head.headers.remove(header::RANGE);
-        head.headers.remove(header::IF_RANGE);
+    // (`conditional`: the client sent one of them; without it none is there to take out.)
+    if req.conditional {
+        for h in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_MATCH, header::IF_UNMODIFIED_SINCE] {
+            head.headers.remove(h);
+        }
+        if mode != Mode::PassRange {
+            head.headers.remove(header::RANGE);
+            head.headers.remove(header::IF_RANGE);
+        }
     }
     if let Some(e) = stale {
         if let Some(v) = e.etag() {

@@ -376,7 +376,7 @@ async fn fetch_coalesced(
                 }
                 return fetch(ctx, stale, Some(guard), Mode::Fill, purpose).await;
             }
-            Join::Waiter(rx) => match flight::wait(rx, t.response + t.idle).await {
+            Join::Waiter(w) => match flight::wait(w, t.response + t.idle).await {
                 FlightResult::Stored(e) if waiter_matches(ctx, &e) => {
                     let resp = serve_entry(&ctx.req.canon, &e, SystemTime::now());
                     return Ok(Fetched { resp, stored: Ok(()), fwd: Fwd::Collapsed, stale_if_error: None });
