@@ -248,6 +248,44 @@ async fn livez_readyz_health_and_drain() {
     assert!(gw.wait_exit(Duration::from_secs(30)).is_some_and(|s| s.success()));
 }
 
+/// Once a listener stops accepting (SIGTERM here; an upgrade's hand-over alike), an HTTP/1.1
+/// answer on a kept-alive connection says `Connection: close`: a busy client closes that
+/// connection itself after the answer, instead of finding it closed under a request it is
+/// sending when the drain begins (the keep-alive race: the soak lost a write to it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_listener_answers_connection_close_on_kept_alive_connections() {
+    let origin = origin().await;
+    let mut gw = Gateway::start(&yaml(&origin, "", "server:\n  shutdown_timeout: 5s\n"));
+    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let ask = |sender: &mut hyper::client::conn::http1::SendRequest<_>| {
+        sender.send_request(Request::get("/c/drain").header("host", "weir.test").body(full("")).unwrap())
+    };
+    let first = ask(&mut sender).await.unwrap();
+    assert!(first.headers().get("connection").is_none(), "kept alive while serving");
+    gw.signal("TERM");
+    // Asked every 20 ms on the same connection: answers go on as before until the listener
+    // stops accepting, then one says `close`; the connection must not be closed before that.
+    let mut answers = 1;
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sender
+            .ready()
+            .await
+            .unwrap_or_else(|e| panic!("closed under us after {answers} answers, none said close: {e}"));
+        let r = ask(&mut sender)
+            .await
+            .unwrap_or_else(|e| panic!("closed under a request after {answers} answers, none said close: {e}"));
+        answers += 1;
+        assert_eq!(r.status(), 200);
+        if r.headers().get("connection").is_some_and(|v| v == "close") {
+            break;
+        }
+    }
+    assert!(gw.wait_exit(Duration::from_secs(30)).is_some_and(|s| s.success()));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_metrics_exist() {
     let origin = origin().await;

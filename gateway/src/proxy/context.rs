@@ -35,14 +35,22 @@ pub struct ConnInfo {
 pub struct ConnHold {
     _slot: tokio::sync::OwnedSemaphorePermit,
     pub tunnels: prometheus_client::metrics::gauge::Gauge,
+    /// The listener's: set once it stops accepting (its connections are about to be drained).
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ConnHold {
     pub fn new(
         slot: tokio::sync::OwnedSemaphorePermit,
         tunnels: prometheus_client::metrics::gauge::Gauge,
+        closing: Arc<std::sync::atomic::AtomicBool>,
     ) -> Arc<ConnHold> {
-        Arc::new(ConnHold { _slot: slot, tunnels })
+        Arc::new(ConnHold { _slot: slot, tunnels, closing })
+    }
+
+    /// The listener has stopped accepting: HTTP/1.1 answers ask the client to close.
+    pub fn closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

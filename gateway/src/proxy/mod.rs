@@ -66,6 +66,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let peer = conn.peer;
     let hsts = conn.tls.as_ref().and_then(|t| t.hsts.clone());
     let tls_version = conn.tls.as_ref().map(|t| t.version);
+    // The listener is draining: an HTTP/1.1 client is told to leave this connection after the
+    // answer (HTTP/2 gets GOAWAY), not left to meet the close with its next request.
+    let close = conn.hold.as_ref().is_some_and(|h| h.closing()) && req.version() <= http::Version::HTTP_11;
     let trusted = rt.config.server.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip().to_canonical()));
     let spans = gw.span_exporter();
     let access = gw.access_log();
@@ -113,6 +116,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let error = resp.extensions().get::<crate::error::Code>().map(|c| c.0);
     if let Some(v) = hsts {
         resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
+    }
+    // (Not on a `101`: the connection becomes the tunnel's.)
+    if close && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if !served.ctx.as_ref().is_some_and(|c| c.id_answered.load(std::sync::atomic::Ordering::Relaxed)) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), ids.request_id.clone());

@@ -35,9 +35,13 @@ const DEPTH: usize = 2;
 /// integers) run for each call of a batch, then `finish` once. `NOW`: Redis' clock (`TIME`) in
 /// microseconds, read once per batch (the calls of a batch are decided at one instant, in
 /// order). `LATER`: a table the calls leave work in for `finish` (writes that no decision in the
-/// batch reads, done once for all). `ARGV[1]`: how many calls; then per call its key count, its
-/// argument count and its arguments; `KEYS`: every call's keys, in order. Answers, per call, the
-/// length of its table, then the table.
+/// batch reads, done once for all). `ARGV[1]`: how many runs; then per run its key count, its
+/// argument count, how many calls it stands for, and its arguments; `KEYS`: every run's keys,
+/// in order. A run is one call, or several identical ones that were queued one after the other
+/// (one client's requests to one route, say): sent once, decided once per call, in order, so
+/// each is decided exactly as if it had been sent on its own. `one` must not change its `KEYS`
+/// and `ARGV` tables (a run's calls share them). Answers, per call, the length of its table,
+/// then the table.
 pub fn wrap(one: &str, finish: &str) -> String {
     format!(
         r"local function one(KEYS, ARGV, NOW, LATER)
@@ -49,15 +53,17 @@ local later = {{}}
 local out = {{}}
 local ki, ai = 1, 2
 for _ = 1, tonumber(ARGV[1]) do
-  local nk, na = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
-  ai = ai + 2
+  local nk, na, calls = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
+  ai = ai + 3
   local k, a = {{}}, {{}}
   for i = 1, nk do k[i] = KEYS[ki + i - 1] end
   for i = 1, na do a[i] = ARGV[ai + i - 1] end
   ki, ai = ki + nk, ai + na
-  local r = one(k, a, now, later)
-  out[#out + 1] = #r
-  for i = 1, #r do out[#out + 1] = r[i] end
+  for _ = 1, calls do
+    local r = one(k, a, now, later)
+    out[#out + 1] = #r
+    for i = 1, #r do out[#out + 1] = r[i] end
+  end
 end
 local LATER = later
 {finish}
@@ -67,7 +73,7 @@ return out
 }
 
 /// One argument of a call.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Arg {
     Int(i64),
     Str(&'static str),
@@ -110,7 +116,7 @@ pub enum Failed {
 type Answer = Result<Vec<i64>, Failed>;
 
 /// One script call: its slot (0 for a single Redis), keys and arguments.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Call {
     pub slot: u16,
     pub keys: SmallVec<[String; 6]>,
@@ -212,13 +218,15 @@ async fn round(redis: &Shared, script: &redis::Script, groups: SmallVec<[Vec<Job
 /// One script call for `jobs` (all of one slot); each job gets its part of the answer.
 async fn send(redis: &Shared, script: &redis::Script, jobs: Vec<Job>) {
     let mut inv = script.prepare_invoke();
-    inv.arg(jobs.len());
-    for j in &jobs {
-        inv.arg(j.call.keys.len()).arg(j.call.args.len());
-        for k in &j.call.keys {
+    let runs = runs(&jobs);
+    inv.arg(runs.len());
+    for &(first, calls) in &runs {
+        let call = &jobs[first].call;
+        inv.arg(call.keys.len()).arg(call.args.len()).arg(calls);
+        for k in &call.keys {
             inv.key(k.as_str());
         }
-        for a in &j.call.args {
+        for a in &call.args {
             match a {
                 Arg::Int(v) => inv.arg(*v),
                 Arg::Str(v) => inv.arg(*v),
@@ -255,6 +263,19 @@ async fn send(redis: &Shared, script: &redis::Script, jobs: Vec<Job>) {
     }
 }
 
+/// The calls of `jobs` as runs of identical calls queued one after the other: (the first job's
+/// index, how many). Only neighbours are merged: order is kept exactly.
+fn runs(jobs: &[Job]) -> SmallVec<[(usize, usize); 8]> {
+    let mut runs: SmallVec<[(usize, usize); 8]> = SmallVec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        match runs.last_mut() {
+            Some((first, n)) if jobs[*first].call == j.call => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -267,5 +288,17 @@ mod tests {
         assert_eq!(super::slot("{}foo"), 9500);
         assert_eq!(super::slot("a{b}{c}"), super::slot("b"));
         assert_eq!(super::slot("weir:{rl:00ff}:p"), 16025);
+    }
+
+    #[test]
+    fn only_identical_neighbours_share_a_run() {
+        let job = |key: &str, commit: i64| {
+            let mut call = super::Call::default();
+            call.key(key.to_string()).arg("g").arg(commit);
+            super::Job { call, reply: tokio::sync::oneshot::channel().0 }
+        };
+        let jobs = [job("a", 1), job("a", 1), job("a", 0), job("a", 1), job("b", 1), job("b", 1), job("b", 1)];
+        assert_eq!(super::runs(&jobs).as_slice(), &[(0, 2), (2, 1), (3, 1), (4, 3)]);
+        assert!(super::runs(&[]).is_empty());
     }
 }

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +75,11 @@ where
 {
     let Serving { builder, mut shutdown, drain, slots, gauges } = serving;
     let graceful = GracefulShutdown::new();
+    // Set when the listener stops accepting: from then on an HTTP/1.1 answer says
+    // `Connection: close` (`proxy::handle`), so a client busy on a kept-alive connection closes
+    // it itself after that answer instead of the connection being closed under it when the
+    // drain begins (a request sent at that moment would find it closed: the keep-alive race).
+    let closing = Arc::new(AtomicBool::new(false));
     let local = match listener.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -102,7 +108,7 @@ where
                 };
                 let _ = stream.set_nodelay(true);
                 // The slot lives as long as the connection and any tunnel made of it.
-                let info = ConnInfo::new(peer, local, "http").with_hold(ConnHold::new(permit, gauges.tunnel.clone()));
+                let info = ConnInfo::new(peer, local, "http").with_hold(ConnHold::new(permit, gauges.tunnel.clone(), closing.clone()));
                 let (h, b, watcher) = (handler.clone(), builder.clone(), graceful.watcher());
                 match &tls {
                     None => {
@@ -145,6 +151,7 @@ where
         }
     }
     drop(listener);
+    closing.store(true, Ordering::Relaxed);
     // A connection accepted just now may not have had its first request read yet, and a
     // graceful shutdown closes a connection with no request in flight: let such requests
     // arrive (keep-alive connections keep being served meanwhile) before asking connections
