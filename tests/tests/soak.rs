@@ -1499,6 +1499,23 @@ async fn run_soak(secs: u64, cluster: bool) {
         };
         println!("| p99 during {k} | {:?}; {alone} |", p99(Some(&[k])));
     }
+    // Where a fault's own p99 comes from: its slowest requests that met no other fault (what,
+    // where, how long, and when against the fault's window).
+    for k in by_kind.keys() {
+        let others: Vec<&str> = kinds.iter().copied().filter(|o| o != k).collect();
+        let mut slow: Vec<&Outcome> = outcomes
+            .iter()
+            .filter(|o| o.kind != Kind::PaidLeft && o.took > Duration::from_millis(500))
+            .filter(|o| {
+                let (a, b) = (o.started, o.started + o.took);
+                faults.during(&[k], a, b, Duration::ZERO) && !faults.during(&others, a, b, Duration::ZERO)
+            })
+            .collect();
+        slow.sort_by_key(|o| std::cmp::Reverse(o.took));
+        for o in slow.iter().take(3) {
+            println!("  slow during {k} alone: {}", explain(&faults, t0, o));
+        }
+    }
     if !broken.is_empty() {
         // Each instance's budget counters (calls settled unpriced, dropped, clamped; spent).
         for (i, g) in fleet.slots.iter().enumerate() {

@@ -73,8 +73,11 @@ pub(super) async fn fetch(
             head.headers.insert(header::IF_MODIFIED_SINCE, v.clone());
         }
     }
-    let now = SystemTime::now();
-    let sie = stale.filter(|e| !e.is_fresh(now) && e.staleness(now) <= e.stale_if_error && !e.stale_if_error.is_zero());
+    // (The clock is read only when there is a stale entry to judge: not on a plain miss.)
+    let sie = stale.filter(|e| {
+        let now = SystemTime::now();
+        !e.is_fresh(now) && e.staleness(now) <= e.stale_if_error && !e.stale_if_error.is_zero()
+    });
     let route = ctx.req.route();
     let resp = match upstream(&ctx.req, purpose, head, buffered(ctx.body.as_ref())).await {
         Ok(r) => r,
