@@ -177,57 +177,80 @@ pub struct Status {
     pub series: Vec<(i64, i64, i64)>,
 }
 
+/// The window hash's figures for this batch (`LATER[KEYS[1]]`, shared by RESERVE and SETTLE):
+/// read once a batch, changed in memory by every call, written once at its end (`FINISH`), so
+/// each call still sees what the calls before it did. On the first touch in a batch the
+/// window's expired leases are released (on Redis' clock): once a batch, not once a call.
+/// `{spent, reserved, requests, existed, changed, w = true, ttl = expiry to set when created}`.
+const WINDOW: &str = r"
+local function window(KEYS, now)
+  local w = LATER[KEYS[1]]
+  if w then return w end
+  local f = redis.call('HMGET', KEYS[1], 's', 'r', 'n')
+  w = {tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0'), (f[1] or f[2] or f[3]) and true or false, false, w = true}
+  LATER[KEYS[1]] = w
+  LATER[#LATER + 1] = KEYS[1]
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+  for _, id in ipairs(dead) do
+    local a = redis.call('HGET', KEYS[2], id)
+    if a then
+      w[2] = w[2] - tonumber(a)
+      w[5] = true
+      redis.call('HDEL', KEYS[2], id)
+    end
+    redis.call('ZREM', KEYS[3], id)
+  end
+  return w
+end
+";
+
 /// Checks reserve against the limit and records a lease (KEYS: window hash, lease amounts,
 /// lease expiries; ARGV: limit, amount, lease id (empty: only read), lease TTL µs, key TTL s,
-/// partial 0/1). Expired leases are released first, on Redis' clock. With `partial` (a cost
-/// the plugin computes later) a call is admitted while anything is left, holding at most what
-/// is left. Returns `{admitted, spent, reserved, requests, held}`.
+/// partial 0/1). Expired leases are released first (`window`). With `partial` (a cost the
+/// plugin computes later) a call is admitted while anything is left, holding at most what is
+/// left. Returns `{admitted, spent, reserved, requests, held}`.
 /// `NOW` is Redis' clock in microseconds (read once per batch).
 const RESERVE: &str = r"
-local now = NOW
-local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for _, id in ipairs(dead) do
-  local a = redis.call('HGET', KEYS[2], id)
-  if a then
-    redis.call('HINCRBY', KEYS[1], 'r', -tonumber(a))
-    redis.call('HDEL', KEYS[2], id)
-  end
-  redis.call('ZREM', KEYS[3], id)
-end
-local f = redis.call('HMGET', KEYS[1], 's', 'r', 'n')
-local s, r, n = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
+local w = window(KEYS, NOW)
+local s, r, n = w[1], w[2], w[3]
 if ARGV[3] == '' then return {1, s, r, n, 0} end
 local amount = tonumber(ARGV[2])
 local left = tonumber(ARGV[1]) - s - r
 if ARGV[6] == '1' and left > 0 and amount > left then amount = left end
 if amount > left then return {0, s, r, n, 0} end
-redis.call('HINCRBY', KEYS[1], 'r', amount)
+w[2] = r + amount
+w[5] = true
 redis.call('HSET', KEYS[2], ARGV[3], amount)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
--- The window's hash lives as long as its window (set when it is created); the lease sets may
--- have been emptied (and so deleted) since.
-local first = 1
-if f[1] or f[2] or f[3] then first = 2 end
-for i = first, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+redis.call('ZADD', KEYS[3], NOW + tonumber(ARGV[4]), ARGV[3])
+-- The window's hash lives as long as its window (its expiry is set when it is created, by
+-- FINISH, which writes it); the lease sets may have been emptied (and so deleted) since.
+if not w[4] then
+  w[4] = true
+  w.ttl = ARGV[5]
+end
+for i = 2, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return {1, s, r + amount, n, amount}
 ";
 
 /// Settles a lease once (KEYS: window hash, lease amounts, lease expiries, hour bucket, day
 /// bucket, done marker; ARGV: lease id, cost, charged 0/1, hour TTL s, day TTL s, marker TTL s).
 /// Returns `{0}` when it was settled before. The hourly and daily history is added to once per
-/// batch and bucket (`LATER`, `HISTORY`): no decision reads it.
+/// batch and bucket (`LATER`, `FINISH`): no decision reads it.
 const SETTLE: &str = r"
 if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[6]) then return {0} end
+local w = window(KEYS, NOW)
 local a = redis.call('HGET', KEYS[2], ARGV[1])
 if a then
-  redis.call('HINCRBY', KEYS[1], 'r', -tonumber(a))
+  w[2] = w[2] - tonumber(a)
+  w[5] = true
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
 if ARGV[3] == '1' then
   local c = tonumber(ARGV[2])
-  redis.call('HINCRBY', KEYS[1], 's', c)
-  redis.call('HINCRBY', KEYS[1], 'n', 1)
+  w[1] = w[1] + c
+  w[3] = w[3] + 1
+  w[5] = true
   for j = 4, 5 do
     local e = LATER[KEYS[j]]
     if not e then
@@ -242,13 +265,22 @@ end
 return {1}
 ";
 
-/// After a batch: each history bucket a settlement charged, added to once.
-const HISTORY: &str = r"
+/// After a batch: each window it changed, written once (exact integers: `%.0f`), with its
+/// expiry when this batch created it; each history bucket a settlement charged, added to once.
+const FINISH: &str = r"
+local function int(x) return string.format('%.0f', x) end
 for _, k in ipairs(LATER) do
   local e = LATER[k]
-  redis.call('HINCRBY', k, 's', e[1])
-  redis.call('HINCRBY', k, 'n', e[2])
-  redis.call('EXPIRE', k, e[3])
+  if e.w then
+    if e[5] then
+      redis.call('HSET', k, 's', int(e[1]), 'r', int(e[2]), 'n', int(e[3]))
+      if e.ttl then redis.call('EXPIRE', k, e.ttl) end
+    end
+  else
+    redis.call('HINCRBY', k, 's', e[1])
+    redis.call('HINCRBY', k, 'n', e[2])
+    redis.call('EXPIRE', k, e[3])
+  end
 end
 ";
 
@@ -258,11 +290,11 @@ end
 fn calls_script() -> String {
     crate::redis::batch::wrap(
         &format!(
-            "local function reserve(KEYS, ARGV)\n{RESERVE}\nend\nlocal function settle(KEYS, ARGV)\n{SETTLE}\nend\n\
+            "{WINDOW}\nlocal function reserve(KEYS, ARGV)\n{RESERVE}\nend\nlocal function settle(KEYS, ARGV)\n{SETTLE}\nend\n\
              local rest = {{}}\nfor i = 2, #ARGV do rest[i - 1] = ARGV[i] end\n\
              if ARGV[1] == 'r' then return reserve(KEYS, rest) end\nreturn settle(KEYS, rest)"
         ),
-        HISTORY,
+        FINISH,
     )
 }
 

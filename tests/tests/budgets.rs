@@ -98,6 +98,14 @@ async fn two_instances_admit_exactly_the_budget() {
     let calls = redis.script_calls();
     println!("17,500 reservations and settlements in {calls} script calls");
     assert!(calls > 0 && calls < 17_500, "17,500 reservations and settlements took {calls} script calls");
+    // Nothing a budget writes stays for ever: the window, its leases, the history buckets and
+    // the settled markers all expire (the window with its day).
+    let keys = redis.keys();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        let ttl: i64 = redis.command(&format!("TTL {k}")).and_then(|t| t.trim_start_matches(':').parse().ok()).unwrap();
+        assert!(ttl > 0, "{k} has no expiry (TTL {ttl})");
+    }
     for gw in &gws {
         let s = status(gw, "").await;
         assert_eq!(
