@@ -233,7 +233,9 @@ return {1, s, r + amount, n, amount}
 ";
 
 /// Settles a lease once (KEYS: window hash, lease amounts, lease expiries, hour bucket, day
-/// bucket, done marker; ARGV: lease id, cost, charged 0/1, hour TTL s, day TTL s, marker TTL s).
+/// bucket, done marker; ARGV: lease id, cost, charged 0/1, hour TTL s, day TTL s, marker TTL s,
+/// window TTL s — set when the settlement recreates a window whose hash has expired, as a
+/// call that crosses its window's end does).
 /// Returns `{0}` when it was settled before. The hourly and daily history is added to once per
 /// batch and bucket (`LATER`, `FINISH`): no decision reads it.
 const SETTLE: &str = r"
@@ -261,6 +263,12 @@ if ARGV[3] == '1' then
     e[1] = e[1] + c
     e[2] = e[2] + 1
   end
+end
+-- A window this batch writes that was not there (it expired under a call that crossed its
+-- end) gets an expiry again: no budget key lives for ever.
+if w[5] and not w[4] then
+  w[4] = true
+  w.ttl = ARGV[7]
 end
 return {1}
 ";
@@ -544,9 +552,12 @@ impl Budgets {
         call.key(format!("{tag}:h:{}", lease.hour)).key(format!("{tag}:d:{}", lease.day));
         call.key(format!("{tag}:done:{}", lease.id));
         call.arg(lease.id.clone()).arg(units).arg(if charged { "1" } else { "0" });
+        // The window's hash lives until two days after its end (as a reservation sets it).
+        let (_, end) = window(lease.budget.per, lease.window);
         call.arg(lease.budget.hourly_ttl.as_secs())
             .arg(lease.budget.daily_ttl.as_secs())
-            .arg(lease.budget.lease_ttl.as_secs().max(60) * 2);
+            .arg(lease.budget.lease_ttl.as_secs().max(60) * 2)
+            .arg((end - now_s()).max(0) + 2 * 86_400);
         match self.batcher(redis).call(call).await {
             Ok(_) => true,
             Err(e) => {

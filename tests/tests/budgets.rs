@@ -22,6 +22,10 @@ async fn origin() -> (Origin, Arc<AtomicUsize>) {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 text(200, "late")
             }
+            "/wait" => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                text(200, "waited")
+            }
             _ => text(200, "ok"),
         }
     })
@@ -132,6 +136,35 @@ async fn two_instances_admit_exactly_the_budget() {
             .unwrap();
         assert!(spent > 0.0 && spent < 7.6, "{spent}");
     }
+}
+
+/// A call that outlives its window's hash (the hash expired at the window's end; here it is
+/// deleted under the call) recreates it when it settles, and the recreated hash expires like
+/// every other budget key instead of staying for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_a_settlement_recreates_still_expires() {
+    let (origin, _) = origin().await;
+    let redis = RedisServer::start();
+    let gw = Gateway::start(&config(&origin, Some(redis.port), "limit: \"5\", per: 1d", "cost: \"0.001\""));
+    let c = client();
+    let delete_window = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let w: Vec<String> = redis.keys().into_iter().filter(|k| k.contains(":w:")).collect();
+        assert_eq!(w.len(), 1, "the reservation made one window: {w:?}");
+        assert_eq!(redis.command(&format!("DEL {}", w[0])).as_deref(), Some(":1"));
+        w[0].clone()
+    };
+    let (got, key) = tokio::join!(call(&c, &gw, "/wait"), delete_window);
+    assert_eq!(got.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.command(&format!("EXISTS {key}")).as_deref() != Some(":1") {
+        assert!(Instant::now() < deadline, "the settlement never reached {key}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ttl: i64 = redis.command(&format!("TTL {key}")).and_then(|t| t.trim_start_matches(':').parse().ok()).unwrap();
+    assert!(ttl > 86_400, "{key}: TTL {ttl} (the window's end plus two days)");
+    let s = status(&gw, "").await;
+    assert_eq!((s["spent"].as_str(), s["requests"].as_i64()), (Some("0.001"), Some(1)), "{s}");
 }
 
 /// Embedded mode (no Redis): the same arithmetic in memory. A status that is not charged

@@ -821,11 +821,29 @@ const FD_SLACK: usize = 24;
 /// tasks. A leak grows with the load; this does not.
 const TASK_SLACK: u64 = 16;
 
-/// `weir_ratelimit_fallback_total` of the limited route: decisions made without Redis.
+/// `weir_ratelimit_fallback_total` of the limited route: decisions made without Redis. The
+/// admin port is asked again for up to 3 s: once in about five 60-second runs (2026-12-06,
+/// seed 1796586122058962933, not seen again on replay) a read just before an instance kill was
+/// refused a connection; a port that stays closed still fails the run, saying so.
 async fn limit_fallbacks(metrics_url: &str) -> u64 {
-    get(metrics_url)
-        .await
-        .text()
+    let mut refused = 0;
+    let page = loop {
+        let req = Request::get(metrics_url).body(full("")).unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), client().request(req)).await {
+            Ok(Ok(resp)) => {
+                break http_body_util::BodyExt::collect(resp.into_body()).await.expect("metrics body").to_bytes()
+            }
+            Ok(Err(e)) if refused < 30 => {
+                refused += 1;
+                if refused == 1 {
+                    println!("soak: {metrics_url} refused ({e}); asking again");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("{metrics_url} unreachable after {refused} tries: {other:?}"),
+        }
+    };
+    String::from_utf8_lossy(&page)
         .lines()
         .find_map(|l| l.strip_prefix("weir_ratelimit_fallback_total{route=\"limited\"} "))
         .and_then(|v| v.trim().parse::<f64>().ok())
