@@ -825,7 +825,7 @@ const TASK_SLACK: u64 = 16;
 /// admin port is asked again for up to 3 s: once in about five 60-second runs (2026-12-06,
 /// seed 1796586122058962933, not seen again on replay) a read just before an instance kill was
 /// refused a connection; a port that stays closed still fails the run, saying so.
-async fn limit_fallbacks(metrics_url: &str) -> u64 {
+async fn limit_fallbacks(metrics_url: &str) -> Option<u64> {
     let mut refused = 0;
     let page = loop {
         let req = Request::get(metrics_url).body(full("")).unwrap();
@@ -840,14 +840,33 @@ async fn limit_fallbacks(metrics_url: &str) -> u64 {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            other => panic!("{metrics_url} unreachable after {refused} tries: {other:?}"),
+            other => {
+                println!("soak: {metrics_url} unreachable after {refused} tries: {other:?}");
+                return None;
+            }
         }
     };
     String::from_utf8_lossy(&page)
         .lines()
         .find_map(|l| l.strip_prefix("weir_ratelimit_fallback_total{route=\"limited\"} "))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+        .map_or(Some(0), |v| Some(v as u64))
+}
+
+/// Fails the run for an instance whose admin port stays closed, saying whether its process is
+/// still there (a crash would show here first: the harness asks before it counts what was lost)
+/// and what it logged last.
+fn unreachable_instance(fleet: &Fleet, i: usize) -> ! {
+    let g = fleet.slots[i].lock().unwrap();
+    let alive = std::path::Path::new(&format!("/proc/{}", g.pid())).exists();
+    let log = g.log();
+    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+    panic!(
+        "instance {i} (pid {}, process {}) does not answer on its admin port; its last log lines:\n{}",
+        g.pid(),
+        if alive { "alive" } else { "gone" },
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
 }
 
 /// `weir_runtime_tasks` from a metrics page.
@@ -1008,7 +1027,7 @@ async fn run_soak(secs: u64, cluster: bool) {
                 // (`lease_ttl` 5 s here); a new instance takes its place.
                 let i = rng.below(fleet.len() as u64) as usize;
                 let url = fleet.slots[i].lock().unwrap().admin_url("/metrics");
-                fallbacks += limit_fallbacks(&url).await;
+                fallbacks += limit_fallbacks(&url).await.unwrap_or_else(|| unreachable_instance(&fleet, i));
                 fleet.slots[i].lock().unwrap().signal("KILL");
                 tokio::time::sleep(hold).await;
                 let y = yaml.clone();
@@ -1025,7 +1044,7 @@ async fn run_soak(secs: u64, cluster: bool) {
                     (g.config_path.clone(), g.admin_url("/metrics"))
                 };
                 // The old process's count, before its admin listener is handed over too.
-                fallbacks += limit_fallbacks(&url).await;
+                fallbacks += limit_fallbacks(&url).await.unwrap_or_else(|| unreachable_instance(&fleet, i));
                 let next = tokio::task::spawn_blocking(move || Gateway::upgrade_from(path))
                     .await
                     .unwrap()
@@ -1295,9 +1314,9 @@ async fn run_soak(secs: u64, cluster: bool) {
     // Over the whole run: what Redis admitted is at most burst + rate × the run's span; the rest
     // was decided without it (each instance's count of such decisions, admitted or not, read
     // before it was killed or handed over, and at the end).
-    for g in &fleet.slots {
-        let url = g.lock().unwrap().admin_url("/metrics");
-        fallbacks += limit_fallbacks(&url).await;
+    for i in 0..fleet.len() {
+        let url = fleet.slots[i].lock().unwrap().admin_url("/metrics");
+        fallbacks += limit_fallbacks(&url).await.unwrap_or_else(|| unreachable_instance(&fleet, i));
     }
     let span = match (ok.first(), ok.last()) {
         (Some(a), Some(b)) => b.duration_since(*a).as_secs_f64(),
