@@ -59,6 +59,12 @@ pub fn units_ceil(d: Decimal) -> Option<i64> {
     i64::try_from(scaled).ok().filter(|u| *u <= MAX_UNITS)
 }
 
+/// How long a window's Redis keys live, in seconds from `now`: until two days after its `end`
+/// (a settlement may come after the end; the admin API reads recent windows).
+fn window_ttl(end: i64, now: i64) -> i64 {
+    (end - now).max(0) + 2 * 86_400
+}
+
 /// Units as an amount (`4.998`, `0`).
 pub fn amount(units: i64) -> Decimal {
     Decimal::new(units, SCALE).normalize()
@@ -181,13 +187,15 @@ pub struct Status {
 /// read once a batch, changed in memory by every call, written once at its end (`FINISH`), so
 /// each call still sees what the calls before it did. On the first touch in a batch the
 /// window's expired leases are released (on Redis' clock): once a batch, not once a call.
-/// `{spent, reserved, requests, existed, changed, w = true, ttl = expiry to set when created}`.
+/// `{spent, reserved, requests, existed, changed, w = true, ttl}`: `ttl` (the window's end plus
+/// two days, from the call) is set by `FINISH` when the batch writes a window that was not
+/// there — created by a reservation, or recreated by a settlement after it expired.
 const WINDOW: &str = r"
-local function window(KEYS, now)
+local function window(KEYS, now, ttl)
   local w = LATER[KEYS[1]]
   if w then return w end
   local f = redis.call('HMGET', KEYS[1], 's', 'r', 'n')
-  w = {tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0'), (f[1] or f[2] or f[3]) and true or false, false, w = true}
+  w = {tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0'), (f[1] or f[2] or f[3]) and true or false, false, w = true, ttl = ttl}
   LATER[KEYS[1]] = w
   LATER[#LATER + 1] = KEYS[1]
   local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -211,7 +219,7 @@ end
 /// left. Returns `{admitted, spent, reserved, requests, held}`.
 /// `NOW` is Redis' clock in microseconds (read once per batch).
 const RESERVE: &str = r"
-local w = window(KEYS, NOW)
+local w = window(KEYS, NOW, ARGV[5])
 local s, r, n = w[1], w[2], w[3]
 if ARGV[3] == '' then return {1, s, r, n, 0} end
 local amount = tonumber(ARGV[2])
@@ -222,12 +230,8 @@ w[2] = r + amount
 w[5] = true
 redis.call('HSET', KEYS[2], ARGV[3], amount)
 redis.call('ZADD', KEYS[3], NOW + tonumber(ARGV[4]), ARGV[3])
--- The window's hash lives as long as its window (its expiry is set when it is created, by
--- FINISH, which writes it); the lease sets may have been emptied (and so deleted) since.
-if not w[4] then
-  w[4] = true
-  w.ttl = ARGV[5]
-end
+-- The window's hash lives as long as its window (FINISH writes it, with its expiry when it
+-- is new); the lease sets may have been emptied (and so deleted) since.
 for i = 2, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return {1, s, r + amount, n, amount}
 ";
@@ -240,7 +244,7 @@ return {1, s, r + amount, n, amount}
 /// batch and bucket (`LATER`, `FINISH`): no decision reads it.
 const SETTLE: &str = r"
 if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[6]) then return {0} end
-local w = window(KEYS, NOW)
+local w = window(KEYS, NOW, ARGV[7])
 local a = redis.call('HGET', KEYS[2], ARGV[1])
 if a then
   w[2] = w[2] - tonumber(a)
@@ -264,12 +268,6 @@ if ARGV[3] == '1' then
     e[2] = e[2] + 1
   end
 end
--- A window this batch writes that was not there (it expired under a call that crossed its
--- end) gets an expiry again: no budget key lives for ever.
-if w[5] and not w[4] then
-  w[4] = true
-  w.ttl = ARGV[7]
-end
 return {1}
 ";
 
@@ -282,7 +280,9 @@ for _, k in ipairs(LATER) do
   if e.w then
     if e[5] then
       redis.call('HSET', k, 's', int(e[1]), 'r', int(e[2]), 'n', int(e[3]))
-      if e.ttl then redis.call('EXPIRE', k, e.ttl) end
+      -- A window that was not there (new, or expired under a call crossing its end): no
+      -- budget key lives for ever.
+      if not e[4] then redis.call('EXPIRE', k, e.ttl) end
     end
   else
     redis.call('HINCRBY', k, 's', e[1])
@@ -478,7 +478,7 @@ impl Budgets {
             call.key(k);
         }
         let ttl_us = u64::try_from(def.lease_ttl.as_micros()).unwrap_or(u64::MAX);
-        call.arg(limit_units).arg(units).arg(id.clone()).arg(ttl_us).arg(end - now + 2 * 86_400);
+        call.arg(limit_units).arg(units).arg(id.clone()).arg(ttl_us).arg(window_ttl(end, now));
         call.arg(if partial { "1" } else { "0" });
         let mut pending = Unanswered { budgets: self, lease: Some(lease(0, 0, units)) };
         let answer = self.batcher(redis).call(call).await;
@@ -552,12 +552,11 @@ impl Budgets {
         call.key(format!("{tag}:h:{}", lease.hour)).key(format!("{tag}:d:{}", lease.day));
         call.key(format!("{tag}:done:{}", lease.id));
         call.arg(lease.id.clone()).arg(units).arg(if charged { "1" } else { "0" });
-        // The window's hash lives until two days after its end (as a reservation sets it).
         let (_, end) = window(lease.budget.per, lease.window);
         call.arg(lease.budget.hourly_ttl.as_secs())
             .arg(lease.budget.daily_ttl.as_secs())
             .arg(lease.budget.lease_ttl.as_secs().max(60) * 2)
-            .arg((end - now_s()).max(0) + 2 * 86_400);
+            .arg(window_ttl(end, now_s()));
         match self.batcher(redis).call(call).await {
             Ok(_) => true,
             Err(e) => {
@@ -631,7 +630,8 @@ impl Budgets {
         for k in self.window_keys(&tag, win.0) {
             call.key(k);
         }
-        call.arg(def.limit_units).arg(0i64).arg("").arg(0i64).arg(0i64).arg("0");
+        // (The window's TTL too: a read that releases expired leases writes the window.)
+        call.arg(def.limit_units).arg(0i64).arg("").arg(0i64).arg(window_ttl(win.1, now)).arg("0");
         let head = self.batcher(redis).call(call).await.map_err(|_| Refusal::Unavailable)?;
         let mut pipe = redis::pipe();
         for s in &starts {
