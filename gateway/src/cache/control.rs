@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::header::{HeaderMap, HeaderName, CACHE_CONTROL, PRAGMA};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, PRAGMA};
 
 /// Response directives that matter to a shared cache.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -109,49 +109,17 @@ fn first(seen: &mut u8, bit: u8) -> bool {
 
 impl ResponseDirectives {
     pub fn parse(headers: &HeaderMap) -> Self {
-        let mut d = ResponseDirectives::default();
-        let mut seen = 0u8;
-        each_directive(headers, |name, value| {
-            let is = |n: &str| name.eq_ignore_ascii_case(n);
-            if is("max-age") && first(&mut seen, 1) {
-                d.max_age = delta(value);
-            } else if is("s-maxage") && first(&mut seen, 2) {
-                d.s_maxage = delta(value);
-            } else if is("stale-while-revalidate") && first(&mut seen, 4) {
-                d.stale_while_revalidate = delta(value);
-            } else if is("stale-if-error") && first(&mut seen, 8) {
-                d.stale_if_error = delta(value);
-            } else if is("no-store") {
-                d.no_store = true;
-            } else if is("no-cache") {
-                // Qualified forms (`no-cache="set-cookie"`) are treated as unqualified: safer.
-                d.no_cache = true;
-            } else if is("private") {
-                d.private = true;
-            } else if is("public") {
-                d.public = true;
-            } else if is("must-revalidate") {
-                d.must_revalidate = true;
-            } else if is("proxy-revalidate") {
-                d.proxy_revalidate = true;
-            } else if is("must-understand") {
-                d.must_understand = true;
-            }
-        });
-        d
+        let mut lines = ResponseLines::default();
+        for v in headers.get_all(CACHE_CONTROL) {
+            lines.add(v);
+        }
+        lines.finish()
     }
 
-    /// The directives of the first targeted field (RFC 9213) of `fields` that is present and
-    /// a valid Structured Field dictionary; `None` when there is none, and then `Cache-Control`
-    /// and `Expires` decide. Several lines of one field are one dictionary (RFC 9651 §4.2).
-    /// A directive whose value has the wrong type is ignored (§2.2): `max-age="60"` is no
-    /// `max-age`; `no-store=?0` is no `no-store`.
+    /// The directives of the first of `fields` (most specific first) present and valid as a
+    /// structured dictionary (RFC 9213). A lookup per field: `policy::decide` calls it only when
+    /// its pass over the answer's fields met one of them.
     pub fn targeted(headers: &HeaderMap, fields: &[HeaderName]) -> Option<Self> {
-        // Most answers carry none: one pass over the names they do carry costs less than a
-        // hashed lookup of each targeted name.
-        if !headers.keys().any(|k| fields.contains(k)) {
-            return None;
-        }
         fields.iter().find_map(|name| {
             let mut lines = headers.get_all(name).iter().peekable();
             lines.peek()?;
@@ -205,6 +173,54 @@ impl ResponseDirectives {
     }
 }
 
+/// `Cache-Control` lines read one at a time, in order (a pass over an answer's fields meets
+/// them among the others): what `ResponseDirectives::parse` does with one lookup.
+#[derive(Debug, Default)]
+pub struct ResponseLines {
+    d: ResponseDirectives,
+    /// Delta directives already seen (of duplicates the first counts, §4.2.1).
+    seen: u8,
+}
+
+impl ResponseLines {
+    /// The next `Cache-Control` line; one that is not visible ASCII is skipped whole.
+    pub fn add(&mut self, line: &HeaderValue) {
+        let Ok(s) = line.to_str() else { return };
+        let (d, seen) = (&mut self.d, &mut self.seen);
+        split_list(s, &mut |name: &str, value: Option<&str>| {
+            let is = |n: &str| name.eq_ignore_ascii_case(n);
+            if is("max-age") && first(seen, 1) {
+                d.max_age = delta(value);
+            } else if is("s-maxage") && first(seen, 2) {
+                d.s_maxage = delta(value);
+            } else if is("stale-while-revalidate") && first(seen, 4) {
+                d.stale_while_revalidate = delta(value);
+            } else if is("stale-if-error") && first(seen, 8) {
+                d.stale_if_error = delta(value);
+            } else if is("no-store") {
+                d.no_store = true;
+            } else if is("no-cache") {
+                // Qualified forms (`no-cache="set-cookie"`) are treated as unqualified: safer.
+                d.no_cache = true;
+            } else if is("private") {
+                d.private = true;
+            } else if is("public") {
+                d.public = true;
+            } else if is("must-revalidate") {
+                d.must_revalidate = true;
+            } else if is("proxy-revalidate") {
+                d.proxy_revalidate = true;
+            } else if is("must-understand") {
+                d.must_understand = true;
+            }
+        });
+    }
+
+    pub fn finish(self) -> ResponseDirectives {
+        self.d
+    }
+}
+
 impl RequestDirectives {
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut d = RequestDirectives::default();
@@ -242,7 +258,6 @@ impl RequestDirectives {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn h(v: &str) -> HeaderMap {
         let mut m = HeaderMap::new();

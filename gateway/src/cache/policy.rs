@@ -3,10 +3,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{HeaderMap, AGE, DATE, EXPIRES, LAST_MODIFIED, SET_COOKIE, VARY};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, AGE, CACHE_CONTROL, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE, VARY,
+};
 use http::{Method, StatusCode};
 
-use super::control::{RequestDirectives, ResponseDirectives};
+use super::control::{RequestDirectives, ResponseDirectives, ResponseLines};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OriginHeaders {
@@ -146,8 +148,8 @@ const HEURISTIC_CAP: Duration = Duration::from_secs(86_400);
 
 /// An HTTP-date in any of its three forms (IMF-fixdate, RFC 850, asctime; RFC 9110 §5.6.7),
 /// day and month names in any case.
-fn http_date(headers: &HeaderMap, name: http::header::HeaderName) -> Option<SystemTime> {
-    let text = headers.get(name)?.to_str().ok()?.trim();
+fn http_date(value: Option<&HeaderValue>) -> Option<SystemTime> {
+    let text = value?.to_str().ok()?.trim();
     // An origin's `Date` changes once a second and every fill reads one: the last IMF-fixdate
     // parsed on this thread is kept (comparing 29 bytes instead of ~1,000 instructions of
     // parsing on every miss).
@@ -193,6 +195,61 @@ fn canonical_case(text: &str) -> String {
     out.replace("Gmt", "GMT")
 }
 
+/// What the storage decision reads of an answer's fields, found in one pass over them: an
+/// answer carries a handful of fields, and a hashed lookup of each of the nine names read here
+/// cost more than walking them once (RFC 9111 §5.1: of several lines, the first counts).
+struct Head<'h> {
+    cache_control: ResponseLines,
+    /// One of the route's targeted fields (RFC 9213) is there.
+    targeted: bool,
+    set_cookie: bool,
+    /// `Vary: *`, or a `Vary` line that is not visible ASCII (which no key could honour).
+    vary_star: bool,
+    date: Option<&'h HeaderValue>,
+    age: Option<&'h HeaderValue>,
+    expires: Option<&'h HeaderValue>,
+    last_modified: Option<&'h HeaderValue>,
+    etag: bool,
+}
+
+impl<'h> Head<'h> {
+    fn scan(headers: &'h HeaderMap, targeted_fields: &[HeaderName]) -> Self {
+        let mut h = Head {
+            cache_control: ResponseLines::default(),
+            targeted: false,
+            set_cookie: false,
+            vary_star: false,
+            date: None,
+            age: None,
+            expires: None,
+            last_modified: None,
+            etag: false,
+        };
+        for (k, v) in headers {
+            // (Any name but `cache-control` may be configured as one, even a field read below.)
+            h.targeted |= targeted_fields.contains(k);
+            if *k == CACHE_CONTROL {
+                h.cache_control.add(v);
+            } else if *k == DATE {
+                h.date = h.date.or(Some(v));
+            } else if *k == AGE {
+                h.age = h.age.or(Some(v));
+            } else if *k == EXPIRES {
+                h.expires = h.expires.or(Some(v));
+            } else if *k == LAST_MODIFIED {
+                h.last_modified = h.last_modified.or(Some(v));
+            } else if *k == ETAG {
+                h.etag = true;
+            } else if *k == SET_COOKIE {
+                h.set_cookie = true;
+            } else if *k == VARY {
+                h.vary_star |= v.to_str().map_or(true, |s| s.split(',').any(|t| t.trim() == "*"));
+            }
+        }
+        h
+    }
+}
+
 /// Decides whether (and for how long) a response to `req` may be stored by this shared cache.
 pub fn decide(
     cfg: &RouteCache,
@@ -201,16 +258,17 @@ pub fn decide(
     headers: &HeaderMap,
     now: SystemTime,
 ) -> Result<Lifetime, NotStored> {
-    // A targeted field (RFC 9213) replaces Cache-Control and Expires for Weir's own decisions.
-    let targeted = ResponseDirectives::targeted(headers, &cfg.targeted_fields);
-    let is_targeted = targeted.is_some();
-    let cc = targeted.unwrap_or_else(|| ResponseDirectives::parse(headers));
     if !cfg.methods.contains(&req.method) || req.method == Method::HEAD {
         return Err(NotStored::Method);
     }
     if status == StatusCode::PARTIAL_CONTENT {
         return Err(NotStored::Partial);
     }
+    let head = Head::scan(headers, &cfg.targeted_fields);
+    // A targeted field (RFC 9213) replaces Cache-Control and Expires for Weir's own decisions.
+    let targeted = if head.targeted { ResponseDirectives::targeted(headers, &cfg.targeted_fields) } else { None };
+    let is_targeted = targeted.is_some();
+    let cc = targeted.unwrap_or_else(|| head.cache_control.finish());
     // §5.2.2.3: `must-understand` stores only a status whose caching rules Weir implements,
     // and for those it overrides `no-store`.
     if cc.must_understand && !understood(status) {
@@ -230,17 +288,17 @@ pub fn decide(
     if req.cookie && !share {
         return Err(NotStored::Cookie);
     }
-    if headers.contains_key(SET_COOKIE) && !share {
+    if head.set_cookie && !share {
         return Err(NotStored::SetCookie);
     }
-    if headers.get_all(VARY).iter().any(|v| v.to_str().map_or(true, |s| s.split(',').any(|t| t.trim() == "*"))) {
+    if head.vary_star {
         return Err(NotStored::VaryStar);
     }
 
-    let date = http_date(headers, DATE).unwrap_or(now);
+    let date = http_date(head.date).unwrap_or(now);
     // RFC 9111 §5.1: a list counts by its first member, and of several lines the first counts.
-    let age_header = headers
-        .get(AGE)
+    let age_header = head
+        .age
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let v = v.split(',').next().unwrap_or("").trim();
@@ -258,10 +316,10 @@ pub fn decide(
             if is_targeted {
                 return None;
             }
-            http_date(headers, EXPIRES)
+            http_date(head.expires)
                 .map(|e| e.duration_since(date).unwrap_or_default())
                 // An unparseable Expires (e.g. "0") means "already expired" (§5.3).
-                .or_else(|| headers.contains_key(EXPIRES).then_some(Duration::ZERO))
+                .or_else(|| head.expires.is_some().then_some(Duration::ZERO))
         })
     } else {
         None
@@ -280,10 +338,10 @@ pub fn decide(
             }
             match cfg.ttl {
                 Some(ttl) => ttl,
-                None => match http_date(headers, LAST_MODIFIED) {
+                None => match http_date(head.last_modified) {
                     Some(lm) if respect => (date.duration_since(lm).unwrap_or_default() / 10).min(HEURISTIC_CAP),
                     // No freshness at all: worth storing only to revalidate it (ETag).
-                    _ if respect && headers.contains_key(http::header::ETAG) => Duration::ZERO,
+                    _ if respect && head.etag => Duration::ZERO,
                     _ => return Err(NotStored::NoFreshness),
                 },
             }
@@ -306,7 +364,7 @@ pub fn decide(
         revalidate_always: respect && cc.no_cache,
         stale_forbidden: !stale_ok,
     };
-    let has_validators = headers.contains_key(http::header::ETAG) || headers.contains_key(LAST_MODIFIED);
+    let has_validators = head.etag || head.last_modified.is_some();
     if lifetime.fresh_for.saturating_sub(initial_age).is_zero()
         && lifetime.stale_while_revalidate.is_zero()
         && lifetime.stale_if_error.is_zero()
@@ -477,6 +535,44 @@ mod tests {
         );
     }
 
+    /// The decision reads an answer's fields in one pass: every `Cache-Control` line counts, of
+    /// several `Date`/`Age`/`Expires` lines the first does, `Vary: *` on any line refuses, and a
+    /// targeted field is found wherever it stands, even one named like a field read for itself.
+    #[test]
+    fn one_pass_reads_every_line_as_the_rfc_says() {
+        let c = cfg(None, OriginHeaders::Respect);
+        let now = SystemTime::now();
+        let date = httpdate::fmt_http_date(now - Duration::from_secs(10));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(100));
+        let answer = headers(&[
+            ("cache-control", "max-age=60"),
+            ("date", &date),
+            ("age", "3"),
+            ("cache-control", "stale-if-error=9, max-age=5"),
+            ("age", "50"),
+            ("date", &later),
+            ("cache-control", "must-revalidate"),
+        ]);
+        let l = decide(&c, &get(), StatusCode::OK, &answer, now).unwrap();
+        assert_eq!(l.fresh_for, Duration::from_secs(60));
+        assert_eq!(l.stale_if_error, Duration::ZERO, "must-revalidate on the third line forbids stale");
+        assert!(l.initial_age >= Duration::from_secs(10) && l.initial_age < Duration::from_secs(50), "{l:?}");
+        // Of two `Expires` lines the first counts (an unparseable first one is "expired").
+        let exp = headers(&[("expires", "0"), ("expires", &later), ("etag", "\"v\"")]);
+        assert_eq!(decide(&c, &get(), StatusCode::OK, &exp, now).unwrap().fresh_for, Duration::ZERO);
+        assert_eq!(
+            decide(&c, &get(), StatusCode::OK, &headers(&[("vary", " * "), ("vary", "accept")]), now),
+            Err(NotStored::VaryStar)
+        );
+        // A targeted field replaces Cache-Control and Expires, after them or before them.
+        let t = headers(&[("cache-control", "no-store"), ("cdn-cache-control", "max-age=7")]);
+        assert_eq!(decide(&c, &get(), StatusCode::OK, &t, now).unwrap().fresh_for, Duration::from_secs(7));
+        let mut odd = c.clone();
+        odd.targeted_fields = std::sync::Arc::new([EXPIRES]);
+        let t = headers(&[("cache-control", "max-age=1"), ("expires", "max-age=8")]);
+        assert_eq!(decide(&odd, &get(), StatusCode::OK, &t, now).unwrap().fresh_for, Duration::from_secs(8));
+    }
+
     #[test]
     fn credentials_and_vary_star() {
         let c = cfg(Some(60), OriginHeaders::Respect);
@@ -524,7 +620,7 @@ mod tests {
     /// non-canonical case, and garbage of the same length.
     #[test]
     fn remembered_dates_parse_as_parsing_would() {
-        let at = |text: &str| http_date(&headers(&[("date", text)]), DATE);
+        let at = |text: &str| http_date(headers(&[("date", text)]).get(DATE));
         let a = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").ok();
         assert!(a.is_some());
         assert_eq!(at("Sun, 06 Nov 1994 08:49:37 GMT"), a);

@@ -140,8 +140,8 @@ pub(super) async fn fetch(
         Collected::Complete(bytes) => {
             // The client whose request filled the entry keeps its own cookies (a stored copy
             // never has them, so nobody else gets them).
-            let cookies: Vec<HeaderValue> = rp.headers.get_all(header::SET_COOKIE).iter().cloned().collect();
-            let entry = Arc::new(build_entry(ctx, status, rp.headers, bytes, &l, now, plugin_tags));
+            let (entry, cookies) = build_entry(ctx, status, rp.headers, bytes, &l, now, plugin_tags);
+            let entry = Arc::new(entry);
             let stored = ctx.cache.store(&ctx.primary, entry.clone(), generation).await;
             if let Some(g) = guard {
                 g.finish(if stored { FlightResult::Stored(entry.clone()) } else { FlightResult::NotShared });
@@ -215,7 +215,8 @@ async fn revalidated(
     let (decided, plugin_tags) = decide(ctx, e.status, &headers, now);
     match decided {
         Ok(l) => {
-            let mut next = build_entry(ctx, e.status, headers, e.body.clone(), &l, now, plugin_tags);
+            // (A 304's cookies are not passed on: the stored answer is served as it is.)
+            let (mut next, _cookies) = build_entry(ctx, e.status, headers, e.body.clone(), &l, now, plugin_tags);
             next.key = e.key.clone();
             let next = Arc::new(next);
             let stored = ctx.cache.store(&ctx.primary, next.clone(), generation).await;
@@ -311,27 +312,23 @@ fn build_entry(
     l: &Lifetime,
     now: SystemTime,
     plugin_tags: Vec<String>,
-) -> Entry {
-    let mut vary = key::vary_names(&headers);
-    if ctx.cfg.by_consumer {
-        // Keyed by the verified consumer (a client can never send its own `Weir-Consumer`):
-        // a variant per consumer, so purges of the path still reach every consumer's copy.
-        key::add_name(&mut vary, crate::proxy::WEIR_CONSUMER.clone());
-    }
-    let key =
-        if vary.is_empty() { ctx.primary.clone() } else { key::secondary(&ctx.primary, &vary, &ctx.req.canon.headers) };
+) -> (Entry, Vec<HeaderValue>) {
     let mut tags: Vec<String> = ctx.req.route().route.invalidate.as_ref().map(|i| i.tags.clone()).unwrap_or_default();
-    // One pass over the origin's head: what is stored, and the tags it names. Not stored:
-    // cookies; `Age`, `Content-Length`, `Cache-Status` and `X-Request-Id` (written below: a
+    // One pass over the origin's head: what is stored, the tags it names, whether it varies,
+    // and its cookies (the filling client's own, handed back). Not stored: cookies; `Age`, `Content-Length`, `Cache-Status` and `X-Request-Id` (written below: a
     // hit overwrites the placeholders in place, so the cloned map never grows; an origin's
     // request id is never replayed); an origin's quota fields (they describe the request that
     // filled the entry).
     let (age, length, via) = (header::AGE, header::CONTENT_LENGTH, header::VIA);
     let mut pairs: Vec<(&HeaderName, &[u8])> = Vec::with_capacity(headers.len() + 5);
-    let mut ours = false;
+    let mut cookies = Vec::new();
+    let (mut ours, mut varies) = (false, false);
     for (k, v) in &headers {
-        if *k == header::SET_COOKIE
-            || *k == age
+        if *k == header::SET_COOKIE {
+            cookies.push(v.clone());
+            continue;
+        }
+        if *k == age
             || *k == length
             || *k == CACHE_STATUS
             || *k == crate::observe::X_REQUEST_ID
@@ -342,6 +339,8 @@ fn build_entry(
         }
         if *k == via {
             ours |= v.as_bytes().ends_with(b"weir");
+        } else if *k == header::VARY {
+            varies = true;
         } else if *k == SURROGATE_KEY {
             let found = v.to_str().ok().into_iter().flat_map(str::split_whitespace);
             tags.extend(found.filter(|t| t.len() <= MAX_TAG_LEN).map(str::to_string));
@@ -351,6 +350,14 @@ fn build_entry(
         }
         pairs.push((k, v.as_bytes()));
     }
+    let mut vary = if varies { key::vary_names(&headers) } else { Vec::new() };
+    if ctx.cfg.by_consumer {
+        // Keyed by the verified consumer (a client can never send its own `Weir-Consumer`):
+        // a variant per consumer, so purges of the path still reach every consumer's copy.
+        key::add_name(&mut vary, crate::proxy::WEIR_CONSUMER.clone());
+    }
+    let key =
+        if vary.is_empty() { ctx.primary.clone() } else { key::secondary(&ctx.primary, &vary, &ctx.req.canon.headers) };
     tags.extend(plugin_tags);
     tags.sort();
     tags.dedup();
@@ -367,7 +374,7 @@ fn build_entry(
     // Header values parsed by hyper are slices of the connection's read buffer: a stored copy
     // would keep that whole buffer alive. Stored: one exact-size map, values in one buffer.
     let headers = crate::cache::entry::compact_headers(&pairs);
-    Entry {
+    let entry = Entry {
         key,
         status,
         headers,
@@ -382,7 +389,8 @@ fn build_entry(
         tags,
         path: ctx.req.canon.path_query.clone(),
         vary: vary.into(),
-    }
+    };
+    (entry, cookies)
 }
 
 /// A body read up to a bound: request bodies of cached POSTs, and responses being stored.
