@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Weir's instruction-count gate (`make bench-gate`).
 
-Runs the release binary under `valgrind --tool=callgrind` for four request paths on routes
+Runs the release binary under `valgrind --tool=callgrind` for five request paths on routes
 without plugins — an L1 hit, pure proxying, a miss that is stored, an L1 hit on a route with a
-rate limit kept in Redis (a `redis-server` of its own; one request at a time, so every check is
+rate limit kept in the process, the same with the limit kept in Redis (a `redis-server` of its own; one request at a time, so every check is
 one script call: the unbatched cost) — and counts the instructions
 Weir executes per request, every thread included. Each scenario: start Weir under callgrind,
 warm up, zero the counters (`callgrind_control -z`), send a fixed number of requests over a fixed
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from run import free_port  # bench/run.py, beside this file
 
-SCENARIOS = ("l1_hit", "proxy", "miss_store", "limit_redis")
+SCENARIOS = ("l1_hit", "proxy", "miss_store", "limit_local", "limit_redis")
 CONNECTIONS = 4
 HOT = 100
 
@@ -114,18 +114,19 @@ def drive(port, paths):
         raise SystemExit(f"unexpected statuses {statuses}")
 
 
-def config(tmp, port, admin_port, origin_port, log=True, access="off", redis=None):
+def config(tmp, port, admin_port, origin_port, log=True, access="off", limited=False, redis=None):
     cfg = tmp / "gate.yaml"
     # A commit from before the access log existed (53da35e, say) refuses the `log` key.
     to = f", to: {tmp / 'access.log'}" if access != "off" else ""
     log = f"log:\n  access: {{ format: {access}{to} }}\n" if log else ""
-    # The Redis-limited route exists only when there is a Redis (older commits' configs stay valid).
+    # The limited route exists only in the limit scenarios (older commits' configs stay valid);
+    # its counters live in Redis when there is one, in the process otherwise.
     limited = (f"""  - name: limited
     match: {{ path: /l/ }}
     upstream: http://127.0.0.1:{origin_port}
     cache: {{}}
     rate_limit: {{ rate: 1000000/s, burst: 1000000, key: client_ip }}
-""" if redis else "")
+""" if limited else "")
     redis_block = f"redis:\n  url: redis://127.0.0.1:{redis}/0\n" if redis else ""
     cfg.write_text(f"""listen:
   - addr: 127.0.0.1:{port}
@@ -150,7 +151,7 @@ def workload(scenario, requests):
     if scenario == "l1_hit":
         warm = [f"/c/hot/{i % HOT}" for i in range(HOT * 3)]
         return warm, [f"/c/hot/{i % HOT}" for i in range(requests)]
-    if scenario == "limit_redis":
+    if scenario in ("limit_local", "limit_redis"):
         warm = [f"/l/hot/{i % HOT}" for i in range(HOT * 3)]
         return warm, [f"/l/hot/{i % HOT}" for i in range(requests)]
     if scenario == "proxy":
@@ -177,7 +178,7 @@ def measure(args, scenario, tmp):
                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(redis_port, redis)
     cfg = config(tmp, port, admin_port, origin_port, log=not args.no_log_key, access=args.access_log,
-                 redis=redis_port)
+                 limited=scenario.startswith("limit_"), redis=redis_port)
     origin = subprocess.Popen([str(target / "weir-bench-static"), "--addr", f"127.0.0.1:{origin_port}",
                                "--bytes", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp / f"callgrind.{scenario}.out"
