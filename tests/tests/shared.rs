@@ -357,6 +357,43 @@ async fn a_purge_during_another_instances_fill_wins() {
     assert_eq!(hits.load(Ordering::SeqCst), 2);
 }
 
+/// A fill lock asked for while Redis is paused — the call times out and the miss fills without
+/// the lock — is not taken when Redis resumes and runs the held call: no instance then waits
+/// for a lock nobody holds. (Before, it was taken for its whole `FILL_LOCK_TTL` after the fault
+/// had ended: the soak saw hits on every instance wait ~2 s right after Redis faults.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_lock_asked_for_during_a_pause_is_not_taken_when_redis_resumes() {
+    let redis = RedisServer::start();
+    let (origin, _) = origin().await;
+    // A breaker that stays closed through two timeouts: the lock request is sent. (The
+    // supervisor's ping, also held, marks Redis unreachable only op_timeout after it is sent,
+    // which is after this request's lock request went: its lookup was sent first.)
+    let extra = "  op_timeout: 300ms
+  breaker: {failures: 50, window: 10s, open_for: 1s}
+";
+    let gw = Gateway::start(&config(&origin, &redis_block(&[redis.url()], extra), "16MiB"));
+    wait_subscribed(&[&gw]).await;
+    // A fill first: the scripts are loaded, so the held calls run (an unknown script's call
+    // would fail `NOSCRIPT` after the pause and prove nothing).
+    assert_eq!(call(&gw, Method::GET, "/products/warm").await.status, 200);
+    // Its lock is released after the answer (in the background): not caught by the pause.
+    let released =
+        eventually(Duration::from_secs(5), || async { !redis.keys().iter().any(|k| k.contains(":f:")) }).await;
+    assert!(released, "the warm-up fill's lock was never released: {:?}", redis.keys());
+    let paused_at = Instant::now();
+    assert_eq!(redis.command("CLIENT PAUSE 1200").as_deref(), Some("+OK"));
+    let g = call(&gw, Method::GET, "/products/cold").await;
+    assert_eq!(g.status, 200, "{}", gw.log());
+    let answered = paused_at.elapsed();
+    tokio::time::sleep((paused_at + Duration::from_millis(1500)).saturating_duration_since(Instant::now())).await;
+    // Redis has run what it held (the lookup, the lock request, the store): no lock is left.
+    let locks: Vec<String> = redis.keys().into_iter().filter(|k| k.contains(":f:")).collect();
+    let ttl: Vec<_> = locks.iter().map(|k| redis.command(&format!("PTTL {k}"))).collect();
+    assert!(locks.is_empty(), "a fill lock nobody holds: {locks:?} (PTTL {ttl:?}; answered after {answered:?})");
+    let entries = redis.keys().into_iter().filter(|k| k.contains(":e:")).count();
+    assert_eq!(entries, 2, "the held store ran too: {:?}", redis.keys());
+}
+
 /// An answer that may not be stored hands the fill on to one instance at a time, not to every
 /// waiting instance at once: the origin sees one request at a time from the fleet (each
 /// instance's own waiters still go together, as they do without Redis).

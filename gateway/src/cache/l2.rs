@@ -100,6 +100,18 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2 * #KEYS])
 return n
 ";
 
+/// Takes a fill lock (`SET NX PX`: 1 taken, 0 another instance has it) unless the call arrives
+/// after its caller stopped waiting for the answer (ARGV[3]: that moment on Redis' clock, ms;
+/// -1). A call held by a paused or stalled Redis and run when it resumes would otherwise take a
+/// lock no instance holds — its caller timed out and filled without one — and every instance
+/// would wait on it for `FILL_LOCK_TTL` after the fault had ended.
+const TAKE: &str = r"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[3]) then return -1 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+";
+
 /// Releases a fill lock if this holder still has it (compare and delete), then announces it on
 /// `FILLED` either way: waiters look for the entry, or take their turn.
 const RELEASE: &str = r"
@@ -150,6 +162,7 @@ pub struct L2 {
     buckets: u16,
     put_script: Script,
     purge_script: Script,
+    take_script: Script,
     release_script: Script,
     extend_script: Script,
     pending: Mutex<Vec<Purge>>,
@@ -252,6 +265,7 @@ impl L2 {
             buckets,
             put_script: Script::new(PUT),
             purge_script: Script::new(PURGE),
+            take_script: Script::new(TAKE),
             release_script: Script::new(RELEASE),
             extend_script: Script::new(EXTEND),
             pending: Mutex::new(Vec::new()),
@@ -370,20 +384,21 @@ impl L2 {
         let wait = FillWait { l2: self.clone(), hex: hex.clone(), rx };
         let token = crate::hex::encode(&crate::random_u64().to_le_bytes());
         let ms = u64::try_from(FILL_LOCK_TTL.as_millis()).unwrap_or(3000);
-        let (n, t) = (name.clone(), token.clone());
-        let taken: Option<String> = self
-            .redis
-            .call(|mut c| async move {
-                redis::cmd("SET").arg(n).arg(t).arg("NX").arg("PX").arg(ms).query_async(&mut c).await
-            })
-            .await
-            .map_err(Self::error)?;
+        // The moment `call` stops waiting, on Redis' clock: a later arrival takes nothing.
+        let late = self.redis.redis_ms(SystemTime::now() + self.redis.settings.op_timeout);
+        let mut inv = self.take_script.prepare_invoke();
+        inv.key(&name).arg(&token).arg(ms).arg(late);
+        let taken: i64 =
+            self.redis.call(|mut c| async move { inv.invoke_async(&mut c).await }).await.map_err(Self::error)?;
         Ok(match taken {
-            Some(_) => {
+            1 => {
                 drop(wait);
                 Turn::Mine(FillLock { l2: self.clone(), name, token, hex })
             }
-            None => Turn::Theirs(wait),
+            0 => Turn::Theirs(wait),
+            // Arrived after this call's own deadline (the clocks disagree more than measured):
+            // nothing was taken, fill without a lock.
+            _ => return Err(CacheError::Skipped { tier: "l2", reason: "fill lock request arrived late".into() }),
         })
     }
 
