@@ -176,8 +176,11 @@ pub struct PolicyState {
 
 #[derive(Debug)]
 pub struct Limiter {
-    /// Keys are already keyed hashes: a fast hasher (foldhash), not moka's SipHash.
-    local: moka::sync::Cache<[u8; 16], Arc<Mutex<[u64; 2]>>, foldhash::fast::RandomState>,
+    /// Keyed by the length-prefixed (route, key, policy) bytes themselves (`fields`): exact, so
+    /// no two keys ever share a cell, and looked up by reference (a key is allocated only when
+    /// it is new). Hashed with foldhash, randomly seeded (an attacker cannot aim at one hash
+    /// chain), not moka's SipHash.
+    local: moka::sync::Cache<Vec<u8>, Arc<Mutex<[u64; 2]>>, foldhash::fast::RandomState>,
     redis: Option<Arc<Shared>>,
     script: redis::Script,
     /// Sends the Redis checks in batches; started by the first one (it needs the runtime).
@@ -228,8 +231,7 @@ impl Limiter {
     pub fn auth_failure(&self, ip: IpAddr, gcra: &Gcra) -> Result<(), u64> {
         let now_us = self.clock.now_us();
         let addr = address_key(ip);
-        let id = self.id("\u{0}auth", &addr, "failures");
-        let cell = self.local.get_with(id, || Arc::new(Mutex::new([0, 0])));
+        let cell = self.local_cell("\u{0}auth", &addr, "failures");
         let mut c = cell.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match gcra.check(c[0], now_us) {
             gcra::Decision::Allow { tat, .. } => {
@@ -405,13 +407,8 @@ impl Limiter {
         let now = self.clock.now_us();
         // Per admitting policy: its position in `idx` and the state it would store.
         let mut decided: SmallVec<[(usize, (u64, u64)); 4]> = SmallVec::new();
-        let cells: SmallVec<[Arc<Mutex<[u64; 2]>>; 4]> = idx
-            .iter()
-            .map(|&i| {
-                let id = self.id(route, &keys[i], &policies[i].name);
-                self.local.get_with(id, || Arc::new(Mutex::new([0, 0])))
-            })
-            .collect();
+        let cells: SmallVec<[Arc<Mutex<[u64; 2]>>; 4]> =
+            idx.iter().map(|&i| self.local_cell(route, &keys[i], &policies[i].name)).collect();
         let mut guards: SmallVec<[_; 4]> =
             cells.iter().map(|c| c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).collect();
         let mut ok = true;
@@ -492,8 +489,7 @@ impl Limiter {
         let mut found = false;
         for p in policies {
             let k = key.internal(&p.key);
-            let id = self.id(route, &k, &p.name);
-            found |= self.local.remove(&id).is_some();
+            found |= fields(route, &k, &p.name, |f| self.local.remove(f).is_some());
             names.push(self.redis_key(route, &k, &p.name));
         }
         if let Some(redis) = &self.redis {
@@ -509,34 +505,44 @@ impl Limiter {
         Ok(found)
     }
 
-    /// Length-prefixed fields in one buffer (on the stack for the usual sizes), then one keyed
-    /// BLAKE3 call: many small `update`s cost several times as much.
+    /// The local cell of a policy for a key on a route, created when new.
+    fn local_cell(&self, route: &str, key: &str, policy: &str) -> Arc<Mutex<[u64; 2]>> {
+        fields(route, key, policy, |f| self.local.get_with_by_ref(f, || Arc::new(Mutex::new([0, 0]))))
+    }
+
+    /// The keyed BLAKE3 of the fields (one call: many small `update`s cost several times as
+    /// much): Redis key names carry no request data.
     fn id(&self, route: &str, key: &str, policy: &str) -> [u8; 16] {
-        // Length-prefixed fields, gathered on the stack when they fit (they nearly always do).
-        let total = 24 + route.len() + key.len() + policy.len();
-        let mut stack = [0u8; 256];
-        let mut heap = Vec::new();
-        let buf: &mut [u8] = match stack.get_mut(..total) {
-            Some(b) => b,
-            None => {
-                heap.resize(total, 0);
-                &mut heap
-            }
-        };
-        let mut at = 0;
-        for f in [route, key, policy] {
-            buf[at..at + 8].copy_from_slice(&(f.len() as u64).to_le_bytes());
-            buf[at + 8..at + 8 + f.len()].copy_from_slice(f.as_bytes());
-            at += 8 + f.len();
-        }
         let mut out = [0u8; 16];
-        out.copy_from_slice(&blake3::keyed_hash(&self.hash_key, buf).as_bytes()[..16]);
+        fields(route, key, policy, |f| out.copy_from_slice(&blake3::keyed_hash(&self.hash_key, f).as_bytes()[..16]));
         out
     }
 
     fn id_hex(&self, route: &str, key: &str) -> String {
         crate::hex::encode(&self.id(route, key, ""))
     }
+}
+
+/// `f` of (route, key, policy) as length-prefixed fields in one buffer, gathered on the stack
+/// when they fit (they nearly always do): unambiguous whatever the fields hold.
+fn fields<R>(route: &str, key: &str, policy: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+    let total = 24 + route.len() + key.len() + policy.len();
+    let mut stack = [0u8; 256];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = match stack.get_mut(..total) {
+        Some(b) => b,
+        None => {
+            heap.resize(total, 0);
+            &mut heap
+        }
+    };
+    let mut at = 0;
+    for field in [route, key, policy] {
+        buf[at..at + 8].copy_from_slice(&(field.len() as u64).to_le_bytes());
+        buf[at + 8..at + 8 + field.len()].copy_from_slice(field.as_bytes());
+        at += 8 + field.len();
+    }
+    f(buf)
 }
 
 /// What one check is about: a route's policies and, for each, the key it counts by.
