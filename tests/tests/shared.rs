@@ -357,41 +357,64 @@ async fn a_purge_during_another_instances_fill_wins() {
     assert_eq!(hits.load(Ordering::SeqCst), 2);
 }
 
-/// A fill lock asked for while Redis is paused — the call times out and the miss fills without
-/// the lock — is not taken when Redis resumes and runs the held call: no instance then waits
-/// for a lock nobody holds. (Before, it was taken for its whole `FILL_LOCK_TTL` after the fault
-/// had ended: the soak saw hits on every instance wait ~2 s right after Redis faults.)
-#[tokio::test(flavor = "multi_thread")]
-async fn a_fill_lock_asked_for_during_a_pause_is_not_taken_when_redis_resumes() {
+/// A gateway on its own Redis with `extra` settings, subscribed, after one fill whose lock is
+/// released (its scripts are loaded: calls Redis holds and runs later run for real, where an
+/// unknown script's would fail `NOSCRIPT` and prove nothing): ready for a fault.
+async fn warmed(extra: &str) -> (RedisServer, Origin, Gateway) {
     let redis = RedisServer::start();
     let (origin, _) = origin().await;
-    // A breaker that stays closed through two timeouts: the lock request is sent. (The
-    // supervisor's ping, also held, marks Redis unreachable only op_timeout after it is sent,
-    // which is after this request's lock request went: its lookup was sent first.)
-    let extra = "  op_timeout: 300ms
-  breaker: {failures: 50, window: 10s, open_for: 1s}
-";
     let gw = Gateway::start(&config(&origin, &redis_block(&[redis.url()], extra), "16MiB"));
     wait_subscribed(&[&gw]).await;
-    // A fill first: the scripts are loaded, so the held calls run (an unknown script's call
-    // would fail `NOSCRIPT` after the pause and prove nothing).
     assert_eq!(call(&gw, Method::GET, "/products/warm").await.status, 200);
-    // Its lock is released after the answer (in the background): not caught by the pause.
+    // Its lock is released after the answer (in the background): not caught by the fault.
     let released =
         eventually(Duration::from_secs(5), || async { !redis.keys().iter().any(|k| k.contains(":f:")) }).await;
     assert!(released, "the warm-up fill's lock was never released: {:?}", redis.keys());
+    (redis, origin, gw)
+}
+
+/// A fill lock asked for while Redis holds writes — the call times out and the miss fills
+/// without the lock — is not taken when Redis resumes and runs the held call: no instance then
+/// waits for a lock nobody holds. (Before, it was taken for its whole `FILL_LOCK_TTL` after the
+/// fault had ended: the soak saw hits on every instance wait ~2 s right after Redis faults.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_lock_asked_for_during_a_pause_is_not_taken_when_redis_resumes() {
+    // A breaker that stays closed through two timeouts; `CLIENT PAUSE .. WRITE` holds scripts
+    // but answers reads, so the lookup answers (a miss) and the lock request is sent and held.
+    let extra = "  op_timeout: 300ms\n  breaker: {failures: 50, window: 10s, open_for: 1s}\n";
+    let (redis, _origin, gw) = warmed(extra).await;
     let paused_at = Instant::now();
-    assert_eq!(redis.command("CLIENT PAUSE 1200").as_deref(), Some("+OK"));
+    assert_eq!(redis.command("CLIENT PAUSE 1200 WRITE").as_deref(), Some("+OK"));
     let g = call(&gw, Method::GET, "/products/cold").await;
     assert_eq!(g.status, 200, "{}", gw.log());
     let answered = paused_at.elapsed();
     tokio::time::sleep((paused_at + Duration::from_millis(1500)).saturating_duration_since(Instant::now())).await;
-    // Redis has run what it held (the lookup, the lock request, the store): no lock is left.
+    // Redis has run what it held (the lock request, the store): no lock is left.
     let locks: Vec<String> = redis.keys().into_iter().filter(|k| k.contains(":f:")).collect();
     let ttl: Vec<_> = locks.iter().map(|k| redis.command(&format!("PTTL {k}"))).collect();
     assert!(locks.is_empty(), "a fill lock nobody holds: {locks:?} (PTTL {ttl:?}; answered after {answered:?})");
     let entries = redis.keys().into_iter().filter(|k| k.contains(":e:")).count();
     assert_eq!(entries, 2, "the held store ran too: {:?}", redis.keys());
+}
+
+/// A miss while Redis does not answer meets one timeout for its lookup and then asks for no
+/// fill lock (nothing would answer it, and the lock is worth having only from a Redis that
+/// answers): its answer comes after two timeouts (the lookup, the store), not three — each of
+/// the configured `op_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_miss_after_a_redis_timeout_asks_for_no_fill_lock() {
+    let extra = "  op_timeout: 800ms\n  breaker: {failures: 50, window: 10s, open_for: 1s}\n";
+    let (redis, _origin, gw) = warmed(extra).await;
+    assert_eq!(redis.command("CLIENT PAUSE 3500").as_deref(), Some("+OK"));
+    let t = Instant::now();
+    let g = call(&gw, Method::GET, "/products/cold").await;
+    let took = t.elapsed();
+    assert_eq!(g.status, 200, "{}", gw.log());
+    // Two timeouts are 1.6 s; a third (the lock) would make it 2.4 s.
+    // Two timeouts are 1.6 s (each the configured op_timeout, not redis-rs' own 500-ms default);
+    // a third (the lock) would make it 2.4 s.
+    assert!(took >= Duration::from_millis(1500), "op_timeout was cut short: a miss took {took:?}");
+    assert!(took < Duration::from_millis(2200), "a miss took {took:?} while Redis was paused: {}", gw.log());
 }
 
 /// An answer that may not be stored hands the fill on to one instance at a time, not to every
@@ -540,12 +563,8 @@ async fn redis_back_after_a_black_hole_is_found_by_the_probe_after_the_one_that_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn paused_redis_costs_about_op_timeout_then_the_breaker_opens_and_recovers() {
-    let redis = RedisServer::start();
-    let (origin, _) = origin().await;
     let extra = "  op_timeout: 50ms\n  breaker: {failures: 3, window: 10s, open_for: 1s}\n";
-    let gw = Gateway::start(&config(&origin, &redis_block(&[redis.url()], extra), "16MiB"));
-    wait_subscribed(&[&gw]).await;
-    call(&gw, Method::GET, "/p").await;
+    let (redis, origin, gw) = warmed(extra).await;
     assert_eq!(redis.command("CLIENT PAUSE 3000").as_deref(), Some("+OK"));
     let mut slowest = Duration::ZERO;
     for i in 0..10 {

@@ -140,6 +140,9 @@ pub struct Shared {
     latency_us: AtomicU64,
     /// Whether the last ping succeeded.
     reachable: AtomicBool,
+    /// Whether the last call that ended answered (false after a timeout or a cut connection,
+    /// until a call answers again): `answering`.
+    answered: AtomicBool,
     /// Redis' clock minus ours, in microseconds, measured by every ping (`TIME`): what the
     /// shared tier compares across instances is in Redis' clock.
     offset_us: AtomicI64,
@@ -227,6 +230,9 @@ impl Shared {
             let c = client(first).map_err(RedisStartError::Settings)?;
             let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
+                // redis-rs' own per-call deadline (500 ms by default) must not cut a longer
+                // `op_timeout` short: `call` applies op_timeout itself.
+                .set_response_timeout(Some(settings.op_timeout.max(Duration::from_millis(500))))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_secs(1));
             let manager = ConnectionManager::new_lazy_with_config(c, cfg).map_err(RedisStartError::Settings)?;
@@ -241,6 +247,7 @@ impl Shared {
             conn: ArcSwapOption::from_pointee(conn),
             latency_us: AtomicU64::new(0),
             reachable: AtomicBool::new(false),
+            answered: AtomicBool::new(true),
             offset_us: AtomicI64::new(0),
             subscribed: AtomicBool::new(false),
             instance: crate::random_u64(),
@@ -348,19 +355,25 @@ impl Shared {
         match tokio::time::timeout(self.settings.op_timeout, f((*conn).clone())).await {
             Ok(Ok(v)) => {
                 self.breaker.success();
+                self.answered.store(true, Ordering::Relaxed);
                 Ok(v)
             }
             Ok(Err(e)) => {
                 // A server-side error answer (a script error, say) says Redis is alive.
                 if found_dead(&e) {
                     self.breaker.dropped(&e.to_string());
+                    self.answered.store(false, Ordering::Relaxed);
                 } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
                     self.breaker.failure(&e.to_string());
+                    self.answered.store(false, Ordering::Relaxed);
+                } else {
+                    self.answered.store(true, Ordering::Relaxed);
                 }
                 Err(CallError::Redis(e))
             }
             Err(_) => {
                 self.breaker.failure("timeout");
+                self.answered.store(false, Ordering::Relaxed);
                 Err(CallError::Timeout(self.settings.op_timeout))
             }
         }
@@ -373,6 +386,14 @@ impl Shared {
     /// Usable now: the breaker lets calls through and the last ping answered.
     pub fn is_up(&self) -> bool {
         self.breaker.state() == State::Closed && self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// The last call that ended got an answer. What is worth asking only of a Redis that
+    /// answers (a fill lock: waiting on other instances) is not asked after a call timed out
+    /// or lost its connection, until a call answers again — a miss during a fault meets one
+    /// timeout (its lookup), not one more for the lock.
+    pub fn answering(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
     }
 
     pub fn latency(&self) -> Duration {

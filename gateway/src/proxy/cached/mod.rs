@@ -438,13 +438,14 @@ enum FleetTurn {
 /// Takes the fleet's fill lock for `full_key`, or waits for the instance that holds it and
 /// reads what it stored. A holder that stores nothing (not storable, failed) hands the turn to
 /// one waiter, not all: each takes the lock in turn. A dead holder's lock expires within
-/// `FILL_LOCK_TTL`. Without Redis nothing is waited for, and a breaker that opens ends a wait
-/// within `FILL_WAIT_SLICE`.
+/// `FILL_LOCK_TTL`. Without Redis nothing is waited for (nor after a call to it timed out, until
+/// one answers), and a breaker that opens ends a wait within `FILL_WAIT_SLICE`.
 async fn fleet_turn(ctx: &Ctx, full_key: &str, stale: Option<&Arc<Entry>>, within: std::time::Duration) -> FleetTurn {
     let Some(l2) = &ctx.cache.fill_locks else { return FleetTurn::Fill(None) };
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if !l2.redis.is_up() {
+        // Redis away, or its last call timed out (this request's own lookup, say): no wait.
+        if !l2.redis.is_up() || !l2.redis.answering() {
             return FleetTurn::Fill(None);
         }
         let mut wait = match l2.fill_turn(full_key).await {
