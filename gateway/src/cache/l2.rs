@@ -498,10 +498,6 @@ impl L2 {
 }
 
 impl Storage for L2 {
-    fn answering(&self) -> bool {
-        self.redis.answering()
-    }
-
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Object>, CacheError>> {
         Box::pin(async move {
             let h = self.hash(b'e', key);
