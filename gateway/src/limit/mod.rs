@@ -200,16 +200,11 @@ impl Limiter {
 
     /// A limiter whose local arithmetic reads `clock` (unit tests move it by hand).
     pub fn with_clock(redis: Option<Arc<Shared>>, instances: u64, max_keys: u64, clock: Arc<dyn Clock>) -> Limiter {
-        // Instances on one Redis must agree on key names: the deployment secret, or (as the L2
-        // does without one) a public constant.
-        let secret = redis.as_ref().map(|r| r.key_secret.clone().unwrap_or_else(|| "weir".to_string()));
-        let hash_key = match secret {
-            Some(s) => blake3::derive_key("weir rate-limit keys", s.as_bytes()),
-            None => blake3::derive_key(
-                "weir rate-limit keys (local)",
-                &[crate::random_u64().to_le_bytes(), crate::random_u64().to_le_bytes()].concat(),
-            ),
-        };
+        // Names Redis keys only (local cells are keyed by their fields themselves). Instances on
+        // one Redis must agree on them: the deployment secret, or (as the L2 does without one) a
+        // public constant.
+        let secret = redis.as_ref().and_then(|r| r.key_secret.as_deref()).unwrap_or("weir");
+        let hash_key = blake3::derive_key("weir rate-limit keys", secret.as_bytes());
         Limiter {
             local: moka::sync::Cache::builder()
                 .max_capacity(max_keys)

@@ -215,30 +215,18 @@ impl RequestCtx {
         }
         let mut parts = req.into_parts().0;
         let route = &self.route().route;
-        parts.headers = match &route.cache {
-            // A cached route forwards an untrusted peer's headers from its allow list only: a
-            // header the origin reflects but the key ignores would poison the shared entry.
-            Some(_) if !self.trusted && !self.canon.headers.keys().all(|k| route.forward_headers.allows(k)) => {
-                let allowed = &route.forward_headers;
-                let mut h = http::HeaderMap::with_capacity(self.canon.headers.len() + 8);
-                for (k, v) in &self.canon.headers {
-                    if allowed.allows(k) {
-                        h.append(k, v.clone());
-                    }
-                }
-                h
+        // A cached route forwards an untrusted peer's headers from its allow list only: a header
+        // the origin reflects but the key ignores would poison the shared entry.
+        let allowed = (route.cache.is_some() && !self.trusted).then_some(&route.forward_headers);
+        // One map sized for what is added below (the forwarding fields, `traceparent`,
+        // `X-Request-Id`, `Via`): a clone is exactly as large as the client's, and growing it
+        // reallocated both its tables on every request.
+        parts.headers = http::HeaderMap::with_capacity(self.canon.headers.len() + 8);
+        for (k, v) in &self.canon.headers {
+            if allowed.is_none_or(|a| a.allows(k)) {
+                parts.headers.append(k.clone(), v.clone());
             }
-            // One map sized for what is added below (the forwarding fields, `traceparent`,
-            // `X-Request-Id`, `Via`): a clone is exactly as large as the client's, and growing it
-            // reallocated both its tables on every request.
-            _ => {
-                let mut h = http::HeaderMap::with_capacity(self.canon.headers.len() + 8);
-                for (k, v) in &self.canon.headers {
-                    h.append(k.clone(), v.clone());
-                }
-                h
-            }
-        };
+        }
         if let Some(id) = &self.request_id {
             parts.headers.insert(crate::observe::X_REQUEST_ID.clone(), id.clone());
         }

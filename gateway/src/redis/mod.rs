@@ -352,30 +352,35 @@ impl Shared {
             self.breaker.failure("not connected");
             return Err(CallError::NotConnected);
         };
-        match tokio::time::timeout(self.settings.op_timeout, f((*conn).clone())).await {
-            Ok(Ok(v)) => {
+        let out = tokio::time::timeout(self.settings.op_timeout, f((*conn).clone())).await;
+        // Recorded once: the breaker's count, and whether this call got an answer.
+        let answered = match &out {
+            Ok(Ok(_)) => {
                 self.breaker.success();
-                self.answered.store(true, Ordering::Relaxed);
-                Ok(v)
+                true
             }
-            Ok(Err(e)) => {
-                // A server-side error answer (a script error, say) says Redis is alive.
-                if found_dead(&e) {
-                    self.breaker.dropped(&e.to_string());
-                    self.answered.store(false, Ordering::Relaxed);
-                } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-                    self.breaker.failure(&e.to_string());
-                    self.answered.store(false, Ordering::Relaxed);
-                } else {
-                    self.answered.store(true, Ordering::Relaxed);
-                }
-                Err(CallError::Redis(e))
+            Ok(Err(e)) if found_dead(e) => {
+                self.breaker.dropped(&e.to_string());
+                false
             }
+            Ok(Err(e))
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() =>
+            {
+                self.breaker.failure(&e.to_string());
+                false
+            }
+            // A server-side error answer (a script error, say) says Redis is alive.
+            Ok(Err(_)) => true,
             Err(_) => {
                 self.breaker.failure("timeout");
-                self.answered.store(false, Ordering::Relaxed);
-                Err(CallError::Timeout(self.settings.op_timeout))
+                false
             }
+        };
+        self.answered.store(answered, Ordering::Relaxed);
+        match out {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(CallError::Redis(e)),
+            Err(_) => Err(CallError::Timeout(self.settings.op_timeout)),
         }
     }
 

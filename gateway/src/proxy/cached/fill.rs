@@ -315,10 +315,10 @@ fn build_entry(
 ) -> (Entry, Vec<HeaderValue>) {
     let mut tags: Vec<String> = ctx.req.route().route.invalidate.as_ref().map(|i| i.tags.clone()).unwrap_or_default();
     // One pass over the origin's head: what is stored, the tags it names, whether it varies,
-    // and its cookies (the filling client's own, handed back). Not stored: cookies; `Age`, `Content-Length`, `Cache-Status` and `X-Request-Id` (written below: a
-    // hit overwrites the placeholders in place, so the cloned map never grows; an origin's
-    // request id is never replayed); an origin's quota fields (they describe the request that
-    // filled the entry).
+    // and its cookies (the filling client's own, handed back). Not stored: cookies; `Age`,
+    // `Content-Length`, `Cache-Status` and `X-Request-Id` (written below: a hit overwrites the
+    // placeholders in place, so the cloned map never grows; an origin's request id is never
+    // replayed); an origin's quota fields (they describe the request that filled the entry).
     let (age, length, via) = (header::AGE, header::CONTENT_LENGTH, header::VIA);
     let mut pairs: Vec<(&HeaderName, &[u8])> = Vec::with_capacity(headers.len() + 5);
     let mut cookies = Vec::new();
